@@ -1,0 +1,9 @@
+"""bridge: JAX functions as torch ops, with zero-copy DLPack exchange. Knows nothing of GateLoop.
+
+    from bridge import jax2torch, to_jax, to_torch
+"""
+
+from .convert import SUPPORTED_DTYPES, to_jax, to_torch
+from .function import JaxFunction, jax2torch
+
+__all__ = ["jax2torch", "JaxFunction", "to_jax", "to_torch", "SUPPORTED_DTYPES"]

@@ -1,0 +1,199 @@
+"""Causal softmax (or unnormalised) attention, the seed's baseline mixer, with a KV cache.
+
+Dimension letters used in the shape comments:
+    b batch, n query positions (the new tokens), j key positions (cached + new),
+    h heads, d head dimension, D model dimension.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from einops.layers.torch import Rearrange
+from torch import Tensor, nn
+
+KVCache = Tuple[Tensor, Tensor]  # (k, v), each (b, h, j, d)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding over the whole head dimension, interleaved pairs.
+
+    Matches ``rotary_embedding_torch.RotaryEmbedding(dim)`` (0.9.x) with its defaults
+    (``freqs_for="lang"``, ``theta=10000``): same state-dict key (``freqs``, a parameter that
+    does not train) and the same numbers, so a seed checkpoint loads and gives the same
+    output. Positions are built in the dtype of ``freqs`` (float32 unless the module is
+    cast), not in the input's dtype, so bf16 inputs keep exact positions past 256.
+
+    Args:
+        dim: head dimension to rotate (even).
+        theta: base of the geometric frequency ladder.
+    """
+
+    def __init__(self, dim: int, theta: float = 10000.0):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"RotaryEmbedding needs an even dim, got {dim}")
+        freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
+        self.freqs = nn.Parameter(freqs, requires_grad=False)  # (d/2,)
+
+    def forward(self, t: Tensor, offset: int = 0) -> Tensor:
+        """Rotate ``t`` (..., n, d) as if its n positions start at ``offset``."""
+        n, dtype = t.shape[-2], t.dtype
+        pos = torch.arange(offset, offset + n, device=t.device, dtype=self.freqs.dtype)
+        angles = (pos[:, None] * self.freqs).repeat_interleave(2, dim=-1)  # (n, d)
+        pairs = t.unflatten(-1, (-1, 2))
+        rotated_half = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+        out = t * angles.cos() + rotated_half * angles.sin()
+        return out.to(dtype)
+
+
+class CausalFullAttention(nn.Module):
+    """Causal multi-head attention, constructor-compatible with the seed's.
+
+    Args:
+        dim: model dimension D.
+        dim_head: per-head dimension d.
+        heads: number of heads h.
+        rotary_emb: apply rotary position embedding to queries and keys.
+        add_swish_gating: multiply the attention output by SiLU(W x) before the output
+            projection.
+        data_dependent_rel_pos: scale q and k feature pairs by the real part of a
+            data-controlled complex cumulative product (see note below).
+        frac_gradient_data_dependent_rel_pos: fraction of the gradient that reaches the
+            projection behind the data-dependent scaling (the rest is detached).
+        softmax_normalize: softmax attention when True, unnormalised causal linear
+            attention when False. Default: ``not data_dependent_rel_pos``.
+
+    Note: as in the seed 0.2.5, the "data-dependent relative position" cumulative product
+    runs over the head's feature pairs at each position, not over time. It is kept as is so
+    seed checkpoints give the same outputs.
+
+    With softmax normalisation the product goes through ``F.scaled_dot_product_attention``;
+    without it, through an explicit masked matmul.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        dim_head: int = 64,
+        heads: int = 8,
+        rotary_emb: bool = False,
+        add_swish_gating: bool = False,
+        data_dependent_rel_pos: bool = False,
+        frac_gradient_data_dependent_rel_pos: float = 0.5,
+        softmax_normalize: Optional[bool] = None,
+    ):
+        super().__init__()
+        dim_inner = dim_head * heads
+        self.heads = heads
+        self.softmax_normalize = (
+            (not data_dependent_rel_pos) if softmax_normalize is None else softmax_normalize
+        )
+        self.scale = dim_head**-0.5
+        self.rotary_emb = RotaryEmbedding(dim_head) if rotary_emb else None
+
+        # module structure (and so state-dict keys) follows the seed
+        self.to_qkv = nn.Sequential(
+            nn.Linear(dim, dim_inner * 3, bias=False),
+            Rearrange("b n (qkv h d) -> qkv b h n d", h=heads, qkv=3),
+        )
+
+        self.data_dependent_rel_pos = data_dependent_rel_pos
+        self.frac_gradient_data_dependent_rel_pos = frac_gradient_data_dependent_rel_pos
+        if data_dependent_rel_pos:
+            if dim_head % 2:
+                raise ValueError(f"data_dependent_rel_pos needs an even dim_head, got {dim_head}")
+            self.to_a = nn.Sequential(
+                nn.Linear(dim, dim_inner, bias=False),
+                Rearrange("b n (h d c) -> b h n d c", h=heads, c=2),
+            )
+
+        self.to_gates = None
+        if add_swish_gating:
+            self.to_gates = nn.Sequential(
+                nn.Linear(dim, dim_inner, bias=False),
+                nn.SiLU(),
+                Rearrange("b n (h d) -> b h n d", h=heads),
+            )
+
+        self.to_out = nn.Sequential(
+            Rearrange("b h n d -> b n (h d)"),
+            nn.Linear(dim_inner, dim),
+        )
+
+    def _rel_pos_scale(self, x: Tensor, ablate_complex: bool) -> Tensor:
+        """Per-position, per-feature-pair scale (b, h, n, d/2, 1) of the seed's rel-pos option."""
+        frac = self.frac_gradient_data_dependent_rel_pos
+        a = self.to_a(x)  # (b, h, n, d/2, 2)
+        a = a * frac + a.detach() * (1 - frac)
+        if a.dtype in (torch.float16, torch.bfloat16):
+            a = a.float()  # complex needs float32 or wider
+        a = torch.view_as_complex(a)  # (b, h, n, d/2)
+        if ablate_complex:
+            a = a.real + 0.0j
+        a = torch.polar(a.abs().sigmoid(), a.angle())
+        a_cumprod = a.unsqueeze(-1).cumprod(dim=-2)  # over the feature pairs, as the seed
+        return a_cumprod.real.clamp(min=1e-10)
+
+    def forward(
+        self,
+        x: Tensor,
+        ablate_complex: bool = False,
+        ablate_state_transition: bool = False,
+        cache: Optional[KVCache] = None,
+        return_cache: bool = False,
+    ):
+        """Attend causally over the cached keys and the new positions.
+
+        Args:
+            x: (b, n, D) the new positions (all of them when there is no cache).
+            ablate_complex: use only the real part of the rel-pos gate.
+            ablate_state_transition: skip the data-dependent rel-pos scaling.
+            cache: ``(k, v)`` from an earlier call, each (b, h, j_past, d).
+            return_cache: also return the updated ``(k, v)``.
+
+        Returns:
+            (b, n, D), or ``(out, (k, v))`` when ``return_cache``.
+        """
+        q, k, v = self.to_qkv(x)  # each (b, h, n, d)
+        offset = 0 if cache is None else cache[0].shape[-2]
+
+        if self.rotary_emb is not None:
+            q = self.rotary_emb(q, offset=offset)
+            k = self.rotary_emb(k, offset=offset)
+
+        q = q * self.scale
+
+        if self.data_dependent_rel_pos and not ablate_state_transition:
+            scale = self._rel_pos_scale(x, ablate_complex)  # (b, h, n, d/2, 1)
+            q = (q.unflatten(-1, (-1, 2)) * scale).flatten(-2)
+            k = (k.unflatten(-1, (-1, 2)) * (1.0 / scale)).flatten(-2)
+
+        if cache is not None:
+            k = torch.cat((cache[0], k), dim=-2)  # (b, h, j, d)
+            v = torch.cat((cache[1], v), dim=-2)
+
+        i, j = q.shape[-2], k.shape[-2]
+        if self.softmax_normalize:
+            # q is already scaled; the mask is aligned to the last key (bottom right)
+            if i == j:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
+            else:
+                allowed = torch.ones((i, j), dtype=torch.bool, device=x.device).tril(j - i)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=1.0)
+        else:
+            sim = torch.einsum("b h i d, b h j d -> b h i j", q, k)
+            future = torch.ones((i, j), dtype=torch.bool, device=x.device).triu(j - i + 1)
+            attn = sim.masked_fill(future, 0.0)
+            out = torch.einsum("b h i j, b h j d -> b h i d", attn, v)  # (b, h, n, d)
+
+        if self.to_gates is not None:
+            out = out * self.to_gates(x)
+
+        out = self.to_out(out)  # (b, n, D)
+        if not return_cache:
+            return out
+        return out, (k, v)

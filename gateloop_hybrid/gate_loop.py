@@ -1,0 +1,246 @@
+"""GateLoop mixers: data-controlled linear recurrences computed by ``gate_loop_scan``.
+
+Dimension letters used in the shape comments:
+    b batch, n time (the new tokens), h heads, d and e head dimensions (d = e),
+    D model dimension, I inner dimension (h * d).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Optional
+
+import torch
+from einops.layers.torch import Rearrange
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .norms import RMSNorm
+from .scan import gate_loop_scan
+
+
+def _gate_looped_heads(
+    q: Tensor, k: Tensor, v: Tensor, a: Tensor, h0: Optional[Tensor], backend: str
+):
+    """y_t = q_t . Re(h_t) with h_t = a_t h_{t-1} + k_t v_t^T, per (batch, head).
+
+    q, k, v: (bh, n, d) real. a: (bh, n, 1, 1) complex (one gate per head, never expanded).
+    h0: (bh, d, e) complex or None. Returns y (bh, n, e) and the final state (bh, d, e).
+    """
+    kv = torch.einsum("b n d, b n e -> b n d e", k, v)  # real; the scan promotes to complex
+    h, h_last = gate_loop_scan(a, kv, h0, backend=backend)  # (bh, n, d, e) complex
+    y = torch.einsum("b n d, b n d e -> b n e", q, h.real.to(q.dtype))
+    return y, h_last
+
+
+class GateLoopedAttention(nn.Module):
+    """GateLoop as an attention replacement (Katsch 2023), constructor-compatible with the seed.
+
+    For each head, ``h_t = a_t h_{t-1} + k_t v_t^T`` with a complex scalar gate
+    ``a_t = sigmoid(|z_t|) exp(i arg z_t)`` computed from the input, and ``y_t = q_t Re(h_t)``.
+    The state stays complex through the scan; only the output takes the real part.
+
+    Args:
+        dim: model dimension D.
+        heads: number of heads h; default ``dim_inner`` (one feature per head).
+        dim_inner: inner dimension I; default ``dim``.
+        checkpoint_gate_looped_attn: recompute the scan in backward instead of storing the
+            (b h, n, d, e) state (``torch.utils.checkpoint``, non-reentrant).
+        add_swish_gating: multiply the output by SiLU(W x) before the output projection.
+        sub_ln: LayerNorm over the inner dimension before the gating.
+        frac_gradient_state_transition: fraction of the gradient that reaches the gate
+            projection (the rest is detached), to make the state transition learn slower.
+        scan_backend: backend name for ``gate_loop_scan`` ("auto", "jax", "torch", "loop",
+            "heinsen", ...).
+
+    Forward cache: the complex state, shape (b, h, d, e); see :meth:`forward`.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: Optional[int] = None,
+        dim_inner: Optional[int] = None,
+        checkpoint_gate_looped_attn: bool = True,
+        add_swish_gating: bool = True,
+        sub_ln: bool = False,
+        frac_gradient_state_transition: float = 0.9,
+        scan_backend: str = "auto",
+    ):
+        super().__init__()
+        dim_inner = dim if dim_inner is None else dim_inner
+        heads = dim_inner if heads is None else heads
+        if dim_inner % heads:
+            raise ValueError(
+                f"dim_inner ({dim_inner}) must be divisible by the number of heads ({heads})"
+            )
+        self.heads = heads
+        self.frac_gradient_state_transition = frac_gradient_state_transition
+        self.checkpoint_gate_looped_attn = checkpoint_gate_looped_attn
+        self.scan_backend = scan_backend
+
+        # module structure (and so state-dict keys) follows the seed
+        self.split_heads = Rearrange("b n (h d) -> (b h) n d", h=heads)
+        self.to_qkv = nn.Linear(dim, dim_inner * 3, bias=False)
+        self.to_a = nn.Sequential(
+            nn.Linear(dim, heads * 2),
+            Rearrange("b n (h c) -> (b h) n 1 1 c", h=heads, c=2),
+        )
+        self.merge_heads = Rearrange("(b h) n d -> b n (h d)", h=heads)
+        self.maybe_sub_ln = nn.LayerNorm(dim_inner) if sub_ln else nn.Identity()
+        self.to_gates = None
+        if add_swish_gating:
+            self.to_gates = nn.Sequential(nn.Linear(dim, dim_inner, bias=False), nn.SiLU())
+        needs_proj = dim_inner != dim or add_swish_gating
+        self.to_out = nn.Linear(dim_inner, dim, bias=False) if needs_proj else nn.Identity()
+
+    def _gates(self, x: Tensor, ablate_complex: bool, ablate_state_transition: bool) -> Tensor:
+        """Complex state-transition gates, (b h, n, 1, 1)."""
+        frac = self.frac_gradient_state_transition
+        z = self.to_a(x)  # (bh, n, 1, 1, 2)
+        z = z * frac + z.detach() * (1 - frac)
+        if z.dtype in (torch.float16, torch.bfloat16):
+            z = z.float()  # complex needs float32 or wider
+        z = torch.view_as_complex(z)  # (bh, n, 1, 1)
+        if ablate_complex:
+            z = z.real + 0.0j
+        if ablate_state_transition:
+            return torch.ones_like(z.real) + 0.0j
+        # sigmoid on the magnitude, identity on the phase
+        return torch.polar(z.abs().sigmoid(), z.angle())
+
+    def forward(
+        self,
+        x: Tensor,
+        ablate_complex: bool = False,
+        ablate_state_transition: bool = False,
+        cache: Optional[Tensor] = None,
+        return_cache: bool = False,
+    ):
+        """Mix along time.
+
+        Args:
+            x: (b, n, D); with ``cache``, only the new positions.
+            ablate_complex: keep only the real part of the gate pre-activation.
+            ablate_state_transition: use a = 1 (plain cumulative sum of k v^T).
+            cache: state after the previous chunk, complex (b, h, d, e).
+            return_cache: also return the state after this chunk.
+
+        Returns:
+            (b, n, D), or ``(out, state)`` when ``return_cache``.
+        """
+        b = x.shape[0]
+        q, k, v = self.to_qkv(x).chunk(3, dim=-1)
+        q, k, v = map(self.split_heads, (q, k, v))  # each (bh, n, d)
+        a = self._gates(x, ablate_complex, ablate_state_transition)  # (bh, n, 1, 1)
+
+        h0 = None
+        if cache is not None:
+            h0 = cache.reshape(b * self.heads, *cache.shape[2:])  # (bh, d, e)
+
+        fn = partial(_gate_looped_heads, backend=self.scan_backend)
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, a, h0)
+        )
+        if needs_grad and self.checkpoint_gate_looped_attn:
+            y, h_last = checkpoint(fn, q, k, v, a, h0, use_reentrant=False)
+        else:
+            y, h_last = fn(q, k, v, a, h0)
+
+        out = self.merge_heads(y)  # (b, n, I)
+        out = self.maybe_sub_ln(out)
+        if self.to_gates is not None:
+            out = self.to_gates(x) * out
+        out = self.to_out(out)  # (b, n, D)
+
+        if not return_cache:
+            return out
+        return out, h_last.reshape(b, self.heads, *h_last.shape[1:])
+
+
+def _resolve_simple_backend(scan_backend: str, use_heinsen: bool, use_jax: bool) -> str:
+    """Map the seed's boolean flags onto one backend name; refuse contradictions."""
+    if use_heinsen and use_jax:
+        raise ValueError("use_heinsen and use_jax_associative_scan cannot both be True")
+    alias = "heinsen" if use_heinsen else "jax" if use_jax else None
+    if alias is None:
+        return scan_backend
+    if scan_backend not in ("auto", alias):
+        flag = "use_heinsen" if use_heinsen else "use_jax_associative_scan"
+        raise ValueError(
+            f"{flag}=True asks for scan_backend={alias!r}, which conflicts with "
+            f"scan_backend={scan_backend!r}; pass only scan_backend"
+        )
+    return alias
+
+
+class SimpleGateLoopLayer(nn.Module):
+    """The seed's simplified GateLoop: one real gate per channel, no heads, no output projection.
+
+    ``h_t = sigmoid(a_t) * h_{t-1} + kv_t`` and ``y_t = q_t * h_t`` per channel, where
+    q, kv, a are three linear maps of the (optionally RMS-normed) input.
+
+    Args:
+        dim: model dimension D.
+        prenorm: RMSNorm the input first.
+        use_heinsen: seed alias for ``scan_backend="heinsen"``.
+        use_jax_associative_scan: seed alias for ``scan_backend="jax"``.
+        post_ln: LayerNorm the output.
+        reverse: run the recurrence from the last position to the first.
+        scan_backend: backend name for ``gate_loop_scan``.
+
+    Forward cache: the state after the last position, shape (b, D), same dtype as the scan
+    output. (The seed returned a tuple; its JAX path returned the unscanned gate and input,
+    which did not continue the sequence. Here the cache is always the scanned state.)
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        prenorm: bool = True,
+        use_heinsen: bool = False,
+        use_jax_associative_scan: bool = False,
+        post_ln: bool = False,
+        reverse: bool = False,
+        scan_backend: str = "auto",
+    ):
+        super().__init__()
+        self.dim = dim
+        self.reverse = reverse
+        self.scan_backend = _resolve_simple_backend(scan_backend, use_heinsen, use_jax_associative_scan)
+        self.use_heinsen = self.scan_backend == "heinsen"
+        self.use_jax = self.scan_backend == "jax"
+
+        # module structure (and so state-dict keys) follows the seed
+        self.norm = RMSNorm(dim) if prenorm else nn.Identity()
+        self.to_qkva = nn.Sequential(
+            nn.Linear(dim, dim * 3, bias=False),
+            Rearrange("b n (qkva d) -> qkva b n d", qkva=3),
+        )
+        self.maybe_post_ln = nn.LayerNorm(dim) if post_ln else nn.Identity()
+
+    def forward(self, x: Tensor, cache: Optional[Tensor] = None, return_cache: bool = False):
+        """Mix along time.
+
+        Args:
+            x: (b, n, D); with ``cache``, only the new positions.
+            cache: state after the previous chunk, (b, D).
+            return_cache: also return the state after this chunk.
+
+        Returns:
+            (b, n, D), or ``(out, state)`` when ``return_cache``.
+        """
+        if self.reverse and (cache is not None or return_cache):
+            raise ValueError(
+                "SimpleGateLoopLayer(reverse=True) cannot continue from or return a cache: "
+                "a reversed scan needs the whole sequence"
+            )
+        x = self.norm(x)
+        q, kv, a = self.to_qkva(x)  # each (b, n, D)
+        h, h_last = gate_loop_scan(
+            a.sigmoid(), kv, cache, reverse=self.reverse, backend=self.scan_backend
+        )
+        out = self.maybe_post_ln(q * h)
+        if not return_cache:
+            return out
+        return out, h_last

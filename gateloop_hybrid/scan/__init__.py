@@ -1,0 +1,176 @@
+"""gate_loop_scan: the GateLoop recurrence h_t = a_t * h_{t-1} + x_t, one API, several backends.
+
+Backends (the only place "auto" is resolved is ``resolve_backend``):
+
+    "pallas"   Pallas GPU kernels through the bridge (CUDA tensors; a GPU build of JAX)
+    "jax"      jax.lax.associative_scan under jit through the bridge, with a reverse-scan backward
+    "torch"    odd/even associative scan in plain torch
+    "heinsen"  log-space scan in plain torch (see torch_scan.scan_heinsen for its precision limits)
+    "loop"     sequential reference in plain torch; what the tests compare against
+
+"auto" picks "pallas" for CUDA tensors when its kernels are available, else "jax" when JAX is
+installed and has a backend for the tensors' device, else "torch" (with one warning saying why).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import warnings
+
+import torch
+from torch import Tensor
+
+from . import torch_scan
+
+BACKENDS = ("auto", "pallas", "jax", "torch", "heinsen", "loop")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64,
+                 torch.complex64, torch.complex128)
+_TORCH_BACKENDS = {
+    "loop": torch_scan.scan_loop,
+    "torch": torch_scan.scan_odd_even,
+    "heinsen": torch_scan.scan_heinsen,
+}
+
+
+def gate_loop_scan(a: Tensor, x: Tensor, h0: Tensor | None = None, *, reverse: bool = False,
+                   backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """Run h_t = a_t * h_{t-1} + x_t along dim 1 and return (h, h_last).
+
+    Args:
+        a: gates, (B, N, *Fa) with Fa broadcastable to F (each dim 1 or equal), e.g. one gate
+           per head (B, N, 1, 1) against a (B, N, d, e) state. Real or complex.
+        x: inputs, (B, N, *F). Real or complex (real x with complex a is fine).
+        h0: state before the first step, (B, *F); zeros when None. With ``reverse`` the first
+           step is the last time index.
+        reverse: run from t = N-1 down to 0 (h_t = a_t * h_{t+1} + x_t).
+        backend: one of BACKENDS; see the module docstring.
+
+    Returns:
+        h: (B, N, *F), every state; h_last: (B, *F), the state after the final step.
+        Dtype: torch.promote_types of a, x (and h0). float16/bfloat16 accumulate in float32 and
+        come back in their own dtype. Gradients flow to a, x and h0 (torch's complex convention).
+    """
+    out_dtype = _check_inputs(a, x, h0)
+    name = resolve_backend(backend, x.device)
+    compute = _compute_dtype(out_dtype)
+    if name in _TORCH_BACKENDS:
+        h0c = None if h0 is None else h0.to(compute)
+        h, h_last = _TORCH_BACKENDS[name](a.to(compute), x.to(compute), h0c, reverse)
+    else:
+        h, h_last = _bridged(name)(a, x, h0, reverse)
+    return h.to(out_dtype), h_last.to(out_dtype)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _check_inputs(a, x, h0) -> torch.dtype:
+    for name, t in (("a", a), ("x", x), ("h0", h0)):
+        if t is None and name == "h0":
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"gate_loop_scan: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"gate_loop_scan: {name} has dtype {t.dtype}; expected a floating or "
+                            "complex dtype (float16, bfloat16, float32, float64, complex64, complex128)")
+    if x.dim() < 2:
+        raise ValueError(f"gate_loop_scan: x must be (batch, time, *features), got shape {tuple(x.shape)}")
+    if a.dim() != x.dim():
+        raise ValueError(f"gate_loop_scan: a and x must have the same number of dims (broadcast a "
+                         f"with size-1 feature dims), got a {tuple(a.shape)} and x {tuple(x.shape)}")
+    if a.shape[0] != x.shape[0]:
+        raise ValueError(f"gate_loop_scan: batch sizes differ: a {tuple(a.shape)}, x {tuple(x.shape)}")
+    if a.shape[1] != x.shape[1]:
+        raise ValueError(f"gate_loop_scan: time lengths (dim 1) differ: a has {a.shape[1]} steps "
+                         f"{tuple(a.shape)}, x has {x.shape[1]} {tuple(x.shape)}")
+    if x.shape[1] == 0:
+        raise ValueError(f"gate_loop_scan: x has no time steps, shape {tuple(x.shape)}")
+    if any(sa not in (1, sx) for sa, sx in zip(a.shape[2:], x.shape[2:])):
+        raise ValueError(f"gate_loop_scan: a's feature dims {tuple(a.shape[2:])} do not broadcast "
+                         f"to x's {tuple(x.shape[2:])} (each must be 1 or equal)")
+    expected_h0 = (x.shape[0], *x.shape[2:])
+    if h0 is not None and tuple(h0.shape) != expected_h0:
+        raise ValueError(f"gate_loop_scan: h0 must have shape (batch, *features) = {expected_h0}, "
+                         f"got {tuple(h0.shape)}")
+    devices = {t.device for t in (a, x, h0) if t is not None}
+    if len(devices) > 1:
+        raise ValueError("gate_loop_scan: a, x and h0 must be on one device, got "
+                         + ", ".join(f"{n} on {t.device}" for n, t in (("a", a), ("x", x), ("h0", h0))
+                                     if t is not None))
+    dtype = torch.promote_types(a.dtype, x.dtype)
+    return dtype if h0 is None else torch.promote_types(dtype, h0.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend choice
+
+
+def jax_available() -> bool:
+    return importlib.util.find_spec("jax") is not None
+
+
+@functools.lru_cache(maxsize=None)
+def jax_has_device(device_type: str) -> bool:
+    """Whether JAX has a backend for torch's device type ("cpu" or "cuda")."""
+    if not jax_available():
+        return False
+    import bridge  # noqa: F401  (sets JAX's GPU memory policy before JAX starts)
+    import jax
+    try:
+        return len(jax.devices("cpu" if device_type == "cpu" else "cuda")) > 0
+    except RuntimeError:
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def pallas_available() -> bool:
+    if importlib.util.find_spec("gateloop_hybrid.scan.pallas_scan") is None:
+        return False
+    return jax_has_device("cuda")
+
+
+_warned: set = set()
+
+
+def _warn_once(key: str, message: str):
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
+    """The backend ``backend`` names for tensors on ``device``; "auto" is resolved here only."""
+    if backend not in BACKENDS:
+        raise ValueError(f"gate_loop_scan: unknown backend {backend!r}; choose one of {BACKENDS}")
+    device_type = torch.device(device).type
+    if backend in ("jax", "pallas") and not jax_available():
+        raise ImportError(f"gate_loop_scan: backend={backend!r} needs JAX, which is not installed. "
+                          "Install it with: pip install 'gateloop-hybrid[cuda]' on a CUDA machine "
+                          "(JAX with its CUDA plugin) or pip install jax on CPU.")
+    if backend == "pallas" and device_type != "cuda":
+        raise ValueError(f"gate_loop_scan: backend='pallas' runs on CUDA tensors only, got {device_type} "
+                         "tensors (use backend='jax' or 'auto')")
+    if backend != "auto":
+        return backend
+    if device_type == "cuda" and pallas_available():
+        return "pallas"
+    if jax_has_device(device_type):
+        return "jax"
+    why = ("JAX is not installed" if not jax_available()
+           else f"JAX has no {device_type} backend (install a CUDA build: pip install 'gateloop-hybrid[cuda]')")
+    _warn_once(f"auto-{device_type}", f"gate_loop_scan: backend='auto' uses 'torch' on {device_type} "
+               f"because {why}.")
+    return "torch"
+
+
+@functools.lru_cache(maxsize=None)
+def _bridged(name: str):
+    """The JAX implementation ``name`` wrapped as a torch function (built on first use)."""
+    from bridge import jax2torch
+    if name == "jax":
+        from .jax_scan import gate_loop_scan as fn
+    else:
+        from .pallas_scan import gate_loop_scan_pallas as fn
+    return jax2torch(fn, name=f"gate_loop_scan_{name}")
