@@ -72,7 +72,7 @@ class _Spec:
         self.statics = statics          # the non-tensor leaves, in order
         self.key = f"{owner.name}#{next(_spec_ids)}"
         self.signatures: dict = {}
-        self._tracing = _Signature()    # filled by whichever trace runs; see signature()
+        self._traced: dict = {}         # (with_vjp, avals) -> _Signature, filled when JAX traces
         _SPECS[self.key] = self
         self.plain = jax.jit(self._plain)
         self.vjp_fwd = jax.jit(self._vjp_fwd)
@@ -87,22 +87,28 @@ class _Spec:
         self.owner.trace_count += 1
         return self.owner.fn(*args, **kwargs)
 
+    def _record(self, with_vjp, arrays) -> _Signature:
+        key = (with_vjp, tuple((a.shape, jnp.dtype(a.dtype)) for a in arrays))
+        sig = self._traced[key] = _Signature()
+        return sig
+
     def _plain(self, *arrays):
+        sig = self._record(False, arrays)
         out = self._call_fn(arrays)
         flat, treedef = jax.tree_util.tree_flatten(out)
-        self._record_outputs(flat, treedef)
+        self._record_outputs(sig, flat, treedef)
         return flat
 
-    def _record_outputs(self, flat, treedef):
+    def _record_outputs(self, sig, flat, treedef):
         for i, leaf in enumerate(flat):
             if not isinstance(leaf, jax.Array):
                 raise TypeError(f"{self.owner.name} returned a {type(leaf).__name__} at output leaf {i}; "
                                 "a bridged function must return jax arrays (in any pytree)")
-        sig = self._tracing
         sig.out_treedef = treedef
         sig.out_avals = [jax.ShapeDtypeStruct(o.shape, o.dtype) for o in flat]
 
     def _vjp_fwd(self, *arrays):
+        sig = self._record(True, arrays)
         diff = [i for i, x in enumerate(arrays) if _differentiable_dtype(x.dtype)]
 
         def f(*diff_arrays):
@@ -111,7 +117,7 @@ class _Spec:
                 full[i] = x
             out = self._call_fn(full)
             flat, treedef = jax.tree_util.tree_flatten(out)
-            self._record_outputs(flat, treedef)
+            self._record_outputs(sig, flat, treedef)
             return flat
 
         flat_out, pullback = jax.vjp(f, *(arrays[i] for i in diff))
@@ -124,7 +130,6 @@ class _Spec:
                 src = ("res", len(extras))
                 extras.append(r)
             sources.append(src)
-        sig = self._tracing
         sig.res_treedef, sig.res_sources = res_treedef, sources
         sig.extra_avals = [jax.ShapeDtypeStruct(e.shape, e.dtype) for e in extras]
         sig.diff = diff
@@ -144,15 +149,21 @@ class _Spec:
 
     def signature(self, tensors, with_vjp: bool) -> _Signature:
         key = (with_vjp, *((t.shape, t.dtype) for t in tensors))
+        if any(isinstance(d, torch.SymInt) for t in tensors for d in t.shape):
+            # Dynamic shapes under torch.compile: JAX compiles per concrete shape, so specialize.
+            key = (with_vjp, *((tuple(int(d) for d in t.shape), t.dtype) for t in tensors))
         sig = self.signatures.get(key)
         if sig is None:
-            # Trace once (abstractly) to learn the output structure and the residual layout.
-            # Every later trace of the same signature (if JAX ever retraces) records the same.
-            sig = self._tracing = _Signature()
-            sig.in_avals = [jax.ShapeDtypeStruct(tuple(t.shape), _jax_dtype(t.dtype)) for t in tensors]
-            with jax.enable_x64(_needs_x64(tensors)):
-                jax.eval_shape(self.vjp_fwd if with_vjp else self.plain, *sig.in_avals)
-            self._tracing = _Signature()   # later retraces (if any) write to a scratch record
+            # Learn the output structure and the residual layout from JAX's trace of this
+            # signature (eval_shape traces it unless a call already has; both record it).
+            in_avals = [jax.ShapeDtypeStruct(tuple(int(d) for d in t.shape), _jax_dtype(t.dtype))
+                        for t in tensors]
+            traced_key = (with_vjp, tuple((a.shape, a.dtype) for a in in_avals))
+            if traced_key not in self._traced:
+                with jax.enable_x64(_needs_x64(tensors)):
+                    jax.eval_shape(self.vjp_fwd if with_vjp else self.plain, *in_avals)
+            sig = self._traced[traced_key]
+            sig.in_avals = in_avals
             if with_vjp:
                 sig.bwd = self._make_bwd(sig)
             sig.key = f"{self.key}/{len(self.signatures)}"
@@ -160,8 +171,10 @@ class _Spec:
             self.signatures[key] = sig
         return sig
 
-    def run(self, tensors, with_vjp: bool):
+    def run(self, tensors, with_vjp: bool, known: bool = False):
         """Outputs (and, with_vjp, the extra residuals) as torch tensors."""
+        if not known:
+            self.signature(tensors, with_vjp)   # first call per signature: learn its layout
         arrays = [to_jax(t) for t in tensors]
         with jax.enable_x64(_needs_x64(tensors)):
             if with_vjp:
@@ -208,7 +221,7 @@ class _BridgeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec: _Spec, *tensors):
         sig = spec.signature(tensors, with_vjp=True)
-        outs, extras = spec.run(tensors, with_vjp=True)
+        outs, extras = spec.run(tensors, with_vjp=True, known=True)
         ctx.spec, ctx.sig, ctx.n_in = spec, sig, len(tensors)
         ctx.wide = _needs_x64(tensors)
         ctx.save_for_backward(*_saved_residuals(sig, tensors, outs, extras))
@@ -304,6 +317,8 @@ class JaxFunction:
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
         self.trace_count = 0
         self._specs: dict = {}
+        self.key = f"{self.name}@{next(_spec_ids)}"
+        _FUNCTIONS[self.key] = self
         functools.update_wrapper(self, fn, updated=())
 
     def _spec(self, args, kwargs):
@@ -325,22 +340,32 @@ class JaxFunction:
         return spec, tensors
 
     def __call__(self, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            return _compiled_call(self.key, *args, **kwargs)
         spec, tensors = self._spec(args, kwargs)
         with_vjp = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-        if torch.compiler.is_compiling():
-            flat = _op_call(tensors, spec.key, with_vjp)
-            sig = spec.signature(tensors, with_vjp)
-            outs = flat[:len(sig.out_avals)]
-        elif with_vjp:
+        if with_vjp:
             sig = spec.signature(tensors, True)
             outs = _BridgeFunction.apply(spec, *tensors)
         else:
             sig = spec.signature(tensors, False)
-            outs, _ = spec.run(tensors, False)
+            outs, _ = spec.run(tensors, False, known=True)
         return jax.tree_util.tree_unflatten(sig.out_treedef, list(outs))
 
     def __repr__(self):
         return f"jax2torch({self.name})"
+
+
+_FUNCTIONS: "weakref.WeakValueDictionary[str, JaxFunction]" = weakref.WeakValueDictionary()
+
+
+@torch._dynamo.nonstrict_trace   # dynamo runs this as plain Python (pytrees, caches), records the op
+def _compiled_call(fn_key: str, *args, **kwargs):
+    spec, tensors = _FUNCTIONS[fn_key]._spec(args, kwargs)
+    with_vjp = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    flat = _op_call(tensors, spec.key, with_vjp)
+    sig = spec.signature(tensors, with_vjp)
+    return jax.tree_util.tree_unflatten(sig.out_treedef, list(flat[:len(sig.out_avals)]))
 
 
 def _hashable(x) -> bool:
@@ -355,9 +380,9 @@ def _check_tensors(name, tensors, treedef, is_tensor):
     if not tensors:
         return
     devices = {t.device for t in tensors}
-    for t in tensors:
+    for i, t in enumerate(tensors):
         if t.dtype not in SUPPORTED_DTYPES or t.device.type not in ("cpu", "cuda"):
-            label = _label(treedef, is_tensor, tensors.index(t))
+            label = _label(treedef, is_tensor, i)
             check_dtype(t, f"{name}: argument {label}")
             check_device(t, f"{name}: argument {label}")
     if len(devices) > 1:

@@ -70,8 +70,8 @@ class CausalFullAttention(nn.Module):
     runs over the head's feature pairs at each position, not over time. It is kept as is so
     seed checkpoints give the same outputs.
 
-    With softmax normalisation the product goes through ``F.scaled_dot_product_attention``;
-    without it, through an explicit masked matmul.
+    Softmax attention without the rel-pos option goes through
+    ``F.scaled_dot_product_attention``; the other cases through an explicit masked matmul.
     """
 
     def __init__(
@@ -169,25 +169,31 @@ class CausalFullAttention(nn.Module):
 
         if self.data_dependent_rel_pos and not ablate_state_transition:
             scale = self._rel_pos_scale(x, ablate_complex)  # (b, h, n, d/2, 1)
-            q = (q.unflatten(-1, (-1, 2)) * scale).flatten(-2)
-            k = (k.unflatten(-1, (-1, 2)) * (1.0 / scale)).flatten(-2)
+            inverse = 1.0 / scale
+            q = (q.unflatten(-1, (-1, 2)) * scale.to(q.dtype)).flatten(-2)
+            k = (k.unflatten(-1, (-1, 2)) * inverse.to(k.dtype)).flatten(-2)
 
         if cache is not None:
             k = torch.cat((cache[0], k), dim=-2)  # (b, h, j, d)
             v = torch.cat((cache[1], v), dim=-2)
 
         i, j = q.shape[-2], k.shape[-2]
-        if self.softmax_normalize:
-            # q is already scaled; the mask is aligned to the last key (bottom right)
+        if self.softmax_normalize and not self.data_dependent_rel_pos:
+            # q is already scaled; the causal mask is aligned to the last key (bottom right)
             if i == j:
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
             else:
                 allowed = torch.ones((i, j), dtype=torch.bool, device=x.device).tril(j - i)
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=1.0)
         else:
+            # explicit path, as the seed: the rel-pos scaling divides k by up to 1e10 (its
+            # clamp), where a fused kernel's online softmax rounds visibly differently
             sim = torch.einsum("b h i d, b h j d -> b h i j", q, k)
             future = torch.ones((i, j), dtype=torch.bool, device=x.device).triu(j - i + 1)
-            attn = sim.masked_fill(future, 0.0)
+            if self.softmax_normalize:
+                attn = sim.masked_fill(future, -torch.finfo(sim.dtype).max).softmax(dim=-1)
+            else:
+                attn = sim.masked_fill(future, 0.0)
             out = torch.einsum("b h i j, b h j d -> b h i d", attn, v)  # (b, h, n, d)
 
         if self.to_gates is not None:

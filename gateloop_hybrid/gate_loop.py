@@ -16,7 +16,13 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .norms import RMSNorm
-from .scan import gate_loop_scan
+from .scan import BACKENDS, gate_loop_scan
+
+
+def _check_backend(scan_backend: str) -> str:
+    if scan_backend not in BACKENDS:
+        raise ValueError(f"unknown scan_backend {scan_backend!r}; choose one of {BACKENDS}")
+    return scan_backend
 
 
 def _gate_looped_heads(
@@ -77,7 +83,7 @@ class GateLoopedAttention(nn.Module):
         self.heads = heads
         self.frac_gradient_state_transition = frac_gradient_state_transition
         self.checkpoint_gate_looped_attn = checkpoint_gate_looped_attn
-        self.scan_backend = scan_backend
+        self.scan_backend = _check_backend(scan_backend)
 
         # module structure (and so state-dict keys) follows the seed
         self.split_heads = Rearrange("b n (h d) -> (b h) n d", h=heads)
@@ -160,6 +166,7 @@ class GateLoopedAttention(nn.Module):
 
 def _resolve_simple_backend(scan_backend: str, use_heinsen: bool, use_jax: bool) -> str:
     """Map the seed's boolean flags onto one backend name; refuse contradictions."""
+    _check_backend(scan_backend)
     if use_heinsen and use_jax:
         raise ValueError("use_heinsen and use_jax_associative_scan cannot both be True")
     alias = "heinsen" if use_heinsen else "jax" if use_jax else None

@@ -28,6 +28,9 @@ import gateloop_hybrid as ours
 
 RTOL = 1e-9
 DIM, VOCAB, DEPTH, SEQ = 16, 37, 2, 19
+# parity is about the layers, so most tests use the plain-torch scan (no JIT compile per shape);
+# test_transformer_matches_seed_default_backend covers the default ("auto") backend
+BACKEND = "torch"
 
 # the seed calls torch.utils.checkpoint without use_reentrant, which torch warns about
 pytestmark = pytest.mark.filterwarnings("ignore:torch.utils.checkpoint:UserWarning")
@@ -101,9 +104,19 @@ TRANSFORMER_OPTIONS = [
 
 @pytest.mark.parametrize("options", TRANSFORMER_OPTIONS)
 def test_transformer_matches_seed(seed, options):
+    check_transformer(seed, options, BACKEND)
+
+
+def test_transformer_matches_seed_default_backend(seed):
+    check_transformer(seed, {}, "auto")
+
+
+def check_transformer(seed, options, backend):
     common = dict(dim=DIM, num_tokens=VOCAB, depth=DEPTH, dim_head=8, heads=2, **options)
     torch.manual_seed(0)
-    theirs, mine = load_seed_weights(seed.Transformer(**common), ours.Transformer(**common))
+    theirs, mine = load_seed_weights(
+        seed.Transformer(**common), ours.Transformer(**common, scan_backend=backend)
+    )
     ids = torch.randint(0, VOCAB, (2, SEQ))
 
     their_blocks, my_blocks = record_outputs(theirs), record_outputs(mine)
@@ -133,7 +146,9 @@ def test_transformer_matches_seed(seed, options):
 def test_transformer_forward_ablation_overrides_match_seed(seed):
     common = dict(dim=DIM, num_tokens=VOCAB, depth=1)
     torch.manual_seed(0)
-    theirs, mine = load_seed_weights(seed.Transformer(**common), ours.Transformer(**common))
+    theirs, mine = load_seed_weights(
+        seed.Transformer(**common), ours.Transformer(**common, scan_backend=BACKEND)
+    )
     ids = torch.randint(0, VOCAB, (1, SEQ))
     with torch.no_grad():
         for flags in (dict(ablate_complex=True), dict(ablate_state_transition=True)):
@@ -152,7 +167,8 @@ GATE_LOOPED_OPTIONS = [
 def test_gate_looped_attention_matches_seed(seed, options):
     torch.manual_seed(0)
     theirs, mine = load_seed_weights(
-        seed.GateLoopedAttention(DIM, **options), ours.GateLoopedAttention(DIM, **options)
+        seed.GateLoopedAttention(DIM, **options),
+        ours.GateLoopedAttention(DIM, **options, scan_backend=BACKEND),
     )
     x = torch.randn(2, SEQ, DIM, dtype=torch.float64)
     for flags in ({}, dict(ablate_complex=True), dict(ablate_state_transition=True)):
@@ -195,7 +211,8 @@ SIMPLE_OPTIONS = [
 def test_simple_gate_loop_matches_seed(seed, options):
     torch.manual_seed(0)
     theirs, mine = load_seed_weights(
-        seed.SimpleGateLoopLayer(DIM, **options), ours.SimpleGateLoopLayer(DIM, **options)
+        seed.SimpleGateLoopLayer(DIM, **options),
+        ours.SimpleGateLoopLayer(DIM, **options, scan_backend=BACKEND),
     )
     x = torch.randn(2, SEQ, DIM, dtype=torch.float64, requires_grad=True)
     expected, actual = theirs(x), mine(x)
@@ -221,7 +238,9 @@ def test_simple_gate_loop_heinsen_matches_seed(seed):
 def test_simple_cache_matches_seed(seed):
     """Chunked decoding gives the seed's outputs (the caches themselves differ in form)."""
     torch.manual_seed(0)
-    theirs, mine = load_seed_weights(seed.SimpleGateLoopLayer(DIM), ours.SimpleGateLoopLayer(DIM))
+    theirs, mine = load_seed_weights(
+        seed.SimpleGateLoopLayer(DIM), ours.SimpleGateLoopLayer(DIM, scan_backend=BACKEND)
+    )
     x = torch.randn(2, SEQ, DIM, dtype=torch.float64)
     with torch.no_grad():
         their_cache = my_cache = None
@@ -237,7 +256,8 @@ def test_our_state_dict_loads_into_seed(seed, options):
     """The mapping is the identity both ways: our checkpoints load into the seed too."""
     common = dict(dim=DIM, num_tokens=VOCAB, depth=DEPTH, dim_head=8, heads=2, **options)
     torch.manual_seed(0)
-    mine, theirs = ours.Transformer(**common).double(), seed.Transformer(**common).double()
+    mine = ours.Transformer(**common, scan_backend=BACKEND).double()
+    theirs = seed.Transformer(**common).double()
     theirs.load_state_dict(mine.state_dict(), strict=True)
     ids = torch.randint(0, VOCAB, (2, SEQ))
     with torch.no_grad():
@@ -255,13 +275,13 @@ def test_our_state_dict_loads_into_seed(seed, options):
 def test_state_dict_round_trip(options, tmp_path):
     common = dict(dim=DIM, num_tokens=VOCAB, depth=DEPTH, dim_head=8, heads=2, **options)
     torch.manual_seed(0)
-    model = ours.Transformer(**common)
+    model = ours.Transformer(**common, scan_backend=BACKEND)
     for p in model.parameters():  # move away from the initialisation
         p.data.add_(0.01 * torch.randn_like(p))
     path = tmp_path / "model.pt"
     torch.save(model.state_dict(), path)
     torch.manual_seed(1)
-    fresh = ours.Transformer(**common)
+    fresh = ours.Transformer(**common, scan_backend=BACKEND)
     fresh.load_state_dict(torch.load(path, weights_only=True), strict=True)
     for (name, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
         assert torch.equal(a, b), name

@@ -1,0 +1,427 @@
+"""The implementations that benchmarks/scan_speed.py times, behind one small interface.
+
+Every implementation computes h_t = a_t * h_{t-1} + x_t along dim 1 of (B, N, D) tensors.
+An `Impl` says whether it can run a case (`skip_reason`) and, given the case's torch tensors,
+returns a `Prepared` with two zero-argument callables:
+
+    fwd()     -> output whose completion `wait` blocks on (h, in whatever form the impl keeps it)
+    fwdbwd()  -> the gradients wrt a and x for the cotangent ct (same form)
+
+and converters `h_of` / `grads_of` that turn those outputs into torch tensors of shape
+(B, N, D) in torch's complex convention, used (outside the timed region) for the error check.
+
+Dimension letters: B batch, N sequence length (time), D features; C = D in accelerated-scan's
+(B, C, T) layout.
+
+Groups:
+    gate_loop_scan  each backend of gateloop_hybrid.scan.gate_loop_scan, called from torch
+    native          the jitted JAX scan of gateloop_hybrid.scan.jax_scan on JAX arrays
+    baseline        a plain torch Python loop (the design's baseline)
+    peer            accelerated-scan, flash-linear-attention HGRN, torch's associative_scan HOP
+
+A peer that is not installed or cannot run a case is reported, never raised: `skip_reason`
+returns a sentence, and `prepare` / the calls may raise, which the runner records.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+COMPLEX = (torch.complex64, torch.complex128)
+
+
+@dataclass
+class Case:
+    B: int
+    N: int
+    D: int
+    dtype: str                                  # "float32" | "bfloat16" | "complex64"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def is_complex(self) -> bool:
+        return self.torch_dtype in COMPLEX
+
+    @property
+    def numel(self) -> int:
+        return self.B * self.N * self.D
+
+    @property
+    def tensor_bytes(self) -> int:
+        """Bytes of one (B, N, D) tensor in the case's dtype (the unit of the floor)."""
+        return self.numel * torch.empty((), dtype=self.torch_dtype).element_size()
+
+    def label(self) -> str:
+        return f"{self.dtype} B={self.B} N={self.N} D={self.D}"
+
+
+@dataclass
+class Prepared:
+    fwd: Callable[[], Any]
+    fwdbwd: Callable[[], Any]
+    h_of: Callable[[Any], torch.Tensor]
+    grads_of: Callable[[Any], tuple[torch.Tensor, torch.Tensor]]
+    wait: Callable[[Any], None]
+    uses_jax: bool = False
+    memory: dict = field(default_factory=dict)   # static memory facts, e.g. XLA memory_analysis
+
+
+def _import(name: str):
+    """(module, None) or (None, 'not installed: ...') without raising."""
+    try:
+        return importlib.import_module(name), None
+    except Exception as e:                         # ImportError, or a broken dependency
+        return None, f"not importable: {type(e).__name__}: {_first_line(e)}"
+
+
+def _first_line(e: BaseException, limit: int = 140) -> str:
+    s = str(e).strip().splitlines()
+    s = s[0] if s else ""
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def torch_wait(device: torch.device) -> Callable[[Any], None]:
+    if device.type == "cuda":
+        return lambda _out: torch.cuda.synchronize(device)
+    return lambda _out: None
+
+
+class Impl:
+    key: str = ""            # short name for --backends
+    name: str = ""           # row label
+    group: str = ""
+    python_loop: bool = False  # one kernel launch per time step: capped by --loop-max-n
+
+    def skip_reason(self, case: Case, device: torch.device) -> str | None:
+        return None
+
+    def prepare(self, a: torch.Tensor, x: torch.Tensor, ct: torch.Tensor) -> Prepared:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------
+# torch-side implementations: a function (a, x) -> h of torch tensors, autograd for backward
+
+
+class TorchFnImpl(Impl):
+    """Any torch function (a, x) -> h; forward under no_grad, backward by torch.autograd.grad."""
+
+    def fn(self, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prepare(self, a, x, ct):
+        wait = torch_wait(a.device)
+        a_r = a.detach().requires_grad_(True)
+        x_r = x.detach().requires_grad_(True)
+
+        def fwd():
+            with torch.no_grad():
+                return self.fn(a, x)
+
+        def fwdbwd():
+            h = self.fn(a_r, x_r)
+            return torch.autograd.grad(h, (a_r, x_r), ct)
+
+        return Prepared(fwd, fwdbwd, h_of=lambda h: h, grads_of=lambda g: (g[0], g[1]), wait=wait)
+
+
+class GateLoopBackend(TorchFnImpl):
+    group = "gate_loop_scan"
+
+    def __init__(self, backend: str, gate_loop_scan):
+        self.backend = backend
+        self.key = backend
+        self.name = f"gate_loop_scan[{backend}]"
+        self.python_loop = backend == "loop"
+        self._scan = gate_loop_scan
+
+    def fn(self, a, x):
+        return self._scan(a, x, backend=self.backend)[0]
+
+
+class TorchLoop(TorchFnImpl):
+    """The design's baseline: the recurrence as a plain Python loop over time, in torch."""
+
+    key = "torch-loop"
+    name = "torch python loop"
+    group = "baseline"
+    python_loop = True
+
+    def fn(self, a, x):
+        h = torch.zeros_like(x[:, 0])
+        hs = []
+        for t in range(x.shape[1]):
+            h = a[:, t] * h + x[:, t]
+            hs.append(h)
+        return torch.stack(hs, dim=1)
+
+
+class TorchHOP(TorchFnImpl):
+    """torch._higher_order_ops.associative_scan (prototype) under torch.compile."""
+
+    key = "torch-hop"
+    group = "peer"
+
+    def __init__(self, device: torch.device):
+        self.mode = "pointwise" if device.type == "cuda" else "generic"
+        self.name = f"torch associative_scan ({self.mode}, compile)"
+        self._compiled = None
+        self._err = None
+        try:
+            from torch._higher_order_ops.associative_scan import associative_scan
+        except Exception as e:
+            self._err = f"not importable: {type(e).__name__}: {_first_line(e)}"
+            return
+        import torch._dynamo as dynamo
+        # one compiled graph per shape and dtype and grad mode: lift Dynamo's recompile limit
+        for attr in ("recompile_limit", "cache_size_limit"):
+            if hasattr(dynamo.config, attr):
+                setattr(dynamo.config, attr, max(getattr(dynamo.config, attr), 256))
+        mode = self.mode
+
+        def combine(left, right):
+            return right[0] * left[0], right[0] * left[1] + right[1]
+
+        def scan(a, x):
+            return associative_scan(combine, (a, x), dim=1, combine_mode=mode)[1]
+
+        self._compiled = torch.compile(scan, fullgraph=True, dynamic=False)
+
+    def skip_reason(self, case, device):
+        if self._err:
+            return self._err
+        if device.type != "cuda":
+            return ("needs CUDA: combine_mode='pointwise' refuses CPU tensors, and compiling the "
+                    "generic mode takes about 30 s per shape on CPU")
+        return None
+
+    def fn(self, a, x):
+        return self._compiled(a, x)
+
+
+# --------------------------------------------------------------------------------------------
+# JAX natively: the same jitted scan the "jax" backend uses, on JAX arrays, no bridge
+
+
+class JaxNative(Impl):
+    key = "jax-native"
+    group = "native"
+
+    def __init__(self):
+        self.name = "jax native (jax_scan, jit)"
+        self._err = None
+        self._scan = None
+        jax_scan, err = _import("gateloop_hybrid.scan.jax_scan")
+        if err:
+            self._err = err
+            return
+        fn = getattr(jax_scan, "gate_loop_scan", None) or getattr(jax_scan, "scan", None)
+        if fn is None:
+            self._err = "gateloop_hybrid.scan.jax_scan has no gate_loop_scan/scan function"
+            return
+        self.name = f"jax native (jax_scan.{fn.__name__}, jit)"
+        self._scan = fn
+
+    def skip_reason(self, case, device):
+        return self._err
+
+    def prepare(self, a, x, ct):
+        import jax
+        import jax.numpy as jnp
+
+        scan = self._scan
+
+        def h_only(a, x):
+            return scan(a, x)[0]
+
+        fwd_j = jax.jit(h_only)
+
+        def vjp(a, x, ct):
+            _, pullback = jax.vjp(h_only, a, x)
+            return pullback(ct)
+
+        fwdbwd_j = jax.jit(vjp)
+
+        to_j = _to_jax
+        aj, xj = to_j(a), to_j(x)
+        # JAX's complex vjp is torch's conjugated: feed conj(ct), conjugate the result (untimed)
+        ctj = to_j(ct.conj().resolve_conj() if ct.is_complex() else ct)
+
+        memory = {}
+        try:
+            for label, f, args in (("fwd", fwd_j, (aj, xj)), ("fwdbwd", fwdbwd_j, (aj, xj, ctj))):
+                m = f.lower(*args).compile().memory_analysis()
+                if m is not None:
+                    memory[label] = int(m.temp_size_in_bytes + m.output_size_in_bytes)
+        except Exception:
+            pass
+
+        def grads_of(g):
+            da, dx = (_to_torch(t) for t in g)
+            if da.is_complex():
+                da, dx = da.conj(), dx.conj()
+            return da, dx
+
+        return Prepared(
+            fwd=lambda: fwd_j(aj, xj),
+            fwdbwd=lambda: fwdbwd_j(aj, xj, ctj),
+            h_of=_to_torch,
+            grads_of=grads_of,
+            wait=lambda out: jax.block_until_ready(out),
+            uses_jax=True,
+            memory=memory,
+        )
+
+
+def _to_jax(t: torch.Tensor):
+    """A JAX array with the tensor's values on the same device (DLPack; copied to own it)."""
+    import jax
+    import jax.numpy as jnp
+
+    return jnp.array(jax.dlpack.from_dlpack(t.detach().contiguous()), copy=True)
+
+
+def _to_torch(arr) -> torch.Tensor:
+    return torch.from_dlpack(arr)
+
+
+# --------------------------------------------------------------------------------------------
+# accelerated-scan (proger/accelerated-scan): Triton kernels on (B, C, T) contiguous tensors
+
+
+class AcceleratedScan(Impl):
+    group = "peer"
+
+    def __init__(self, kind: str, with_transposes: bool):
+        self.kind = kind                           # "scalar" | "complex"
+        self.with_transposes = with_transposes
+        self.key = f"accel-{kind}" + ("+T" if with_transposes else "")
+        self.name = f"accelerated-scan {kind}" + (" +transposes" if with_transposes else " (B,C,T)")
+        mod, self._err = _import(f"accelerated_scan.{kind}")
+        self._scan = getattr(mod, "scan", None) if mod else None
+
+    def skip_reason(self, case, device):
+        if self._err:
+            return self._err
+        if device.type != "cuda":
+            return "needs CUDA (Triton kernels)"
+        if self.kind == "scalar" and case.is_complex:
+            return "real gates only (see accelerated-scan complex)"
+        if self.kind == "complex" and not case.is_complex:
+            return "complex gates only (see accelerated-scan scalar)"
+        return None
+
+    def prepare(self, a, x, ct):
+        wait = torch_wait(a.device)
+        scan = self._scan
+
+        def bct(t):        # (B, N, D) -> contiguous (B, C=D, T=N)
+            return t.transpose(1, 2).contiguous()
+
+        def bnd(t):        # back to contiguous (B, N, D)
+            return t.transpose(1, 2).contiguous()
+
+        if self.with_transposes:
+            a_r = a.detach().requires_grad_(True)
+            x_r = x.detach().requires_grad_(True)
+
+            def fwd():
+                with torch.no_grad():
+                    return bnd(scan(bct(a), bct(x)))
+
+            def fwdbwd():
+                h = bnd(scan(bct(a_r), bct(x_r)))
+                return torch.autograd.grad(h, (a_r, x_r), ct)
+
+            return Prepared(fwd, fwdbwd, h_of=lambda h: h, grads_of=lambda g: (g[0], g[1]),
+                            wait=wait)
+
+        # kernel alone: inputs, output and cotangent already in (B, C, T)
+        a_t, x_t, ct_t = bct(a), bct(x), bct(ct)
+        a_tr = a_t.detach().requires_grad_(True)
+        x_tr = x_t.detach().requires_grad_(True)
+
+        def fwd():
+            with torch.no_grad():
+                return scan(a_t, x_t)
+
+        def fwdbwd():
+            h = scan(a_tr, x_tr)
+            return torch.autograd.grad(h, (a_tr, x_tr), ct_t)
+
+        return Prepared(fwd, fwdbwd, h_of=lambda h: h.transpose(1, 2),
+                        grads_of=lambda g: (g[0].transpose(1, 2), g[1].transpose(1, 2)), wait=wait)
+
+
+# --------------------------------------------------------------------------------------------
+# flash-linear-attention (fla-core): HGRN kernels, real gates given as log gates g = log a
+
+
+class FlaHGRN(Impl):
+    group = "peer"
+
+    def __init__(self, kind: str):
+        self.kind = kind                           # "chunk" | "fused_recurrent"
+        self.key = "fla-chunk" if kind == "chunk" else "fla-recurrent"
+        self.name = f"fla {kind}_hgrn (log gates)"
+        mod, self._err = _import("fla.ops.hgrn")
+        self._fn = getattr(mod, f"{kind}_hgrn", None) if mod else None
+
+    def skip_reason(self, case, device):
+        if self._err:
+            return self._err
+        if device.type != "cuda":
+            return "needs CUDA (Triton kernels)"
+        if case.is_complex:
+            return "real gates only (HGRN takes log gates; fla has no complex kernels)"
+        return None
+
+    def prepare(self, a, x, ct):
+        wait = torch_wait(a.device)
+        fn = self._fn
+        g = torch.log(a.float()).to(a.dtype)       # the peer's own input form, made untimed
+        g_r = g.detach().requires_grad_(True)
+        x_r = x.detach().requires_grad_(True)
+
+        def fwd():
+            with torch.no_grad():
+                return fn(x, g)[0]
+
+        def fwdbwd():
+            o = fn(x_r, g_r)[0]
+            return torch.autograd.grad(o, (g_r, x_r), ct)
+
+        def grads_of(gr):                          # dL/da = dL/dg / a
+            dg, dx = gr
+            return dg.double() / a.double(), dx
+
+        return Prepared(fwd, fwdbwd, h_of=lambda h: h, grads_of=grads_of, wait=wait)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def build(device: torch.device) -> tuple[list[Impl], list[str]]:
+    """All implementations, in table order, and notes on what could not be set up."""
+    notes: list[str] = []
+    impls: list[Impl] = []
+    scan_mod, err = _import("gateloop_hybrid.scan")
+    if err:
+        notes.append(f"gateloop_hybrid.scan {err}: no gate_loop_scan backends")
+    else:
+        backends = [b for b in getattr(scan_mod, "BACKENDS", ()) if b != "auto"]
+        impls += [GateLoopBackend(b, scan_mod.gate_loop_scan) for b in backends]
+    impls.append(JaxNative())
+    impls.append(TorchLoop())
+    impls += [AcceleratedScan("scalar", False), AcceleratedScan("scalar", True),
+              AcceleratedScan("complex", False), AcceleratedScan("complex", True)]
+    impls += [FlaHGRN("chunk"), FlaHGRN("fused_recurrent")]
+    impls.append(TorchHOP(device))
+    return impls, notes

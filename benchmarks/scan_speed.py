@@ -1,0 +1,607 @@
+"""Every way to run the GateLoop scan h_t = a_t * h_{t-1} + x_t, side by side, against the floor.
+
+    python benchmarks/scan_speed.py                       # CPU or GPU defaults
+    python benchmarks/scan_speed.py --device cuda --json out.json --plot out.png
+    python benchmarks/scan_speed.py --shapes 4x4096x1024 --dtypes float32 --backends jax,jax-native
+
+For each case (dtype, B, N, D) and each implementation (benchmarks/_impls.py) it measures the
+forward and the forward+backward (gradients wrt a and x for a random cotangent):
+
+- time: median and interquartile range over repetitions after two warm-up calls (the first
+  call's time, compilation included, is kept as `first_s`); each repetition runs the call
+  `inner` times back to back between device synchronisations (torch.cuda.synchronize, and
+  jax.block_until_ready on JAX outputs) and reports the mean;
+- error: max |y - y_ref| / max |y_ref| against a float64 (complex128) reference computed here
+  by an exact chunked sequential scan, for h (fwd) and for the worse of da, dx (fwd+bwd);
+- peak memory above the inputs: torch.cuda.max_memory_allocated for torch code; for JAX,
+  natively XLA's compiled memory_analysis (temp + output bytes), through the bridge the growth
+  of JAX's peak_bytes_in_use (an upper bound, marked <=, when the peak did not grow);
+- x floor: time over the memory floor, 3 x (bytes of one tensor) forward and 8 x forward+backward,
+  at the copy bandwidth measured at the start of the same run.
+
+Gates are sigmoid(randn) in (0, 1), times exp(i * uniform(-pi, pi)) for complex; x and the
+cotangent are randn. Cases that an implementation cannot run appear with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import signal
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")   # JAX must not grab 75% of HBM
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+import _impls  # noqa: E402
+from _impls import Case  # noqa: E402
+
+GPU_CORE = ["4x4096x1024", "1x65536x512", "16x1024x1024"]
+GPU_SWEEP = [f"4x{n}x1024" for n in (256, 1024, 16384)]          # with 4x4096x1024: N sweep
+CPU_SHAPES = ["2x256x64", "2x2048x64"]
+DTYPES = ("float32", "bfloat16", "complex64")
+
+
+# --------------------------------------------------------------------------------------------
+# inputs and the float64 reference
+
+
+def make_inputs(case: Case, device: torch.device, seed: int = 0):
+    """a (gates, |a| in (0,1)), x and a cotangent ct, all (B, N, D) in the case's dtype."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    shape = (case.B, case.N, case.D)
+
+    def randn():
+        return torch.randn(shape, generator=g, dtype=torch.float32).to(device)
+
+    mag = torch.sigmoid(randn())
+    if case.is_complex:
+        phase = (torch.rand(shape, generator=g, dtype=torch.float32).to(device) * 2 - 1) * math.pi
+        a = torch.polar(mag, phase)
+        x = torch.complex(randn(), randn())
+        ct = torch.complex(randn(), randn())
+    else:
+        a, x, ct = mag, randn(), randn()
+    dt = case.torch_dtype
+    return a.to(dt), x.to(dt), ct.to(dt)
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.complex128 if t.is_complex() else torch.float64)
+
+
+def reference_scan(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """h_t = a_t h_{t-1} + x_t along dim 1, sequential within chunks of ~sqrt(N) steps.
+
+    Exact algebra (no logs, no re-association beyond one carry per chunk): about 2 sqrt(N)
+    vectorised steps instead of N, so a float64 reference costs little even at N = 65536.
+    """
+    B, N = x.shape[:2]
+    a = a.expand_as(x)
+    c = max(1, math.isqrt(N))
+    m = -(-N // c)
+    pad = m * c - N
+    if pad:
+        a = torch.cat([a, torch.ones_like(a[:, :pad])], dim=1)
+        x = torch.cat([x, torch.zeros_like(x[:, :pad])], dim=1)
+    a = a.reshape(B, m, c, *x.shape[2:])
+    x = x.reshape(B, m, c, *x.shape[2:])
+    local = torch.empty_like(x)                       # scan of each chunk from a zero state
+    h = torch.zeros_like(x[:, :, 0])
+    for i in range(c):
+        h = a[:, :, i] * h + x[:, :, i]
+        local[:, :, i] = h
+    prod = torch.cumprod(a, dim=2)                    # a_s ... a_t within the chunk
+    carry = torch.zeros_like(x[:, 0, 0])              # state entering chunk j
+    carries = []
+    for j in range(m):
+        carries.append(carry)
+        carry = local[:, j, -1] + prod[:, j, -1] * carry
+    carries = torch.stack(carries, dim=1)             # (B, m, *F)
+    out = local + prod * carries.unsqueeze(2)
+    return out.reshape(B, m * c, *x.shape[3:])[:, :N]
+
+
+def reference(a: torch.Tensor, x: torch.Tensor, ct: torch.Tensor):
+    """float64 h and torch-convention gradients (da, dx) of <ct, h>.
+
+    The state's total cotangent G_t = ct_t + conj(a_{t+1}) G_{t+1} is the same recurrence run
+    backwards; dx = G and da_t = G_t conj(h_{t-1}).
+    """
+    a, x, ct = _wide(a), _wide(x), _wide(ct)
+    if a.is_complex() or x.is_complex():
+        a, x, ct = (t.to(torch.complex128) for t in (a, x, ct))
+    h = reference_scan(a, x)
+    a_next = torch.cat([a[:, 1:], torch.ones_like(a[:, :1])], dim=1).conj()
+    G = reference_scan(a_next.flip(1), ct.flip(1)).flip(1)
+    h_prev = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)
+    da = G * h_prev.conj()
+    return h, (da, G)
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    y = _wide(y.detach()).to(ref.device)
+    if not y.is_complex() and ref.is_complex():
+        y = y.to(ref.dtype)
+    if y.shape != ref.shape:
+        raise ValueError(f"shape {tuple(y.shape)} != reference {tuple(ref.shape)}")
+    return float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-300))
+
+
+# --------------------------------------------------------------------------------------------
+# timing and memory
+
+
+def measure(fn, wait, reps: int, budget_s: float, target_rep_s: float):
+    """(first-call seconds, list of per-call seconds, inner) after two warm-up calls."""
+    t0 = time.perf_counter()
+    out = fn()
+    wait(out)
+    first = time.perf_counter() - t0
+    del out
+    t0 = time.perf_counter()
+    out = fn()
+    wait(out)
+    single = time.perf_counter() - t0
+    del out
+    inner = max(1, min(1000, int(target_rep_s / max(single, 1e-7))))
+    times = []
+    start = time.perf_counter()
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            out = fn()
+        wait(out)
+        times.append((time.perf_counter() - t0) / inner)
+        del out
+        if len(times) >= 3 and time.perf_counter() - start > budget_s:
+            break
+    return first, times, inner
+
+
+def torch_peak(fn, wait, device):
+    """Bytes allocated by torch above what was live before one call (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    gc.collect()
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out = fn()
+    wait(out)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del out
+    return peak
+
+
+def jax_stats():
+    try:
+        import jax
+
+        s = jax.devices()[0].memory_stats()
+        return (s.get("bytes_in_use", 0), s.get("peak_bytes_in_use", 0)) if s else None
+    except Exception:
+        return None
+
+
+def memory(prep, which: str, fn, device):
+    """(bytes, how) for one call of fn; how names the method (see the module docstring)."""
+    if prep.uses_jax and which in prep.memory:
+        return prep.memory[which], "xla"
+    before = jax_stats() if prep.uses_jax else None
+    t = torch_peak(fn, prep.wait, device)
+    if before is None:
+        return t, ("torch" if t is not None else None)
+    after = jax_stats()
+    in_use, peak_before = before
+    grew = after[1] > peak_before
+    j = after[1] - in_use
+    return (t or 0) + j, ("torch+jax" if grew else "<=torch+jax")
+
+
+def measure_bandwidth(device: torch.device) -> float:
+    """Bytes per second of a device-to-device copy, counting bytes read and written."""
+    nbytes = (2 << 30) if device.type == "cuda" else (256 << 20)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    wait = _impls.torch_wait(device)
+    _, times, _ = measure(lambda: dst.copy_(src), wait, reps=10, budget_s=2.0, target_rep_s=0)
+    del src, dst
+    return 2 * nbytes / statistics.median(times)
+
+
+# --------------------------------------------------------------------------------------------
+# the run
+
+
+def stats(times):
+    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    return {"median_ms": 1e3 * statistics.median(times), "p25_ms": 1e3 * q[0],
+            "p75_ms": 1e3 * q[2], "min_ms": 1e3 * min(times), "max_ms": 1e3 * max(times),
+            "reps": len(times)}
+
+
+def run_one(impl, case: Case, device, args, bw: float, passes):
+    row = {"impl": impl.name, "key": impl.key, "group": impl.group, "dtype": case.dtype,
+           "B": case.B, "N": case.N, "D": case.D, "status": "ok", "reason": None}
+    reason = impl.skip_reason(case, device)
+    if reason is None and impl.python_loop and case.N > args.loop_max_n:
+        reason = f"skipped: N > --loop-max-n {args.loop_max_n} (one launch per step)"
+    if reason is None and args.deadline and time.time() > args.deadline:
+        reason = "skipped: --max-minutes reached"
+    if reason is not None:
+        row.update(status="skipped", reason=reason)
+        return row
+    a, x, ct = make_inputs(case, device)
+    try:
+        prep = impl.prepare(a, x, ct)
+    except Exception as e:
+        row.update(status="failed", reason=f"prepare: {type(e).__name__}: {_impls._first_line(e)}")
+        _debug(args)
+        return row
+    ref = None
+    floors = {"fwd": 3 * case.tensor_bytes / bw, "fwdbwd": 8 * case.tensor_bytes / bw}
+    budget = args.budget
+    for which in passes:
+        fn = prep.fwd if which == "fwd" else prep.fwdbwd
+        res = {}
+        try:
+            first, times, inner = measure(fn, prep.wait, args.reps, budget, args.target_rep)
+            res.update(stats(times), first_s=first, inner=inner)
+            res["x_floor"] = res["median_ms"] / 1e3 / floors[which]
+        except Exception as e:
+            res["error"] = f"{type(e).__name__}: {_impls._first_line(e)}"
+            _debug(args)
+            row[which] = res
+            row["status"] = "failed"
+            _free(device)
+            continue
+        try:
+            if ref is None:
+                ref = reference(a, x, ct)
+            out = fn()
+            prep.wait(out)
+            if which == "fwd":
+                res["rel_err"] = rel_err(prep.h_of(out), ref[0])
+            else:
+                da, dx = prep.grads_of(out)
+                res["rel_err_da"] = rel_err(da, ref[1][0])
+                res["rel_err_dx"] = rel_err(dx, ref[1][1])
+                res["rel_err"] = max(res["rel_err_da"], res["rel_err_dx"])
+            del out
+        except Exception as e:
+            res["rel_err_error"] = f"{type(e).__name__}: {_impls._first_line(e)}"
+            _debug(args)
+        try:
+            res["peak_bytes"], res["peak_how"] = memory(prep, which, fn, device)
+        except Exception as e:
+            res["peak_bytes"], res["peak_how"] = None, f"{type(e).__name__}"
+        row[which] = res
+    del prep, a, x, ct, ref
+    _free(device)
+    return row
+
+
+def _free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _debug(args):
+    if args.verbose:
+        traceback.print_exc()
+
+
+def versions():
+    v = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("jax", "jaxlib", "triton", "accelerated_scan", "fla"):
+        try:
+            mod = __import__(name)
+            v[name] = getattr(mod, "__version__", "?")
+        except Exception:
+            v[name] = None
+    return v
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {name} ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
+
+
+def jax_device() -> str | None:
+    try:
+        import jax
+
+        d = jax.devices()[0]
+        return f"{d.platform}:{d.device_kind}"
+    except Exception as e:
+        return f"unavailable ({type(e).__name__})"
+
+
+# --------------------------------------------------------------------------------------------
+# output
+
+
+def fmt_ms(r):
+    if r is None:
+        return "-"
+    if "error" in r:
+        return "FAILED"
+    spread = (r["p75_ms"] - r["p25_ms"]) / 2 / r["median_ms"] * 100 if r["median_ms"] else 0
+    m = r["median_ms"]
+    s = f"{m:.3f}" if m < 10 else (f"{m:.1f}" if m < 1000 else f"{m:.0f}")
+    return f"{s} ±{spread:.0f}%"
+
+
+def fmt_err(r):
+    if r is None or "error" in r:
+        return "-"
+    if "rel_err" not in r:
+        return "?"
+    return f"{r['rel_err']:.1e}"
+
+
+def fmt_mem(r):
+    if r is None or "error" in r or r.get("peak_bytes") is None:
+        return "-"
+    mib = r["peak_bytes"] / 2**20
+    prefix = "<=" if str(r.get("peak_how", "")).startswith("<=") else ""
+    return f"{prefix}{mib:.0f}"
+
+
+def fmt_floor(r):
+    if r is None or "error" in r or "x_floor" not in r:
+        return "-"
+    return f"{r['x_floor']:.1f}"
+
+
+def table(meta, rows) -> str:
+    lines = [
+        f"# scan_speed  {meta['date']}",
+        f"# device: {meta['device_name']}   jax device: {meta['jax_device']}",
+        "# versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v),
+        f"# copy bandwidth (read+write): {meta['bandwidth_GBps']:.0f} GB/s; floor = 3x (fwd), "
+        "8x (fwd+bwd) the bytes of one (B,N,D) tensor at that bandwidth",
+        "# time: median ms ±half the interquartile range; err: max|y-ref|/max|ref| vs float64 "
+        "(fwd: h, fwd+bwd: worse of da, dx); mem: peak MiB above inputs (<= upper bound)",
+    ]
+    for note in meta.get("notes", []):
+        lines.append(f"# note: {note}")
+    header = ("implementation", "fwd ms", "x floor", "err", "mem", "fwd+bwd ms", "x floor", "err",
+              "mem", "first s")
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["dtype"], r["B"], r["N"], r["D"]), []).append(r)
+    for (dt, B, N, D), rs in groups.items():
+        c = Case(B, N, D, dt)
+        lines.append("")
+        flo = 3 * c.tensor_bytes / meta["bandwidth"] * 1e3
+        lines.append(f"## {dt}  B={B} N={N} D={D}  (one tensor {c.tensor_bytes / 2**20:.0f} MiB; "
+                     f"floor {flo:.3f} ms fwd, {flo * 8 / 3:.3f} ms fwd+bwd)")
+        body, notes = [], []
+        for r in rs:
+            if r["status"] == "skipped":
+                notes.append(f"   {r['impl']}: {r['reason']}")
+                continue
+            f, b = r.get("fwd"), r.get("fwdbwd")
+            first = max((p.get("first_s", 0) for p in (f, b) if p and "error" not in p), default=0)
+            body.append((r["impl"], fmt_ms(f), fmt_floor(f), fmt_err(f), fmt_mem(f), fmt_ms(b),
+                         fmt_floor(b), fmt_err(b), fmt_mem(b), f"{first:.1f}" if first else "-"))
+            for which, p in (("fwd", f), ("fwd+bwd", b)):
+                if p and "error" in p:
+                    notes.append(f"   {r['impl']} {which} failed: {p['error']}")
+                elif p and "rel_err_error" in p:
+                    notes.append(f"   {r['impl']} {which} error check failed: {p['rel_err_error']}")
+            if r.get("reason"):
+                notes.append(f"   {r['impl']}: {r['reason']}")
+        widths = [max(len(str(x)) for x in col) for col in zip(header, *body)] if body else []
+        if body:
+            lines.append("  ".join(h.ljust(w) if i == 0 else h.rjust(w)
+                                   for i, (h, w) in enumerate(zip(header, widths))))
+            for row in body:
+                lines.append("  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w)
+                                       for i, (v, w) in enumerate(zip(row, widths))))
+        if notes:
+            lines.append(" not run / failed:")
+            lines.extend(notes)
+    return "\n".join(lines)
+
+
+def plot(meta, rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # the N sweep: the (B, D) pair with the most sequence lengths
+    counts: dict = {}
+    for r in rows:
+        counts.setdefault((r["B"], r["D"]), set()).add(r["N"])
+    (B, D), ns = max(counts.items(), key=lambda kv: (len(kv[1]), kv[0]))
+    dtypes = [d for d in DTYPES if any(r["dtype"] == d for r in rows)]
+    fig, axes = plt.subplots(2, len(dtypes), figsize=(6.5 * len(dtypes), 9), squeeze=False)
+    ns = sorted(ns)
+    for j, dt in enumerate(dtypes):
+        c_bytes = {n: Case(B, n, D, dt).tensor_bytes for n in ns}
+        for i, (which, k) in enumerate((("fwd", 3), ("fwdbwd", 8))):
+            ax = axes[i][j]
+            for name in dict.fromkeys(r["impl"] for r in rows):
+                pts = sorted((r["N"], r[which]["median_ms"]) for r in rows
+                             if r["impl"] == name and r["dtype"] == dt and r["B"] == B
+                             and r["D"] == D and r.get(which) and "median_ms" in r[which])
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", ms=3, label=name)
+            ax.plot(ns, [k * c_bytes[n] / meta["bandwidth"] * 1e3 for n in ns], "k--", lw=2,
+                    label=f"floor ({k}x bytes at {meta['bandwidth_GBps']:.0f} GB/s)")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("sequence length N")
+            ax.set_ylabel("ms")
+            ax.set_title(f"{dt} {'forward' if which == 'fwd' else 'forward+backward'}, B={B} D={D}")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle(f"{meta['device_name']} - {meta['date']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def parse_shapes(s: str):
+    out = []
+    for item in s.split(","):
+        item = item.strip().lower()
+        if not item:
+            continue
+        try:
+            B, N, D = (int(v) for v in item.split("x"))
+        except ValueError:
+            raise SystemExit(f"--shapes: {item!r} is not BxNxD, e.g. 4x4096x1024")
+        out.append((B, N, D))
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cuda, cpu")
+    p.add_argument("--dtypes", default="float32,complex64",
+                   help=f"comma list of {', '.join(DTYPES)} (default: %(default)s)")
+    p.add_argument("--shapes", default=None,
+                   help="comma list of BxNxD (default GPU: "
+                        f"{','.join(GPU_CORE + GPU_SWEEP)}; CPU: {','.join(CPU_SHAPES)})")
+    p.add_argument("--backends", default="all",
+                   help="comma list of implementation keys (see --list), or all")
+    p.add_argument("--list", action="store_true", help="list implementation keys and exit")
+    p.add_argument("--passes", default="fwd,fwdbwd", help="fwd, fwdbwd or both")
+    p.add_argument("--reps", type=int, default=None, help="repetitions (default GPU 20, CPU 5)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds of timed repetitions per measurement, at least 3 reps "
+                        "(default GPU 2, CPU 0.5)")
+    p.add_argument("--target-rep", type=float, default=None,
+                   help="seconds one repetition aims at by repeating the call (default GPU 0.002, CPU 0)")
+    p.add_argument("--loop-max-n", type=int, default=None,
+                   help="largest N for the per-step Python loops (default GPU 4096, CPU 2048)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="skip what remains after this many minutes (default GPU 9, CPU none)")
+    p.add_argument("--json", default=None, help="write results as JSON (rewritten after each case)")
+    p.add_argument("--plot", default=None, help="write a PNG: time against N, log-log")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar on stderr")
+    p.add_argument("--verbose", action="store_true", help="print tracebacks of failures")
+    args = p.parse_args(argv)
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    args.reps = args.reps or (20 if gpu else 5)
+    args.budget = args.budget if args.budget is not None else (2.0 if gpu else 0.5)
+    args.target_rep = args.target_rep if args.target_rep is not None else (2e-3 if gpu else 0.0)
+    args.loop_max_n = args.loop_max_n or (4096 if gpu else 2048)
+    if args.max_minutes is None:
+        args.max_minutes = 9.0 if gpu else 0.0
+    args.deadline = time.time() + 60 * args.max_minutes if args.max_minutes else None
+    shapes = parse_shapes(args.shapes or ",".join(GPU_CORE + GPU_SWEEP if gpu else CPU_SHAPES))
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    for d in dtypes:
+        if d not in DTYPES:
+            raise SystemExit(f"--dtypes: unknown {d!r}; choose from {', '.join(DTYPES)}")
+    passes = [s.strip() for s in args.passes.split(",") if s.strip()]
+    if not set(passes) <= {"fwd", "fwdbwd"}:
+        raise SystemExit("--passes takes fwd, fwdbwd")
+
+    impls, notes = _impls.build(device)
+    if args.list:
+        for im in impls:
+            print(f"{im.key:16s} {im.group:15s} {im.name}")
+        return 0
+    if args.backends != "all":
+        wanted = [k.strip() for k in args.backends.split(",") if k.strip()]
+        unknown = set(wanted) - {im.key for im in impls}
+        if unknown:
+            notes.append(f"--backends: no implementation named {', '.join(sorted(unknown))} "
+                         f"(available: {', '.join(im.key for im in impls)})")
+        impls = [im for im in impls if im.key in wanted]
+
+    bw = measure_bandwidth(device)
+    meta = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "device": str(device), "device_name": device_name(device), "jax_device": jax_device(),
+        "versions": versions(), "bandwidth": bw, "bandwidth_GBps": bw / 1e9,
+        "argv": sys.argv[1:], "notes": notes,
+        "config": {k: v for k, v in vars(args).items() if k != "deadline"},
+        "floor": "3 x bytes of one (B,N,D) tensor (fwd), 8 x (fwd+bwd), at the measured copy bandwidth",
+    }
+    cases = [Case(B, N, D, dt) for dt in dtypes for (B, N, D) in shapes]
+    rows: list = []
+
+    def save():
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
+    bar = None
+    if not args.no_progress:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(cases) * len(impls), file=sys.stderr, unit="run", dynamic_ncols=True)
+        except ImportError:
+            bar = None
+    try:
+        for case in cases:
+            for im in impls:
+                if bar is not None:
+                    bar.set_description(f"{case.label()} {im.key}")
+                rows.append(run_one(im, case, device, args, bw, passes))
+                if bar is not None:
+                    bar.update()
+            save()
+    except KeyboardInterrupt as e:
+        meta["notes"].append(f"interrupted ({e}); partial results")
+    finally:
+        if bar is not None:
+            bar.close()
+        save()
+        print(table(meta, rows), flush=True)
+        if args.plot and rows:
+            try:
+                plot(meta, rows, args.plot)
+            except Exception as e:
+                print(f"# plot failed: {type(e).__name__}: {e}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="gateloop-hybrid",
+    version="0.1.0",
+    description="GateLoop Transformer layers in PyTorch with the recurrence in JAX, "
+                "and a generic zero-copy JAX-to-torch bridge",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    packages=find_packages(include=["bridge", "bridge.*", "gateloop_hybrid", "gateloop_hybrid.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",          # torch.library.custom_op / register_autograd
+        "jax>=0.7",            # __dlpack__-protocol DLPack import
+        "jaxlib>=0.7",
+        "einops>=0.7",
+        "numpy",
+    ],
+    extras_require={
+        # JAX with its CUDA 13 plugin, for CUDA tensors (the jax and pallas scan backends on GPU).
+        "cuda": ["jax[cuda13]>=0.7"],
+        "cuda12": ["jax[cuda12]>=0.7"],
+        "test": ["pytest>=7", "gateloop-transformer==0.2.5", "rotary-embedding-torch"],
+        "bench": ["tqdm", "matplotlib"],
+        "train": ["tqdm"],
+    },
+)

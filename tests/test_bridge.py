@@ -1,0 +1,267 @@
+"""bridge: zero-copy exchange, autograd (real and complex), caching, dtypes, errors, torch.compile."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import bridge
+from bridge import jax2torch, to_jax, to_torch
+import jax
+import jax.numpy as jnp
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _ptr(array) -> int:
+    return array.unsafe_buffer_pointer()
+
+
+# ---- 2. zero copy ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.complex64,
+                                   torch.float64, torch.complex128, torch.int64, torch.int32,
+                                   torch.uint8, torch.bool])
+def test_zero_copy_both_ways(device, dtype):
+    t = (torch.randn(5, 7, device=device) * 10).to(dtype)
+    j = to_jax(t)
+    assert _ptr(j) == t.data_ptr()
+    assert str(j.dtype) == str(dtype).removeprefix("torch.")   # never narrowed
+    back = to_torch(j)
+    assert back.data_ptr() == t.data_ptr() and back.dtype == dtype
+    assert torch.equal(back, t)
+
+
+def test_to_jax_handles_grad_views_and_bits():
+    base = torch.randn(6, 8, requires_grad=True)
+    j = to_jax(base)                                   # requires grad: detached, same memory
+    assert _ptr(j) == base.data_ptr()
+    tr = base.detach().t()                             # non-contiguous: one copy, right values
+    assert (jnp.asarray(to_jax(tr)) == jnp.asarray(tr.numpy())).all()
+    z = torch.randn(4, 3, dtype=torch.complex64)
+    assert jnp.allclose(to_jax(z.conj()), jnp.conj(to_jax(z)))          # conj bit resolved
+    assert jnp.allclose(to_jax(torch.neg(z.conj()).conj()), -to_jax(z))  # neg bit resolved
+    g = torch.ones(1, 1).expand(4, 5)                  # stride 0 (as autograd's sum() grads are)
+    assert to_jax(g).shape == (4, 5) and float(to_jax(g).sum()) == 20
+
+
+def test_to_jax_and_to_torch_reject_bad_types():
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        to_jax([1.0, 2.0])
+    with pytest.raises(TypeError, match="jax.Array"):
+        to_torch(torch.ones(2))
+    with pytest.raises(TypeError, match="complex32"):
+        to_jax(torch.ones(2, dtype=torch.complex32), name="z")
+    with pytest.raises(TypeError, match="float8_e4m3fn"):
+        to_jax(torch.ones(2).to(torch.float8_e4m3fn))
+    with pytest.raises(ValueError, match="meta"):
+        to_jax(torch.ones(2, device="meta"))
+
+
+# ---- 1. pytrees, kwargs, statics, integer tensors --------------------------------------------
+
+
+def test_pytrees_kwargs_statics_and_int_tensors():
+    def fn(inputs, scale, *, power, idx):
+        x, y = inputs["x"], inputs["y"]
+        return {"out": (x * scale) ** power + y.sum(), "picked": x[idx], "count": idx * 2}
+
+    f = jax2torch(fn)
+    x = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    idx = torch.tensor([0, 2, 4])
+    out = f({"x": x, "y": y}, 3.0, power=2, idx=idx)
+    assert set(out) == {"out", "picked", "count"}
+    assert out["count"].dtype == torch.int64 and not out["count"].requires_grad
+    assert torch.equal(out["count"], idx * 2)
+    (out["out"].sum() + out["picked"].sum()).backward()
+    xr, yr = x.detach().requires_grad_(), y.detach().requires_grad_()
+    ref = ((xr * 3.0) ** 2 + yr.sum()).sum() + xr[idx].sum()
+    gx, gy = torch.autograd.grad(ref, (xr, yr))
+    torch.testing.assert_close(x.grad, gx)
+    torch.testing.assert_close(y.grad, gy)
+    assert idx.grad is None
+
+
+def test_static_arguments_select_compiled_functions_and_must_be_hashable():
+    f = jax2torch(lambda x, n: x * n)
+    x = torch.randn(3)
+    torch.testing.assert_close(f(x, 2), x * 2)
+    torch.testing.assert_close(f(x, 3), x * 3)
+    with pytest.raises(TypeError, match="not hashable"):
+        f(x, np.ones(2))
+
+
+# ---- 3. caching and no closure on the context --------------------------------------------------
+
+
+def test_no_retrace_after_warm_up():
+    f = jax2torch(lambda a, b: jnp.sin(a) * b)
+    a = torch.randn(4, 5, requires_grad=True)
+    b = torch.randn(4, 5, requires_grad=True)
+    for _ in range(2):
+        f(a, b).sum().backward()
+        f(a.detach(), b.detach())
+    warm = f.trace_count
+    for _ in range(5):
+        f(a, b).sum().backward()
+        with torch.no_grad():
+            f(a, b)
+    assert f.trace_count == warm
+    f(torch.randn(2, 5), torch.randn(2, 5))      # a new shape traces once more
+    assert f.trace_count > warm
+
+
+def test_in_place_change_after_forward_is_caught_like_torch():
+    f = jax2torch(lambda x: x * x)
+    x = torch.randn(3, requires_grad=True)
+    leaf = x.clone()
+    y = f(leaf)
+    with torch.no_grad():
+        leaf.mul_(10.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+    ref = leaf.detach().clone().requires_grad_()     # and plain torch does the same
+    y = ref * ref
+    with torch.no_grad():
+        ref.mul_(10.0)
+    with pytest.raises(RuntimeError):
+        y.sum().backward()
+
+
+def test_output_used_as_residual_is_version_checked():
+    f = jax2torch(jnp.exp)                # exp saves its output as the residual
+    x = torch.randn(4, requires_grad=True)
+    y = f(x)
+    with torch.no_grad():
+        y.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+# ---- 4. complex gradients -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+@pytest.mark.parametrize("kind", ["holomorphic", "non_holomorphic"])
+def test_complex_gradients_match_torch(dtype, kind):
+    if kind == "holomorphic":
+        jfn, tfn = (lambda z, w: jnp.exp(z) * w + z ** 2), (lambda z, w: torch.exp(z) * w + z ** 2)
+    else:
+        jfn = lambda z, w: jnp.abs(z) ** 2 * w + jnp.conj(z) * jnp.real(w)
+        tfn = lambda z, w: torch.abs(z) ** 2 * w + torch.conj(z) * torch.real(w)
+    f = jax2torch(jfn)
+    z = torch.randn(6, dtype=dtype, requires_grad=True)
+    w = torch.randn(6, dtype=dtype, requires_grad=True)
+    cot = torch.randn(6, dtype=dtype)
+    out = f(z, w)
+    gz, gw = torch.autograd.grad(out, (z, w), cot)
+    ref = tfn(z, w)
+    rz, rw = torch.autograd.grad(ref, (z, w), cot)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.complex64 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, ref, **tol)
+    torch.testing.assert_close(gz, rz, **tol)
+    torch.testing.assert_close(gw, rw, **tol)
+
+
+def test_real_input_complex_output_gradient():
+    f = jax2torch(lambda x: jnp.exp(1j * x))
+    x = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    cot = torch.randn(5, dtype=torch.complex128)
+    (g,) = torch.autograd.grad(f(x), x, cot)
+    xr = x.detach().requires_grad_()
+    (r,) = torch.autograd.grad(torch.exp(1j * xr), xr, cot)
+    torch.testing.assert_close(g, r)
+
+
+# ---- 5. dtypes ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.complex64,
+                                   torch.float64, torch.complex128, torch.int64])
+def test_identity_round_trip_is_exact(dtype):
+    f = jax2torch(lambda x: x + 0)
+    t = (torch.randn(17) * 1e3).to(dtype) if dtype != torch.int64 else torch.tensor([2**40 + 1, -3])
+    out = f(t)
+    assert out.dtype == dtype
+    assert torch.equal(out, t)
+
+
+def test_gradcheck_float64():
+    f = jax2torch(lambda x, y: (jnp.tanh(x) * y, jnp.sum(x * x)))
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(f, (x, y))
+
+
+# ---- 6. devices and errors -------------------------------------------------------------------------
+
+
+def test_bad_arguments_name_themselves():
+    f = jax2torch(lambda x, y: x + y, name="add")
+    with pytest.raises(TypeError, match=r"add: argument args\[1\].*complex32"):
+        f(torch.ones(2), torch.ones(2, dtype=torch.complex32))
+    with pytest.raises(ValueError, match=r"kwargs\['y'\].*meta"):
+        f(torch.ones(2), y=torch.ones(2, device="meta"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_outputs_on_input_device_and_mixed_devices_refused():
+    f = jax2torch(lambda x, y: x * y, name="mul")
+    last = torch.cuda.device_count() - 1
+    x = torch.randn(8, device=f"cuda:{last}")
+    out = f(x, x)
+    assert out.device == x.device
+    torch.testing.assert_close(out, x * x)
+    with pytest.raises(ValueError, match="one device"):
+        f(x, x.cpu())
+
+
+# ---- 7. JAX's GPU memory ----------------------------------------------------------------------
+
+
+def test_bridge_turns_off_preallocation_unless_user_chose():
+    code = "import os, bridge; print(os.environ['XLA_PYTHON_CLIENT_PREALLOCATE'])"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_PYTHON_CLIENT_PREALLOCATE"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "false"
+    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "true"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "true"
+
+
+# ---- 8. torch.compile ---------------------------------------------------------------------------
+
+
+def test_torch_compile_fullgraph_values_and_gradients():
+    f = jax2torch(lambda a, b: (jnp.sin(a) * b, jnp.cos(b)))
+
+    def model(a, b):
+        u, v = f(a * 2, b)
+        return (u + v).sum()
+
+    a = torch.randn(5, 4, requires_grad=True)
+    b = torch.randn(5, 4, requires_grad=True)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    got = compiled(a, b)
+    ga, gb = torch.autograd.grad(got, (a, b))
+    want = model(a, b)
+    ra, rb = torch.autograd.grad(want, (a, b))
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(ga, ra)
+    torch.testing.assert_close(gb, rb)
+
+
+def test_opcheck_custom_op():
+    from bridge.function import _op_call
+    f = jax2torch(lambda a, b: jnp.sin(a) * b)
+    a = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    spec, tensors = f._spec((a, b), {})
+    torch.library.opcheck(_op_call, (tensors, spec.key, True))
+    torch.library.opcheck(_op_call, ([a.detach(), b.detach()], spec.key, False))
