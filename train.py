@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import dataclasses
 import gzip
-import io
 import json
 import math
 import os
@@ -54,9 +53,9 @@ ENWIK8_HELP = (
 )
 
 
-def _opt(default, help, **kw):
+def _opt(default, help, metavar=None):
     """A config field that is also a command-line flag; `help` is its --help text."""
-    return field(default=default, metadata=dict(help=help, **kw))
+    return field(default=default, metadata=dict(help=help, metavar=metavar))
 
 
 @dataclass
@@ -68,28 +67,33 @@ class TrainConfig:
     """
 
     # data and files
-    data: str | None = _opt(None, "file of bytes to model: raw, .gz or .zip (default: data/enwik8.gz). "
-                                  "A file named enwik8 gets the seed's split, first 90M bytes train and the "
-                                  "next 5M validation; any other file the same 90:5 split in proportion")
-    out_dir: str | None = _opt(None, "folder for checkpoint.pt and metrics.jsonl "
-                                     "(default: runs/gateloop, or runs/attention with --attention)")
-    resume: bool = _opt(False, "continue from <out-dir>/checkpoint.pt: same model, optimiser, step, RNG and "
-                               "data-sampler state, so the next losses equal those of an uninterrupted run")
-    metrics: str | None = _opt(None, "JSONL metrics file (default: <out-dir>/metrics.jsonl; appended to on --resume)")
+    data: str | None = _opt(
+        None, "file of bytes to model: raw, .gz or .zip (default: data/enwik8.gz). A file named "
+              "enwik8 gets the seed's split, the first 90M bytes to train and the next 5M to validate; "
+              "any other file a 90:5 split in proportion", metavar="PATH")
+    out_dir: str | None = _opt(
+        None, "folder for checkpoint.pt and metrics.jsonl (default: runs/gateloop, or runs/attention "
+              "with --attention)", metavar="DIR")
+    resume: bool = _opt(
+        False, "continue from <out-dir>/checkpoint.pt: same model, optimiser, step, RNG and data-sampler "
+               "state, so the next losses equal those of an uninterrupted run")
+    metrics: str | None = _opt(
+        None, "JSONL metrics file (default: <out-dir>/metrics.jsonl; appended to on --resume)", metavar="PATH")
     tensorboard: bool = _opt(False, "also log to TensorBoard in <out-dir>/tb (needs the tensorboard package)")
     wandb: bool = _opt(False, "also log to Weights & Biases (needs the wandb package and a login)")
-    wandb_project: str = _opt("gateloop_hybrid", "wandb project name")
+    wandb_project: str = _opt("gateloop_hybrid", "wandb project name", metavar="NAME")
 
     # model (the seed's sizes)
     dim: int = _opt(512, "model width")
     depth: int = _opt(6, "number of layers (one token mixer and one feed-forward each)")
-    gate_loop_heads: int | None = _opt(512, "GateLoop heads; each has its own complex gate (default 512 = dim: one per channel)")
-    attention: bool = _opt(False, "train the softmax-attention baseline instead of GateLoop (uses --heads, --dim-head)")
+    gate_loop_heads: int | None = _opt(512, "GateLoop heads, each with its own complex gate (512 = dim: one a channel)")
+    attention: bool = _opt(False, "train the softmax-attention baseline instead (uses --heads, --dim-head)")
     heads: int = _opt(8, "attention heads (with --attention)")
     dim_head: int = _opt(64, "width of one attention head (with --attention)")
     ff_mult: int = _opt(4, "feed-forward width as a multiple of --dim")
-    scan_backend: str = _opt("auto", "GateLoop scan backend: auto, loop, torch, heinsen, jax or pallas "
-                                     "(auto picks jax when installed)")
+    scan_backend: str = _opt(
+        "auto", "GateLoop scan backend: auto, loop, torch, heinsen, jax or pallas (auto picks the fastest "
+                "one installed; see gateloop_hybrid.scan)", metavar="NAME")
 
     # optimisation (the seed's values)
     seq_len: int = _opt(256, "training sequence length in bytes")
@@ -98,23 +102,24 @@ class TrainConfig:
     lr: float = _opt(1e-4, "Adam learning rate (constant)")
     clip: float = _opt(0.5, "clip the gradient norm to this; 0 disables")
     max_steps: int = _opt(100_000, "stop after this many optimiser steps in all")
-    time_budget: float | None = _opt(None, "stop after this many seconds of this invocation (then validate, "
-                                           "checkpoint and exit), e.g. for a timed head-to-head")
-    seed: int = _opt(0, "seed for the initial weights, the data sampler and sampling")
+    time_budget: float | None = _opt(
+        None, "stop after this many seconds of this invocation, then validate, checkpoint and exit "
+              "(for a timed comparison)")
+    seed: int = _opt(0, "seed for the initial weights, the data sampler and the samples")
 
     # evaluation, sampling, checkpoints, logging
-    val_every: int = _opt(100, "validate every N steps (and at the end); 0: only at the end")
-    val_batches: int = _opt(4, "micro-batches per validation; the same fixed ones every time")
-    sample_every: int = _opt(500, "print a sample every N steps, continuing a validation prime; 0 disables")
+    val_every: int = _opt(100, "validate every N steps, and at the end; 0: only at the end")
+    val_batches: int = _opt(4, "micro-batches per validation, the same ones every time")
+    sample_every: int = _opt(500, "print a sample every N steps, continuing a validation prime; 0: never")
     prime_len: int = _opt(128, "bytes of validation text that prime each sample")
     gen_len: int = _opt(256, "bytes generated per sample")
     temperature: float = _opt(1.0, "sampling temperature; 0 picks the most likely byte")
     top_k: int | None = _opt(None, "sample from the k most likely bytes only")
-    ckpt_every: int = _opt(500, "checkpoint every N steps (and at the end); 0: only at the end")
+    ckpt_every: int = _opt(500, "checkpoint every N steps, and at the end; 0: only at the end")
     log_every: int = _opt(10, "write a train record (mean loss, tokens/s, peak memory) every N steps")
-    device: str = _opt("auto", "torch device: auto (cuda when available), cpu, cuda, cuda:1, ...")
-    bf16: bool | None = _opt(None, "bf16 autocast for the forward pass (default: on for CUDA, off for CPU); "
-                                   "the scan accumulates in float32 either way")
+    device: str = _opt("auto", "torch device: auto (cuda when available), cpu, cuda, cuda:1, ...", metavar="DEVICE")
+    bf16: bool | None = _opt(
+        None, "bf16 autocast (default: on for CUDA, off for CPU); the scan accumulates in float32 either way")
 
     def model_kwargs(self) -> dict:
         kw = dict(dim=self.dim, num_tokens=NUM_TOKENS, depth=self.depth, ff_mult=self.ff_mult,
@@ -153,38 +158,40 @@ def _none_or(tp):
     return parse
 
 
-def build_train_parser() -> argparse.ArgumentParser:
+def build_train_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
+    """The training flags, one per TrainConfig field. with_defaults=False leaves every default
+    out of the parsed namespace, which tells the flags that were typed from those that were not."""
     p = argparse.ArgumentParser(
         prog="train.py",
         description="Train a byte-level GateLoop Transformer (or the softmax-attention baseline) on "
-                    "enwik8 or any file. " + ENWIK8_HELP,
+                    "enwik8 or any file, with validation in bits per character, samples, metrics and "
+                    "resumable checkpoints. " + ENWIK8_HELP,
         epilog="Sampling from a checkpoint: python train.py sample --checkpoint PATH --prompt TEXT "
                "(see python train.py sample --help).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         tp = hints[f.name]
         base = _unoptional(tp)
-        optional = base is not tp
-        if base is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                           help=f.metadata["help"])
+        help = f.metadata["help"]
+        if "default" not in help and f.default is not None and f.default is not False:
+            help += f" (default: {f.default})"
+        kw = dict(help=help, default=f.default if with_defaults else argparse.SUPPRESS)
+        if base is bool and f.default is False:
+            p.add_argument(flag, action="store_true", **kw)
+        elif base is bool:  # tri-state: on, off, or decided at run time
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         else:
-            p.add_argument(flag, type=_none_or(base) if optional else base, default=f.default,
-                           metavar=f.name.upper(), help=f.metadata["help"])
+            metavar = f.metadata["metavar"] or {int: "N", float: "X"}.get(base, "STR")
+            p.add_argument(flag, type=_none_or(base) if base is not tp else base, metavar=metavar, **kw)
     return p
 
 
 def parse_train_args(argv) -> tuple[TrainConfig, set[str]]:
     """The config from argv, and the names of the flags given explicitly (they win on --resume)."""
-    parser = build_train_parser()
-    args = parser.parse_args(argv)
-    # Parse again with every default suppressed to learn which flags were typed.
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    given = set(vars(parser.parse_args(argv)))
+    args = build_train_parser().parse_args(argv)
+    given = set(vars(build_train_parser(with_defaults=False).parse_args(argv)))
     return TrainConfig(**vars(args)), given
 
 
@@ -193,16 +200,17 @@ def build_sample_parser() -> argparse.ArgumentParser:
         prog="train.py sample",
         description="Load a checkpoint written by train.py and continue a prompt, one cached decoding "
                     "step per new byte. Prints the prompt and its continuation.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by train.py")
-    p.add_argument("--prompt", required=True, help="text to continue (encoded as UTF-8 bytes)")
-    p.add_argument("--length", type=int, default=256, help="bytes to generate")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 is greedy")
-    p.add_argument("--top-k", type=_none_or(int), default=None, help="sample from the k most likely bytes only")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ...")
-    p.add_argument("--scan-backend", default=None,
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint.pt written by train.py")
+    p.add_argument("--prompt", required=True, metavar="TEXT", help="text to continue (encoded as UTF-8 bytes)")
+    p.add_argument("--length", type=int, default=256, metavar="N", help="bytes to generate (default: 256)")
+    p.add_argument("--temperature", type=float, default=1.0, metavar="X",
+                   help="sampling temperature; 0 is greedy (default: 1.0)")
+    p.add_argument("--top-k", type=_none_or(int), default=None, metavar="N",
+                   help="sample from the k most likely bytes only")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="sampling seed (default: 0)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ... (default: auto)")
+    p.add_argument("--scan-backend", default=None, metavar="NAME",
                    help="override the checkpoint's scan backend (e.g. torch where jax is missing)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on for CUDA)")
@@ -287,7 +295,13 @@ class Sampler:
 
 
 def decode(ids) -> str:
+    """Token ids (bytes) -> text; invalid UTF-8 becomes U+FFFD."""
     return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+def printable(text: str) -> str:
+    """Text safe for a terminal: control characters other than newline and tab become U+FFFD."""
+    return "".join(c if c.isprintable() or c in "\n\t" else "\ufffd" for c in text)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,26 +310,33 @@ def decode(ids) -> str:
 
 def build_model(model_kwargs: dict) -> torch.nn.Module:
     """The package's Transformer from plain keyword arguments (those of TrainConfig.model_kwargs)."""
-    from gateloop_hybrid import Transformer
+    from gateloop_hybrid import Transformer  # here, so that --help and data errors need only torch
 
     return Transformer(**model_kwargs)
 
 
+def resolved_scan_backend(cfg: TrainConfig, device: torch.device) -> str | None:
+    """The scan backend a GateLoop model will use on `device` ("auto" resolved); None for attention."""
+    if cfg.attention:
+        return None
+    from gateloop_hybrid.scan import resolve_backend
+
+    try:
+        return resolve_backend(cfg.scan_backend, device)
+    except (ValueError, ImportError) as e:
+        raise SystemExit(f"train.py: --scan-backend {cfg.scan_backend}: {e}") from None
+
+
+@contextlib.contextmanager
 def _seeded_rng(device: torch.device, seed: int):
-    """A context in which torch's global RNG (CPU and the model's GPU) starts from `seed` and is
-    restored afterwards, so that sampling neither depends on nor disturbs the training stream."""
+    """Run the body with torch's global RNG (CPU, and the model's GPU) seeded with `seed`, and put
+    the previous state back afterwards: samples neither depend on nor disturb the training stream."""
     devices = []
     if device.type == "cuda":
         devices = [device.index if device.index is not None else torch.cuda.current_device()]
-    ctx = torch.random.fork_rng(devices=devices)
-
-    @contextlib.contextmanager
-    def seeded():
-        with ctx:
-            torch.manual_seed(seed)
-            yield
-
-    return seeded()
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 # ----------------------------------------------------------------------------------------------
@@ -404,8 +425,7 @@ class _Metrics:
             self.tb = SummaryWriter(log_dir=str(Path(cfg.out_dir) / "tb"))
         if cfg.wandb:
             wandb = _require("wandb", "--wandb")
-            self.wandb = wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg),
-                                    resume="allow" if cfg.resume else None)
+            self.wandb = wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg))
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(path, "a" if append else "w", encoding="utf-8")
 
@@ -529,15 +549,9 @@ def _resolve_config(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, dic
     return cfg, state
 
 
-def train(cfg: TrainConfig, given: set[str] = frozenset()) -> dict:
-    """Run training as configured. Returns a summary dict (final step, last losses, reason)."""
-    cfg, state = _resolve_config(cfg, given)
-    from tqdm import tqdm
-
+def _load_splits(cfg: TrainConfig, state: dict | None) -> tuple[Path, torch.Tensor, torch.Tensor]:
     data_path = resolve_data_path(cfg.data)
-    raw, name = read_bytes(data_path)
-    train_data, val_data = split_data(raw, name)
-    del raw
+    train_data, val_data = split_data(*read_bytes(data_path))
     if state is not None and state["data_len"] != [len(train_data), len(val_data)]:
         raise SystemExit(f"train.py: --resume: {data_path} splits into {len(train_data)}/{len(val_data)} bytes, "
                          f"the checkpoint's data into {state['data_len'][0]}/{state['data_len'][1]}")
@@ -545,128 +559,186 @@ def train(cfg: TrainConfig, given: set[str] = frozenset()) -> dict:
         if n < max(cfg.seq_len, cfg.prime_len) + 2:
             raise SystemExit(f"train.py: the {split} split of {data_path} has {n} bytes; "
                              f"--seq-len {cfg.seq_len} and --prime-len {cfg.prime_len} need more")
+    return data_path, train_data, val_data
 
-    device = _device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    model = build_model(cfg.model_kwargs()).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    sampler = Sampler(train_data, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
 
-    step, tokens_seen, train_time = 0, 0, 0.0
-    window = dict(loss=0.0, steps=0, tokens=0, time=0.0)  # the steps since the last train record
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        for group in optimizer.param_groups:  # a flag given on resume wins over the saved value
-            group["lr"] = cfg.lr
-        _set_rng_state(state["rng"], sampler)
-        step, tokens_seen, train_time = state["step"], state["tokens_seen"], state["train_time_s"]
-        window.update(state["log_window"])
+class _Run:
+    """One invocation of training: the model, optimiser, data sampler and counters, and the
+    steps that act on them (a training step, validation, a sample, a checkpoint)."""
 
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out_dir / CHECKPOINT_NAME
+    WARMUP_STEPS = 10  # steps of each invocation left out of steady_tokens_per_s (JIT, allocator warm-up)
+
+    def __init__(self, cfg: TrainConfig, state: dict | None):
+        self.cfg = cfg
+        self.data_path, self.train_data, self.val_data = _load_splits(cfg, state)
+        self.device = _device(cfg.device)
+        self.scan_backend = resolved_scan_backend(cfg, self.device)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        self.model = build_model(cfg.model_kwargs()).to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.sampler = Sampler(self.train_data, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
+        self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+        self.ckpt_path = Path(cfg.out_dir) / CHECKPOINT_NAME
+
+        self.step, self.tokens_seen, self.train_time = 0, 0, 0.0
+        self.window = self._empty_window()  # the steps since the last train record
+        if state is not None:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            for group in self.optimizer.param_groups:  # --lr given on resume wins over the saved one
+                group["lr"] = cfg.lr
+            _set_rng_state(state["rng"], self.sampler)
+            self.step, self.tokens_seen, self.train_time = state["step"], state["tokens_seen"], state["train_time_s"]
+            self.window.update(state["log_window"])
+        self.first_step = self.step
+        self.steady = dict(tokens=0, time=0.0)  # this invocation, after WARMUP_STEPS
+        self.started = time.perf_counter()
+        self.results = dict(losses={}, val={})  # what train() returns, for callers and tests
+
+    @staticmethod
+    def _empty_window() -> dict:
+        return dict(loss=0.0, steps=0, tokens=0, time=0.0)
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() * (2 if p.is_complex() else 1) for p in self.model.parameters())
+
+    def wall(self) -> float:
+        return time.perf_counter() - self.started
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimiser step over cfg.grad_accum micro-batches -> (mean loss in nats, tokens/s)."""
+        cfg, device = self.cfg, self.device
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        for _ in range(cfg.grad_accum):
+            batch = self.sampler.next().to(device, non_blocking=True)  # (b, seq_len + 1)
+            with _autocast(device, cfg.bf16):
+                loss = self.model(batch, return_loss=True)
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach().float()
+        if cfg.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_value = loss_sum.item() / cfg.grad_accum  # synchronises: the step has finished
+        dt = time.perf_counter() - t0
+
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        self.train_time += dt
+        for k, v in (("loss", loss_value), ("steps", 1), ("tokens", self.tokens_per_step), ("time", dt)):
+            self.window[k] += v
+        if self.step - self.first_step > self.WARMUP_STEPS:
+            self.steady["tokens"] += self.tokens_per_step
+            self.steady["time"] += dt
+        self.results["losses"][self.step] = loss_value
+        return loss_value, self.tokens_per_step / dt
+
+    def train_record(self) -> dict:
+        """The mean loss, tokens/s and peak memory since the last record; starts a new window."""
+        w, self.window = self.window, self._empty_window()
+        mean = w["loss"] / w["steps"]
+        return dict(step=self.step, loss=mean, bpc=mean / math.log(2), tokens_per_s=w["tokens"] / w["time"],
+                    tokens=self.tokens_seen, train_time_s=self.train_time, wall_s=self.wall(), lr=self.cfg.lr,
+                    **_peak_memory(self.device))
+
+    def validate(self) -> dict:
+        loss = evaluate(self.model, self.val_data, self.cfg, self.device)
+        self.results["val"][self.step] = loss / math.log(2)
+        return dict(step=self.step, loss=loss, bpc=loss / math.log(2), tokens=self.tokens_seen,
+                    train_time_s=self.train_time, wall_s=self.wall(), **_peak_memory(self.device))
+
+    def sample(self) -> dict:
+        prime, text = _sample_from_val(self.model, self.val_data, self.cfg, self.device, self.step)
+        return dict(step=self.step, prime=prime, text=text)
+
+    def checkpoint(self) -> None:
+        save_checkpoint(dict(
+            format=CHECKPOINT_FORMAT, step=self.step, config=dataclasses.asdict(self.cfg),
+            model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), rng=_rng_state(self.sampler),
+            tokens_seen=self.tokens_seen, train_time_s=self.train_time, log_window=dict(self.window),
+            data_len=[len(self.train_data), len(self.val_data)],
+        ), self.ckpt_path)
+
+    def end_record(self, reason: str) -> dict:
+        steady = self.steady["tokens"] / self.steady["time"] if self.steady["time"] > 0 else None
+        return dict(step=self.step, reason=reason, tokens=self.tokens_seen, train_time_s=self.train_time,
+                    wall_s=self.wall(), steady_tokens_per_s=steady, **_peak_memory(self.device))
+
+
+def train(cfg: TrainConfig, given: set[str] = frozenset()) -> dict:
+    """Run training as configured; `given` names the flags typed on the command line (they
+    override a resumed checkpoint's config). Returns {"step", "reason", "losses": {step: loss},
+    "val": {step: bpc}, "checkpoint"}."""
+    from tqdm import tqdm
+
+    cfg, state = _resolve_config(cfg, given)
+    run = _Run(cfg, state)
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     metrics = _Metrics(cfg, Path(cfg.metrics), append=state is not None)
-    n_params = sum(p.numel() * (2 if p.is_complex() else 1) for p in model.parameters())
-    metrics.log("start", step=step, resumed=state is not None, config=dataclasses.asdict(cfg),
-                params=n_params, device=str(device),
+    device = run.device
+    metrics.log("start", step=run.step, resumed=state is not None, config=dataclasses.asdict(cfg),
+                params=run.n_params, scan_backend=run.scan_backend, device=str(device),
                 device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                data=str(data_path), train_bytes=len(train_data), val_bytes=len(val_data),
+                data=str(run.data_path), train_bytes=len(run.train_data), val_bytes=len(run.val_data),
                 torch=torch.__version__, python=sys.version.split()[0])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    def checkpoint():
-        save_checkpoint(dict(
-            format=CHECKPOINT_FORMAT, step=step, config=dataclasses.asdict(cfg),
-            model=model.state_dict(), optimizer=optimizer.state_dict(), rng=_rng_state(sampler),
-            tokens_seen=tokens_seen, train_time_s=train_time, log_window=dict(window),
-            data_len=[len(train_data), len(val_data)],
-        ), ckpt_path)
-        return step
+    bar = tqdm(total=cfg.max_steps, initial=run.step, desc="attention" if cfg.attention else "gateloop",
+               dynamic_ncols=True, file=sys.stderr)
 
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    def validate():
+        record = run.validate()
+        metrics.log("val", **record)
+        bar.write(f"step {run.step}: validation {record['bpc']:.4f} bits per character")
+        return run.step
+
     last_val = last_ckpt = None
     reason = "max_steps"
-    started = time.perf_counter()
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="gateloop" if not cfg.attention else "attention",
-               dynamic_ncols=True, file=sys.stderr)
-    summary = dict(losses={}, val={})
-    model.train()
+    run.model.train()
     try:
-        while step < cfg.max_steps:
-            if cfg.time_budget is not None and time.perf_counter() - started >= cfg.time_budget:
+        while run.step < cfg.max_steps:
+            if cfg.time_budget is not None and run.wall() >= cfg.time_budget:
                 reason = "time_budget"
                 break
-            t0 = time.perf_counter()
-            loss_sum = torch.zeros((), device=device)
-            for _ in range(cfg.grad_accum):
-                batch = sampler.next().to(device, non_blocking=True)
-                with _autocast(device, cfg.bf16):
-                    loss = model(batch, return_loss=True)
-                (loss / cfg.grad_accum).backward()
-                loss_sum += loss.detach().float()
-            if cfg.clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += tokens_per_step
-            loss_value = loss_sum.item() / cfg.grad_accum  # synchronises: the step is done
-            dt = time.perf_counter() - t0
-            train_time += dt
-            window["loss"] += loss_value
-            window["steps"] += 1
-            window["tokens"] += tokens_per_step
-            window["time"] += dt
-            summary["losses"][step] = loss_value
+            loss, tokens_per_s = run.train_step()
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
-
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+            step = run.step
             if step % cfg.log_every == 0:
-                mean = window["loss"] / window["steps"]
-                metrics.log("train", step=step, loss=mean, bpc=mean / math.log(2),
-                            tokens_per_s=window["tokens"] / window["time"], tokens=tokens_seen,
-                            train_time_s=train_time, wall_s=time.perf_counter() - started,
-                            lr=cfg.lr, **_peak_memory(device))
-                window = dict(loss=0.0, steps=0, tokens=0, time=0.0)
+                metrics.log("train", **run.train_record())
             if cfg.val_every and step % cfg.val_every == 0:
-                last_val = _validate(model, val_data, cfg, device, step, metrics, bar, train_time, started, summary)
+                last_val = validate()
             if cfg.sample_every and step % cfg.sample_every == 0:
-                prime, text = _sample_from_val(model, val_data, cfg, device, step)
-                bar.write(f"--- step {step} sample ---\n{prime}\n>>>\n{text}\n")
-                metrics.log("sample", step=step, prime=prime, text=text)
+                record = run.sample()
+                metrics.log("sample", **record)
+                bar.write(f"--- step {step} sample ---\n{printable(record['prime'])}\n>>>\n"
+                          f"{printable(record['text'])}\n")
             if cfg.ckpt_every and step % cfg.ckpt_every == 0:
-                last_ckpt = checkpoint()
-        if last_val != step:
-            _validate(model, val_data, cfg, device, step, metrics, bar, train_time, started, summary)
-        if last_ckpt != step:
-            checkpoint()
+                run.checkpoint()
+                last_ckpt = step
+        if last_val != run.step:
+            validate()
+        if last_ckpt != run.step:
+            run.checkpoint()
+            last_ckpt = run.step
     except KeyboardInterrupt:
         bar.close()
-        where = f"{ckpt_path} (step {last_ckpt})" if last_ckpt is not None else (
-            f"{ckpt_path} (from before this invocation)" if state is not None else "none written")
-        print(f"\ntrain.py: interrupted at step {step}; last checkpoint: {where}", file=sys.stderr)
-        metrics.log("end", step=step, reason="interrupted")
+        if last_ckpt is not None:
+            where = f"{run.ckpt_path} (step {last_ckpt})"
+        else:
+            where = f"{run.ckpt_path} (step {state['step']})" if state is not None else "none written"
+        print(f"\ntrain.py: interrupted at step {run.step}; last checkpoint: {where}", file=sys.stderr)
+        metrics.log("end", **run.end_record("interrupted"))
         metrics.close()
         raise
     bar.close()
-    metrics.log("end", step=step, reason=reason, tokens=tokens_seen, train_time_s=train_time,
-                wall_s=time.perf_counter() - started, **_peak_memory(device))
+    metrics.log("end", **run.end_record(reason))
     metrics.close()
-    summary.update(step=step, reason=reason, checkpoint=str(ckpt_path))
-    return summary
-
-
-def _validate(model, val_data, cfg, device, step, metrics, bar, train_time, started, summary) -> int:
-    loss = evaluate(model, val_data, cfg, device)
-    bpc = loss / math.log(2)
-    metrics.log("val", step=step, loss=loss, bpc=bpc, train_time_s=train_time,
-                wall_s=time.perf_counter() - started, **_peak_memory(device))
-    bar.write(f"step {step}: validation {bpc:.4f} bits per character")
-    summary["val"][step] = bpc
-    return step
+    return dict(run.results, step=run.step, reason=reason, checkpoint=str(run.ckpt_path))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -683,14 +755,21 @@ def sample_main(argv) -> str:
     if not prompt:
         raise SystemExit("train.py sample: --prompt must not be empty")
     device = _device(args.device)
+    resolved_scan_backend(cfg, device)
     model = build_model(cfg.model_kwargs())
     model.load_state_dict(state["model"])
     model.to(device).eval()
     ids = torch.tensor(list(prompt), dtype=torch.long, device=device)[None]
+    t0 = time.perf_counter()
     with _seeded_rng(device, args.seed), _autocast(device, args.bf16):
         out = model.generate(ids, args.length, temperature=args.temperature, top_k=args.top_k)
-    text = args.prompt + decode(out[0].tolist())
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    text = printable(args.prompt + decode(out[0].tolist()))
     print(text)
+    print(f"train.py sample: {args.length} bytes after a {len(prompt)}-byte prompt in {seconds:.2f} s "
+          f"(step {state['step']} of {args.checkpoint}, {device})", file=sys.stderr)
     return text
 
 

@@ -40,6 +40,7 @@ class Case:
     N: int
     D: int
     dtype: str                                  # "float32" | "bfloat16" | "complex64"
+    core: bool = True                           # False: a point of the default N sweep
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -70,7 +71,8 @@ class Prepared:
     grads_of: Callable[[Any], tuple[torch.Tensor, torch.Tensor]]
     wait: Callable[[Any], None]
     uses_jax: bool = False
-    memory: dict = field(default_factory=dict)   # static memory facts, e.g. XLA memory_analysis
+    # "fwd"/"fwdbwd" -> bytes, or None: XLA's memory_analysis of the compiled call (JAX natively)
+    static_memory: Callable[[str], int | None] | None = None
 
 
 def _import(name: str):
@@ -98,6 +100,7 @@ class Impl:
     name: str = ""           # row label
     group: str = ""
     python_loop: bool = False  # one kernel launch per time step: capped by --loop-max-n
+    sweep: bool = True         # False: costly per shape (compilation), run on core shapes only
 
     def skip_reason(self, case: Case, device: torch.device) -> str | None:
         return None
@@ -135,12 +138,21 @@ class TorchFnImpl(Impl):
 class GateLoopBackend(TorchFnImpl):
     group = "gate_loop_scan"
 
-    def __init__(self, backend: str, gate_loop_scan):
+    def __init__(self, backend: str, scan_module):
         self.backend = backend
         self.key = backend
         self.name = f"gate_loop_scan[{backend}]"
         self.python_loop = backend == "loop"
-        self._scan = gate_loop_scan
+        self._scan = scan_module.gate_loop_scan
+        self._resolve = getattr(scan_module, "resolve_backend", None)
+
+    def skip_reason(self, case, device):
+        if self._resolve is not None:
+            try:
+                self._resolve(self.backend, device)
+            except Exception as e:                 # e.g. pallas on CPU, jax not installed
+                return f"{type(e).__name__}: {_first_line(e, 200)}"
+        return None
 
     def fn(self, a, x):
         return self._scan(a, x, backend=self.backend)[0]
@@ -155,10 +167,11 @@ class TorchLoop(TorchFnImpl):
     python_loop = True
 
     def fn(self, a, x):
+        # unbind, not a[:, t]: the backward of N index ops would write N full-size gradients
         h = torch.zeros_like(x[:, 0])
         hs = []
-        for t in range(x.shape[1]):
-            h = a[:, t] * h + x[:, t]
+        for a_t, x_t in zip(a.unbind(1), x.unbind(1)):
+            h = a_t * h + x_t
             hs.append(h)
         return torch.stack(hs, dim=1)
 
@@ -168,6 +181,7 @@ class TorchHOP(TorchFnImpl):
 
     key = "torch-hop"
     group = "peer"
+    sweep = False              # compiles per shape, dtype and pass
 
     def __init__(self, device: torch.device):
         self.mode = "pointwise" if device.type == "cuda" else "generic"
@@ -254,14 +268,10 @@ class JaxNative(Impl):
         # JAX's complex vjp is torch's conjugated: feed conj(ct), conjugate the result (untimed)
         ctj = to_j(ct.conj().resolve_conj() if ct.is_complex() else ct)
 
-        memory = {}
-        try:
-            for label, f, args in (("fwd", fwd_j, (aj, xj)), ("fwdbwd", fwdbwd_j, (aj, xj, ctj))):
-                m = f.lower(*args).compile().memory_analysis()
-                if m is not None:
-                    memory[label] = int(m.temp_size_in_bytes + m.output_size_in_bytes)
-        except Exception:
-            pass
+        def static_memory(which):       # after the first call, so jit's cache has it
+            f, args = (fwd_j, (aj, xj)) if which == "fwd" else (fwdbwd_j, (aj, xj, ctj))
+            m = f.lower(*args).compile().memory_analysis()
+            return None if m is None else int(m.temp_size_in_bytes + m.output_size_in_bytes)
 
         def grads_of(g):
             da, dx = (_to_torch(t) for t in g)
@@ -276,7 +286,7 @@ class JaxNative(Impl):
             grads_of=grads_of,
             wait=lambda out: jax.block_until_ready(out),
             uses_jax=True,
-            memory=memory,
+            static_memory=static_memory,
         )
 
 
@@ -417,7 +427,7 @@ def build(device: torch.device) -> tuple[list[Impl], list[str]]:
         notes.append(f"gateloop_hybrid.scan {err}: no gate_loop_scan backends")
     else:
         backends = [b for b in getattr(scan_mod, "BACKENDS", ()) if b != "auto"]
-        impls += [GateLoopBackend(b, scan_mod.gate_loop_scan) for b in backends]
+        impls += [GateLoopBackend(b, scan_mod) for b in backends]
     impls.append(JaxNative())
     impls.append(TorchLoop())
     impls += [AcceleratedScan("scalar", False), AcceleratedScan("scalar", True),

@@ -51,10 +51,15 @@ import torch  # noqa: E402
 import _impls  # noqa: E402
 from _impls import Case  # noqa: E402
 
+DTYPES = ("float32", "complex64", "bfloat16")
+# The default grid, in the order it runs (most wanted first, so --max-minutes cuts the least):
+# core shapes in float32, complex64, then an N sweep at B=4, D=1024 (with 4x4096x1024), then bf16.
 GPU_CORE = ["4x4096x1024", "1x65536x512", "16x1024x1024"]
-GPU_SWEEP = [f"4x{n}x1024" for n in (256, 1024, 16384)]          # with 4x4096x1024: N sweep
-CPU_SHAPES = ["2x256x64", "2x2048x64"]
-DTYPES = ("float32", "bfloat16", "complex64")
+GPU_SWEEP = [f"4x{n}x1024" for n in (256, 1024, 16384)]
+GPU_GRID = ([(s, d, True) for d in ("float32", "complex64") for s in GPU_CORE]
+            + [(s, d, False) for d in ("float32", "complex64") for s in GPU_SWEEP]
+            + [(s, "bfloat16", True) for s in GPU_CORE])
+CPU_GRID = [(s, d, True) for d in ("float32", "complex64") for s in ("2x128x64", "2x1024x64")]
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,19 +152,31 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 # timing and memory
 
 
-def measure(fn, wait, reps: int, budget_s: float, target_rep_s: float):
-    """(first-call seconds, list of per-call seconds, inner) after two warm-up calls."""
+def measure(fn, wait, reps: int, budget_s: float, target_rep_s: float, check=None, peak=None):
+    """Time fn; returns (first-call seconds, per-call seconds of each repetition, inner).
+
+    Call 1 (compilation included) gives `first` and its output goes to `check` (the error
+    check, untimed). Call 2 runs under `peak` (memory) and sizes `inner`, the number of calls
+    per repetition (so one repetition lasts about target_rep_s). Repetitions stop at `reps`, or
+    once budget_s has passed and at least 3 are done; a call slower than the budget is timed once.
+    """
     t0 = time.perf_counter()
     out = fn()
     wait(out)
     first = time.perf_counter() - t0
+    if check is not None:
+        check(out)
     del out
     t0 = time.perf_counter()
-    out = fn()
-    wait(out)
+    if peak is not None:
+        peak(fn)
+    else:
+        out = fn()
+        wait(out)
+        del out
     single = time.perf_counter() - t0
-    del out
     inner = max(1, min(1000, int(target_rep_s / max(single, 1e-7))))
+    min_reps = 3 if single < budget_s else 1
     times = []
     start = time.perf_counter()
     for _ in range(reps):
@@ -169,7 +186,7 @@ def measure(fn, wait, reps: int, budget_s: float, target_rep_s: float):
         wait(out)
         times.append((time.perf_counter() - t0) / inner)
         del out
-        if len(times) >= 3 and time.perf_counter() - start > budget_s:
+        if len(times) >= min_reps and time.perf_counter() - start > budget_s:
             break
     return first, times, inner
 
@@ -177,6 +194,8 @@ def measure(fn, wait, reps: int, budget_s: float, target_rep_s: float):
 def torch_peak(fn, wait, device):
     """Bytes allocated by torch above what was live before one call (None off CUDA)."""
     if device.type != "cuda":
+        out = fn()
+        wait(out)
         return None
     gc.collect()
     torch.cuda.synchronize(device)
@@ -201,8 +220,10 @@ def jax_stats():
 
 def memory(prep, which: str, fn, device):
     """(bytes, how) for one call of fn; how names the method (see the module docstring)."""
-    if prep.uses_jax and which in prep.memory:
-        return prep.memory[which], "xla"
+    if prep.static_memory is not None:
+        out = fn()
+        prep.wait(out)
+        return prep.static_memory(which), "xla"
     before = jax_stats() if prep.uses_jax else None
     t = torch_peak(fn, prep.wait, device)
     if before is None:
@@ -240,6 +261,8 @@ def run_one(impl, case: Case, device, args, bw: float, passes):
     row = {"impl": impl.name, "key": impl.key, "group": impl.group, "dtype": case.dtype,
            "B": case.B, "N": case.N, "D": case.D, "status": "ok", "reason": None}
     reason = impl.skip_reason(case, device)
+    if reason is None and not impl.sweep and not case.core and not args.full:
+        reason = "skipped: compiles per shape, so runs on the core shapes only (--full runs all)"
     if reason is None and impl.python_loop and case.N > args.loop_max_n:
         reason = f"skipped: N > --loop-max-n {args.loop_max_n} (one launch per step)"
     if reason is None and args.deadline and time.time() > args.deadline:
@@ -254,47 +277,54 @@ def run_one(impl, case: Case, device, args, bw: float, passes):
         row.update(status="failed", reason=f"prepare: {type(e).__name__}: {_impls._first_line(e)}")
         _debug(args)
         return row
-    ref = None
     floors = {"fwd": 3 * case.tensor_bytes / bw, "fwdbwd": 8 * case.tensor_bytes / bw}
-    budget = args.budget
+    ref = []
     for which in passes:
         fn = prep.fwd if which == "fwd" else prep.fwdbwd
         res = {}
+
+        def check(out, which=which, res=res):
+            try:
+                if not ref:
+                    ref.extend(reference(a, x, ct))
+                if which == "fwd":
+                    res["rel_err"] = rel_err(prep.h_of(out), ref[0])
+                else:
+                    da, dx = prep.grads_of(out)
+                    res["rel_err_da"] = rel_err(da, ref[1][0])
+                    res["rel_err_dx"] = rel_err(dx, ref[1][1])
+                    res["rel_err"] = max(res["rel_err_da"], res["rel_err_dx"])
+            except Exception as e:
+                res["rel_err_error"] = f"{type(e).__name__}: {_impls._first_line(e)}"
+                _debug(args)
+
+        def peak(fn, which=which, res=res):
+            try:
+                res["peak_bytes"], res["peak_how"] = memory(prep, which, fn, device)
+            except Exception as e:
+                if _is_oom(e):
+                    raise
+                res["peak_bytes"], res["peak_how"] = None, type(e).__name__
+
         try:
-            first, times, inner = measure(fn, prep.wait, args.reps, budget, args.target_rep)
+            first, times, inner = measure(fn, prep.wait, args.reps, args.budget, args.target_rep,
+                                          check=check, peak=peak)
             res.update(stats(times), first_s=first, inner=inner)
             res["x_floor"] = res["median_ms"] / 1e3 / floors[which]
         except Exception as e:
             res["error"] = f"{type(e).__name__}: {_impls._first_line(e)}"
             _debug(args)
-            row[which] = res
             row["status"] = "failed"
             _free(device)
-            continue
-        try:
-            if ref is None:
-                ref = reference(a, x, ct)
-            out = fn()
-            prep.wait(out)
-            if which == "fwd":
-                res["rel_err"] = rel_err(prep.h_of(out), ref[0])
-            else:
-                da, dx = prep.grads_of(out)
-                res["rel_err_da"] = rel_err(da, ref[1][0])
-                res["rel_err_dx"] = rel_err(dx, ref[1][1])
-                res["rel_err"] = max(res["rel_err_da"], res["rel_err_dx"])
-            del out
-        except Exception as e:
-            res["rel_err_error"] = f"{type(e).__name__}: {_impls._first_line(e)}"
-            _debug(args)
-        try:
-            res["peak_bytes"], res["peak_how"] = memory(prep, which, fn, device)
-        except Exception as e:
-            res["peak_bytes"], res["peak_how"] = None, f"{type(e).__name__}"
         row[which] = res
     del prep, a, x, ct, ref
     _free(device)
     return row
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "RESOURCE_EXHAUSTED" in str(e) \
+        or "out of memory" in str(e).lower()
 
 
 def _free(device):
@@ -397,7 +427,8 @@ def table(meta, rows) -> str:
     groups: dict = {}
     for r in rows:
         groups.setdefault((r["dtype"], r["B"], r["N"], r["D"]), []).append(r)
-    for (dt, B, N, D), rs in groups.items():
+    order = {d: i for i, d in enumerate(DTYPES)}
+    for (dt, B, N, D), rs in sorted(groups.items(), key=lambda kv: order.get(kv[0][0], 9)):
         c = Case(B, N, D, dt)
         lines.append("")
         flo = 3 * c.tensor_bytes / meta["bandwidth"] * 1e3
@@ -492,11 +523,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto (cuda when available), cuda, cpu")
-    p.add_argument("--dtypes", default="float32,complex64",
-                   help=f"comma list of {', '.join(DTYPES)} (default: %(default)s)")
+    p.add_argument("--dtypes", default=None,
+                   help=f"comma list of {', '.join(DTYPES)} (default: the grid's)")
     p.add_argument("--shapes", default=None,
-                   help="comma list of BxNxD (default GPU: "
-                        f"{','.join(GPU_CORE + GPU_SWEEP)}; CPU: {','.join(CPU_SHAPES)})")
+                   help="comma list of BxNxD. Default on GPU: float32 and complex64 at "
+                        f"{', '.join(GPU_CORE)}, an N sweep {', '.join(GPU_SWEEP)}, and bfloat16 "
+                        "at the first three; on CPU float32 and complex64 at 2x128x64, 2x1024x64")
+    p.add_argument("--full", action="store_true",
+                   help="run implementations that compile per shape (torch-hop) on sweep shapes too")
     p.add_argument("--backends", default="all",
                    help="comma list of implementation keys (see --list), or all")
     p.add_argument("--list", action="store_true", help="list implementation keys and exit")
@@ -508,7 +542,7 @@ def main(argv=None):
     p.add_argument("--target-rep", type=float, default=None,
                    help="seconds one repetition aims at by repeating the call (default GPU 0.002, CPU 0)")
     p.add_argument("--loop-max-n", type=int, default=None,
-                   help="largest N for the per-step Python loops (default GPU 4096, CPU 2048)")
+                   help="largest N for the per-step Python loops (default GPU 4096, CPU 1024)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="skip what remains after this many minutes (default GPU 9, CPU none)")
     p.add_argument("--json", default=None, help="write results as JSON (rewritten after each case)")
@@ -524,15 +558,21 @@ def main(argv=None):
     args.reps = args.reps or (20 if gpu else 5)
     args.budget = args.budget if args.budget is not None else (2.0 if gpu else 0.5)
     args.target_rep = args.target_rep if args.target_rep is not None else (2e-3 if gpu else 0.0)
-    args.loop_max_n = args.loop_max_n or (4096 if gpu else 2048)
+    args.loop_max_n = args.loop_max_n or (4096 if gpu else 1024)
     if args.max_minutes is None:
         args.max_minutes = 9.0 if gpu else 0.0
     args.deadline = time.time() + 60 * args.max_minutes if args.max_minutes else None
-    shapes = parse_shapes(args.shapes or ",".join(GPU_CORE + GPU_SWEEP if gpu else CPU_SHAPES))
-    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    for d in dtypes:
-        if d not in DTYPES:
-            raise SystemExit(f"--dtypes: unknown {d!r}; choose from {', '.join(DTYPES)}")
+    grid = GPU_GRID if gpu else CPU_GRID
+    if args.dtypes:
+        dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+        for d in dtypes:
+            if d not in DTYPES:
+                raise SystemExit(f"--dtypes: unknown {d!r}; choose from {', '.join(DTYPES)}")
+        grid = [g for g in grid if g[1] in dtypes] if not args.shapes else grid
+    if args.shapes:
+        dtypes = dtypes if args.dtypes else ["float32", "complex64"]
+        grid = [(s, d, True) for d in dtypes for s in args.shapes.split(",") if s.strip()]
+    cases = [Case(*parse_shapes(s)[0], d, core) for s, d, core in grid]
     passes = [s.strip() for s in args.passes.split(",") if s.strip()]
     if not set(passes) <= {"fwd", "fwdbwd"}:
         raise SystemExit("--passes takes fwd, fwdbwd")
@@ -559,7 +599,6 @@ def main(argv=None):
         "config": {k: v for k, v in vars(args).items() if k != "deadline"},
         "floor": "3 x bytes of one (B,N,D) tensor (fwd), 8 x (fwd+bwd), at the measured copy bandwidth",
     }
-    cases = [Case(B, N, D, dt) for dt in dtypes for (B, N, D) in shapes]
     rows: list = []
 
     def save():

@@ -24,7 +24,8 @@ class RotaryEmbedding(nn.Module):
     (``freqs_for="lang"``, ``theta=10000``): same state-dict key (``freqs``, a parameter that
     does not train) and the same numbers, so a seed checkpoint loads and gives the same
     output. Positions are built in the dtype of ``freqs`` (float32 unless the module is
-    cast), not in the input's dtype, so bf16 inputs keep exact positions past 256.
+    cast; never below float32), not in the input's dtype, so bf16 inputs or a bf16 model
+    keep exact positions past 256 (the seed's do not).
 
     Args:
         dim: head dimension to rotate (even).
@@ -41,8 +42,9 @@ class RotaryEmbedding(nn.Module):
     def forward(self, t: Tensor, offset: int = 0) -> Tensor:
         """Rotate ``t`` (..., n, d) as if its n positions start at ``offset``."""
         n, dtype = t.shape[-2], t.dtype
-        pos = torch.arange(offset, offset + n, device=t.device, dtype=self.freqs.dtype)
-        angles = (pos[:, None] * self.freqs).repeat_interleave(2, dim=-1)  # (n, d)
+        freqs = self.freqs.to(torch.promote_types(self.freqs.dtype, torch.float32))
+        pos = torch.arange(offset, offset + n, device=t.device, dtype=freqs.dtype)
+        angles = (pos[:, None] * freqs).repeat_interleave(2, dim=-1)  # (n, d)
         pairs = t.unflatten(-1, (-1, 2))
         rotated_half = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
         out = t * angles.cos() + rotated_half * angles.sin()
@@ -168,10 +170,10 @@ class CausalFullAttention(nn.Module):
         q = q * self.scale
 
         if self.data_dependent_rel_pos and not ablate_state_transition:
-            scale = self._rel_pos_scale(x, ablate_complex)  # (b, h, n, d/2, 1)
-            inverse = 1.0 / scale
-            q = (q.unflatten(-1, (-1, 2)) * scale.to(q.dtype)).flatten(-2)
-            k = (k.unflatten(-1, (-1, 2)) * inverse.to(k.dtype)).flatten(-2)
+            rel = self._rel_pos_scale(x, ablate_complex)  # (b, h, n, d/2, 1)
+            rel_inverse = 1.0 / rel
+            q = (q.unflatten(-1, (-1, 2)) * rel.to(q.dtype)).flatten(-2)
+            k = (k.unflatten(-1, (-1, 2)) * rel_inverse.to(k.dtype)).flatten(-2)
 
         if cache is not None:
             k = torch.cat((cache[0], k), dim=-2)  # (b, h, j, d)

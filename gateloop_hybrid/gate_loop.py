@@ -142,7 +142,13 @@ class GateLoopedAttention(nn.Module):
 
         h0 = None
         if cache is not None:
-            h0 = cache.reshape(b * self.heads, *cache.shape[2:])  # (bh, d, e)
+            d = q.shape[-1]
+            if tuple(cache.shape) != (b, self.heads, d, d):
+                raise ValueError(
+                    f"cache must be the state from return_cache=True, shape "
+                    f"(batch, heads, d, e) = {(b, self.heads, d, d)}, got {tuple(cache.shape)}"
+                )
+            h0 = cache.reshape(b * self.heads, d, d)  # (bh, d, e)
 
         fn = partial(_gate_looped_heads, backend=self.scan_backend)
         needs_grad = torch.is_grad_enabled() and any(

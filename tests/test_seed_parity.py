@@ -72,6 +72,24 @@ def record_outputs(model):
     return outs
 
 
+@pytest.mark.parametrize(
+    "name", ["Transformer", "GateLoopedAttention", "SimpleGateLoopLayer", "CausalFullAttention"]
+)
+def test_signatures_extend_the_seeds(seed, name):
+    """Same parameter names, kinds, order and defaults as the seed; ours may only add at the end."""
+    import inspect
+
+    for method in ("__init__", "forward"):
+        theirs = list(inspect.signature(getattr(getattr(seed, name), method)).parameters.values())
+        mine = list(inspect.signature(getattr(getattr(ours, name), method)).parameters.values())
+        assert [(p.name, p.kind, p.default) for p in mine[: len(theirs)]] == [
+            (p.name, p.kind, p.default) for p in theirs
+        ], f"{name}.{method}"
+        extra = {p.name for p in mine[len(theirs):]}
+        allowed = {"scan_backend"} if method == "__init__" else {"cache", "return_cache"}
+        assert extra <= allowed, f"{name}.{method} adds {extra - allowed}"
+
+
 TRANSFORMER_OPTIONS = [
     pytest.param({}, id="gateloop-maxheads"),
     pytest.param(dict(gate_loop_heads=4), id="gateloop-4heads"),

@@ -115,8 +115,13 @@ _tile_scan_p.multiple_results = True
 
 
 def _tile_scan_ref(*planes, n_a):
-    out = lax.associative_scan(lambda l, r: _combine(l, r, n_a), tuple(planes), axis=0)
-    return list(out)
+    """Sequential over the (short) tile: the interpreter's HLO stays small and compiles fast."""
+    def step(acc, row):
+        acc = _combine(acc, row, n_a)
+        return acc, acc
+    first = tuple(v[0] for v in planes)
+    _, rest = lax.scan(step, first, tuple(v[1:] for v in planes))
+    return [jnp.concatenate([f[None], r], axis=0) for f, r in zip(first, rest)]
 
 
 _tile_scan_p.def_abstract_eval(
@@ -147,6 +152,56 @@ if _triton_lowering is not None:
     _triton_lowering.register_lowering(_tile_scan_p)(_tile_scan_triton)
 
 
+# Triton software-pipelines the loads of a loop that has no dot only when the loop carries a
+# ``tt.num_stages`` attribute (what ``tl.range(..., num_stages=k)`` sets); Pallas never sets it.
+# Kernels of this module whose name ends in ``_pipe<k>`` get it on their loops after lowering.
+_PIPE_TAG = "_pipe"
+
+
+def _annotate_loops(module):
+    def visit(op, stages):
+        for region in op.regions:
+            for block in region.blocks:
+                for inner in block.operations:
+                    inner = inner.operation
+                    if inner.name == "scf.for" and stages:
+                        inner.attributes["tt.num_stages"] = _ir.IntegerAttr.get(
+                            _ir.IntegerType.get_signless(32), stages)
+                    visit(inner, stages)
+
+    with module.context:
+        for op in module.body.operations:
+            op = op.operation
+            if "sym_name" not in op.attributes:
+                continue
+            name = _ir.StringAttr(op.attributes["sym_name"]).value
+            if name.startswith("gateloop_") and _PIPE_TAG in name:
+                visit(op, int(name.rsplit(_PIPE_TAG, 1)[1]))
+
+
+def _install_pipeline_hook():
+    from jax._src.pallas.triton import pallas_call_registration as registration
+    lower = registration.lowering.lower_jaxpr_to_triton_module
+    if getattr(lower, "_gateloop_pipeline_hook", False):
+        return
+
+    @functools.wraps(lower)
+    def lower_and_annotate(*args, **kwargs):
+        result = lower(*args, **kwargs)
+        _annotate_loops(result.module)
+        return result
+
+    lower_and_annotate._gateloop_pipeline_hook = True
+    registration.lowering.lower_jaxpr_to_triton_module = lower_and_annotate
+
+
+if _triton_lowering is not None:
+    try:
+        _install_pipeline_hook()
+    except (ImportError, AttributeError):  # pragma: no cover - a JAX without these internals
+        pass
+
+
 def _tile_scan(a_planes, x_planes):
     out = _tile_scan_p.bind(*a_planes, *x_planes, n_a=len(a_planes))
     return tuple(out[:len(a_planes)]), tuple(out[len(a_planes):])
@@ -164,6 +219,9 @@ class KernelConfig:
     block_t: time steps per tile (power of 2). block_d: columns per tile (power of 2).
     num_warps, num_stages: Triton's; num_stages pipelines the walk kernel's loads.
     prefetch: walk only; load the next tile in the loop body before scanning this one.
+    wide_pairs: read/write complex (re, im) pairs as one contiguous tile split in registers
+        (wide loads) instead of two strided reads.
+    ticket: lookback only; take tiles from an atomic counter (safe) instead of the program id.
     """
     method: str = "auto"
     block_t: int = 0
@@ -171,6 +229,8 @@ class KernelConfig:
     num_warps: int = 0
     num_stages: int = 0
     prefetch: bool = False
+    wide_pairs: bool = True
+    ticket: bool = True
 
 
 _DEFAULTS = {  # chosen from benchmarks/pallas_tune.py on an H200 (see notes/pallas.md)
@@ -201,7 +261,7 @@ def resolve_config(cfg: KernelConfig | None, B: int, N: int, D: int, interpret: 
     for k in ("block_t", "block_d"):
         if fields[k] & (fields[k] - 1):
             raise ValueError(f"pallas scan: {k}={fields[k]} must be a power of 2")
-    return KernelConfig(method=method, prefetch=cfg.prefetch, **fields)
+    return dataclasses.replace(cfg, method=method, **fields)
 
 
 class _Geom(NamedTuple):
@@ -249,10 +309,23 @@ def _a_columns(cols, terms):
 # Tile loads and stores (planes interleaved in the last axis of each ref)
 
 
-def _load(ref, b, rows, rmask, cols, cmask, planes, other=0.0):
+def _load(ref, b, rows, rmask, cols, cmask, planes, other=0.0, col0=None):
+    """(T, BD) float32 tiles, one per plane. With ``col0`` (cols == col0 + iota) complex pairs
+    are read as one contiguous (T, 2 BD) tile and split in registers (wide loads); otherwise each
+    plane is a strided read."""
     T, BD = rows.shape[0], cols.shape[0]
-    r2 = jnp.broadcast_to(rows[:, None], (T, BD))
     m = rmask[:, None] & cmask[None, :]
+    if planes == 2 and col0 is not None:
+        cc = 2 * col0 + lax.broadcasted_iota(jnp.int32, (2 * BD,), 0)
+        r2 = jnp.broadcast_to(rows[:, None], (T, 2 * BD))
+        c2 = jnp.broadcast_to(cc[None, :], (T, 2 * BD))
+        m2 = rmask[:, None] & (cc < ref.shape[-1])[None, :]
+        v = plgpu.load(ref.at[b, r2, c2], mask=m2, other=jnp.asarray(0.0, ref.dtype))
+        re, im = lax.unstack(v.astype(_F32).reshape(T, BD, 2), axis=2)
+        if other != 0.0:
+            re = jnp.where(m, re, other)
+        return re, im
+    r2 = jnp.broadcast_to(rows[:, None], (T, BD))
     out = []
     for p in range(planes):
         c2 = jnp.broadcast_to((cols * planes + p)[None, :], (T, BD))
@@ -261,9 +334,17 @@ def _load(ref, b, rows, rmask, cols, cmask, planes, other=0.0):
     return tuple(out)
 
 
-def _store(ref, b, rows, rmask, cols, cmask, vals):
+def _store(ref, b, rows, rmask, cols, cmask, vals, col0=None):
     T, BD = rows.shape[0], cols.shape[0]
     planes = len(vals)
+    if planes == 2 and col0 is not None:
+        cc = 2 * col0 + lax.broadcasted_iota(jnp.int32, (2 * BD,), 0)
+        r2 = jnp.broadcast_to(rows[:, None], (T, 2 * BD))
+        c2 = jnp.broadcast_to(cc[None, :], (T, 2 * BD))
+        m2 = rmask[:, None] & (cc < ref.shape[-1])[None, :]
+        v = lax.stack([vals[0], vals[1]], axis=2).reshape(T, 2 * BD)
+        plgpu.store(ref.at[b, r2, c2], v.astype(ref.dtype), mask=m2)
+        return
     r2 = jnp.broadcast_to(rows[:, None], (T, BD))
     m = rmask[:, None] & cmask[None, :]
     for p, v in enumerate(vals):
@@ -299,9 +380,11 @@ class _Tile(NamedTuple):
     b: jax.Array
     t: jax.Array       # (T,) time index of each row (N where masked off)
     rmask: jax.Array   # (T,) row holds a real time step
-    cols: jax.Array    # (BD,) columns of x
+    cols: jax.Array    # (BD,) columns of x: col0 + iota
     cmask: jax.Array   # (BD,)
     acols: jax.Array   # (BD,) columns of a
+    col0: jax.Array | None    # first column, when complex pairs are read as one wide tile
+    acol0: jax.Array | None   # the same for a (None when a is broadcast)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,12 +403,12 @@ class _Fwd:
         return tuple(jnp.zeros(cols.shape, _F32) for _ in range(self.p))
 
     def prologue(self, ins, tl: _Tile, geom):
-        a = _load(ins[0], tl.b, tl.t, tl.rmask, tl.acols, tl.cmask, self.pa, other=1.0)
-        x = _load(ins[1], tl.b, tl.t, tl.rmask, tl.cols, tl.cmask, self.px)
+        a = _load(ins[0], tl.b, tl.t, tl.rmask, tl.acols, tl.cmask, self.pa, 1.0, tl.acol0)
+        x = _load(ins[1], tl.b, tl.t, tl.rmask, tl.cols, tl.cmask, self.px, 0.0, tl.col0)
         return a, _widen(x, self.p), ()
 
     def epilogue(self, ins, outs, tl: _Tile, h, aux, geom):
-        _store(outs[0], tl.b, tl.t, tl.rmask, tl.cols, tl.cmask, h)
+        _store(outs[0], tl.b, tl.t, tl.rmask, tl.cols, tl.cmask, h, tl.col0)
 
     def finish(self, outs, b, cols, cmask, carry):
         _store_row(outs[1], b, cols, cmask, carry)
@@ -364,12 +447,14 @@ class _Bwd:
         # gate that carries G from step t + fdir back to t: a_{t + fdir}; 1 past the end
         ta = tl.t + fdir
         va = tl.rmask & (ta >= 0) & (ta < N)
-        a = _load(ins[0], tl.b, _masked_index(ta, va, N), va, tl.acols, tl.cmask, self.pa, other=1.0)
-        g = _load(ins[i_g], tl.b, tl.t, tl.rmask, tl.cols, tl.cmask, self.p)
+        a = _load(ins[0], tl.b, _masked_index(ta, va, N), va, tl.acols, tl.cmask, self.pa, 1.0,
+                  tl.acol0)
+        g = _load(ins[i_g], tl.b, tl.t, tl.rmask, tl.cols, tl.cmask, self.p, 0.0, tl.col0)
         # state before step t: h_{t - fdir}, or h0 at the first step
         th = tl.t - fdir
         vh = tl.rmask & (th >= 0) & (th < N)
-        hp = _load(ins[1], tl.b, _masked_index(th, vh, N), vh, tl.cols, tl.cmask, self.p)
+        hp = _load(ins[1], tl.b, _masked_index(th, vh, N), vh, tl.cols, tl.cmask, self.p, 0.0,
+                   tl.col0)
         if i_h0 is not None:
             h0 = _widen(_load_row(ins[i_h0], tl.b, tl.cols, tl.cmask, self.p0), self.p)
             first = ((th < 0) | (th >= N))[:, None]
@@ -379,10 +464,11 @@ class _Bwd:
         return a, g, hp
 
     def epilogue(self, ins, outs, tl: _Tile, G, hp, geom):
-        _store(outs[0], tl.b, tl.t, tl.rmask, tl.cols, tl.cmask, G[:self.px])
+        _store(outs[0], tl.b, tl.t, tl.rmask, tl.cols, tl.cmask, G[:self.px], tl.col0)
         da = _cmul(G, hp)[:self.pa]
         dcols = tl.cols if self.da_full else tl.acols
-        _store(outs[1], tl.b, tl.t, tl.rmask, dcols, tl.cmask, da)
+        _store(outs[1], tl.b, tl.t, tl.rmask, dcols, tl.cmask, da,
+               tl.col0 if self.da_full else tl.acol0)
 
     def finish(self, outs, b, cols, cmask, carry):
         _store_row(outs[2], b, cols, cmask, carry)
@@ -392,11 +478,18 @@ class _Bwd:
 # The two kernels
 
 
-def _tile_rows(c, T, N, wdir):
+def _make_tile(b, d, c, cfg: KernelConfig, geom: _Geom) -> _Tile:
+    """Rows and columns of tile (time tile c, column block d) of batch b."""
+    T, BD, N = cfg.block_t, cfg.block_d, geom.N
     s = c * T + lax.broadcasted_iota(jnp.int32, (T,), 0)
     rmask = s < N
-    t = s if wdir > 0 else (N - 1) - s
-    return _masked_index(t, rmask, N), rmask
+    t = s if geom.wdir > 0 else (N - 1) - s
+    col0 = d * BD
+    cols = col0 + lax.broadcasted_iota(jnp.int32, (BD,), 0)
+    wide = cfg.wide_pairs
+    return _Tile(b, _masked_index(t, rmask, N), rmask, cols, cols < geom.D,
+                 _a_columns(cols, geom.a_terms), col0 if wide else None,
+                 col0 if wide and geom.a_terms is None else None)
 
 
 def _masked_index(t, valid, N):
@@ -415,11 +508,7 @@ def _walk_kernel(*refs, op, geom: _Geom, cfg: KernelConfig):
     b, d = pid // nD, pid % nD
     cols = d * BD + lax.broadcasted_iota(jnp.int32, (BD,), 0)
     cmask = cols < geom.D
-    acols = _a_columns(cols, geom.a_terms)
-
-    def tile(c):
-        t, rmask = _tile_rows(c, T, geom.N, geom.wdir)
-        return _Tile(b, t, rmask, cols, cmask, acols)
+    tile = lambda c: _make_tile(b, d, c, cfg, geom)
 
     def step(c, carry, loaded):
         a, x, aux = loaded
@@ -476,15 +565,15 @@ def _lookback_kernel(*refs, op, geom: _Geom, cfg: KernelConfig, interpret: bool)
     T, BD = cfg.block_t, cfg.block_d
     nD = pl.cdiv(geom.D, BD)
     nC = pl.cdiv(geom.N, T)
-    ticket = plgpu.atomic_add(counter, (jnp.zeros((), jnp.int32),), jnp.ones((), jnp.int32))
+    if cfg.ticket:   # tiles in the order programs start, so a wait is only ever on a started one
+        ticket = plgpu.atomic_add(counter, (jnp.zeros((), jnp.int32),), jnp.ones((), jnp.int32))
+    else:            # trusts the GPU to start programs in index order (as CUB's scan does)
+        ticket = pl.program_id(0)
     per_c = geom.B * nD
     c, r = ticket // per_c, ticket % per_c
     b, d = r // nD, r % nD
-    cols = d * BD + lax.broadcasted_iota(jnp.int32, (BD,), 0)
-    cmask = cols < geom.D
-    acols = _a_columns(cols, geom.a_terms)
-    t, rmask = _tile_rows(c, T, geom.N, geom.wdir)
-    tl = _Tile(b, t, rmask, cols, cmask, acols)
+    tl = _make_tile(b, d, c, cfg, geom)
+    cols, cmask = tl.cols, tl.cmask
 
     a, x, aux = op.prologue(ins, tl, geom)
     A, X = _tile_scan(a, x)
@@ -545,6 +634,8 @@ def _launch(op, geom: _Geom, cfg: KernelConfig, ins, out_shapes, interpret: bool
     nD, nC = pl.cdiv(geom.D, BD), pl.cdiv(geom.N, T)
     params = plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     name = f"gateloop_{type(op).__name__[1:].lower()}_{cfg.method}"
+    if cfg.method == "walk" and cfg.num_stages > 1:
+        name += f"{_PIPE_TAG}{cfg.num_stages}"
     if cfg.method == "walk":
         kernel = functools.partial(_walk_kernel, op=op, geom=geom, cfg=cfg)
         return pl.pallas_call(kernel, out_shape=tuple(out_shapes), grid=(geom.B * nD,),

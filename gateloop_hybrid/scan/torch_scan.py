@@ -32,9 +32,12 @@ def scan_loop(a: Tensor, x: Tensor, h0: Tensor | None = None, reverse: bool = Fa
     """Sequential reference: one multiply-add per step, in the dtype it is given."""
     steps = range(x.shape[1] - 1, -1, -1) if reverse else range(x.shape[1])
     h = torch.zeros_like(x[:, 0]) if h0 is None else h0
+    # unbind once: indexing a[:, t] per step would make backward write a full-size zero
+    # tensor per step (quadratic in N).
+    a_t, x_t = a.unbind(1), x.unbind(1)
     out = [None] * x.shape[1]
     for t in steps:
-        h = a[:, t] * h + x[:, t]
+        h = a_t[t] * h + x_t[t]
         out[t] = h
     return torch.stack(out, dim=1), h
 

@@ -1,0 +1,92 @@
+"""Smoke test of benchmarks/scan_speed.py: its float64 reference, and one tiny CPU run end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "scan_speed.py"
+sys.path.insert(0, str(SCRIPT.parent))
+
+import scan_speed  # noqa: E402
+from _impls import Case  # noqa: E402
+
+
+def _loop(a, x):
+    h = torch.zeros_like(x[:, 0])
+    hs = []
+    for a_t, x_t in zip(a.unbind(1), x.unbind(1)):
+        h = a_t * h + x_t
+        hs.append(h)
+    return torch.stack(hs, dim=1)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "complex64"])
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 63, 100])
+def test_reference_matches_autograd_of_a_loop(dtype, n):
+    """The chunked float64 reference and its hand-written gradients equal torch autograd."""
+    a, x, ct = scan_speed.make_inputs(Case(2, n, 3, dtype), torch.device("cpu"), seed=n)
+    wide = torch.complex128 if a.is_complex() else torch.float64
+    a64 = a.to(wide).requires_grad_(True)
+    x64 = x.to(wide).requires_grad_(True)
+    h = _loop(a64, x64)
+    da, dx = torch.autograd.grad(h, (a64, x64), ct.to(wide))
+    h_ref, (da_ref, dx_ref) = scan_speed.reference(a, x, ct)
+    for name, got, want in (("h", h_ref, h), ("da", da_ref, da), ("dx", dx_ref, dx)):
+        torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_inputs_are_random_gates_in_unit_disc():
+    a, x, ct = scan_speed.make_inputs(Case(2, 64, 8, "complex64"), torch.device("cpu"))
+    mag = a.abs()
+    assert a.dtype == x.dtype == ct.dtype == torch.complex64
+    assert (mag > 0).all() and (mag < 1).all()
+    assert a.angle().std() > 1.0                      # spread phases, not all near zero
+    assert x.abs().std() > 0 and ct.abs().std() > 0
+
+
+def test_cpu_run_end_to_end(tmp_path):
+    """A tiny CPU run: every row is measured or carries a reason; outputs are written."""
+    out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
+    cmd = [sys.executable, str(SCRIPT), "--device", "cpu", "--shapes", "1x16x4,1x32x4",
+           "--dtypes", "float32,complex64", "--reps", "3", "--budget", "0.05", "--no-progress",
+           "--backends", "torch,loop,torch-loop,jax-native,accel-scalar,accel-complex+T,"
+                         "fla-chunk,torch-hop,pallas",
+           "--json", str(out_json), "--plot", str(out_png)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "# device: CPU" in proc.stdout and "copy bandwidth" in proc.stdout
+    data = json.loads(out_json.read_text())
+    meta, rows = data["meta"], data["results"]
+    assert meta["versions"]["torch"] == torch.__version__ and meta["bandwidth"] > 0
+    assert out_png.stat().st_size > 0
+    assert {(r["dtype"], r["N"]) for r in rows} == {(d, n) for d in ("float32", "complex64")
+                                                   for n in (16, 32)}
+    by_key = {}
+    for r in rows:
+        by_key.setdefault(r["key"], []).append(r)
+        if r["status"] == "skipped":
+            assert r["reason"], r
+            continue
+        for which in ("fwd", "fwdbwd"):
+            res = r[which]
+            assert "error" not in res, (r["impl"], which, res)
+            assert res["median_ms"] > 0 and res["reps"] >= 1 and res["x_floor"] > 0
+            assert res["rel_err"] < 1e-5, (r["impl"], which, res["rel_err"])
+    # the design's baseline always runs; peers absent or GPU-only are rows with a reason
+    assert all(r["status"] == "ok" for r in by_key["torch-loop"])
+    for key in ("accel-scalar", "accel-complex+T", "fla-chunk", "torch-hop"):
+        assert all(r["status"] == "skipped" and r["reason"] for r in by_key[key]), by_key[key]
+    assert "accelerated-scan scalar (B,C,T): " in proc.stdout
+
+
+def test_bad_shape_is_a_clear_error():
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--shapes", "4x4096", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode != 0 and "BxNxD" in proc.stderr

@@ -1,0 +1,373 @@
+"""The torch layers: seed README examples, backend parity of losses and gradients, the decoding
+cache, every seed option, argument errors.
+
+Small models and float64 throughout, so the suite stays fast on a 2-core CPU and the
+comparisons are tight. Seed parity (same weights, same outputs) is in test_seed_parity.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gateloop_hybrid
+from gateloop_hybrid import (
+    CausalFullAttention,
+    GateLoopedAttention,
+    RMSNorm,
+    SimpleGateLoopLayer,
+    Transformer,
+)
+from gateloop_hybrid.scan import BACKENDS, resolve_backend
+
+F64 = torch.float64
+VOCAB = 29
+
+
+def rel_err(actual, expected):
+    return ((actual - expected).abs().max() / expected.abs().max().clamp(min=1e-300)).item()
+
+
+def backend_or_skip(name, device="cpu"):
+    """Skip, with the reason, a backend this machine cannot run (e.g. pallas without CUDA)."""
+    try:
+        resolve_backend(name, device)
+    except (ImportError, ValueError) as e:
+        pytest.skip(str(e))
+    return name
+
+
+OTHER_BACKENDS = [b for b in BACKENDS if b not in ("auto", "loop")]
+
+
+# --- seed README examples ---------------------------------------------------------------------
+
+
+def test_exports():
+    assert set(gateloop_hybrid.__all__) >= {
+        "gate_loop_scan", "Transformer", "GateLoopedAttention", "SimpleGateLoopLayer",
+        "CausalFullAttention", "RMSNorm",
+    }
+    assert gateloop_hybrid.gate_loop_scan is gateloop_hybrid.scan.gate_loop_scan
+
+
+def test_readme_transformer_example():
+    model = Transformer(num_tokens=256, dim=624, depth=6, use_gate_looped_attn=True)
+    ids = torch.randint(0, 256, (1, 1024))
+    with torch.no_grad():
+        logits = model(ids)
+    assert logits.shape == (1, 1024, 256)
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize(
+    "seq",
+    [1024, pytest.param(65536, marks=pytest.mark.slow, id="readme-size")],
+)
+def test_readme_simple_gate_loop_example(seq):
+    """The README runs (1, 65536, 512); that size takes ~10 s on 2 cores, so it is marked slow."""
+    layer = SimpleGateLoopLayer(512)
+    x = torch.randn(1, seq, 512)
+    with torch.no_grad():
+        out = layer(x)
+    assert out.shape == x.shape
+    assert torch.isfinite(out).all()
+
+
+# --- every backend gives the same loss and gradients as the sequential reference (float64) ------
+
+
+def small_transformer(**options):
+    defaults = dict(dim=16, num_tokens=VOCAB, depth=2, gate_loop_heads=4, dim_head=8, heads=2)
+    return Transformer(**{**defaults, **options}).to(F64)
+
+
+def loss_and_grads(model, ids, **forward_kwargs):
+    model.zero_grad()
+    loss = model(ids, return_loss=True, **forward_kwargs)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("backend", OTHER_BACKENDS)
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(ablate_complex=True, sub_ln=True), dict(checkpoint_gate_looped_attn=False, post_ln_norm=True)],
+    ids=["default", "ablate-complex-subln", "nocheckpoint-postln"],
+)
+def test_transformer_backends_agree(backend, options):
+    backend_or_skip(backend)
+    torch.manual_seed(0)
+    reference = small_transformer(scan_backend="loop", **options)
+    model = small_transformer(scan_backend=backend, **options)
+    model.load_state_dict(reference.state_dict())
+    ids = torch.randint(0, VOCAB, (2, 24))
+
+    ref_loss, ref_grads = loss_and_grads(reference, ids)
+    loss, grads = loss_and_grads(model, ids)
+    assert rel_err(loss, ref_loss) < 1e-10
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert grads.keys() == ref_grads.keys() == trainable
+    for name in ref_grads:
+        assert rel_err(grads[name], ref_grads[name]) < 1e-9, name
+
+
+@pytest.mark.parametrize("backend", OTHER_BACKENDS)
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_simple_gate_loop_backends_agree(backend, reverse):
+    backend_or_skip(backend)
+    torch.manual_seed(0)
+    reference = SimpleGateLoopLayer(8, reverse=reverse, post_ln=True, scan_backend="loop").to(F64)
+    layer = SimpleGateLoopLayer(8, reverse=reverse, post_ln=True, scan_backend=backend).to(F64)
+    layer.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 33, 8, dtype=F64, requires_grad=True)
+    cotangent = torch.randn(2, 33, 8, dtype=F64)
+
+    def run(module):
+        out = module(x)
+        grads = torch.autograd.grad(out, [x, *module.parameters()], cotangent)
+        return out, grads
+
+    ref_out, ref_grads = run(reference)
+    out, grads = run(layer)
+    assert rel_err(out, ref_out) < 1e-10
+    for g, rg in zip(grads, ref_grads):
+        assert rel_err(g, rg) < 1e-9
+
+
+# --- decoding with a cache equals the full-sequence forward ------------------------------------
+
+CACHE_OPTIONS = [
+    pytest.param(dict(), "torch", id="gateloop-torch"),
+    pytest.param(dict(), "auto", id="gateloop-auto"),
+    pytest.param(dict(gate_loop_heads=None, ablate_state_transition=True), "torch", id="gateloop-maxheads-ablated"),
+    pytest.param(dict(use_gate_looped_attn=False, rotary_emb=True), "torch", id="softmax-rotary"),
+    pytest.param(dict(use_gate_looped_attn=False, attn_softmax_normalize=False), "torch", id="linear-attn"),
+    pytest.param(dict(use_gate_looped_attn=False, data_dependent_rel_pos=True, rotary_emb=True), "torch", id="ddrelpos"),
+    pytest.param(dict(use_gate_looped_attn=False, post_ln_norm=True), "torch", id="softmax-postln"),
+]
+
+
+@pytest.mark.parametrize("options, backend", CACHE_OPTIONS)
+def test_transformer_cache_matches_full_forward(options, backend):
+    torch.manual_seed(0)
+    model = small_transformer(scan_backend=backend, **options)
+    ids = torch.randint(0, VOCAB, (2, 13))
+    with torch.no_grad():
+        full = model(ids)
+        # a prompt, a chunk of 3, then one token at a time
+        pieces, cache = [], None
+        for chunk in ids.split([5, 3, 1, 1, 1, 1, 1], dim=1):
+            logits, cache = model(chunk, cache=cache, return_cache=True)
+            pieces.append(logits)
+    assert len(cache) == 2
+    assert rel_err(torch.cat(pieces, dim=1), full) < 1e-12
+
+
+def test_gate_looped_attention_cache_state_and_gradients():
+    """The cache is the complex state; gradients flow through it across chunks (checkpointed)."""
+    torch.manual_seed(0)
+    layer = GateLoopedAttention(12, heads=3, scan_backend="torch").to(F64)
+    x = torch.randn(2, 10, 12, dtype=F64)
+    full = layer(x)
+    full_grads = torch.autograd.grad(full.square().sum(), list(layer.parameters()))
+
+    first, state = layer(x[:, :6], return_cache=True)
+    assert state.shape == (2, 3, 4, 4) and state.is_complex()
+    second, state = layer(x[:, 6:], cache=state, return_cache=True)
+    chunked = torch.cat([first, second], dim=1)
+    assert rel_err(chunked, full) < 1e-12
+    chunk_grads = torch.autograd.grad(chunked.square().sum(), list(layer.parameters()))
+    for g, fg in zip(chunk_grads, full_grads):
+        assert rel_err(g, fg) < 1e-12
+    with pytest.raises(ValueError, match="cache must be the state"):
+        layer(x[:, 6:], cache=state[:1])
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_simple_gate_loop_cache_continues(backend):
+    """The cache is the scanned state (the seed's JAX path returned the unscanned (a, kv))."""
+    torch.manual_seed(0)
+    layer = SimpleGateLoopLayer(8, scan_backend=backend).to(F64)
+    x = torch.randn(2, 12, 8, dtype=F64)
+    with torch.no_grad():
+        full, last = layer(x, return_cache=True)
+        pieces, cache = [], None
+        for chunk in x.split([4, 1, 1, 6], dim=1):
+            out, cache = layer(chunk, cache=cache, return_cache=True)
+            pieces.append(out)
+    assert cache.shape == (2, 8)
+    assert rel_err(cache, last) < 1e-12
+    assert rel_err(torch.cat(pieces, dim=1), full) < 1e-12
+
+
+def test_generate_costs_one_step_per_token(monkeypatch):
+    import gateloop_hybrid.gate_loop as gate_loop
+
+    torch.manual_seed(0)
+    model = small_transformer(scan_backend="torch")
+    steps = []
+    real_scan = gate_loop.gate_loop_scan
+
+    def counting_scan(a, x, *args, **kwargs):
+        steps.append(x.shape[1])
+        return real_scan(a, x, *args, **kwargs)
+
+    monkeypatch.setattr(gate_loop, "gate_loop_scan", counting_scan)
+    prompt = torch.randint(0, VOCAB, (3, 7))
+    out = model.generate(prompt, 5, temperature=0.0)
+    assert out.shape == (3, 5) and out.dtype == prompt.dtype
+    depth = len(model.layers)
+    assert steps == [7] * depth + [1] * (4 * depth)  # the prompt once, then one step per token
+
+
+@pytest.mark.parametrize(
+    "options", [dict(), dict(use_gate_looped_attn=False, rotary_emb=True)], ids=["gateloop", "softmax-rotary"]
+)
+def test_greedy_generate_matches_recomputing_the_prefix(options):
+    torch.manual_seed(0)
+    model = small_transformer(scan_backend="torch", **options)
+    prompt = torch.randint(0, VOCAB, (2, 4))
+    generated = model.generate(prompt, 6, temperature=0.0)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(6):
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(generated, seq[:, 4:])
+    assert torch.equal(model.generate(prompt, 6, top_k=1), generated)  # top_k=1 is greedy
+
+
+def test_generate_sampling_respects_top_k():
+    torch.manual_seed(0)
+    model = small_transformer(scan_backend="torch")
+    prompt = torch.randint(0, VOCAB, (64, 3))
+    with torch.no_grad():
+        logits = model(prompt)[:, -1]
+    allowed = logits.topk(3, dim=-1).indices
+    first = model.generate(prompt, 1, temperature=2.0, top_k=3)[:, 0]
+    assert (allowed == first[:, None]).any(dim=-1).all()
+    assert model.generate(prompt, 0).shape == (64, 0)
+
+
+# --- every seed option constructs, runs forward and backward -----------------------------------
+
+TRANSFORMER_OPTIONS = [
+    dict(),
+    dict(gate_loop_heads=4, dim_gate_looped_attn=24),
+    dict(attn_add_swish_gating=False),
+    dict(checkpoint_gate_looped_attn=False),
+    dict(sub_ln=True, post_ln_norm=True),
+    dict(ablate_complex=True),
+    dict(ablate_state_transition=True),
+    dict(frac_gradient_state_transition=0.5),
+    dict(use_gate_looped_attn=False),
+    dict(use_gate_looped_attn=False, rotary_emb=True, attn_add_swish_gating=False),
+    dict(use_gate_looped_attn=False, attn_softmax_normalize=False, ff_mult=2),
+    dict(use_gate_looped_attn=False, data_dependent_rel_pos=True),
+    dict(use_gate_looped_attn=False, data_dependent_rel_pos=True, attn_softmax_normalize=True, ablate_complex=True),
+]
+
+
+@pytest.mark.parametrize("options", TRANSFORMER_OPTIONS, ids=lambda o: "-".join(o) or "default")
+def test_transformer_options_run(options):
+    torch.manual_seed(0)
+    model = Transformer(dim=16, num_tokens=VOCAB, depth=1, dim_head=8, heads=2, scan_backend="torch", **options)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    assert model(ids).shape == (2, 9, VOCAB)
+    loss = model(ids, return_loss=True)
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.grad is not None:
+            assert torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        lambda: GateLoopedAttention(16, scan_backend="torch"),
+        lambda: GateLoopedAttention(16, heads=2, dim_inner=8, add_swish_gating=False, sub_ln=True,
+                                    checkpoint_gate_looped_attn=False, scan_backend="torch"),
+        lambda: GateLoopedAttention(16, add_swish_gating=False, scan_backend="torch"),  # identity out
+        lambda: CausalFullAttention(16, dim_head=4, heads=2),
+        lambda: CausalFullAttention(16, dim_head=4, heads=2, rotary_emb=True, add_swish_gating=True,
+                                    data_dependent_rel_pos=True, frac_gradient_data_dependent_rel_pos=0.3),
+        lambda: SimpleGateLoopLayer(16, scan_backend="torch"),
+        lambda: SimpleGateLoopLayer(16, prenorm=False, post_ln=True, reverse=True, scan_backend="torch"),
+        lambda: SimpleGateLoopLayer(16, use_heinsen=True),
+        lambda: SimpleGateLoopLayer(16, use_jax_associative_scan=True),
+        lambda: RMSNorm(16),
+    ],
+    ids=["gla", "gla-heads-subln", "gla-identity-out", "attn", "attn-all", "simple", "simple-all",
+         "simple-heinsen", "simple-jax", "rmsnorm"],
+)
+def test_module_options_run(module):
+    torch.manual_seed(0)
+    layer = module()
+    x = torch.randn(2, 9, 16, requires_grad=True)
+    out = layer(x)
+    assert out.shape == x.shape
+    out.square().mean().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_autocast_bfloat16_runs():
+    """Gates go complex in float32 even when the projections run in bfloat16."""
+    torch.manual_seed(0)
+    for options in (dict(), dict(use_gate_looped_attn=False, data_dependent_rel_pos=True, rotary_emb=True)):
+        model = Transformer(dim=16, num_tokens=VOCAB, depth=1, dim_head=8, heads=2, scan_backend="torch", **options)
+        ids = torch.randint(0, VOCAB, (2, 9))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(ids, return_loss=True)
+        loss.backward()
+        assert torch.isfinite(loss)
+
+
+# --- argument errors ---------------------------------------------------------------------------
+
+
+def test_backend_aliases():
+    assert SimpleGateLoopLayer(8, use_heinsen=True).scan_backend == "heinsen"
+    assert SimpleGateLoopLayer(8, use_jax_associative_scan=True).scan_backend == "jax"
+    assert SimpleGateLoopLayer(8, use_heinsen=True, scan_backend="heinsen").scan_backend == "heinsen"
+    assert SimpleGateLoopLayer(8, scan_backend="loop").scan_backend == "loop"
+    with pytest.raises(ValueError, match="use_heinsen.*conflicts.*'torch'"):
+        SimpleGateLoopLayer(8, use_heinsen=True, scan_backend="torch")
+    with pytest.raises(ValueError, match="use_jax_associative_scan.*conflicts"):
+        SimpleGateLoopLayer(8, use_jax_associative_scan=True, scan_backend="heinsen")
+    with pytest.raises(ValueError, match="cannot both"):
+        SimpleGateLoopLayer(8, use_heinsen=True, use_jax_associative_scan=True)
+
+
+def test_unknown_backend_is_refused_at_construction():
+    for build in (
+        lambda: SimpleGateLoopLayer(8, scan_backend="cuda"),
+        lambda: GateLoopedAttention(8, scan_backend="cuda"),
+        lambda: Transformer(dim=8, num_tokens=VOCAB, depth=1, scan_backend="cuda"),
+    ):
+        with pytest.raises(ValueError, match="unknown scan_backend 'cuda'"):
+            build()
+
+
+def test_reverse_layer_refuses_cache():
+    layer = SimpleGateLoopLayer(8, reverse=True)
+    x = torch.randn(1, 4, 8)
+    with pytest.raises(ValueError, match="reverse=True"):
+        layer(x, return_cache=True)
+    with pytest.raises(ValueError, match="reverse=True"):
+        layer(x, cache=torch.zeros(1, 8))
+
+
+def test_transformer_argument_errors():
+    model = Transformer(dim=8, num_tokens=VOCAB, depth=2, scan_backend="torch")
+    ids = torch.randint(0, VOCAB, (1, 5))
+    with pytest.raises(ValueError, match="return_loss"):
+        model(ids, return_loss=True, return_cache=True)
+    _, cache = model(ids, return_cache=True)
+    with pytest.raises(ValueError, match="2 layers"):
+        model(ids[:, :1], cache=cache[:1])
+    with pytest.raises(ValueError, match="divisible"):
+        GateLoopedAttention(12, heads=5)
+    with pytest.raises(ValueError, match="prompt_ids"):
+        model.generate(ids[0], 3)

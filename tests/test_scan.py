@@ -1,0 +1,184 @@
+"""Gradient parity of every gate_loop_scan backend against the sequential float64 reference."""
+
+import functools
+import math
+import warnings
+
+import pytest
+import torch
+
+import gateloop_hybrid.scan as scan_mod
+from gateloop_hybrid.scan import gate_loop_scan
+
+FAST_BACKENDS = ["torch", "heinsen", "jax"]
+LENGTHS = [1, 2, 3, 5, 63, 64, 1000]
+
+
+def rel_err(got, want) -> float:
+    got, want = got.detach().to(torch.complex128), want.detach().to(torch.complex128)
+    return ((got - want).abs().norm() / want.abs().norm().clamp_min(1.0)).item()
+
+
+def make_inputs(n, *, complex_, broadcast, with_h0, dtype=torch.float64, batch=2, feat=(3, 4), seed=0,
+                near_one=False):
+    """Random gates in the unit disk (sigmoid magnitude, uniform phase), random x and h0."""
+    g = torch.Generator().manual_seed(seed * 7919 + n)
+    a_shape = (batch, n, 1, 1) if broadcast else (batch, n, *feat)
+    mag = torch.sigmoid(torch.randn(a_shape, generator=g, dtype=torch.float64) + 2)
+    if near_one:
+        mag = 1 - 1e-3 * torch.rand(a_shape, generator=g, dtype=torch.float64)
+    if complex_:
+        phase = (torch.rand(a_shape, generator=g, dtype=torch.float64) * 2 - 1) * math.pi
+        a = torch.polar(mag, phase)
+        x = torch.randn(batch, n, *feat, generator=g, dtype=torch.complex128)
+    else:
+        a, x = mag, torch.randn(batch, n, *feat, generator=g, dtype=torch.float64)
+    h0 = torch.randn(batch, *feat, generator=g, dtype=x.dtype) if with_h0 else None
+    cast = {torch.float64: None, torch.float32: torch.complex64, torch.bfloat16: torch.complex64}
+    if dtype != torch.float64:
+        cdt = cast[dtype]
+        a = a.to(cdt if a.is_complex() else dtype)
+        x = x.to(cdt if x.is_complex() else dtype)
+        h0 = None if h0 is None else h0.to(x.dtype)
+    return a, x, h0
+
+
+def run(backend, a, x, h0, reverse, cot_h, cot_last):
+    """Outputs and the gradients of <cot_h, h> + <cot_last, h_last> w.r.t. a, x, h0."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (a, x, h0)]
+    h, h_last = gate_loop_scan(*leaves, reverse=reverse, backend=backend)
+    loss = (h * cot_h.conj()).real.sum() + (h_last * cot_last.conj()).real.sum()
+    wanted = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(loss, wanted, materialize_grads=True)
+    return h, h_last, dict(zip(["a", "x", "h0"], grads))
+
+
+CASES = [
+    (n, reverse, complex_, broadcast, with_h0)
+    for n in LENGTHS
+    for reverse in (False, True)
+    for complex_ in (False, True)
+    for broadcast, with_h0 in ((False, True), (True, False))
+]
+
+
+@functools.lru_cache(maxsize=None)
+def reference(n, reverse, complex_, broadcast, with_h0):
+    a, x, h0 = make_inputs(n, complex_=complex_, broadcast=broadcast, with_h0=with_h0)
+    g = torch.Generator().manual_seed(1234 + n)
+    cot_h = torch.randn(x.shape, generator=g, dtype=x.dtype)
+    cot_last = torch.randn(x[:, 0].shape, generator=g, dtype=x.dtype)
+    return (a, x, h0, cot_h, cot_last), run("loop", a, x, h0, reverse, cot_h, cot_last)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "n{}-{}-{}-{}-{}".format(
+    c[0], "rev" if c[1] else "fwd", "cplx" if c[2] else "real", "bcast" if c[3] else "full",
+    "h0" if c[4] else "noh0"))
+def test_float64_parity_with_loop(backend, case):
+    (a, x, h0, cot_h, cot_last), (h_ref, last_ref, g_ref) = reference(*case)
+    h, h_last, grads = run(backend, a, x, h0, case[1], cot_h, cot_last)
+    tol = 1e-9 if backend == "heinsen" else 1e-12
+    assert h.dtype == h_ref.dtype and h.shape == h_ref.shape
+    assert rel_err(h, h_ref) < tol
+    assert rel_err(h_last, last_ref) < tol
+    assert set(grads) == set(g_ref)
+    for name in g_ref:
+        assert grads[name].shape == g_ref[name].shape, name
+        assert grads[name].dtype == g_ref[name].dtype, name
+        assert rel_err(grads[name], g_ref[name]) < tol, name
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("complex_", [False, True])
+@pytest.mark.parametrize("n,near_one,tol", [(257, False, 2e-6), (4096, True, 1e-4)])
+def test_float32_against_float64_loop(backend, complex_, n, near_one, tol):
+    """float32/complex64 within stated tolerances, including a long run with gates near 1."""
+    if backend == "heinsen":
+        tol = 5e-3    # log-space cancellation; documented in torch_scan.scan_heinsen
+    a64, x64, h064 = make_inputs(n, complex_=complex_, broadcast=False, with_h0=True, feat=(8,),
+                                 near_one=near_one, seed=3)
+    a, x, h0 = (t.to(torch.complex64 if t.is_complex() else torch.float32) for t in (a64, x64, h064))
+    cot_h = torch.randn(x.shape, dtype=x.dtype)
+    cot_last = torch.randn(x[:, 0].shape, dtype=x.dtype)
+    # The reference sees the same (rounded) float32 inputs, computed in float64.
+    up = lambda t: t.to(torch.complex128 if t.is_complex() else torch.float64)
+    h_ref, last_ref, g_ref = run("loop", up(a), up(x), up(h0), False, up(cot_h), up(cot_last))
+    h, h_last, grads = run(backend, a, x, h0, False, cot_h, cot_last)
+    assert h.dtype == x.dtype
+    assert rel_err(h, h_ref) < tol
+    assert rel_err(h_last, last_ref) < tol
+    for name in g_ref:
+        assert rel_err(grads[name], g_ref[name]) < tol, name
+
+
+@pytest.mark.parametrize("backend", ["loop", "torch", "jax"])
+def test_bfloat16_accumulates_in_float32(backend):
+    a, x, h0 = make_inputs(300, complex_=False, broadcast=False, with_h0=True, dtype=torch.bfloat16)
+    h, h_last = gate_loop_scan(a, x, h0, backend=backend)
+    assert h.dtype == torch.bfloat16 and h_last.dtype == torch.bfloat16
+    h_ref, _ = gate_loop_scan(a.double(), x.double(), h0.double(), backend="loop")
+    assert rel_err(h.double(), h_ref) < 1e-2      # bf16 output rounding only, not accumulation
+
+
+def test_real_x_with_complex_gates_gives_complex_state():
+    a, _, _ = make_inputs(9, complex_=True, broadcast=True, with_h0=False)
+    x = torch.randn(2, 9, 3, 4, dtype=torch.float64, requires_grad=True)
+    for backend in FAST_BACKENDS:
+        h, _ = gate_loop_scan(a, x, backend=backend)
+        h_ref, _ = gate_loop_scan(a, x, backend="loop")
+        assert h.dtype == torch.complex128
+        assert rel_err(h, h_ref) < 1e-9
+        (g,) = torch.autograd.grad(h.real.sum(), x)
+        (g_ref,) = torch.autograd.grad(h_ref.real.sum(), x)
+        assert g.dtype == torch.float64 and rel_err(g, g_ref) < 1e-9
+
+
+def test_gradcheck_jax_backend():
+    a, x, h0 = make_inputs(7, complex_=True, broadcast=True, with_h0=True)
+    inputs = [t.clone().requires_grad_() for t in (a, x, h0)]
+    f = lambda a, x, h0: gate_loop_scan(a, x, h0, backend="jax")
+    assert torch.autograd.gradcheck(f, inputs)
+    fr = lambda a, x, h0: gate_loop_scan(a, x, h0, reverse=True, backend="jax")
+    a, x, h0 = make_inputs(6, complex_=False, broadcast=False, with_h0=True)
+    assert torch.autograd.gradcheck(fr, [t.clone().requires_grad_() for t in (a, x, h0)])
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_clear_errors():
+    a, x = torch.rand(2, 5, 3), torch.randn(2, 5, 3)
+    with pytest.raises(ValueError, match=r"time lengths.*a has 4 steps.*x has 5"):
+        gate_loop_scan(torch.rand(2, 4, 3), x)
+    with pytest.raises(ValueError, match=r"h0 must have shape.*\(2, 3\).*\(2, 4\)"):
+        gate_loop_scan(a, x, torch.zeros(2, 4))
+    with pytest.raises(TypeError, match=r"x has dtype torch.int64"):
+        gate_loop_scan(a, torch.ones(2, 5, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"do not broadcast"):
+        gate_loop_scan(torch.rand(2, 5, 2), x)
+    with pytest.raises(ValueError, match=r"same number of dims"):
+        gate_loop_scan(torch.rand(2, 5), x)
+    with pytest.raises(ValueError, match=r"one device.*meta"):
+        gate_loop_scan(a, x.to("meta"))
+    with pytest.raises(ValueError, match=r"unknown backend 'cuda'"):
+        gate_loop_scan(a, x, backend="cuda")
+    with pytest.raises(ValueError, match=r"pallas.*CUDA"):
+        gate_loop_scan(a, x, backend="pallas")
+
+
+def test_without_jax_auto_falls_back_once_and_jax_raises(monkeypatch):
+    monkeypatch.setattr(scan_mod, "jax_available", lambda: False)
+    monkeypatch.setattr(scan_mod, "jax_has_device", lambda device_type: False)
+    monkeypatch.setattr(scan_mod, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="uses 'torch'.*JAX is not installed"):
+        assert scan_mod.resolve_backend("auto", "cpu") == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert scan_mod.resolve_backend("auto", "cpu") == "torch"      # said once only
+    with pytest.raises(ImportError, match="pip install"):
+        scan_mod.resolve_backend("jax", "cpu")
+
+
+def test_auto_picks_jax_on_cpu_when_installed():
+    assert scan_mod.resolve_backend("auto", "cpu") == "jax"
