@@ -15,7 +15,8 @@ Dimension letters: B batch, N sequence length (time), D features; C = D in accel
 
 Groups:
     gate_loop_scan  each backend of gateloop_hybrid.scan.gate_loop_scan, called from torch
-    native          the jitted JAX scan of gateloop_hybrid.scan.jax_scan on JAX arrays
+    native          jitted JAX on JAX arrays: gateloop_hybrid.scan.jax_scan, and plain
+                    jax.lax.associative_scan with JAX's own autodiff backward
     baseline        a plain torch Python loop (the design's baseline)
     peer            accelerated-scan, flash-linear-attention HGRN, torch's associative_scan HOP
 
@@ -26,7 +27,8 @@ returns a sentence, and `prepare` / the calls may raise, which the runner record
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+import importlib.util
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -100,7 +102,7 @@ class Impl:
     name: str = ""           # row label
     group: str = ""
     python_loop: bool = False  # one kernel launch per time step: capped by --loop-max-n
-    sweep: bool = True         # False: costly per shape (compilation), run on core shapes only
+    sweep: bool = True         # False: a comparison row, run on the core (main) shapes only
 
     def skip_reason(self, case: Case, device: torch.device) -> str | None:
         return None
@@ -224,13 +226,45 @@ class TorchHOP(TorchFnImpl):
 # JAX natively: the same jitted scan the "jax" backend uses, on JAX arrays, no bridge
 
 
+def _lax_associative_scan(a, x):
+    """Plain jax.lax.associative_scan of the recurrence, (h, h_last), JAX's own autodiff.
+
+    The issue's calibration row "jax.lax.associative_scan natively"; float32 at least inside.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    out = jnp.result_type(a.dtype, x.dtype)
+    dt = jnp.float32 if out in (jnp.bfloat16, jnp.float16) else out
+
+    def combine(left, right):
+        return right[0] * left[0], right[0] * left[1] + right[1]
+
+    _, h = jax.lax.associative_scan(combine, (a.astype(dt), x.astype(dt)), axis=1)
+    return h.astype(out), h[:, -1].astype(out)
+
+
 class JaxNative(Impl):
-    key = "jax-native"
+    """A JAX scan, jitted, called on JAX arrays (no torch, no bridge).
+
+    autodiff=False: gateloop_hybrid.scan.jax_scan.gate_loop_scan, with its hand-written reverse-scan
+    backward (what the "jax" backend runs). autodiff=True: plain jax.lax.associative_scan
+    differentiated by JAX itself, for comparison.
+    """
+
     group = "native"
 
-    def __init__(self):
-        self.name = "jax native (jax_scan, jit)"
+    def __init__(self, autodiff: bool = False):
+        self.key = "jax-autodiff" if autodiff else "jax-native"
+        self.sweep = not autodiff
         self._err = None
+        if autodiff:
+            self.name = "jax.lax.associative_scan, JAX autodiff (jit)"
+            self._scan = _lax_associative_scan
+            if importlib.util.find_spec("jax") is None:
+                self._err = "not importable: jax is not installed"
+            return
+        self.name = "jax native (jax_scan, jit)"
         self._scan = None
         jax_scan, err = _import("gateloop_hybrid.scan.jax_scan")
         if err:
@@ -238,7 +272,7 @@ class JaxNative(Impl):
             return
         fn = getattr(jax_scan, "gate_loop_scan", None) or getattr(jax_scan, "scan", None)
         if fn is None:
-            self._err = "gateloop_hybrid.scan.jax_scan has no gate_loop_scan/scan function"
+            self._err = "gateloop_hybrid.scan.jax_scan has no gate_loop_scan (or scan)"
             return
         self.name = f"jax native (jax_scan.{fn.__name__}, jit)"
         self._scan = fn
@@ -248,7 +282,6 @@ class JaxNative(Impl):
 
     def prepare(self, a, x, ct):
         import jax
-        import jax.numpy as jnp
 
         scan = self._scan
 
@@ -428,7 +461,7 @@ def build(device: torch.device) -> tuple[list[Impl], list[str]]:
     else:
         backends = [b for b in getattr(scan_mod, "BACKENDS", ()) if b != "auto"]
         impls += [GateLoopBackend(b, scan_mod) for b in backends]
-    impls.append(JaxNative())
+    impls += [JaxNative(), JaxNative(autodiff=True)]
     impls.append(TorchLoop())
     impls += [AcceleratedScan("scalar", False), AcceleratedScan("scalar", True),
               AcceleratedScan("complex", False), AcceleratedScan("complex", True)]

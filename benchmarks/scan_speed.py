@@ -59,7 +59,8 @@ GPU_SWEEP = [f"4x{n}x1024" for n in (256, 1024, 16384)]
 GPU_GRID = ([(s, d, True) for d in ("float32", "complex64") for s in GPU_CORE]
             + [(s, d, False) for d in ("float32", "complex64") for s in GPU_SWEEP]
             + [(s, "bfloat16", True) for s in GPU_CORE])
-CPU_GRID = [(s, d, True) for d in ("float32", "complex64") for s in ("2x128x64", "2x1024x64")]
+CPU_GRID = [(s, d, core) for d in ("float32", "complex64")
+            for s, core in (("2x512x64", True), ("2x128x64", False))]
 
 
 # --------------------------------------------------------------------------------------------
@@ -68,15 +69,15 @@ CPU_GRID = [(s, d, True) for d in ("float32", "complex64") for s in ("2x128x64",
 
 def make_inputs(case: Case, device: torch.device, seed: int = 0):
     """a (gates, |a| in (0,1)), x and a cotangent ct, all (B, N, D) in the case's dtype."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     shape = (case.B, case.N, case.D)
 
     def randn():
-        return torch.randn(shape, generator=g, dtype=torch.float32).to(device)
+        return torch.randn(shape, generator=g, dtype=torch.float32, device=device)
 
     mag = torch.sigmoid(randn())
     if case.is_complex:
-        phase = (torch.rand(shape, generator=g, dtype=torch.float32).to(device) * 2 - 1) * math.pi
+        phase = (torch.rand(shape, generator=g, dtype=torch.float32, device=device) * 2 - 1) * math.pi
         a = torch.polar(mag, phase)
         x = torch.complex(randn(), randn())
         ct = torch.complex(randn(), randn())
@@ -137,6 +138,20 @@ def reference(a: torch.Tensor, x: torch.Tensor, ct: torch.Tensor):
     h_prev = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)
     da = G * h_prev.conj()
     return h, (da, G)
+
+
+class CaseData:
+    """One case's inputs, shared by every implementation, and its reference, made on first use."""
+
+    def __init__(self, case: Case, device: torch.device):
+        self.a, self.x, self.ct = make_inputs(case, device)
+        self._ref = None
+
+    @property
+    def ref(self):
+        if self._ref is None:
+            self._ref = reference(self.a, self.x, self.ct)
+        return self._ref
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -242,7 +257,6 @@ def measure_bandwidth(device: torch.device) -> float:
     dst = torch.empty_like(src)
     wait = _impls.torch_wait(device)
     _, times, _ = measure(lambda: dst.copy_(src), wait, reps=10, budget_s=2.0, target_rep_s=0)
-    del src, dst
     return 2 * nbytes / statistics.median(times)
 
 
@@ -257,12 +271,12 @@ def stats(times):
             "reps": len(times)}
 
 
-def run_one(impl, case: Case, device, args, bw: float, passes):
+def run_one(impl, case: Case, data: CaseData, device, args, bw: float, passes):
     row = {"impl": impl.name, "key": impl.key, "group": impl.group, "dtype": case.dtype,
            "B": case.B, "N": case.N, "D": case.D, "status": "ok", "reason": None}
     reason = impl.skip_reason(case, device)
     if reason is None and not impl.sweep and not case.core and not args.full:
-        reason = "skipped: compiles per shape, so runs on the core shapes only (--full runs all)"
+        reason = "skipped: a comparison row, run on the main shapes only (--full runs it here)"
     if reason is None and impl.python_loop and case.N > args.loop_max_n:
         reason = f"skipped: N > --loop-max-n {args.loop_max_n} (one launch per step)"
     if reason is None and args.deadline and time.time() > args.deadline:
@@ -270,23 +284,20 @@ def run_one(impl, case: Case, device, args, bw: float, passes):
     if reason is not None:
         row.update(status="skipped", reason=reason)
         return row
-    a, x, ct = make_inputs(case, device)
     try:
-        prep = impl.prepare(a, x, ct)
+        prep = impl.prepare(data.a, data.x, data.ct)
     except Exception as e:
         row.update(status="failed", reason=f"prepare: {type(e).__name__}: {_impls._first_line(e)}")
         _debug(args)
         return row
     floors = {"fwd": 3 * case.tensor_bytes / bw, "fwdbwd": 8 * case.tensor_bytes / bw}
-    ref = []
     for which in passes:
         fn = prep.fwd if which == "fwd" else prep.fwdbwd
         res = {}
 
         def check(out, which=which, res=res):
             try:
-                if not ref:
-                    ref.extend(reference(a, x, ct))
+                ref = data.ref
                 if which == "fwd":
                     res["rel_err"] = rel_err(prep.h_of(out), ref[0])
                 else:
@@ -317,8 +328,6 @@ def run_one(impl, case: Case, device, args, bw: float, passes):
             row["status"] = "failed"
             _free(device)
         row[which] = res
-    del prep, a, x, ct, ref
-    _free(device)
     return row
 
 
@@ -424,11 +433,16 @@ def table(meta, rows) -> str:
         lines.append(f"# note: {note}")
     header = ("implementation", "fwd ms", "x floor", "err", "mem", "fwd+bwd ms", "x floor", "err",
               "mem", "first s")
+    # an implementation skipped in every case for one reason is listed once, at the end
+    reasons: dict = {}
+    for r in rows:
+        reasons.setdefault(r["impl"], set()).add(r["reason"] if r["status"] == "skipped" else None)
+    everywhere = {k: next(iter(v)) for k, v in reasons.items() if len(v) == 1 and None not in v}
     groups: dict = {}
     for r in rows:
-        groups.setdefault((r["dtype"], r["B"], r["N"], r["D"]), []).append(r)
+        groups.setdefault((r["dtype"], r["B"], r["D"], r["N"]), []).append(r)
     order = {d: i for i, d in enumerate(DTYPES)}
-    for (dt, B, N, D), rs in sorted(groups.items(), key=lambda kv: order.get(kv[0][0], 9)):
+    for (dt, B, D, N), rs in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0][1:])):
         c = Case(B, N, D, dt)
         lines.append("")
         flo = 3 * c.tensor_bytes / meta["bandwidth"] * 1e3
@@ -436,6 +450,8 @@ def table(meta, rows) -> str:
                      f"floor {flo:.3f} ms fwd, {flo * 8 / 3:.3f} ms fwd+bwd)")
         body, notes = [], []
         for r in rs:
+            if r["impl"] in everywhere:
+                continue
             if r["status"] == "skipped":
                 notes.append(f"   {r['impl']}: {r['reason']}")
                 continue
@@ -458,12 +474,17 @@ def table(meta, rows) -> str:
                 lines.append("  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w)
                                        for i, (v, w) in enumerate(zip(row, widths))))
         if notes:
-            lines.append(" not run / failed:")
+            lines.append(" not run / failed here:")
             lines.extend(notes)
+    if everywhere:
+        lines.append("")
+        lines.append("## not run in any case")
+        lines.extend(f"   {k}: {v}" for k, v in everywhere.items())
     return "\n".join(lines)
 
 
 def plot(meta, rows, path):
+    """Time against N, log-log: one panel per dtype and pass, one line per implementation."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -474,30 +495,40 @@ def plot(meta, rows, path):
     for r in rows:
         counts.setdefault((r["B"], r["D"]), set()).add(r["N"])
     (B, D), ns = max(counts.items(), key=lambda kv: (len(kv[1]), kv[0]))
-    dtypes = [d for d in DTYPES if any(r["dtype"] == d for r in rows)]
-    fig, axes = plt.subplots(2, len(dtypes), figsize=(6.5 * len(dtypes), 9), squeeze=False)
     ns = sorted(ns)
+    dtypes = [d for d in DTYPES if any(r["dtype"] == d for r in rows)]
+    names = list(dict.fromkeys(r["impl"] for r in rows))
+    cmap = plt.get_cmap("tab10")
+    style = {n: dict(color=cmap(i % 10), marker="osD^v<>ph*"[i % 10], ms=4,
+                     ls="-" if i < 10 else "-.") for i, n in enumerate(names)}
+    fig, axes = plt.subplots(2, len(dtypes), figsize=(6 * len(dtypes), 8.5), squeeze=False)
+    handles = {}
     for j, dt in enumerate(dtypes):
         c_bytes = {n: Case(B, n, D, dt).tensor_bytes for n in ns}
         for i, (which, k) in enumerate((("fwd", 3), ("fwdbwd", 8))):
             ax = axes[i][j]
-            for name in dict.fromkeys(r["impl"] for r in rows):
+            for name in names:
                 pts = sorted((r["N"], r[which]["median_ms"]) for r in rows
                              if r["impl"] == name and r["dtype"] == dt and r["B"] == B
                              and r["D"] == D and r.get(which) and "median_ms" in r[which])
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", ms=3, label=name)
-            ax.plot(ns, [k * c_bytes[n] / meta["bandwidth"] * 1e3 for n in ns], "k--", lw=2,
-                    label=f"floor ({k}x bytes at {meta['bandwidth_GBps']:.0f} GB/s)")
+                    handles[name], = ax.plot(*zip(*pts), label=name, **style[name])
+            handles["floor"], = ax.plot(ns, [k * c_bytes[n] / meta["bandwidth"] * 1e3 for n in ns],
+                                        "k--", lw=2, label="memory floor (3x / 8x one tensor's "
+                                        f"bytes at {meta['bandwidth_GBps']:.0f} GB/s)")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("sequence length N")
-            ax.set_ylabel("ms")
-            ax.set_title(f"{dt} {'forward' if which == 'fwd' else 'forward+backward'}, B={B} D={D}")
+            ax.set_ylabel("ms (median)")
+            ax.set_title(f"{dt}, {'forward' if which == 'fwd' else 'forward+backward'}, "
+                         f"B={B}, D={D}", fontsize=10)
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7)
-    fig.suptitle(f"{meta['device_name']} - {meta['date']}", fontsize=10)
-    fig.tight_layout()
+    fig.legend(handles.values(), [h.get_label() for h in handles.values()], loc="lower center", ncol=3, fontsize=8,
+               frameon=False)
+    fig.suptitle(f"GateLoop scan h_t = a_t h_(t-1) + x_t: {meta['device_name']}, {meta['date'][:10]}",
+                 fontsize=10)
+    rows_of_legend = -(-len(handles) // 3)
+    fig.tight_layout(rect=(0, 0.025 * rows_of_legend + 0.02, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -528,9 +559,12 @@ def main(argv=None):
     p.add_argument("--shapes", default=None,
                    help="comma list of BxNxD. Default on GPU: float32 and complex64 at "
                         f"{', '.join(GPU_CORE)}, an N sweep {', '.join(GPU_SWEEP)}, and bfloat16 "
-                        "at the first three; on CPU float32 and complex64 at 2x128x64, 2x1024x64")
+                        "at the first three; on CPU float32 and complex64 at 2x128x64, 2x512x64. "
+                        "Given --shapes, every shape runs in each of --dtypes (default float32, "
+                        "complex64)")
     p.add_argument("--full", action="store_true",
-                   help="run implementations that compile per shape (torch-hop) on sweep shapes too")
+                   help="run the comparison rows that compile per shape (torch-hop, jax-autodiff) on the "
+                        "sweep shapes too")
     p.add_argument("--backends", default="all",
                    help="comma list of implementation keys (see --list), or all")
     p.add_argument("--list", action="store_true", help="list implementation keys and exit")
@@ -538,29 +572,37 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=None, help="repetitions (default GPU 20, CPU 5)")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds of timed repetitions per measurement, at least 3 reps "
-                        "(default GPU 2, CPU 0.5)")
+                        "(default GPU 1, CPU 0.2)")
     p.add_argument("--target-rep", type=float, default=None,
                    help="seconds one repetition aims at by repeating the call (default GPU 0.002, CPU 0)")
     p.add_argument("--loop-max-n", type=int, default=None,
                    help="largest N for the per-step Python loops (default GPU 4096, CPU 1024)")
     p.add_argument("--max-minutes", type=float, default=None,
-                   help="skip what remains after this many minutes (default GPU 9, CPU none)")
+                   help="skip what has not started after this many minutes (default GPU 8, CPU none)")
     p.add_argument("--json", default=None, help="write results as JSON (rewritten after each case)")
     p.add_argument("--plot", default=None, help="write a PNG: time against N, log-log")
+    p.add_argument("--from-json", default=None, metavar="PATH",
+                   help="run nothing: print the table of an earlier --json (and --plot it)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar on stderr")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failures")
     args = p.parse_args(argv)
 
+    if args.from_json:
+        data = json.loads(Path(args.from_json).read_text())
+        print(table(data["meta"], data["results"]))
+        if args.plot:
+            plot(data["meta"], data["results"], args.plot)
+        return 0
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     args.reps = args.reps or (20 if gpu else 5)
-    args.budget = args.budget if args.budget is not None else (2.0 if gpu else 0.5)
+    args.budget = args.budget if args.budget is not None else (1.0 if gpu else 0.2)
     args.target_rep = args.target_rep if args.target_rep is not None else (2e-3 if gpu else 0.0)
     args.loop_max_n = args.loop_max_n or (4096 if gpu else 1024)
     if args.max_minutes is None:
-        args.max_minutes = 9.0 if gpu else 0.0
+        args.max_minutes = 8.0 if gpu else 0.0
     args.deadline = time.time() + 60 * args.max_minutes if args.max_minutes else None
     grid = GPU_GRID if gpu else CPU_GRID
     if args.dtypes:
@@ -620,12 +662,16 @@ def main(argv=None):
             bar = None
     try:
         for case in cases:
+            data = CaseData(case, device)
             for im in impls:
                 if bar is not None:
                     bar.set_description(f"{case.label()} {im.key}")
-                rows.append(run_one(im, case, device, args, bw, passes))
+                rows.append(run_one(im, case, data, device, args, bw, passes))
+                _free(device)                  # what the implementation left, before the next
                 if bar is not None:
                     bar.update()
+            del data
+            _free(device)
             save()
     except KeyboardInterrupt as e:
         meta["notes"].append(f"interrupted ({e}); partial results")

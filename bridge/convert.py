@@ -7,6 +7,8 @@ make torch's current stream wait for the JAX computation that produces an array.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import _jax_env  # noqa: F401  (sets XLA_PYTHON_CLIENT_PREALLOCATE before JAX starts)
@@ -55,65 +57,124 @@ def prepare(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-class _Importer:
-    """torch tensor -> jax.Array, by jaxlib's DLPack import (the public jax.dlpack.from_dlpack
-    spends ~90 us per call in Python and silently narrows 64-bit dtypes when x64 is off)."""
+class _Exchange:
+    """Moves tensors to JAX and arrays to torch through jaxlib's DLPack entry points.
+
+    The public ``jax.dlpack.from_dlpack`` spends ~60-90 us per call in Python (and narrows 64-bit
+    dtypes when x64 is off); ``torch.from_dlpack`` and ``Tensor.__dlpack__(stream=...)`` each create
+    stream and event objects per tensor. Here one call's tensors share one stream hand-off: torch's
+    current stream records one event, JAX's stream for external buffers waits on it, and the
+    tensors are then exported without further synchronization. Falls back to the public
+    functions if jaxlib's entry points are missing (they are private and may move).
+    """
 
     def __init__(self):
-        self._devices = {}     # (dl device type, id) -> (jax device, stream for external ready events)
+        self._devices = {}     # (dl device type, id) -> _DeviceLink
         self._fast = None
 
-    def _device(self, dl_type: int, dl_id: int):
+    def device(self, dl_type: int, dl_id: int):
         key = (dl_type, dl_id)
-        found = self._devices.get(key)
-        if found is None:
-            from jax._src import xla_bridge
-            platform = "cpu" if dl_type == _DL_CPU else "cuda"
-            try:
-                backend = xla_bridge.get_backend(platform)
-            except RuntimeError as e:
-                raise ValueError(
-                    f"a {platform} tensor was passed, but JAX has no {platform} backend ({e}). "
-                    "For CUDA tensors install a CUDA build of JAX: pip install 'gateloop-hybrid[cuda]'"
-                ) from None
-            device = backend.device_from_local_hardware_id(dl_id)
-            stream = None
-            if dl_type == _DL_CUDA:
-                stream = device.get_stream_for_external_ready_events()
-            found = self._devices[key] = (device, stream)
-        return found
+        link = self._devices.get(key)
+        if link is None:
+            link = self._devices[key] = _DeviceLink(dl_type, dl_id)
+        return link
 
-    def __call__(self, t: torch.Tensor) -> jax.Array:
-        dl_type, dl_id = t.__dlpack_device__()
-        device, stream = self._device(int(dl_type), dl_id)
-        if dl_type == _DL_CUDA and torch.cuda.current_device() != dl_id:
-            with torch.cuda.device(dl_id):   # torch only exports tensors of its current device
-                capsule = t.__dlpack__(stream=stream)
-        else:
-            capsule = t.__dlpack__(stream=stream) if stream is not None else t.__dlpack__()
+    def fast(self):
         if self._fast is None:
-            self._fast = _find_fast_import()
-        if self._fast is not False:
-            return self._fast(capsule, device, stream, int(dl_type))
-        # Public path: full width only inside x64 mode.
+            self._fast = _find_fast_paths()
+        return self._fast
+
+    def to_jax(self, tensors):
+        """Prepared tensors (all on one device) -> jax.Arrays sharing their memory."""
+        if not tensors:
+            return []
+        dl_type, dl_id = tensors[0].__dlpack_device__()
+        link = self.device(int(dl_type), dl_id)
+        fast = self.fast()
+        if not fast:
+            return [self._to_jax_public(t) for t in tensors]
+        import_fn, _ = fast
+        if link.cuda:
+            with link.current():
+                link.torch_to_jax_order()
+                capsules = [t.__dlpack__(stream=-1) for t in tensors]
+        else:
+            capsules = [t.__dlpack__() for t in tensors]
+        return [import_fn(c, link.jax_device, link.jax_stream, link.dl_type) for c in capsules]
+
+    @staticmethod
+    def _to_jax_public(t):
         with jax.enable_x64(t.dtype in WIDE_DTYPES):
             return jax.dlpack.from_dlpack(t, copy=False)
 
+    def to_torch(self, arrays):
+        """jax.Arrays -> torch tensors sharing their memory, ordered after the JAX work."""
+        fast = self.fast()
+        if not fast or not arrays:
+            return [torch.from_dlpack(a) for a in arrays]
+        _, export_fn = fast
+        out = []
+        for a in arrays:
+            device = a.sharding._device if hasattr(a.sharding, "_device") else next(iter(a.devices()))
+            stream = None
+            if device.platform != "cpu":
+                # JAX makes torch's current stream (of the array's device) wait for the array.
+                stream = torch._C._cuda_getCurrentRawStream(device.local_hardware_id) or 1
+            out.append(torch.utils.dlpack.from_dlpack(export_fn(a, stream)))
+        return out
 
-def _find_fast_import():
+
+class _DeviceLink:
+    """What the exchange needs per device: JAX's device, JAX's stream for external buffers and,
+    on CUDA, that stream as a torch stream plus one reusable event to order it after torch's."""
+
+    def __init__(self, dl_type: int, dl_id: int):
+        from jax._src import xla_bridge
+        self.dl_type, self.dl_id = dl_type, dl_id
+        self.cuda = dl_type == _DL_CUDA
+        platform = "cuda" if self.cuda else "cpu"
+        try:
+            backend = xla_bridge.get_backend(platform)
+        except RuntimeError as e:
+            raise ValueError(
+                f"a {platform} tensor was passed, but JAX has no {platform} backend ({e}). "
+                "For CUDA tensors install a CUDA build of JAX: pip install 'gateloop-hybrid[cuda]'"
+            ) from None
+        self.jax_device = backend.device_from_local_hardware_id(dl_id)
+        self.jax_stream = None
+        if self.cuda:
+            self.jax_stream = self.jax_device.get_stream_for_external_ready_events()
+            self._jax_stream_in_torch = torch.cuda.ExternalStream(self.jax_stream, device=f"cuda:{dl_id}")
+            self._event = torch.cuda.Event()
+
+    def current(self):
+        """Context making this device torch's current one (torch exports only from it)."""
+        if torch.cuda.current_device() == self.dl_id:
+            return contextlib.nullcontext()
+        return torch.cuda.device(self.dl_id)
+
+    def torch_to_jax_order(self):
+        # cudaStreamWaitEvent captures the event as recorded now, so reusing one event is safe.
+        self._event.record(torch.cuda.current_stream(self.dl_id))
+        self._jax_stream_in_torch.wait_event(self._event)
+
+
+def _find_fast_paths():
     try:
         from jax._src.lib import _jax, jaxlib_extension_version
-    except ImportError:
-        return False
-    fn = getattr(_jax, "dlpack_managed_tensor_to_buffer", None)
-    if fn is None:
+        import_raw = _jax.dlpack_managed_tensor_to_buffer
+        export_raw = _jax.buffer_to_dlpack_managed_tensor
+    except (ImportError, AttributeError):
         return False
     if jaxlib_extension_version >= 467:
-        return lambda capsule, device, stream, dl_type: fn(capsule, device, stream, False, dl_type)
-    return lambda capsule, device, stream, dl_type: fn(capsule, device, stream, False)
+        import_fn = lambda capsule, device, stream, dl_type: import_raw(capsule, device, stream, False, dl_type)
+    else:
+        import_fn = lambda capsule, device, stream, dl_type: import_raw(capsule, device, stream, False)
+    export_fn = lambda array, stream: export_raw(array, stream=stream)
+    return import_fn, export_fn
 
 
-_import = _Importer()
+exchange = _Exchange()
 
 
 def to_jax(tensor: torch.Tensor, *, name: str = "tensor") -> jax.Array:
@@ -124,7 +185,7 @@ def to_jax(tensor: torch.Tensor, *, name: str = "tensor") -> jax.Array:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     check_dtype(tensor, name)
     check_device(tensor, name)
-    return _import(prepare(tensor))
+    return exchange.to_jax([prepare(tensor)])[0]
 
 
 def to_torch(array: jax.Array) -> torch.Tensor:
@@ -132,4 +193,4 @@ def to_torch(array: jax.Array) -> torch.Tensor:
     that produces it (torch passes its current stream through DLPack)."""
     if not isinstance(array, jax.Array):
         raise TypeError(f"expected a jax.Array, got {type(array).__name__}")
-    return torch.from_dlpack(array)
+    return exchange.to_torch([array])[0]

@@ -30,7 +30,7 @@ import weakref
 import numpy as np
 import torch
 
-from .convert import SUPPORTED_DTYPES, WIDE_DTYPES, check_device, check_dtype, to_jax, to_torch
+from .convert import SUPPORTED_DTYPES, WIDE_DTYPES, check_device, check_dtype, exchange, prepare
 import jax
 import jax.numpy as jnp
 
@@ -171,24 +171,32 @@ class _Spec:
             self.signatures[key] = sig
         return sig
 
-    def run(self, tensors, with_vjp: bool, known: bool = False):
-        """Outputs (and, with_vjp, the extra residuals) as torch tensors."""
+    def run(self, tensors, with_vjp: bool, known: bool = False, keep_arrays: bool = False):
+        """Outputs (and, with_vjp, the extra residuals) as torch tensors; with keep_arrays also
+        the JAX arrays (inputs, outputs, extras) that they share memory with."""
         if not known:
             self.signature(tensors, with_vjp)   # first call per signature: learn its layout
-        arrays = [to_jax(t) for t in tensors]
+        arrays = exchange.to_jax([prepare(t) for t in tensors])
         with jax.enable_x64(_needs_x64(tensors)):
             if with_vjp:
                 outs, extras = self.vjp_fwd(*arrays)
             else:
                 outs, extras = self.plain(*arrays), []
-        return [to_torch(o) for o in outs], [to_torch(e) for e in extras]
+        converted = exchange.to_torch([*outs, *extras])
+        result = converted[:len(outs)], converted[len(outs):]
+        return (*result, (arrays, outs, extras)) if keep_arrays else result
 
-    def run_bwd(self, sig: _Signature, res, cts, wide: bool):
-        res_arrays = [to_jax(r) for r in res]
-        ct_arrays = [to_jax(c) for c in cts]
+    def run_bwd(self, sig: _Signature, res, cts, wide: bool, res_arrays=None):
+        """Input gradients as torch tensors. ``res_arrays``: the residuals' JAX arrays when the
+        caller still holds them (saves re-importing the saved tensors)."""
+        if res_arrays is None:
+            arrays = exchange.to_jax([prepare(t) for t in (*res, *cts)])
+            res_arrays, ct_arrays = arrays[:len(res)], arrays[len(res):]
+        else:
+            ct_arrays = exchange.to_jax([prepare(t) for t in cts])
         with jax.enable_x64(wide):
             grads = sig.bwd(res_arrays, ct_arrays)
-        return [to_torch(g) for g in grads]
+        return exchange.to_torch(grads)
 
 
 def _differentiable_dtype(dtype) -> bool:
@@ -221,17 +229,23 @@ class _BridgeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec: _Spec, *tensors):
         sig = spec.signature(tensors, with_vjp=True)
-        outs, extras = spec.run(tensors, with_vjp=True, known=True)
+        outs, extras, (in_arr, out_arr, extra_arr) = spec.run(tensors, with_vjp=True, known=True,
+                                                              keep_arrays=True)
         ctx.spec, ctx.sig, ctx.n_in = spec, sig, len(tensors)
         ctx.wide = _needs_x64(tensors)
+        # The residuals are saved as torch tensors (torch's version counter guards them); their
+        # JAX arrays (views of the same memory, no closures) are kept so backward need not
+        # import them again.
         ctx.save_for_backward(*_saved_residuals(sig, tensors, outs, extras))
+        ctx.res_arrays = _saved_residuals(sig, in_arr, out_arr, extra_arr)
         ctx.mark_non_differentiable(*(o for o in outs if o.dtype not in _DIFFERENTIABLE))
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *cts):
-        res = ctx.saved_tensors
-        grads = ctx.spec.run_bwd(ctx.sig, res, cts, ctx.wide)
+        res = ctx.saved_tensors     # raises if a residual was modified in place since forward
+        grads = ctx.spec.run_bwd(ctx.sig, res, cts, ctx.wide, ctx.res_arrays)
+        ctx.res_arrays = None
         full = [None] * ctx.n_in
         for i, g in zip(ctx.sig.diff, grads):
             if ctx.needs_input_grad[1 + i]:

@@ -68,7 +68,7 @@ __all__ = ["KernelConfig", "scan_fwd", "scan_bwd", "gate_loop_scan_pallas", "gat
 _F32 = jnp.float32
 _SENTINEL = np.int32(0x7FBADBAD)   # "not yet published": a NaN payload no arithmetic produces
 _CANON_NAN = np.int32(0x7FFFFFFF)
-_MAX_SPINS = 1 << 20              # look-back gives up (and poisons its tile with NaN) after this
+_MAX_SPINS = 1 << 18              # look-back gives up (and poisons its tile with NaN) after this
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,6 +222,11 @@ class KernelConfig:
     wide_pairs: read/write complex (re, im) pairs as one contiguous tile split in registers
         (wide loads) instead of two strided reads.
     ticket: lookback only; take tiles from an atomic counter (safe) instead of the program id.
+    window: lookback only; predecessors read per round trip of the look-back (power of 2).
+    column_per_lane: 0 lets Triton lay tiles out (16-byte vectors, lanes across rows too); v > 0
+        gives each lane v floats of a row (v=1 for complex pairs: one (re, im)) and all of the
+        tile's time steps, so the tile scan runs in registers without shuffles. Use with
+        block_d = 32 v (real) or 32 (complex) per warp.
     """
     method: str = "auto"
     block_t: int = 0
@@ -231,6 +236,8 @@ class KernelConfig:
     prefetch: bool = False
     wide_pairs: bool = True
     ticket: bool = True
+    column_per_lane: int = 0
+    window: int = 8
 
 
 _DEFAULTS = {  # chosen from benchmarks/pallas_tune.py on an H200 (see notes/pallas.md)
@@ -310,46 +317,55 @@ def _a_columns(cols, terms):
 
 
 def _load(ref, b, rows, rmask, cols, cmask, planes, other=0.0, col0=None):
-    """(T, BD) float32 tiles, one per plane. With ``col0`` (cols == col0 + iota) complex pairs
-    are read as one contiguous (T, 2 BD) tile and split in registers (wide loads); otherwise each
-    plane is a strided read."""
+    """(T, BD) float32 tiles, one per plane. Complex pairs are read together: with ``col0``
+    (cols == col0 + iota) as one contiguous (T, 2 BD) tile, else as (T, BD, 2); then split in
+    registers."""
     T, BD = rows.shape[0], cols.shape[0]
     m = rmask[:, None] & cmask[None, :]
-    if planes == 2 and col0 is not None:
-        cc = 2 * col0 + lax.broadcasted_iota(jnp.int32, (2 * BD,), 0)
-        r2 = jnp.broadcast_to(rows[:, None], (T, 2 * BD))
-        c2 = jnp.broadcast_to(cc[None, :], (T, 2 * BD))
-        m2 = rmask[:, None] & (cc < ref.shape[-1])[None, :]
-        v = plgpu.load(ref.at[b, r2, c2], mask=m2, other=jnp.asarray(0.0, ref.dtype))
-        re, im = lax.unstack(v.astype(_F32).reshape(T, BD, 2), axis=2)
+    zero = jnp.asarray(0.0, ref.dtype)
+    if planes == 2:
+        if col0 is not None:
+            cc = 2 * col0 + lax.broadcasted_iota(jnp.int32, (2 * BD,), 0)
+            r2 = jnp.broadcast_to(rows[:, None], (T, 2 * BD))
+            c2 = jnp.broadcast_to(cc[None, :], (T, 2 * BD))
+            m2 = rmask[:, None] & (cc < ref.shape[-1])[None, :]
+            v = plgpu.load(ref.at[b, r2, c2], mask=m2, other=zero).reshape(T, BD, 2)
+        else:
+            shape = (T, BD, 2)
+            r3 = jnp.broadcast_to(rows[:, None, None], shape)
+            c3 = jnp.broadcast_to(2 * cols[None, :, None] + lax.broadcasted_iota(jnp.int32, (1, 1, 2), 2),
+                                  shape)
+            v = plgpu.load(ref.at[b, r3, c3], mask=jnp.broadcast_to(m[:, :, None], shape), other=zero)
+        re, im = lax.unstack(v.astype(_F32), axis=2)
         if other != 0.0:
             re = jnp.where(m, re, other)
         return re, im
     r2 = jnp.broadcast_to(rows[:, None], (T, BD))
-    out = []
-    for p in range(planes):
-        c2 = jnp.broadcast_to((cols * planes + p)[None, :], (T, BD))
-        o = jnp.asarray(other if p == 0 else 0.0, ref.dtype)
-        out.append(plgpu.load(ref.at[b, r2, c2], mask=m, other=o).astype(_F32))
-    return tuple(out)
+    c2 = jnp.broadcast_to(cols[None, :], (T, BD))
+    return (plgpu.load(ref.at[b, r2, c2], mask=m, other=jnp.asarray(other, ref.dtype)).astype(_F32),)
 
 
 def _store(ref, b, rows, rmask, cols, cmask, vals, col0=None):
     T, BD = rows.shape[0], cols.shape[0]
-    planes = len(vals)
-    if planes == 2 and col0 is not None:
-        cc = 2 * col0 + lax.broadcasted_iota(jnp.int32, (2 * BD,), 0)
-        r2 = jnp.broadcast_to(rows[:, None], (T, 2 * BD))
-        c2 = jnp.broadcast_to(cc[None, :], (T, 2 * BD))
-        m2 = rmask[:, None] & (cc < ref.shape[-1])[None, :]
-        v = lax.stack([vals[0], vals[1]], axis=2).reshape(T, 2 * BD)
-        plgpu.store(ref.at[b, r2, c2], v.astype(ref.dtype), mask=m2)
+    m = rmask[:, None] & cmask[None, :]
+    if len(vals) == 2:
+        v = lax.stack([vals[0], vals[1]], axis=2).astype(ref.dtype)
+        if col0 is not None:
+            cc = 2 * col0 + lax.broadcasted_iota(jnp.int32, (2 * BD,), 0)
+            r2 = jnp.broadcast_to(rows[:, None], (T, 2 * BD))
+            c2 = jnp.broadcast_to(cc[None, :], (T, 2 * BD))
+            m2 = rmask[:, None] & (cc < ref.shape[-1])[None, :]
+            plgpu.store(ref.at[b, r2, c2], v.reshape(T, 2 * BD), mask=m2)
+        else:
+            shape = (T, BD, 2)
+            r3 = jnp.broadcast_to(rows[:, None, None], shape)
+            c3 = jnp.broadcast_to(2 * cols[None, :, None] + lax.broadcasted_iota(jnp.int32, (1, 1, 2), 2),
+                                  shape)
+            plgpu.store(ref.at[b, r3, c3], v, mask=jnp.broadcast_to(m[:, :, None], shape))
         return
     r2 = jnp.broadcast_to(rows[:, None], (T, BD))
-    m = rmask[:, None] & cmask[None, :]
-    for p, v in enumerate(vals):
-        c2 = jnp.broadcast_to((cols * planes + p)[None, :], (T, BD))
-        plgpu.store(ref.at[b, r2, c2], v.astype(ref.dtype), mask=m)
+    c2 = jnp.broadcast_to(cols[None, :], (T, BD))
+    plgpu.store(ref.at[b, r2, c2], vals[0].astype(ref.dtype), mask=m)
 
 
 def _load_row(ref, b, cols, cmask, planes):
@@ -485,6 +501,12 @@ def _make_tile(b, d, c, cfg: KernelConfig, geom: _Geom) -> _Tile:
     rmask = s < N
     t = s if geom.wdir > 0 else (N - 1) - s
     col0 = d * BD
+    if cfg.column_per_lane:
+        # A zero that Triton cannot see through, times the vector width: the columns stay
+        # contiguous (so lanes run along them) but their alignment is only lane_vector
+        # elements, so each lane gets that many columns and all of the tile's time steps.
+        opaque_zero = pl.program_id(0) // (1 << 30)
+        col0 = col0 + cfg.column_per_lane * opaque_zero
     cols = col0 + lax.broadcasted_iota(jnp.int32, (BD,), 0)
     wide = cfg.wide_pairs
     return _Tile(b, _masked_index(t, rmask, N), rmask, cols, cols < geom.D,
@@ -506,9 +528,8 @@ def _walk_kernel(*refs, op, geom: _Geom, cfg: KernelConfig):
     nC = pl.cdiv(geom.N, T)
     pid = pl.program_id(0)
     b, d = pid // nD, pid % nD
-    cols = d * BD + lax.broadcasted_iota(jnp.int32, (BD,), 0)
-    cmask = cols < geom.D
     tile = lambda c: _make_tile(b, d, c, cfg, geom)
+    cols, cmask = tile(0).cols, tile(0).cmask
 
     def step(c, carry, loaded):
         a, x, aux = loaded
@@ -545,14 +566,21 @@ def _publish(ref, b, c, cols, vals, interpret):
             plgpu.atomic_xchg(ref, (b, c, p * Dp + cols), _bits(v))
 
 
-def _peek(ref, b, j, cols, planes):
-    """Volatile load of a published vector: (all published?, float planes)."""
+def _peek(ref, b, j, cols, planes, W):
+    """Volatile load of the vectors published for tiles j-W+1 .. j: (row published?, planes),
+    each plane (W, BD); rows before tile 0 count as unpublished."""
     Dp = ref.shape[-1] // planes
-    ok = jnp.int32(1)
+    rows = j - (W - 1) + lax.broadcasted_iota(jnp.int32, (W,), 0)
+    valid = rows >= 0
+    BD = cols.shape[0]
+    r2 = jnp.broadcast_to(jnp.where(valid, rows, 0)[:, None], (W, BD))
+    m = jnp.broadcast_to(valid[:, None], (W, BD))
+    ok = jnp.ones((W,), jnp.int32)
     vals = []
     for p in range(planes):
-        bits = plgpu.load(ref.at[b, j, p * Dp + cols], volatile=True)
-        ok = jnp.minimum(ok, jnp.min((bits != _SENTINEL).astype(jnp.int32)))
+        c2 = jnp.broadcast_to((p * Dp + cols)[None, :], (W, BD))
+        bits = plgpu.load(ref.at[b, r2, c2], mask=m, other=jnp.asarray(_SENTINEL), volatile=True)
+        ok = jnp.minimum(ok, jnp.min((bits != _SENTINEL).astype(jnp.int32), axis=1))
         vals.append(lax.bitcast_convert_type(bits, _F32))
     return ok > 0, tuple(vals)
 
@@ -593,23 +621,36 @@ def _lookback_kernel(*refs, op, geom: _Geom, cfg: KernelConfig, interpret: bool)
         done, spins = state[0], state[1]
         return jnp.logical_and(jnp.logical_not(done), spins < _MAX_SPINS)
 
+    W = cfg.window
+    iw = lax.broadcasted_iota(jnp.int32, (W,), 0)
+
     def body(state):
+        # One round trip reads the W predecessors j-W+1..j. If the latest that published its
+        # inclusive state is followed only by published aggregates, compose them: done. If all W
+        # published aggregates, fold them into acc and move W back. Otherwise look again.
         done, spins, j, acc_a, acc_x, carry = state
-        jj = jnp.maximum(j, 0)
-        incl_ok, incl_v = _peek(incl, b, jj, cols, p)
-        agg_ok_a, agg_a_v = _peek(agg_a, b, jj, cols, pa)
-        agg_ok_x, agg_x_v = _peek(agg_x, b, jj, cols, p)
-        agg_ok = jnp.logical_and(jnp.logical_and(agg_ok_a, agg_ok_x), jnp.logical_not(incl_ok))
-        # predecessor's inclusive state, pushed through the aggregates of tiles j+1..c-1
-        new_carry = _cadd(_cmul(acc_a, incl_v), acc_x)
-        # fold tile j's aggregate in front of the accumulated ones
-        new_acc_a = _cmul(agg_a_v, acc_a)
-        new_acc_x = _cadd(_cmul(acc_a, agg_x_v), acc_x)
-        carry = tuple(jnp.where(incl_ok, n, o) for n, o in zip(new_carry, carry))
-        acc_a = tuple(jnp.where(agg_ok, n, o) for n, o in zip(new_acc_a, acc_a))
-        acc_x = tuple(jnp.where(agg_ok, n, o) for n, o in zip(new_acc_x, acc_x))
-        j = jnp.where(agg_ok, j - 1, j)
-        return incl_ok, spins + 1, j, acc_a, acc_x, carry
+        incl_ok, incl_v = _peek(incl, b, j, cols, p, W)
+        agg_ok_a, agg_a_v = _peek(agg_a, b, j, cols, pa, W)
+        agg_ok_x, agg_x_v = _peek(agg_x, b, j, cols, p, W)
+        agg_ok = agg_ok_a & agg_ok_x
+        r_incl = jnp.max(jnp.where(incl_ok, iw, -1))
+        r_bad = jnp.max(jnp.where(incl_ok | agg_ok, -1, iw))
+        found = (r_incl >= 0) & (r_bad < r_incl)
+        all_agg = (r_bad < 0) & jnp.logical_not(found)
+        after, at = (iw > r_incl)[:, None], (iw == r_incl)[:, None]
+        row_a = tuple(jnp.where(after, v, jnp.where(at, 0.0, 1.0 if k == 0 else 0.0))
+                      for k, v in enumerate(agg_a_v))
+        row_x = tuple(jnp.where(after, v, jnp.where(at, w, 0.0)) for v, w in zip(agg_x_v, incl_v))
+        win_a, win_x = _tile_scan(row_a, row_x)
+        win_a, win_x = _last_row(win_a), _last_row(win_x)
+        new_carry = _cadd(_cmul(acc_a, win_x), acc_x)
+        new_acc_a = _cmul(win_a, acc_a)
+        new_acc_x = new_carry
+        carry = tuple(jnp.where(found, n, o) for n, o in zip(new_carry, carry))
+        acc_a = tuple(jnp.where(all_agg, n, o) for n, o in zip(new_acc_a, acc_a))
+        acc_x = tuple(jnp.where(all_agg, n, o) for n, o in zip(new_acc_x, acc_x))
+        j = jnp.where(all_agg, j - W, j)
+        return found, spins + 1, j, acc_a, acc_x, carry
 
     state = (c == 0, jnp.int32(0), c - 1, ones, zeros, carry0)
     done, _, _, _, _, carry = lax.while_loop(cond, body, state)
