@@ -358,6 +358,22 @@ def versions():
     return v
 
 
+def git_revision() -> str | None:
+    """The checkout's commit (with '+dirty' for uncommitted changes), or None outside git."""
+    import subprocess
+
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=10)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -423,7 +439,8 @@ def table(meta, rows) -> str:
     lines = [
         f"# scan_speed  {meta['date']}",
         f"# device: {meta['device_name']}   jax device: {meta['jax_device']}",
-        "# versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v),
+        "# versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v)
+        + (f"; gateloop_hybrid at {meta['git']}" if meta.get("git") else ""),
         f"# copy bandwidth (read+write): {meta['bandwidth_GBps']:.0f} GB/s; floor = 3x (fwd), "
         "8x (fwd+bwd) the bytes of one (B,N,D) tensor at that bandwidth",
         "# time: median ms ±half the interquartile range; err: max|y-ref|/max|ref| vs float64 "
@@ -636,7 +653,7 @@ def main(argv=None):
     meta = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "device": str(device), "device_name": device_name(device), "jax_device": jax_device(),
-        "versions": versions(), "bandwidth": bw, "bandwidth_GBps": bw / 1e9,
+        "versions": versions(), "git": git_revision(), "bandwidth": bw, "bandwidth_GBps": bw / 1e9,
         "argv": sys.argv[1:], "notes": notes,
         "config": {k: v for k, v in vars(args).items() if k != "deadline"},
         "floor": "3 x bytes of one (B,N,D) tensor (fwd), 8 x (fwd+bwd), at the measured copy bandwidth",

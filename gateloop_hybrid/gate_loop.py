@@ -30,12 +30,14 @@ def _gate_looped_heads(
 ):
     """y_t = q_t . Re(h_t) with h_t = a_t h_{t-1} + k_t v_t^T, per (batch, head).
 
-    q, k, v: (bh, n, d) real. a: (bh, n, 1, 1) complex (one gate per head, never expanded).
-    h0: (bh, d, e) complex or None. Returns y (bh, n, e) and the final state (bh, d, e).
+    q, k, v: (b, n, h, d) real. a: (b, n, h, 1, 1) complex (one gate per head, never expanded).
+    h0: (b, h, d, e) complex or None. Returns y (b, n, h, e) and the final state (b, h, d, e).
+    Time stays dim 1 and the features (h, d, e) stay contiguous, the layout the projections
+    produce: no transposes around the scan, and coalesced rows for the GPU kernels.
     """
-    kv = torch.einsum("b n d, b n e -> b n d e", k, v)  # real; the scan promotes to complex
-    h, h_last = gate_loop_scan(a, kv, h0, backend=backend)  # (bh, n, d, e) complex
-    y = torch.einsum("b n d, b n d e -> b n e", q, h.real.to(q.dtype))
+    kv = torch.einsum("b n h d, b n h e -> b n h d e", k, v)  # real; the scan promotes to complex
+    h, h_last = gate_loop_scan(a, kv, h0, backend=backend)  # (b, n, h, d, e) complex
+    y = torch.einsum("b n h d, b n h d e -> b n h e", q, h.real.to(q.dtype))
     return y, h_last
 
 
@@ -86,13 +88,13 @@ class GateLoopedAttention(nn.Module):
         self.scan_backend = _check_backend(scan_backend)
 
         # module structure (and so state-dict keys) follows the seed
-        self.split_heads = Rearrange("b n (h d) -> (b h) n d", h=heads)
+        self.split_heads = Rearrange("b n (h d) -> b n h d", h=heads)
         self.to_qkv = nn.Linear(dim, dim_inner * 3, bias=False)
         self.to_a = nn.Sequential(
             nn.Linear(dim, heads * 2),
-            Rearrange("b n (h c) -> (b h) n 1 1 c", h=heads, c=2),
+            Rearrange("b n (h c) -> b n h 1 1 c", h=heads, c=2),
         )
-        self.merge_heads = Rearrange("(b h) n d -> b n (h d)", h=heads)
+        self.merge_heads = Rearrange("b n h d -> b n (h d)", h=heads)
         self.maybe_sub_ln = nn.LayerNorm(dim_inner) if sub_ln else nn.Identity()
         self.to_gates = None
         if add_swish_gating:
@@ -101,13 +103,13 @@ class GateLoopedAttention(nn.Module):
         self.to_out = nn.Linear(dim_inner, dim, bias=False) if needs_proj else nn.Identity()
 
     def _gates(self, x: Tensor, ablate_complex: bool, ablate_state_transition: bool) -> Tensor:
-        """Complex state-transition gates, (b h, n, 1, 1)."""
+        """Complex state-transition gates, (b, n, h, 1, 1)."""
         frac = self.frac_gradient_state_transition
-        z = self.to_a(x)  # (bh, n, 1, 1, 2)
+        z = self.to_a(x)  # (b, n, h, 1, 1, 2)
         z = z * frac + z.detach() * (1 - frac)
         if z.dtype in (torch.float16, torch.bfloat16):
             z = z.float()  # complex needs float32 or wider
-        z = torch.view_as_complex(z)  # (bh, n, 1, 1)
+        z = torch.view_as_complex(z)  # (b, n, h, 1, 1)
         if ablate_complex:
             z = z.real + 0.0j
         if ablate_state_transition:
@@ -137,8 +139,8 @@ class GateLoopedAttention(nn.Module):
         """
         b = x.shape[0]
         q, k, v = self.to_qkv(x).chunk(3, dim=-1)
-        q, k, v = map(self.split_heads, (q, k, v))  # each (bh, n, d)
-        a = self._gates(x, ablate_complex, ablate_state_transition)  # (bh, n, 1, 1)
+        q, k, v = map(self.split_heads, (q, k, v))  # each (b, n, h, d)
+        a = self._gates(x, ablate_complex, ablate_state_transition)  # (b, n, h, 1, 1)
 
         h0 = None
         if cache is not None:
@@ -148,7 +150,7 @@ class GateLoopedAttention(nn.Module):
                     f"cache must be the state from return_cache=True, shape "
                     f"(batch, heads, d, e) = {(b, self.heads, d, d)}, got {tuple(cache.shape)}"
                 )
-            h0 = cache.reshape(b * self.heads, d, d)  # (bh, d, e)
+            h0 = cache  # (b, h, d, e)
 
         fn = partial(_gate_looped_heads, backend=self.scan_backend)
         needs_grad = torch.is_grad_enabled() and any(
@@ -167,7 +169,7 @@ class GateLoopedAttention(nn.Module):
 
         if not return_cache:
             return out
-        return out, h_last.reshape(b, self.heads, *h_last.shape[1:])
+        return out, h_last
 
 
 def _resolve_simple_backend(scan_backend: str, use_heinsen: bool, use_jax: bool) -> str:

@@ -51,6 +51,7 @@ def test_inputs_are_random_gates_in_unit_disc():
     assert x.abs().std() > 0 and ct.abs().std() > 0
 
 
+@pytest.mark.slow
 def test_cpu_run_end_to_end(tmp_path):
     """A tiny CPU run: every row is measured or carries a reason; outputs are written."""
     out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"

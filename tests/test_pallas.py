@@ -47,20 +47,25 @@ class Case:
     method: str
     pairs: bool = False      # the float-pair entry point (torch's convention)
     B: int = 2
+    config: tuple = ()       # extra KernelConfig fields
 
 
 CASES = [
     Case("real_long_walk", 1000, (6,), (6,), ("f32", "f32", "f32"), False, "walk"),
-    Case("real_bcast_rev_lookback", 63, (3, 5), (3, 1), ("f32", "f32", "f32"), True, "lookback"),
+    # incl_every: most tiles publish only aggregates, so the look-back walks several windows
+    Case("real_bcast_rev_lookback", 63, (3, 5), (3, 1), ("f32", "f32", "f32"), True, "lookback",
+         config=(("incl_every", 3), ("window", 2))),
     Case("real_n1_scalar_gate", 1, (7,), (1,), ("f32", "f32", "f32"), False, "walk"),
-    Case("complex_bcast_walk", 63, (3, 4), (1, 4), ("c64", "c64", "c64"), False, "walk"),
-    Case("complex_long_rev_lookback", 1000, (5,), (5,), ("c64", "c64", "c64"), True, "lookback"),
+    Case("complex_bcast_walk", 63, (3, 4), (1, 4), ("c64", "c64", "c64"), False, "walk",
+         config=(("column_per_lane", 1),)),
+    Case("complex_long_rev_lookback", 1000, (5,), (5,), ("c64", "c64", "c64"), True, "lookback",
+         config=(("incl_every", 7), ("window", 4))),
     Case("complex_gate_real_x_n3", 3, (4,), (4,), ("c64", "f32", None), True, "lookback", B=3),
     Case("bf16_walk", 63, (9,), (9,), ("bf16", "bf16", "bf16"), True, "walk"),
     Case("pairs_complex_lookback", 63, (2, 3), (2, 1), ("c64", "c64", "c64"), False, "lookback",
          pairs=True),
     Case("pairs_real_gate_complex_x_rev", 3, (5,), (5,), ("f32", "c64", "f32"), True, "walk",
-         pairs=True),
+         pairs=True, config=(("column_per_lane", 2),)),
 ]
 
 _NP = {"f32": np.float32, "bf16": jnp.bfloat16, "c64": np.complex64}
@@ -102,7 +107,7 @@ def test_values_and_gradients(case):
     out_complex = "c64" in case.dtypes
     gh = _rand(rng, (B, N, *case.F), "c64" if out_complex else "f32")
     gl = _rand(rng, (B, *case.F), "c64" if out_complex else "f32")
-    cfg = ps.KernelConfig(method=case.method, block_t=16, block_d=4)
+    cfg = ps.KernelConfig(method=case.method, block_t=16, block_d=4, **dict(case.config))
 
     if case.pairs:
         def run(a, x, h0, gh, gl):

@@ -223,6 +223,8 @@ class KernelConfig:
         (wide loads) instead of two strided reads.
     ticket: lookback only; take tiles from an atomic counter (safe) instead of the program id.
     window: lookback only; predecessors read per round trip of the look-back (power of 2).
+    incl_every: testing only; publish inclusive states for every k-th tile alone, so that the
+        look-back has to combine aggregates over several windows (as it does on a busy GPU).
     column_per_lane: 0 lets Triton lay tiles out (16-byte vectors, lanes across rows too); v > 0
         gives each lane v floats of a row (v=1 for complex pairs: one (re, im)) and all of the
         tile's time steps, so the tile scan runs in registers without shuffles. Use with
@@ -238,6 +240,7 @@ class KernelConfig:
     ticket: bool = True
     column_per_lane: int = 0
     window: int = 8
+    incl_every: int = 0
 
 
 _DEFAULTS = {  # chosen from benchmarks/pallas_tune.py on an H200 (see notes/pallas.md)
@@ -494,7 +497,12 @@ class _Bwd:
 # The two kernels
 
 
-def _make_tile(b, d, c, cfg: KernelConfig, geom: _Geom) -> _Tile:
+def _opaque_zero():
+    """Zero at run time, of unknown alignment to Triton (call at the kernel's top level)."""
+    return pl.program_id(0) // (1 << 30)
+
+
+def _make_tile(b, d, c, cfg: KernelConfig, geom: _Geom, opaque_zero) -> _Tile:
     """Rows and columns of tile (time tile c, column block d) of batch b."""
     T, BD, N = cfg.block_t, cfg.block_d, geom.N
     s = c * T + lax.broadcasted_iota(jnp.int32, (T,), 0)
@@ -503,9 +511,8 @@ def _make_tile(b, d, c, cfg: KernelConfig, geom: _Geom) -> _Tile:
     col0 = d * BD
     if cfg.column_per_lane:
         # A zero that Triton cannot see through, times the vector width: the columns stay
-        # contiguous (so lanes run along them) but their alignment is only lane_vector
+        # contiguous (so lanes run along them) but their alignment is only column_per_lane
         # elements, so each lane gets that many columns and all of the tile's time steps.
-        opaque_zero = pl.program_id(0) // (1 << 30)
         col0 = col0 + cfg.column_per_lane * opaque_zero
     cols = col0 + lax.broadcasted_iota(jnp.int32, (BD,), 0)
     wide = cfg.wide_pairs
@@ -528,7 +535,8 @@ def _walk_kernel(*refs, op, geom: _Geom, cfg: KernelConfig):
     nC = pl.cdiv(geom.N, T)
     pid = pl.program_id(0)
     b, d = pid // nD, pid % nD
-    tile = lambda c: _make_tile(b, d, c, cfg, geom)
+    opaque = _opaque_zero()
+    tile = lambda c: _make_tile(b, d, c, cfg, geom, opaque)
     cols, cmask = tile(0).cols, tile(0).cmask
 
     def step(c, carry, loaded):
@@ -600,7 +608,7 @@ def _lookback_kernel(*refs, op, geom: _Geom, cfg: KernelConfig, interpret: bool)
     per_c = geom.B * nD
     c, r = ticket // per_c, ticket % per_c
     b, d = r // nD, r % nD
-    tl = _make_tile(b, d, c, cfg, geom)
+    tl = _make_tile(b, d, c, cfg, geom, _opaque_zero())
     cols, cmask = tl.cols, tl.cmask
 
     a, x, aux = op.prologue(ins, tl, geom)
@@ -657,7 +665,10 @@ def _lookback_kernel(*refs, op, geom: _Geom, cfg: KernelConfig, interpret: bool)
     carry = tuple(jnp.where(done, v, jnp.nan) for v in carry)
 
     incl_state = _cadd(_cmul(A_last, carry), X_last)
-    _publish(incl, b, c, cols, incl_state, interpret)
+    if cfg.incl_every > 1:   # testing: successors must then walk back over aggregates
+        pl.when(c % cfg.incl_every == 0)(lambda: _publish(incl, b, c, cols, incl_state, interpret))
+    else:
+        _publish(incl, b, c, cols, incl_state, interpret)
     h = _cadd(_cmul(A, carry), X)
     op.epilogue(ins, outs, tl, h, aux, geom)
 
