@@ -229,6 +229,13 @@ class KernelConfig:
         gives each lane v floats of a row (v=1 for complex pairs: one (re, im)) and all of the
         tile's time steps, so the tile scan runs in registers without shuffles. Use with
         block_d = 32 v (real) or 32 (complex) per warp.
+    publish_atomic: lookback only; publish aggregates with atomic exchanges (ordered, but each
+        waits a round trip) instead of plain stores (safe too: every 32-bit word is checked
+        against the sentinel on its own, so no ordering between words is needed).
+
+    Fields left at None / 0 / "auto" take the defaults below, which depend on the kernel
+    (forward or backward), on real or complex data and on the number of columns. ``config``
+    arguments also accept a pair (forward config, backward config).
     """
     method: str = "auto"
     block_t: int = 0
@@ -238,16 +245,37 @@ class KernelConfig:
     prefetch: bool = False
     wide_pairs: bool = True
     ticket: bool = True
-    column_per_lane: int = 0
-    window: int = 8
+    column_per_lane: int | None = None
+    window: int | None = None
     incl_every: int = 0
+    publish_atomic: bool | None = None
 
 
-_DEFAULTS = {  # chosen from benchmarks/pallas_tune.py on an H200 (see notes/pallas.md)
-    "walk": dict(block_t=64, block_d=32, num_warps=4, num_stages=3),
-    "lookback": dict(block_t=256, block_d=32, num_warps=8, num_stages=1),
-}
-_INTERPRET_DEFAULTS = dict(block_t=16, block_d=16, num_warps=1, num_stages=1)
+# Defaults, from benchmarks/pallas_tune.py on an H200 (benchmarks/results/pallas_*.txt and
+# notes/pallas.md). "many": at least _MANY_COLUMNS columns (B * D) in all.
+_MANY_COLUMNS = 8192
+_WALK_PER_SM = 24        # "auto" walks when B * D >= this many columns per multiprocessor
+
+
+def _defaults(method: str, cplx: bool, backward: bool, many: bool) -> dict:
+    d = dict(num_stages=1, column_per_lane=0, window=8, publish_atomic=True)
+    if method == "walk":
+        if cplx and not backward:
+            return {**d, **dict(block_t=32, block_d=32, num_warps=1, num_stages=4, column_per_lane=1)}
+        if cplx:
+            return {**d, **(dict(block_t=64, block_d=32, num_warps=4, num_stages=3) if many
+                            else dict(block_t=128, block_d=32, num_warps=8, num_stages=3))}
+        return {**d, **(dict(block_t=64, block_d=32, num_warps=4, num_stages=3) if many
+                        else dict(block_t=128, block_d=16, num_warps=4, num_stages=4))}
+    if cplx:
+        return {**d, **(dict(block_t=64, block_d=32, num_warps=4, column_per_lane=1, window=8) if backward
+                        else dict(block_t=32, block_d=32, num_warps=2, column_per_lane=1, window=4))}
+    return {**d, **(dict(block_t=128, block_d=64, num_warps=4, column_per_lane=2) if backward
+                    else dict(block_t=128, block_d=32, num_warps=4, column_per_lane=1))}
+
+
+_INTERPRET_DEFAULTS = dict(block_t=16, block_d=16, num_warps=1, num_stages=1, column_per_lane=0,
+                           window=8, publish_atomic=False)
 
 
 def _num_sms() -> int:
@@ -257,18 +285,21 @@ def _num_sms() -> int:
         return 132
 
 
-def resolve_config(cfg: KernelConfig | None, B: int, N: int, D: int, interpret: bool) -> KernelConfig:
+def resolve_config(cfg, B: int, N: int, D: int, interpret: bool, *, cplx: bool = False,
+                   backward: bool = False) -> KernelConfig:
+    """The launch parameters for one kernel: ``cfg``'s set fields over the defaults."""
+    if isinstance(cfg, (tuple, list)):
+        cfg = cfg[1 if backward else 0]
     cfg = cfg or KernelConfig()
     method = cfg.method
     if method == "auto":
-        bd = cfg.block_d or _DEFAULTS["walk"]["block_d"]
-        enough_columns = B * pl.cdiv(D, bd) >= 2 * _num_sms()
-        method = "walk" if (interpret or enough_columns) else "lookback"
-    if method not in _DEFAULTS:
+        method = "walk" if (interpret or B * D >= _WALK_PER_SM * _num_sms()) else "lookback"
+    if method not in ("walk", "lookback"):
         raise ValueError(f"pallas scan: unknown method {method!r}; use 'walk', 'lookback' or 'auto'")
-    base = _INTERPRET_DEFAULTS if interpret else _DEFAULTS[method]
-    fields = {k: getattr(cfg, k) or v for k, v in base.items()}
-    for k in ("block_t", "block_d"):
+    base = _INTERPRET_DEFAULTS if interpret else _defaults(method, cplx, backward, B * D >= _MANY_COLUMNS)
+    unset = lambda v: v is None or v == 0
+    fields = {k: (v if unset(getattr(cfg, k)) else getattr(cfg, k)) for k, v in base.items()}
+    for k in ("block_t", "block_d", "window"):
         if fields[k] & (fields[k] - 1):
             raise ValueError(f"pallas scan: {k}={fields[k]} must be a power of 2")
     return dataclasses.replace(cfg, method=method, **fields)
@@ -564,11 +595,11 @@ def _bits(v):
     return jnp.where(bits == _SENTINEL, _CANON_NAN, bits)
 
 
-def _publish(ref, b, c, cols, vals, interpret):
+def _publish(ref, b, c, cols, vals, interpret, atomic=True):
     Dp = ref.shape[-1] // len(vals)
     for p, v in enumerate(vals):
         idx = ref.at[b, c, p * Dp + cols]
-        if interpret:   # programs run in order there; the discharge rules have no atomic xchg
+        if interpret or not atomic:   # (the interpreter's discharge rules have no atomic xchg)
             plgpu.store(idx, _bits(v))
         else:           # an atomic store is never reordered past the look-back that follows
             plgpu.atomic_xchg(ref, (b, c, p * Dp + cols), _bits(v))
@@ -618,8 +649,8 @@ def _lookback_kernel(*refs, op, geom: _Geom, cfg: KernelConfig, interpret: bool)
 
     @pl.when(c > 0)
     def _():
-        _publish(agg_a, b, c, cols, A_last, interpret)
-        _publish(agg_x, b, c, cols, X_last, interpret)
+        _publish(agg_a, b, c, cols, A_last, interpret, cfg.publish_atomic)
+        _publish(agg_x, b, c, cols, X_last, interpret, cfg.publish_atomic)
 
     carry0 = op.carry0(ins, b, cols, cmask)
     ones = (jnp.ones((BD,), _F32),) + tuple(jnp.zeros((BD,), _F32) for _ in range(pa - 1))
@@ -666,9 +697,10 @@ def _lookback_kernel(*refs, op, geom: _Geom, cfg: KernelConfig, interpret: bool)
 
     incl_state = _cadd(_cmul(A_last, carry), X_last)
     if cfg.incl_every > 1:   # testing: successors must then walk back over aggregates
-        pl.when(c % cfg.incl_every == 0)(lambda: _publish(incl, b, c, cols, incl_state, interpret))
+        pl.when(c % cfg.incl_every == 0)(
+            lambda: _publish(incl, b, c, cols, incl_state, interpret, cfg.publish_atomic))
     else:
-        _publish(incl, b, c, cols, incl_state, interpret)
+        _publish(incl, b, c, cols, incl_state, interpret, cfg.publish_atomic)
     h = _cadd(_cmul(A, carry), X)
     op.epilogue(ins, outs, tl, h, aux, geom)
 
@@ -758,7 +790,7 @@ def _from_planes(planes, cplx, dtype):
 def _fwd_ri(a, x, h0, ca, cx, c0, reverse, cfg, interpret):
     B, N, F, Fa = _check(a, x, h0, ca, cx, c0)
     geom, F, Fa = _geom(a, x, ca, cx, reverse, True)
-    cfg = resolve_config(cfg, B, N, geom.D, interpret)
+    cfg = resolve_config(cfg, B, N, geom.D, interpret, cplx=bool(ca or cx or c0))
     pa, px, p0 = 1 + ca, 1 + cx, (0 if h0 is None else 1 + c0)
     p = max(pa, px, p0)
     dtype = jnp.result_type(*(t.dtype for t in (a, x, h0) if t is not None))
@@ -782,7 +814,7 @@ def _bwd_ri(a, h, h0, g, g_last, ca, cx, c0, reverse, conj, cfg, interpret):
     B, N = h.shape[:2]
     p = 1 + (h.shape[-1] == 2 and (ca or cx or c0))
     geom, F, Fa = _geom(a, h, ca, p == 2, reverse, False)
-    cfg = resolve_config(cfg, B, N, geom.D, interpret)
+    cfg = resolve_config(cfg, B, N, geom.D, interpret, cplx=p == 2, backward=True)
     pa, px, p0 = 1 + ca, 1 + cx, (0 if h0 is None else 1 + c0)
     x_dtype = jnp.result_type(h.dtype)     # dx takes h's real dtype; the caller casts
     op = _Bwd(pa=pa, px=px, p0=p0, p=p, has_gl=g_last is not None, conj=conj,

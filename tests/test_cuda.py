@@ -1,0 +1,100 @@
+"""The same contracts on a GPU: every backend, the layers and decoding on CUDA tensors.
+
+Skipped without CUDA (CI has none); run on the GPU machine. References are the sequential loop
+in float64 on the CPU.
+"""
+
+import pytest
+import torch
+
+from gateloop_hybrid import GateLoopedAttention, SimpleGateLoopLayer, Transformer, gate_loop_scan
+from gateloop_hybrid.scan import BACKENDS, resolve_backend
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+GPU_BACKENDS = [b for b in BACKENDS if b not in ("auto", "loop")]
+
+
+def rel(a, b):
+    a, b = a.detach().cpu().to(torch.complex128), b.detach().cpu().to(torch.complex128)
+    return ((a - b).abs().norm() / b.abs().norm().clamp_min(1e-30)).item()
+
+
+def test_auto_picks_a_jax_backend_on_cuda():
+    assert resolve_backend("auto", "cuda") in ("pallas", "jax")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("shape,gate", [((2, 1000, 3, 5), "full"), ((3, 77, 4, 2, 2), "per_head"),
+                                        ((1, 4097, 33), "full"), ((2, 5, 1, 1), "full")])
+@pytest.mark.parametrize("complex_", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_float32_scan_matches_float64_loop(backend, shape, gate, complex_, reverse):
+    g = torch.Generator().manual_seed(hash((shape, complex_, reverse)) % 2**31)
+    a_shape = shape if gate == "full" else (*shape[:3], 1, 1)
+    a = torch.sigmoid(torch.randn(a_shape, generator=g, dtype=torch.float64) + 2)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    if complex_:
+        a = torch.polar(a, torch.rand(a_shape, generator=g, dtype=torch.float64) * 6.28 - 3.14)
+        x = torch.complex(x, torch.randn(shape, generator=g, dtype=torch.float64))
+    h0 = torch.randn((shape[0], *shape[2:]), generator=g, dtype=x.dtype)
+    ct = torch.randn(shape, generator=g, dtype=x.dtype)
+    ct_last = torch.randn(h0.shape, generator=g, dtype=x.dtype)
+
+    def grads(device, dtype_map, backend):
+        leaves = [t.to(device=device, dtype=dtype_map(t)).requires_grad_() for t in (a, x, h0)]
+        h, last = gate_loop_scan(*leaves, reverse=reverse, backend=backend)
+        loss = (h * ct.to(device=device, dtype=h.dtype).conj()).real.sum() \
+            + (last * ct_last.to(device=device, dtype=h.dtype).conj()).real.sum()
+        return [h, last, *torch.autograd.grad(loss, leaves)]
+
+    ref = grads("cpu", lambda t: t.dtype, "loop")
+    f32 = lambda t: torch.complex64 if t.is_complex() else torch.float32
+    got = grads("cuda", f32, backend)
+    tol = 5e-3 if backend == "heinsen" else 2e-5
+    for name, r, o in zip(["h", "h_last", "da", "dx", "dh0"], ref, got):
+        assert o.device.type == "cuda"
+        assert rel(o, r) < tol, (name, rel(o, r))
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_transformer_loss_and_grads_on_cuda(backend):
+    torch.manual_seed(0)
+    kw = dict(num_tokens=50, dim=32, depth=2, gate_loop_heads=8)
+    ref = Transformer(**kw, scan_backend="loop").double()
+    model = Transformer(**kw, scan_backend=backend).cuda()
+    model.load_state_dict(ref.state_dict())
+    ids = torch.randint(0, 50, (2, 129))
+    loss_ref = ref(ids, return_loss=True)
+    loss_ref.backward()
+    loss = model(ids.cuda(), return_loss=True)
+    loss.backward()
+    assert abs(loss.item() - loss_ref.item()) < 1e-4 * abs(loss_ref.item())
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert rel(p.grad, q.grad) < 1e-3, name
+
+
+@pytest.mark.parametrize("backend", ["jax", "pallas"])
+def test_decoding_with_cache_on_cuda(backend):
+    resolve_backend(backend, "cuda")
+    torch.manual_seed(0)
+    layer = GateLoopedAttention(32, heads=4, scan_backend=backend).cuda()
+    x = torch.randn(2, 9, 32, device="cuda")
+    full = layer(x)
+    outs, cache = [], None
+    for t in range(9):
+        y, cache = layer(x[:, t:t + 1], cache=cache, return_cache=True)
+        outs.append(y)
+    assert rel(torch.cat(outs, 1), full) < 1e-5
+    simple = SimpleGateLoopLayer(32, scan_backend=backend).cuda()
+    y1, c = simple(x[:, :5], return_cache=True)
+    y2 = simple(x[:, 5:], cache=c)
+    assert rel(torch.cat([y1, y2], 1), simple(x)) < 1e-5
+
+
+def test_bf16_autocast_training_step():
+    model = Transformer(num_tokens=50, dim=64, depth=2).cuda()
+    ids = torch.randint(0, 50, (2, 257), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(ids, return_loss=True)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
