@@ -68,13 +68,23 @@ def _name(k):
                    if v and not (n == "ticket"))
 
 
+def _explicit(k):
+    """Variants name every field that has a data-dependent default (see resolve_config)."""
+    return {"column_per_lane": 0, "window": 8, "publish_atomic": True, **k}
+
+
 def _w(t, d, w, s, **k):
-    return f"walk T{t} BD{d} w{w} s{s}" + _name(k), KC("walk", t, d, w, s, **k)
+    return f"walk T{t} BD{d} w{w} s{s}" + _name(k), KC("walk", t, d, w, s, **_explicit(k))
 
 
 def _l(t, d, w, **k):
-    return (f"lookback T{t} BD{d} w{w}" + _name(k) + ("" if k.get("ticket", True) else " pid"),
-            KC("lookback", t, d, w, 1, **k))
+    name = _name({n: v for n, v in k.items() if n != "publish_atomic"})
+    return (f"lookback T{t} BD{d} w{w}" + name + ("" if k.get("ticket", True) else " pid")
+            + ("" if k.get("publish_atomic", True) else " store"), KC("lookback", t, d, w, 1, **_explicit(k)))
+
+
+AUTO = ("auto", None)                                     # the module's own choice, per kernel
+STORE = ("auto store", (KC(publish_atomic=False), KC(publish_atomic=False)))
 
 
 # Forward variants per (case, dtype) and plan; the fastest --top are also timed fwd+bwd.
@@ -107,6 +117,18 @@ PLANS = {
                            _l(128, 64, 4, column_per_lane=2, window=8), _l(128, 32, 4, column_per_lane=1, window=8)],
         ("C", "complex64"): [_w(64, 32, 4, 3), _w(32, 32, 1, 4, column_per_lane=1),
                              _l(64, 32, 4, column_per_lane=1, window=8)],
+    },
+    # after probe 2: the defaults (per kernel: forward and backward may differ), plain-store
+    # publication for the look-back, narrower walk columns for case A
+    "confirm": {
+        ("A", "float32"): [AUTO, _w(128, 8, 4, 4), _w(128, 16, 2, 4),
+                           _l(128, 32, 4, column_per_lane=1, publish_atomic=False)],
+        ("A", "complex64"): [AUTO, _w(64, 16, 4, 3), _l(32, 32, 2, column_per_lane=1, window=4, publish_atomic=False)],
+        ("B", "float32"): [AUTO, STORE, _l(128, 32, 4, column_per_lane=1, ticket=False, publish_atomic=False),
+                           _l(64, 32, 2, column_per_lane=1, publish_atomic=False)],
+        ("B", "complex64"): [AUTO, STORE],
+        ("C", "float32"): [AUTO],
+        ("C", "complex64"): [AUTO],
     },
 }
 
@@ -466,7 +488,8 @@ def main():
                 if row and "ms" in row and row["ok"]:
                     fwd_times.append((row["ms"], label, cfg))
             fwd_times.sort(key=lambda r: r[0])
-            for _, label, cfg in fwd_times[:args.top]:
+            fb = fwd_times[:args.top] + [r for r in fwd_times[args.top:] if r[1].startswith("auto")]
+            for _, label, cfg in fb:
                 record("fwd+bwd", label, fwdbwd_fn(prob, cfg))
             if fwd_times and case == "A" and args.baselines:
                 best = fwd_times[0][2]

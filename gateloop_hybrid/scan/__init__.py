@@ -8,7 +8,7 @@ Backends (the only place "auto" is resolved is ``resolve_backend``):
     "heinsen"  log-space scan in plain torch (see torch_scan.scan_heinsen for its precision limits)
     "loop"     sequential reference in plain torch; what the tests compare against
 
-"auto" picks "pallas" for CUDA tensors when its kernels are available, else "jax" when JAX is
+"auto" picks "pallas" for CUDA tensors (32 bits and narrower) when its kernels are available, else "jax" when JAX is
 installed and has a backend for the tensors' device, else "torch" (with one warning saying why).
 """
 
@@ -52,14 +52,29 @@ def gate_loop_scan(a: Tensor, x: Tensor, h0: Tensor | None = None, *, reverse: b
         come back in their own dtype. Gradients flow to a, x and h0 (torch's complex convention).
     """
     out_dtype = _check_inputs(a, x, h0)
-    name = resolve_backend(backend, x.device)
+    name = resolve_backend(backend, x.device, out_dtype)
     compute = _compute_dtype(out_dtype)
     if name in _TORCH_BACKENDS:
         h0c = None if h0 is None else h0.to(compute)
         h, h_last = _TORCH_BACKENDS[name](a.to(compute), x.to(compute), h0c, reverse)
+    elif name == "pallas":
+        h, h_last = _pallas(a, x, h0, reverse)
     else:
         h, h_last = _bridged(name)(a, x, h0, reverse)
     return h.to(out_dtype), h_last.to(out_dtype)
+
+
+def _pallas(a, x, h0, reverse):
+    """The Pallas kernels take complex tensors as (re, im) float pairs: torch views them so for
+    free (view_as_real), where JAX would need a conversion pass; gradients come back in torch's
+    convention through the same views."""
+    flags = dict(complex_a=a.is_complex(), complex_x=x.is_complex(),
+                 complex_h0=h0 is not None and h0.is_complex(), reverse=reverse)
+    pairs = lambda t: torch.view_as_real(t) if t is not None and t.is_complex() else t
+    h, h_last = _bridged("pallas")(pairs(a), pairs(x), pairs(h0), **flags)
+    if a.is_complex() or x.is_complex() or flags["complex_h0"]:
+        h, h_last = torch.view_as_complex(h), torch.view_as_complex(h_last)
+    return h, h_last
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -140,8 +155,10 @@ def _warn_once(key: str, message: str):
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
-    """The backend ``backend`` names for tensors on ``device``; "auto" is resolved here only."""
+def resolve_backend(backend: str, device: torch.device | str = "cpu",
+                    dtype: torch.dtype = torch.float32) -> str:
+    """The backend ``backend`` names for tensors of ``dtype`` on ``device``; "auto" is resolved
+    here only."""
     if backend not in BACKENDS:
         raise ValueError(f"gate_loop_scan: unknown backend {backend!r}; choose one of {BACKENDS}")
     device_type = torch.device(device).type
@@ -154,8 +171,8 @@ def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
                          "tensors (use backend='jax' or 'auto')")
     if backend != "auto":
         return backend
-    if device_type == "cuda" and pallas_available():
-        return "pallas"
+    if device_type == "cuda" and dtype not in (torch.float64, torch.complex128) and pallas_available():
+        return "pallas"     # the kernels compute in float32; 64-bit inputs take the jax backend
     if jax_has_device(device_type):
         return "jax"
     why = ("JAX is not installed" if not jax_available()
@@ -172,5 +189,5 @@ def _bridged(name: str):
     if name == "jax":
         from .jax_scan import gate_loop_scan as fn
     else:
-        from .pallas_scan import gate_loop_scan_pallas as fn
+        from .pallas_scan import gate_loop_scan_pallas_ri as fn
     return jax2torch(fn, name=f"gate_loop_scan_{name}")

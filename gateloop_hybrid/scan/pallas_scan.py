@@ -21,23 +21,33 @@ registers. Complex arrays live in the kernels as interleaved (re, im) float32 pa
 zero-copy view of complex64 as float32 (StableHLO rejects a complex bitcast), so the complex-array
 entry point pays one conversion pass per tensor; the _ri entry point pays none.
 
-Two kernels (``KernelConfig.method``):
+Two kernels (``KernelConfig.method``; "auto" walks when there are at least 24 columns B * D
+per multiprocessor, else looks back):
 
     "walk"      one program per (batch, column block) walks all N steps, tile by tile, carrying
-                the state between tiles (each tile: in-register associative scan over time).
-                Reads a and x once, writes h once. Needs B * D / BD programs to fill the GPU.
+                the state between tiles (each tile: an in-register scan over time). Reads a and x
+                once, writes h once; Triton software-pipelines the tile loads (cp.async) once the
+                loop carries ``tt.num_stages``, which a post-lowering hook adds (Pallas does not).
+                Needs B * D / BD programs to fill the GPU.
     "lookback"  one program per (tile of T steps, batch, column block): a single-pass scan with
                 decoupled look-back (Merrill & Garland 2016) across time tiles, so that long
                 sequences with few columns (B=1, D=512) still fill the GPU. Programs take tickets
-                from an atomic counter, publish their tile's aggregate, then combine their
-                predecessors' aggregates until one has published its inclusive state.
+                from an atomic counter, publish their tile's aggregate, then read their
+                predecessors W at a time until the latest one that published its inclusive state,
+                and compose the aggregates in between (one round trip per W tiles).
+
+``KernelConfig.column_per_lane`` > 0 lays a tile out with one column (or a few) per lane and all
+of the tile's time steps in the lane, so that the tile scan is sequential in registers. Defaults
+(``resolve_config``) differ between the forward and the backward kernel and between real and
+complex data; they are the fastest variants measured on an H200 (notes/pallas.md).
 
 Legend: B batch, N time steps, F feature dims, D = prod(F) columns, T tile rows (time), BD tile
-columns, P planes (1 real, 2 complex), C = ceil(N / T) time tiles.
+columns, P planes (1 real, 2 complex), C = ceil(N / T) time tiles, W look-back window.
 
 The Triton lowering of Pallas has no general associative scan; ``_tile_scan_p`` adds one (a
 ``tt.scan`` over the tile's time axis with the linear-recurrence combine). Kernels use Pallas's
-Triton lowering; Mosaic GPU was not tried (see notes/pallas.md).
+Triton lowering (deprecated in JAX 0.11 in favour of Mosaic GPU, but working); Mosaic GPU was not
+tried (see notes/pallas.md).
 """
 
 from __future__ import annotations
@@ -188,7 +198,10 @@ def _install_pipeline_hook():
     @functools.wraps(lower)
     def lower_and_annotate(*args, **kwargs):
         result = lower(*args, **kwargs)
-        _annotate_loops(result.module)
+        try:   # only ever an optimisation: never let it break any kernel's lowering
+            _annotate_loops(result.module)
+        except Exception:  # noqa: BLE001
+            pass
         return result
 
     lower_and_annotate._gateloop_pipeline_hook = True
@@ -213,22 +226,22 @@ def _tile_scan(a_planes, x_planes):
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-    """Launch parameters; 0 / "auto" fields are filled in by ``resolve_config``.
+    """Launch parameters; None / 0 / "auto" fields are filled in by ``resolve_config``.
 
     method: "walk" | "lookback" | "auto" (see the module docstring).
     block_t: time steps per tile (power of 2). block_d: columns per tile (power of 2).
     num_warps, num_stages: Triton's; num_stages pipelines the walk kernel's loads.
     prefetch: walk only; load the next tile in the loop body before scanning this one.
-    wide_pairs: read/write complex (re, im) pairs as one contiguous tile split in registers
-        (wide loads) instead of two strided reads.
+    wide_pairs: read/write complex (re, im) pairs as one contiguous (T, 2 BD) tile split in
+        registers (16-byte loads) rather than as (T, BD, 2) (8-byte loads).
     ticket: lookback only; take tiles from an atomic counter (safe) instead of the program id.
     window: lookback only; predecessors read per round trip of the look-back (power of 2).
     incl_every: testing only; publish inclusive states for every k-th tile alone, so that the
         look-back has to combine aggregates over several windows (as it does on a busy GPU).
-    column_per_lane: 0 lets Triton lay tiles out (16-byte vectors, lanes across rows too); v > 0
-        gives each lane v floats of a row (v=1 for complex pairs: one (re, im)) and all of the
-        tile's time steps, so the tile scan runs in registers without shuffles. Use with
-        block_d = 32 v (real) or 32 (complex) per warp.
+    column_per_lane: 0 lets Triton lay tiles out (16-byte vectors, lanes across rows too);
+        v > 0 gives each lane v floats of a row (v=1 for complex: one (re, im) pair) and all of
+        the tile's time steps, so the tile scan runs in registers without shuffles; use with
+        block_d = 32 v (real) or 32 (complex).
     publish_atomic: lookback only; publish aggregates with atomic exchanges (ordered, but each
         waits a round trip) instead of plain stores (safe too: every 32-bit word is checked
         against the sentinel on its own, so no ordering between words is needed).
@@ -297,8 +310,9 @@ def resolve_config(cfg, B: int, N: int, D: int, interpret: bool, *, cplx: bool =
     if method not in ("walk", "lookback"):
         raise ValueError(f"pallas scan: unknown method {method!r}; use 'walk', 'lookback' or 'auto'")
     base = _INTERPRET_DEFAULTS if interpret else _defaults(method, cplx, backward, B * D >= _MANY_COLUMNS)
-    unset = lambda v: v is None or v == 0
-    fields = {k: (v if unset(getattr(cfg, k)) else getattr(cfg, k)) for k, v in base.items()}
+    zero_is_unset = ("block_t", "block_d", "num_warps", "num_stages", "window")
+    unset = lambda k, v: v is None or (k in zero_is_unset and v == 0)
+    fields = {k: (v if unset(k, getattr(cfg, k)) else getattr(cfg, k)) for k, v in base.items()}
     for k in ("block_t", "block_d", "window"):
         if fields[k] & (fields[k] - 1):
             raise ValueError(f"pallas scan: {k}={fields[k]} must be a power of 2")
