@@ -204,7 +204,8 @@ def _differentiable_dtype(dtype) -> bool:
 
 
 def _jax_wide(dtype) -> bool:
-    return jnp.dtype(dtype).itemsize == 8 and jnp.dtype(dtype).kind in "fiu" or jnp.dtype(dtype) == jnp.complex128
+    """A JAX dtype that exists only in x64 mode (the JAX side of convert.WIDE_DTYPES)."""
+    return jnp.dtype(dtype) in (jnp.dtype("float64"), jnp.dtype("complex128"), jnp.dtype("int64"))
 
 
 def _needs_x64(tensors) -> bool:
