@@ -70,6 +70,7 @@ class _Exchange:
 
     def __init__(self):
         self._devices = {}     # (dl device type, id) -> _DeviceLink
+        self._links = {}       # torch.device -> _DeviceLink
         self._fast = None
 
     def device(self, dl_type: int, dl_id: int):
@@ -88,8 +89,11 @@ class _Exchange:
         """Prepared tensors (all on one device) -> jax.Arrays sharing their memory."""
         if not tensors:
             return []
-        dl_type, dl_id = tensors[0].__dlpack_device__()
-        link = self.device(int(dl_type), dl_id)
+        device = tensors[0].device
+        link = self._links.get(device)
+        if link is None:
+            dl_type, dl_id = tensors[0].__dlpack_device__()
+            link = self._links[device] = self.device(int(dl_type), dl_id)
         fast = self.fast()
         if not fast:
             return [self._to_jax_public(t) for t in tensors]
@@ -97,10 +101,10 @@ class _Exchange:
         if link.cuda:
             with link.current():
                 link.torch_to_jax_order()
-                capsules = [t.__dlpack__(stream=-1) for t in tensors]
-        else:
-            capsules = [t.__dlpack__() for t in tensors]
-        return [import_fn(c, link.jax_device, link.jax_stream, link.dl_type) for c in capsules]
+        # torch._C._to_dlpack: the capsule alone, without Tensor.__dlpack__'s Python checks
+        # (prepare() has done them) and its per-tensor stream sync (done once, above).
+        return [import_fn(_to_dlpack(t), link.jax_device, link.jax_stream, link.dl_type)
+                for t in tensors]
 
     @staticmethod
     def _to_jax_public(t):
@@ -120,7 +124,7 @@ class _Exchange:
             if device.platform != "cpu":
                 # JAX makes torch's current stream (of the array's device) wait for the array.
                 stream = torch._C._cuda_getCurrentRawStream(device.local_hardware_id) or 1
-            out.append(torch.utils.dlpack.from_dlpack(export_fn(a, stream)))
+            out.append(_from_dlpack(export_fn(a, stream)))
         return out
 
 
@@ -174,6 +178,8 @@ def _find_fast_paths():
     return import_fn, export_fn
 
 
+_to_dlpack = getattr(torch._C, "_to_dlpack", torch.utils.dlpack.to_dlpack)
+_from_dlpack = getattr(torch._C, "_from_dlpack", torch.utils.dlpack.from_dlpack)
 exchange = _Exchange()
 
 
