@@ -78,3 +78,17 @@ for k, v in acc.items():
     print(f"  {k:22s} {v / args.calls * 1e6:9.1f}")
 print(f"  {'total (synchronized)':22s} {total / args.calls * 1e6:9.1f}")
 print("threads:", sorted(threads))
+
+# The exchange alone, outside a call: importing the two inputs, exporting one ready output.
+arrays = exchange.to_jax([a, x])
+jax.block_until_ready(arrays)
+for name, piece in (("exchange.to_jax of 2 inputs", lambda: exchange.to_jax([a, x])),
+                    ("exchange.to_torch of 1 ready array", lambda: exchange.to_torch(arrays[:1]))):
+    for _ in range(50):
+        piece()
+    sync()
+    t = time.perf_counter()
+    for _ in range(2000):
+        piece()
+    sync()
+    print(f"  {name:34s} {(time.perf_counter() - t) / 2000 * 1e6:9.1f}")
