@@ -49,6 +49,7 @@ def wrap(name, fn):
     return timed
 
 
+unwrapped = {"to_jax": exchange.to_jax, "to_torch": exchange.to_torch}
 spec.vjp_fwd = wrap("jit fwd", spec.vjp_fwd)
 sig.bwd = wrap("jit bwd", sig.bwd)
 exchange.to_jax = wrap("exchange.to_jax", exchange.to_jax)
@@ -80,6 +81,7 @@ print(f"  {'total (synchronized)':22s} {total / args.calls * 1e6:9.1f}")
 print("threads:", sorted(threads))
 
 # The exchange alone, outside a call: importing the two inputs, exporting one ready output.
+exchange.to_jax, exchange.to_torch = unwrapped["to_jax"], unwrapped["to_torch"]
 arrays = exchange.to_jax([a, x])
 jax.block_until_ready(arrays)
 for name, piece in (("exchange.to_jax of 2 inputs", lambda: exchange.to_jax([a, x])),
