@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bridge  # noqa: E402  (sets JAX's GPU memory policy first)
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+
 
 from gateloop_hybrid.scan.jax_scan import gate_loop_scan as jax_scan  # noqa: E402
 

@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import bridge
 from bridge import jax2torch, to_jax, to_torch
-import jax
 import jax.numpy as jnp
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -901,7 +901,7 @@ def scan_bwd(a, h, h0, g, g_last, reverse: bool = False, interpret: bool = False
     or None (default: h's dtype); pass a real ``x_dtype`` to get Re(G) for a real x.
     """
     x_dtype = jnp.dtype(h.dtype if x_dtype is None else x_dtype)
-    (a_r, ca), (h_r, ch), (h0_r, c0) = _to_ri(a), _to_ri(h), _to_ri(h0)
+    (a_r, ca), (h_r, _), (h0_r, c0) = _to_ri(a), _to_ri(h), _to_ri(h0)
     cx = bool(jnp.issubdtype(x_dtype, jnp.complexfloating))
     g_r = _to_ri(g.astype(h.dtype))[0]
     gl_r = None if g_last is None else _to_ri(g_last.astype(h.dtype))[0]
