@@ -263,3 +263,22 @@ def test_opcheck_custom_op():
     spec, tensors = f._spec((a, b), {})
     torch.library.opcheck(_op_call, (tensors, spec.key, True))
     torch.library.opcheck(_op_call, ([a.detach(), b.detach()], spec.key, False))
+
+
+def test_warns_once_if_jax_already_took_the_gpu():
+    """JAX's GPU backend started before the bridge (simulated: CI has no GPU) -> one warning."""
+    code = (
+        "import warnings, jax\n"
+        "from jax._src import xla_bridge\n"
+        "jax.devices()\n"
+        "xla_bridge._backends['cuda'] = xla_bridge._backends['cpu']\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import bridge\n"
+        "print(len(caught), caught[0].category.__name__ if caught else '', caught[0].message if caught else '')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "XLA_PYTHON_CLIENT_PREALLOCATE"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    count, category, message = out.stdout.strip().split(" ", 2)
+    assert count == "1" and category == "RuntimeWarning"
+    assert "XLA_PYTHON_CLIENT_PREALLOCATE" in message
