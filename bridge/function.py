@@ -228,8 +228,7 @@ def _saved_residuals(sig, tensors, outs, extras):
 
 class _BridgeFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, spec: _Spec, *tensors):
-        sig = spec.signature(tensors, with_vjp=True)
+    def forward(ctx, spec: _Spec, sig: _Signature, *tensors):
         outs, extras, (in_arr, out_arr, extra_arr) = spec.run(tensors, with_vjp=True, known=True,
                                                               keep_arrays=True)
         ctx.spec, ctx.sig, ctx.n_in = spec, sig, len(tensors)
@@ -249,9 +248,9 @@ class _BridgeFunction(torch.autograd.Function):
         ctx.res_arrays = None
         full = [None] * ctx.n_in
         for i, g in zip(ctx.sig.diff, grads):
-            if ctx.needs_input_grad[1 + i]:
+            if ctx.needs_input_grad[2 + i]:
                 full[i] = g
-        return (None, *full)
+        return (None, None, *full)
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,7 +360,7 @@ class JaxFunction:
         with_vjp = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
         if with_vjp:
             sig = spec.signature(tensors, True)
-            outs = _BridgeFunction.apply(spec, *tensors)
+            outs = _BridgeFunction.apply(spec, sig, *tensors)
         else:
             sig = spec.signature(tensors, False)
             outs, _ = spec.run(tensors, False, known=True)
