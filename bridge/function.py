@@ -340,7 +340,8 @@ class JaxFunction:
         is_tensor = tuple(isinstance(x, torch.Tensor) for x in leaves)
         statics = tuple(x for x, t in zip(leaves, is_tensor) if not t)
         try:
-            key = (treedef, is_tensor, statics)
+            # types too: 1, 1.0 and True are equal as keys but trace to different dtypes
+            key = (treedef, is_tensor, tuple((type(x), x) for x in statics))
             spec = self._specs.get(key)
         except TypeError:
             bad = next(x for x in statics if not _hashable(x))

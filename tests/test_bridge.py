@@ -91,6 +91,8 @@ def test_static_arguments_select_compiled_functions_and_must_be_hashable():
     x = torch.randn(3)
     torch.testing.assert_close(f(x, 2), x * 2)
     torch.testing.assert_close(f(x, 3), x * 3)
+    i = torch.arange(4, dtype=torch.int32)
+    assert f(i, 2).dtype == torch.int32 and f(i, 2.0).dtype == torch.float32   # 2 == 2.0 as keys
     with pytest.raises(TypeError, match="not hashable"):
         f(x, np.ones(2))
 
