@@ -35,6 +35,7 @@ import platform
 import signal
 import statistics
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -669,6 +670,16 @@ def main(argv=None):
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, on_term)
+    if args.deadline:
+        # A compile that never returns (torch.compile of the HOP at N=65536 did, on an H200)
+        # blocks SIGTERM and --max-minutes alike; two minutes past the deadline, end the process
+        # from a thread. The JSON holds every case finished so far (it is written per case).
+        def watchdog():
+            time.sleep(max(0.0, args.deadline - time.time()) + 120)
+            print(f"scan_speed: still running 2 minutes past --max-minutes; exiting "
+                  f"(finished cases are in {args.json or 'no --json file'})", file=sys.stderr, flush=True)
+            os._exit(124)
+        threading.Thread(target=watchdog, daemon=True).start()
     bar = None
     if not args.no_progress:
         try:
