@@ -218,3 +218,19 @@ def test_pallas_backend_adapter_in_interpret_mode(monkeypatch, case):
     assert rel_err(h, h_ref) < 1e-5 and rel_err(h_last, last_ref) < 1e-5
     for name in g_ref:
         assert rel_err(grads[name], g_ref[name]) < 1e-5, name
+
+
+def test_pallas_self_test_passes_in_interpret_mode():
+    """The check behind "auto" choosing pallas on a GPU, run here through the interpreter."""
+    import jax
+    assert scan_mod.pallas_self_test(jax.devices("cpu")[0], interpret=True) is None
+
+
+def test_pallas_self_test_reports_a_failure(monkeypatch):
+    import jax
+    import gateloop_hybrid.scan.pallas_scan as pallas_scan
+
+    def broken(a, x, *args, **kwargs):
+        raise RuntimeError("no kernel for you")
+    monkeypatch.setattr(pallas_scan, "gate_loop_scan_pallas", broken)
+    assert "no kernel for you" in scan_mod.pallas_self_test(jax.devices("cpu")[0], interpret=True)

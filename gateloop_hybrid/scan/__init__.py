@@ -8,7 +8,8 @@ Backends (the only place "auto" is resolved is ``resolve_backend``):
     "heinsen"  log-space scan in plain torch (see torch_scan.scan_heinsen for its precision limits)
     "loop"     sequential reference in plain torch; what the tests compare against
 
-"auto" picks "pallas" for CUDA tensors (32 bits and narrower) when its kernels are available, else "jax" when JAX is
+"auto" picks "pallas" for CUDA tensors (32 bits and narrower) when its kernels pass a self-test
+on the GPU, else "jax" when JAX is
 installed and has a backend for the tensors' device, else "torch" (with one warning saying why).
 """
 
@@ -122,6 +123,7 @@ def _check_inputs(a, x, h0) -> torch.dtype:
 # Backend choice
 
 
+@functools.lru_cache(maxsize=None)
 def jax_available() -> bool:
     return importlib.util.find_spec("jax") is not None
 
@@ -141,9 +143,38 @@ def jax_has_device(device_type: str) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def pallas_available() -> bool:
-    if importlib.util.find_spec("gateloop_hybrid.scan.pallas_scan") is None:
+    """Whether the Pallas kernels run here: JAX has a CUDA device and the kernels pass a small
+    self-test on it (once per process; a failure warns once and "auto" takes "jax")."""
+    if not jax_has_device("cuda"):
         return False
-    return jax_has_device("cuda")
+    import jax
+    problem = pallas_self_test(jax.devices("cuda")[0])
+    if problem:
+        _warn_once("pallas", f"gate_loop_scan: the Pallas kernels failed their self-test on this GPU "
+                   f"({problem}); backend='auto' uses 'jax' instead.")
+    return not problem
+
+
+def pallas_self_test(device, interpret: bool = False) -> str | None:
+    """None if the Pallas scan matches the associative scan on a small odd-sized case on
+    ``device`` (values and gradients), else what went wrong."""
+    try:
+        import jax
+        import jax.numpy as jnp
+        from .jax_scan import gate_loop_scan as reference
+        from .pallas_scan import gate_loop_scan_pallas
+        n = 2 * 37 * 3
+        a = jax.device_put((0.5 + 0.4 * jnp.sin(jnp.arange(n, dtype=jnp.float32)) ** 2).reshape(2, 37, 3), device)
+        x = jax.device_put(jnp.cos(jnp.arange(n, dtype=jnp.float32)).reshape(2, 37, 3), device)
+        loss = lambda fn: lambda a, x: jnp.sum(fn(a, x)[0] * x)
+        got = jax.value_and_grad(loss(lambda a, x: gate_loop_scan_pallas(a, x, interpret=interpret)), (0, 1))(a, x)
+        want = jax.value_and_grad(loss(reference), (0, 1))(a, x)
+        for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+            if not bool(jnp.allclose(g, w, rtol=1e-4, atol=1e-4)):
+                return "results differ from the associative scan"
+    except Exception as e:     # any failure to compile or run means: do not pick it
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    return None
 
 
 _warned: set = set()
