@@ -9,8 +9,8 @@ Backends (the only place "auto" is resolved is ``resolve_backend``):
     "loop"     sequential reference in plain torch; what the tests compare against
 
 "auto" picks "pallas" for CUDA tensors (32 bits and narrower) when its kernels pass a self-test
-on the GPU, else "jax" when JAX is
-installed and has a backend for the tensors' device, else "torch" (with one warning saying why).
+on the GPU, else "jax" when JAX is installed and has a backend for the tensors' device, else
+"torch" (each fallback warns once, saying why).
 """
 
 from __future__ import annotations
