@@ -69,16 +69,8 @@ class _Exchange:
     """
 
     def __init__(self):
-        self._devices = {}     # (dl device type, id) -> _DeviceLink
         self._links = {}       # torch.device -> _DeviceLink
         self._fast = None
-
-    def device(self, dl_type: int, dl_id: int):
-        key = (dl_type, dl_id)
-        link = self._devices.get(key)
-        if link is None:
-            link = self._devices[key] = _DeviceLink(dl_type, dl_id)
-        return link
 
     def fast(self):
         if self._fast is None:
@@ -93,7 +85,7 @@ class _Exchange:
         link = self._links.get(device)
         if link is None:
             dl_type, dl_id = tensors[0].__dlpack_device__()
-            link = self._links[device] = self.device(int(dl_type), dl_id)
+            link = self._links[device] = _DeviceLink(int(dl_type), dl_id)
         fast = self.fast()
         if not fast:
             return [self._to_jax_public(t) for t in tensors]
