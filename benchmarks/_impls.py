@@ -259,10 +259,20 @@ class JaxNative(Impl):
 
     group = "native"
 
-    def __init__(self, autodiff: bool = False):
-        self.key = "jax-autodiff" if autodiff else "jax-native"
+    def __init__(self, autodiff: bool = False, pallas: bool = False):
+        self.key = "jax-autodiff" if autodiff else "pallas-native" if pallas else "jax-native"
         self.sweep = not autodiff
         self._err = None
+        if pallas:
+            # The Pallas kernels the "pallas" backend runs, on JAX arrays: the gap to
+            # gate_loop_scan[pallas] is the bridge's cost (and the view_as_real pairing).
+            self.name = "pallas native (pallas_scan.gate_loop_scan_pallas, jit)"
+            self._scan = None
+            mod, err = _import("gateloop_hybrid.scan.pallas_scan")
+            self._err = err
+            if mod is not None:
+                self._scan = mod.gate_loop_scan_pallas
+            return
         if autodiff:
             self.name = "jax.lax.associative_scan, JAX autodiff (jit)"
             self._scan = _lax_associative_scan
@@ -283,6 +293,8 @@ class JaxNative(Impl):
         self._scan = fn
 
     def skip_reason(self, case, device):
+        if self._err is None and self.key == "pallas-native" and device.type != "cuda":
+            return "GPU only (Pallas Triton kernels)"
         return self._err
 
     def prepare(self, a, x, ct):
@@ -466,7 +478,7 @@ def build(device: torch.device) -> tuple[list[Impl], list[str]]:
     else:
         backends = [b for b in getattr(scan_mod, "BACKENDS", ()) if b != "auto"]
         impls += [GateLoopBackend(b, scan_mod) for b in backends]
-    impls += [JaxNative(), JaxNative(autodiff=True)]
+    impls += [JaxNative(), JaxNative(pallas=True), JaxNative(autodiff=True)]
     impls.append(TorchLoop())
     impls += [AcceleratedScan("scalar", False), AcceleratedScan("scalar", True),
               AcceleratedScan("complex", False), AcceleratedScan("complex", True)]

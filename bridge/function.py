@@ -176,7 +176,7 @@ class _Spec:
         the JAX arrays (inputs, outputs, extras) that they share memory with."""
         if not known:
             self.signature(tensors, with_vjp)   # first call per signature: learn its layout
-        arrays = exchange.to_jax([prepare(t) for t in tensors])
+        arrays = exchange.to_jax([prepare(t) for t in tensors], one_computation=True)
         with jax.enable_x64(_needs_x64(tensors)):
             if with_vjp:
                 outs, extras = self.vjp_fwd(*arrays)
@@ -190,10 +190,10 @@ class _Spec:
         """Input gradients as torch tensors. ``res_arrays``: the residuals' JAX arrays when the
         caller still holds them (saves re-importing the saved tensors)."""
         if res_arrays is None:
-            arrays = exchange.to_jax([prepare(t) for t in (*res, *cts)])
+            arrays = exchange.to_jax([prepare(t) for t in (*res, *cts)], one_computation=True)
             res_arrays, ct_arrays = arrays[:len(res)], arrays[len(res):]
         else:
-            ct_arrays = exchange.to_jax([prepare(t) for t in cts])
+            ct_arrays = exchange.to_jax([prepare(t) for t in cts], one_computation=True)
         with jax.enable_x64(wide):
             grads = sig.bwd(res_arrays, ct_arrays)
         return exchange.to_torch(grads)
@@ -331,11 +331,19 @@ class JaxFunction:
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
         self.trace_count = 0
         self._specs: dict = {}
+        self._positional: dict = {}     # number of tensor arguments -> spec, for f(t1, t2, ...)
         self.key = f"{self.name}@{next(_spec_ids)}"
         _FUNCTIONS[self.key] = self
         functools.update_wrapper(self, fn, updated=())
 
     def _spec(self, args, kwargs):
+        if not kwargs and all(type(x) is torch.Tensor for x in args):
+            # The common call, f(t1, t2, ...): skip the pytree flatten and the static-value key.
+            spec = self._positional.get(len(args))
+            if spec is not None and all(x.dtype in SUPPORTED_DTYPES and (x.is_cuda or x.is_cpu) for x in args):
+                device = args[0].get_device() if args else None
+                if all(x.get_device() == device for x in args):
+                    return spec, list(args)
         leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
         is_tensor = tuple(isinstance(x, torch.Tensor) for x in leaves)
         statics = tuple(x for x, t in zip(leaves, is_tensor) if not t)
@@ -350,6 +358,8 @@ class JaxFunction:
                             "hashable (pass arrays as torch tensors)") from None
         if spec is None:
             spec = self._specs[key] = _Spec(self, treedef, is_tensor, statics)
+            if not kwargs and not statics and all(type(x) is torch.Tensor for x in args):
+                self._positional[len(args)] = spec
         tensors = [x for x, t in zip(leaves, is_tensor) if t]
         _check_tensors(self.name, tensors, treedef, is_tensor)
         return spec, tensors
