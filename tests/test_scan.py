@@ -234,3 +234,22 @@ def test_pallas_self_test_reports_a_failure(monkeypatch):
         raise RuntimeError("no kernel for you")
     monkeypatch.setattr(pallas_scan, "gate_loop_scan_pallas", broken)
     assert "no kernel for you" in scan_mod.pallas_self_test(jax.devices("cpu")[0], interpret=True)
+
+
+def test_pallas_self_test_sets_the_gpu_memory_policy_first():
+    """Called before anything imported the bridge, the self-test must not let JAX start with
+    its default preallocation (75% of a GPU): it imports the bridge's policy first."""
+    import subprocess
+    import sys
+    code = ("import os, sys\n"
+            "os.environ.pop('XLA_PYTHON_CLIENT_PREALLOCATE', None)\n"
+            "from gateloop_hybrid.scan import pallas_self_test\n"
+            "assert 'jax' not in sys.modules or 'bridge' in sys.modules\n"
+            "import jax\n"
+            "assert pallas_self_test(jax.devices('cpu')[0], interpret=True) is None\n"
+            "print(os.environ.get('XLA_PYTHON_CLIENT_PREALLOCATE'), 'bridge' in sys.modules)\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "XLA_PYTHON_CLIENT_PREALLOCATE"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]), timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["false", "True"]

@@ -159,6 +159,7 @@ def pallas_self_test(device, interpret: bool = False) -> str | None:
     """None if the Pallas scan matches the associative scan on a small odd-sized case on
     ``device`` (values and gradients), else what went wrong."""
     try:
+        import bridge  # noqa: F401  (sets JAX's GPU memory policy in case this starts JAX)
         import jax
         import jax.numpy as jnp
         from .jax_scan import gate_loop_scan as reference
