@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from . import _jax_env  # noqa: F401  (sets XLA_PYTHON_CLIENT_PREALLOCATE before JAX starts)
+from . import _jax_env  # (sets XLA_PYTHON_CLIENT_PREALLOCATE before JAX starts)
 import jax
+
+_jax_env.cpu_dispatch()
 
 # torch dtypes that cross to JAX unchanged. float8, complex32 (chalf), and the unsigned/bit types
 # that JAX or DLPack cannot take are refused with a TypeError (see ``check_dtype``).

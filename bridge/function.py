@@ -147,6 +147,11 @@ class _Spec:
 
     # ---- running ----
 
+    def eager_signature(self, tensors, with_vjp: bool) -> _Signature:
+        """``signature`` for eager calls (concrete shapes): one dict lookup when known."""
+        sig = self.signatures.get((with_vjp, *[(t.shape, t.dtype) for t in tensors]))
+        return sig if sig is not None else self.signature(tensors, with_vjp)
+
     def signature(self, tensors, with_vjp: bool) -> _Signature:
         key = (with_vjp, *((t.shape, t.dtype) for t in tensors))
         if any(isinstance(d, torch.SymInt) for t in tensors for d in t.shape):
@@ -370,10 +375,10 @@ class JaxFunction:
         spec, tensors = self._spec(args, kwargs)
         with_vjp = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
         if with_vjp:
-            sig = spec.signature(tensors, True)
+            sig = spec.eager_signature(tensors, True)
             outs = _BridgeFunction.apply(spec, sig, *tensors)
         else:
-            sig = spec.signature(tensors, False)
+            sig = spec.eager_signature(tensors, False)
             outs, _ = spec.run(tensors, False, known=True)
         return jax.tree_util.tree_unflatten(sig.out_treedef, list(outs))
 

@@ -235,6 +235,24 @@ def test_bridge_turns_off_preallocation_unless_user_chose():
     assert out.stdout.strip() == "true"
 
 
+def test_bridge_makes_jax_cpu_dispatch_inline_unless_too_late_or_opted_out():
+    """Bridged CPU calls wait for their result anyway; JAX's worker-thread hand-off is latency."""
+    code = ("import jax, sys\n"
+            "if sys.argv[1] == 'jax-first': jax.numpy.ones(1).block_until_ready()\n"
+            "import bridge\n"
+            "from jax._src import xla_bridge\n"
+            "print(xla_bridge._CPU_ENABLE_ASYNC_DISPATCH.value)\n")
+    env = {k: v for k, v in os.environ.items() if k != "GATELOOP_HYBRID_JAX_CPU_ASYNC"}
+
+    def run(arg, **extra):
+        out = subprocess.run([sys.executable, "-c", code, arg], env={**env, **extra},
+                             capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    assert run("bridge-first") == "False"
+    assert run("jax-first") == "True"          # JAX's CPU client existed: left as the user had it
+    assert run("bridge-first", GATELOOP_HYBRID_JAX_CPU_ASYNC="1") == "True"
+
+
 # ---- 8. torch.compile ---------------------------------------------------------------------------
 
 
