@@ -34,7 +34,9 @@ import os
 import platform
 import signal
 import statistics
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -568,6 +570,119 @@ def parse_shapes(s: str):
     return out
 
 
+def run_items(items, impls_by_key, device, args, bw, passes, on_row, on_start=None):
+    """Measure each (case, implementation key) in order; inputs are made once per case."""
+    data, current = None, None
+    for case, key in items:
+        if case != current:
+            data = None
+            _free(device)
+            data, current = CaseData(case, device), case
+        if on_start is not None:
+            on_start(case, key)
+        row = run_one(impls_by_key[key], case, data, device, args, bw, passes)
+        _free(device)                          # what the implementation left, before the next
+        on_row(row)
+
+
+_CRASH_HOOK = "_SCAN_SPEED_TEST_CRASH_KEY"     # tests only: this implementation's run aborts
+
+
+def worker(plan_path):
+    """The child process of --isolate: runs the plan's items, one JSON line per event."""
+    plan = json.loads(Path(plan_path).read_text())
+    args = argparse.Namespace(**plan["args"])
+    args.deadline = plan["deadline"]
+    device = torch.device(args.device)
+    impls, _ = _impls.build(device)
+    items = [(Case(**c), key) for c, key in plan["items"]]
+    out = open(plan["out"], "a", buffering=1)
+
+    def on_start(case, key):
+        out.write(json.dumps({"start": key, "case": vars(case)}) + "\n")
+        if os.environ.get(_CRASH_HOOK) == key:
+            os.abort()
+
+    if args.deadline:
+        _start_watchdog(args.deadline, "this worker")
+    run_items(items, {im.key: im for im in impls}, device, args, plan["bw"], plan["passes"],
+              lambda row: out.write(json.dumps({"row": row}) + "\n"), on_start)
+    return 0
+
+
+def run_isolated(items, labels, args, bw, passes, on_row, on_start):
+    """Run the items in child processes; after a crash, record the item that was running as
+    failed and start a new child for the rest."""
+    remaining = list(items)
+    child_args = {k: v for k, v in vars(args).items() if k not in ("deadline", "worker")}
+    with tempfile.TemporaryDirectory(prefix="scan_speed_") as tmp:
+        for attempt in range(len(items) + 1):
+            if not remaining:
+                return
+            plan_path, out_path, err_path = (Path(tmp) / f"{n}{attempt}" for n in ("plan", "out", "err"))
+            plan_path.write_text(json.dumps({
+                "items": [[vars(c), k] for c, k in remaining], "args": child_args,
+                "deadline": args.deadline, "bw": bw, "passes": passes, "out": str(out_path)}))
+            out_path.touch()
+            with open(err_path, "w") as err:
+                proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker",
+                                         str(plan_path)], stdout=subprocess.DEVNULL, stderr=err)
+            seen, started = 0, None
+            try:
+                while True:
+                    done = proc.poll() is not None
+                    # the last piece is '' after a newline, else a line still being written
+                    complete = out_path.read_text().split("\n")[:-1]
+                    for line in complete[seen:]:
+                        try:
+                            event = json.loads(line)
+                        except json.JSONDecodeError:    # a line cut by the crash
+                            continue
+                        if "start" in event:
+                            started = (Case(**event["case"]), event["start"])
+                            on_start(*started)
+                        else:
+                            on_row(event["row"])
+                            remaining.pop(0)
+                            started = None
+                    seen = len(complete)
+                    if done:
+                        break
+                    time.sleep(0.2)
+            finally:
+                if proc.poll() is None:                 # interrupted: stop the child too
+                    proc.kill()
+                    proc.wait()
+            if proc.returncode == 0 or not remaining:
+                continue
+            case, key = started or remaining[0]
+            how = (f"signal {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
+                   else f"exit code {proc.returncode}")
+            tail = [ln for ln in err_path.read_text(errors="replace").splitlines()
+                    if "Error" in ln or "error" in ln]
+            print(f"scan_speed: the worker died ({how}) during {case.label()} {key}; "
+                  f"last error line: {tail[-1] if tail else '-'}", file=sys.stderr, flush=True)
+            name, group = labels.get(key, (key, "?"))
+            on_row({"impl": name, "key": key, "group": group,
+                    "dtype": case.dtype, "B": case.B, "N": case.N, "D": case.D, "status": "failed",
+                    "reason": f"the process died ({how}) while running it"
+                              + (f": {tail[-1].strip()[:160]}" if tail else "")
+                              + "; later rows ran in a new process"})
+            remaining.pop(0)
+
+
+def _start_watchdog(deadline, what):
+    """A compile that never returns (torch.compile of the HOP at N=65536 did, on an H200) blocks
+    SIGTERM and --max-minutes alike; two minutes past the deadline, end the process from a thread.
+    The JSON holds every case finished so far."""
+    def watchdog():
+        time.sleep(max(0.0, deadline - time.time()) + 120)
+        print(f"scan_speed: {what} is still running 2 minutes past --max-minutes; exiting",
+              file=sys.stderr, flush=True)
+        os._exit(124)
+    threading.Thread(target=watchdog, daemon=True).start()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -603,7 +718,14 @@ def main(argv=None):
                    help="run nothing: print the table of an earlier --json (and --plot it)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar on stderr")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failures")
+    p.add_argument("--isolate", choices=("auto", "yes", "no"), default="auto",
+                   help="run the measurements in a child process, and start a new one after a "
+                        "crash (a CUDA fault ends a process): the implementation that was running "
+                        "gets a 'failed' row and the rest go on (auto: yes on GPU)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)   # internal: a child's plan
     args = p.parse_args(argv)
+    if args.worker:
+        return worker(args.worker)
 
     if args.from_json:
         data = json.loads(Path(args.from_json).read_text())
@@ -670,37 +792,36 @@ def main(argv=None):
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, on_term)
-    if args.deadline:
-        # A compile that never returns (torch.compile of the HOP at N=65536 did, on an H200)
-        # blocks SIGTERM and --max-minutes alike; two minutes past the deadline, end the process
-        # from a thread. The JSON holds every case finished so far (it is written per case).
-        def watchdog():
-            time.sleep(max(0.0, args.deadline - time.time()) + 120)
-            print(f"scan_speed: still running 2 minutes past --max-minutes; exiting "
-                  f"(finished cases are in {args.json or 'no --json file'})", file=sys.stderr, flush=True)
-            os._exit(124)
-        threading.Thread(target=watchdog, daemon=True).start()
+    if args.deadline and not (args.isolate == "yes" or (args.isolate == "auto" and gpu)):
+        _start_watchdog(args.deadline, "the run")      # (an isolated run's workers have their own)
+    items = [(case, im.key) for case in cases for im in impls]
+    isolate = args.isolate == "yes" or (args.isolate == "auto" and gpu)
+    meta["isolated"] = isolate
     bar = None
     if not args.no_progress:
         try:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(cases) * len(impls), file=sys.stderr, unit="run", dynamic_ncols=True)
+            bar = tqdm(total=len(items), file=sys.stderr, unit="run", dynamic_ncols=True)
         except ImportError:
             bar = None
+
+    def on_row(row):
+        rows.append(row)
+        if bar is not None:
+            bar.update()
+        save()
+
+    def on_start(case, key):
+        if bar is not None:
+            bar.set_description(f"{case.label()} {key}")
+
     try:
-        for case in cases:
-            data = CaseData(case, device)
-            for im in impls:
-                if bar is not None:
-                    bar.set_description(f"{case.label()} {im.key}")
-                rows.append(run_one(im, case, data, device, args, bw, passes))
-                _free(device)                  # what the implementation left, before the next
-                if bar is not None:
-                    bar.update()
-            del data
-            _free(device)
-            save()
+        if isolate:
+            run_isolated(items, {im.key: (im.name, im.group) for im in impls}, args, bw, passes,
+                         on_row, on_start)
+        else:
+            run_items(items, {im.key: im for im in impls}, device, args, bw, passes, on_row, on_start)
     except KeyboardInterrupt as e:
         meta["notes"].append(f"interrupted ({e}); partial results")
     finally:

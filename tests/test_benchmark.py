@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +87,21 @@ def test_bad_shape_is_a_clear_error():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--shapes", "4x4096", "--device", "cpu"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode != 0 and "BxNxD" in proc.stderr
+
+
+def test_isolated_run_survives_a_crashing_implementation(tmp_path):
+    """--isolate: a process-killing fault (a CUDA illegal address, say; here an abort injected into
+    one implementation) becomes that implementation's 'failed' row, and the rest still run."""
+    out_json = tmp_path / "r.json"
+    cmd = [sys.executable, str(SCRIPT), "--device", "cpu", "--shapes", "1x24x4", "--dtypes", "float32",
+           "--reps", "3", "--budget", "0.05", "--no-progress", "--isolate", "yes",
+           "--backends", "torch,loop,torch-loop", "--json", str(out_json)]
+    env = {**os.environ, "_SCAN_SPEED_TEST_CRASH_KEY": "loop"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["key"]: r for r in json.loads(out_json.read_text())["results"]}
+    assert set(rows) == {"torch", "loop", "torch-loop"}
+    assert rows["loop"]["status"] == "failed" and "process died (signal SIGABRT)" in rows["loop"]["reason"]
+    for key in ("torch", "torch-loop"):
+        assert rows[key]["status"] == "ok" and rows[key]["fwdbwd"]["rel_err"] < 1e-5
+    assert "worker died" in proc.stderr and "gate_loop_scan[loop]: the process died" in proc.stdout
