@@ -105,3 +105,16 @@ def test_isolated_run_survives_a_crashing_implementation(tmp_path):
     for key in ("torch", "torch-loop"):
         assert rows[key]["status"] == "ok" and rows[key]["fwdbwd"]["rel_err"] < 1e-5
     assert "worker died" in proc.stderr and "gate_loop_scan[loop]: the process died" in proc.stdout
+
+
+def test_step_profile_runs_on_cpu():
+    """benchmarks/step_profile.py: both models step, and the scan's share is measured."""
+    cmd = [sys.executable, str(SCRIPT.parent / "step_profile.py"), "--device", "cpu", "--seq-len", "32",
+           "--dim", "32", "--depth", "1", "--batch", "2", "--grad-accum", "1", "--steps", "2",
+           "--warmup", "1", "--scan-backends", "torch"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln.split() for ln in proc.stdout.splitlines()]
+    assert any(ln[:2] == ["attention", "(sdpa)"] for ln in lines)
+    row = next(ln for ln in lines if ln and ln[0] == "gateloop[torch]")
+    assert float(row[1]) > 0 and float(row[3]) > 0 and row[4].endswith("%")
