@@ -29,7 +29,7 @@ from gateloop_hybrid import Transformer  # noqa: E402
 def make_model(kind: str, args, device):
     kw = dict(dim=args.dim, num_tokens=256, depth=args.depth)
     if kind == "attention":
-        kw.update(use_gate_looped_attn=False, heads=args.dim // 64, dim_head=64, ff_mult=5)
+        kw.update(use_gate_looped_attn=False, heads=max(1, args.dim // 64), dim_head=min(64, args.dim), ff_mult=5)
     else:
         kw.update(use_gate_looped_attn=True, gate_loop_heads=args.dim, scan_backend=kind)
     return Transformer(**kw).to(device)
