@@ -655,11 +655,22 @@ def run_isolated(items, labels, args, bw, passes, on_row, on_start):
                     proc.wait()
             if proc.returncode == 0 or not remaining:
                 continue
-            case, key = started or remaining[0]
             how = (f"signal {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
+                   else "still running 2 minutes past --max-minutes" if proc.returncode == 124
                    else f"exit code {proc.returncode}")
             tail = [ln for ln in err_path.read_text(errors="replace").splitlines()
                     if "Error" in ln or "error" in ln]
+            if seen == 0:       # died before measuring anything: the set-up is broken, not a kernel
+                err_tail = err_path.read_text(errors="replace").strip().splitlines()[-5:]
+                print(f"scan_speed: the worker process failed to start ({how}):\n  " + "\n  ".join(err_tail),
+                      file=sys.stderr, flush=True)
+                for case, key in remaining:
+                    name, group = labels.get(key, (key, "?"))
+                    on_row({"impl": name, "key": key, "group": group, "dtype": case.dtype,
+                            "B": case.B, "N": case.N, "D": case.D, "status": "failed",
+                            "reason": f"the worker process failed to start ({how})"})
+                return
+            case, key = started or remaining[0]
             print(f"scan_speed: the worker died ({how}) during {case.label()} {key}; "
                   f"last error line: {tail[-1] if tail else '-'}", file=sys.stderr, flush=True)
             name, group = labels.get(key, (key, "?"))
