@@ -1,0 +1,84 @@
+"""Experiments on the bridge's per-call cost that are not (yet) in the bridge: timed side by side.
+
+    python benchmarks/bridge_experiments.py [--device cuda]
+
+Each variant patches the bridge in this process only, then runs bridge_overhead.py's measurement
+(tiny and large, forward and forward+backward, against native JAX):
+
+- "default": the bridge as it is.
+- "borrowed capsules": tensors go to JAX in DLPack capsules that this script builds, whose
+  deleter is libc's free() of the capsule's own block, instead of torch's capsules, whose
+  deleter releases the torch tensor and so must take the GIL on whatever thread JAX frees the
+  buffer (on CUDA, a callback thread after the kernels finish). The hypothesis (README, "Bridge
+  overhead"): those GIL hand-offs between threads are part of the cost that grows with the number
+  of cores. Safe inside a bridged call because the caller holds the tensors for the call (and
+  autograd holds the saved ones through backward), and every output makes torch's stream wait
+  for JAX's computation, so freed memory is reused only after JAX's reads. Not safe for the
+  public ``bridge.to_jax``, whose array may outlive the tensor: this stays an experiment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import struct
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import bridge_overhead  # noqa: E402  (imports bridge first)
+import bridge.convert as convert  # noqa: E402
+
+_libc = ctypes.CDLL(None)
+_libc.malloc.restype = ctypes.c_void_p
+_libc.malloc.argtypes = [ctypes.c_size_t]
+_FREE = ctypes.cast(_libc.free, ctypes.c_void_p).value
+_capsule_new = ctypes.pythonapi.PyCapsule_New
+_capsule_new.restype = ctypes.py_object
+_capsule_new.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+# DLManagedTensor (DLPack 0.x, x86-64/aarch64): data, device (type, id), ndim, dtype (code, bits,
+# lanes), shape*, strides*, byte_offset, manager_ctx, deleter: 64 bytes, then shape and strides.
+_HEADER = struct.Struct("<QiiiBBHQQQQQ")
+_DL_CODES = {torch.float16: (2, 16), torch.bfloat16: (4, 16), torch.float32: (2, 32),
+             torch.float64: (2, 64), torch.complex64: (5, 64), torch.complex128: (5, 128),
+             torch.int8: (0, 8), torch.int16: (0, 16), torch.int32: (0, 32), torch.int64: (0, 64),
+             torch.uint8: (1, 8), torch.bool: (6, 8)}
+
+
+def borrowed_capsule(t: torch.Tensor):
+    """A "dltensor" capsule viewing t's memory, owning nothing but its own malloc'd block."""
+    nd = t.dim()
+    block = _libc.malloc(_HEADER.size + 16 * nd)
+    code, bits = _DL_CODES[t.dtype]
+    dl_type, dl_id = (2, t.device.index) if t.is_cuda else (1, 0)
+    payload = (_HEADER.pack(t.data_ptr(), dl_type, dl_id, nd, code, bits, 1, block + 64,
+                            block + 64 + 8 * nd, 0, 0, _FREE)
+               + struct.pack(f"<{2 * nd}q", *t.shape, *t.stride()))
+    ctypes.memmove(block, payload, len(payload))
+    return _capsule_new(block, b"dltensor", None)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--reps", type=int, default=5)
+    args = p.parse_args()
+    assert _HEADER.size == 64
+    cases = {"tiny": ((1, 16, 16), 200),
+             "large": ((4, 4096, 1024) if args.device == "cuda" else (4, 1024, 256), 20 if args.device == "cuda" else 3)}
+    variants = {"default": convert._to_dlpack, "borrowed capsules": borrowed_capsule}
+    print(f"{'variant':>18} {'case':>6} {'native fwd':>11} {'bridge fwd':>11} {'native f+b':>11} {'bridge f+b':>11}  (us per call)")
+    for name, to_dlpack in variants.items():
+        convert._to_dlpack = to_dlpack
+        for label, (shape, calls) in cases.items():
+            r = bridge_overhead.measure(shape, args.device, calls, args.reps)
+            print(f"{name:>18} {label:>6} " + " ".join(
+                f"{r[k]['median_us']:11.1f}" for k in ("native_fwd", "bridge_fwd", "native_fwd_bwd", "bridge_fwd_bwd")),
+                flush=True)
+
+
+if __name__ == "__main__":
+    main()
