@@ -209,8 +209,8 @@ def test_pallas_backend_adapter_in_interpret_mode(monkeypatch, case):
     import functools
     from bridge import jax2torch
     from gateloop_hybrid.scan.pallas_scan import gate_loop_scan_pallas_ri
-    interpreted = jax2torch(functools.partial(gate_loop_scan_pallas_ri, interpret=True))
-    monkeypatch.setattr(scan_mod, "_bridged", lambda name: interpreted)
+    monkeypatch.setattr(scan_mod, "_bridged", lambda name, **static: jax2torch(
+        functools.partial(gate_loop_scan_pallas_ri, interpret=True, **static)))
     monkeypatch.setattr(scan_mod, "resolve_backend", lambda backend, device, dtype: backend)
     (a, x, h0, cot_h, cot_last), (h_ref, last_ref, g_ref) = reference(*case)
     f32 = lambda t: None if t is None else t.to(torch.complex64 if t.is_complex() else torch.float32)

@@ -61,8 +61,10 @@ def gate_loop_scan(a: Tensor, x: Tensor, h0: Tensor | None = None, *, reverse: b
     elif name == "pallas":
         h, h_last = _pallas(a, x, h0, reverse)
     else:
-        h, h_last = _bridged(name)(a, x, h0, reverse)
-    return h.to(out_dtype), h_last.to(out_dtype)
+        h, h_last = _bridged(name, reverse=reverse)(*((a, x) if h0 is None else (a, x, h0)))
+    if h.dtype != out_dtype:
+        h, h_last = h.to(out_dtype), h_last.to(out_dtype)
+    return h, h_last
 
 
 def _pallas(a, x, h0, reverse):
@@ -72,7 +74,8 @@ def _pallas(a, x, h0, reverse):
     flags = dict(complex_a=a.is_complex(), complex_x=x.is_complex(),
                  complex_h0=h0 is not None and h0.is_complex(), reverse=reverse)
     pairs = lambda t: torch.view_as_real(t) if t is not None and t.is_complex() else t
-    h, h_last = _bridged("pallas")(pairs(a), pairs(x), pairs(h0), **flags)
+    tensors = (pairs(a), pairs(x)) if h0 is None else (pairs(a), pairs(x), pairs(h0))
+    h, h_last = _bridged("pallas", **flags)(*tensors)
     if a.is_complex() or x.is_complex() or flags["complex_h0"]:
         h, h_last = torch.view_as_complex(h), torch.view_as_complex(h_last)
     return h, h_last
@@ -215,11 +218,12 @@ def resolve_backend(backend: str, device: torch.device | str = "cpu",
 
 
 @functools.lru_cache(maxsize=None)
-def _bridged(name: str):
-    """The JAX implementation ``name`` wrapped as a torch function (built on first use)."""
+def _bridged(name: str, **static):
+    """The JAX implementation ``name`` with its static arguments bound, wrapped as a torch function
+    (built on first use). Called with tensors only, the bridge takes its shortest path."""
     from bridge import jax2torch
     if name == "jax":
         from .jax_scan import gate_loop_scan as fn
     else:
         from .pallas_scan import gate_loop_scan_pallas_ri as fn
-    return jax2torch(fn, name=f"gate_loop_scan_{name}")
+    return jax2torch(functools.partial(fn, **static), name=f"gate_loop_scan_{name}")
