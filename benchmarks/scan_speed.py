@@ -570,6 +570,22 @@ def parse_shapes(s: str):
     return out
 
 
+def merge_runs(runs: list) -> dict:
+    """Several runs' JSON as one: the first run's meta, a note per run, all rows (each row's
+    x floor stays that of the run that measured it)."""
+    if len(runs) == 1:
+        return runs[0]
+    meta = dict(runs[0]["meta"])
+    meta["notes"] = list(meta.get("notes", []))
+    for i, run in enumerate(runs):
+        m = run["meta"]
+        meta["notes"].append(f"run {i + 1} of {len(runs)}: {len(run['results'])} rows, {m.get('date')}, "
+                             f"copy bandwidth {m.get('bandwidth_GBps', 0):.0f} GB/s, "
+                             f"git {m.get('git')}, argv: {' '.join(m.get('argv', []))}")
+    meta["argv"] = ["merged: see notes"]
+    return {"meta": meta, "results": [r for run in runs for r in run["results"]]}
+
+
 def run_items(items, impls_by_key, device, args, bw, passes, on_row, on_start=None):
     """Measure each (case, implementation key) in order; inputs are made once per case."""
     data, current = None, None
@@ -725,8 +741,10 @@ def main(argv=None):
                    help="skip what has not started after this many minutes (default GPU 8, CPU none)")
     p.add_argument("--json", default=None, help="write results as JSON (rewritten after each case)")
     p.add_argument("--plot", default=None, help="write a PNG: time against N, log-log")
-    p.add_argument("--from-json", default=None, metavar="PATH",
-                   help="run nothing: print the table of an earlier --json (and --plot it)")
+    p.add_argument("--from-json", default=None, metavar="PATH[,PATH...]",
+                   help="run nothing: print the table of earlier --json runs (and --plot them); "
+                        "several are merged, each row keeping its own run's x floor (with --json, "
+                        "the merged results are written there)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar on stderr")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failures")
     p.add_argument("--isolate", choices=("auto", "yes", "no"), default="auto",
@@ -739,7 +757,9 @@ def main(argv=None):
         return worker(args.worker)
 
     if args.from_json:
-        data = json.loads(Path(args.from_json).read_text())
+        data = merge_runs([json.loads(Path(f).read_text()) for f in args.from_json.split(",") if f])
+        if args.json:
+            Path(args.json).write_text(json.dumps(data, indent=1))
         print(table(data["meta"], data["results"]))
         if args.plot:
             plot(data["meta"], data["results"], args.plot)

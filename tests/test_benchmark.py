@@ -118,3 +118,29 @@ def test_step_profile_runs_on_cpu():
     assert any(ln[:2] == ["attention", "(sdpa)"] for ln in lines)
     row = next(ln for ln in lines if ln and ln[0] == "gateloop[torch]")
     assert float(row[1]) > 0 and float(row[3]) > 0 and row[4].endswith("%")
+
+
+def test_from_json_merges_runs(tmp_path):
+    """--from-json a,b: one table from several runs; every row keeps its own run's x floor."""
+    def run(bw, key, N):
+        row = {"impl": key, "key": key, "group": "gate_loop_scan", "dtype": "float32", "B": 1, "N": N,
+               "D": 4, "status": "ok", "reason": None,
+               "fwd": {"median_ms": 1.0, "p25_ms": 1.0, "p75_ms": 1.0, "x_floor": bw, "rel_err": 1e-7,
+                       "peak_bytes": None, "peak_how": None, "first_s": 0.1, "reps": 3}}
+        return {"meta": {"date": "d", "device": "cpu", "device_name": "cpu", "jax_device": "cpu",
+                         "versions": {"torch": "x"}, "git": "g", "bandwidth": bw * 1e9,
+                         "bandwidth_GBps": bw, "argv": ["--x"], "notes": []}, "results": [row]}
+    paths = []
+    for i, (bw, key, n) in enumerate(((10.0, "torch", 8), (20.0, "loop", 16))):
+        paths.append(tmp_path / f"r{i}.json")
+        paths[-1].write_text(json.dumps(run(bw, key, n)))
+    merged = scan_speed.merge_runs([json.loads(p.read_text()) for p in paths])
+    assert [r["key"] for r in merged["results"]] == ["torch", "loop"]
+    assert [r["fwd"]["x_floor"] for r in merged["results"]] == [10.0, 20.0]
+    assert len(merged["meta"]["notes"]) == 2 and "20 GB/s" in merged["meta"]["notes"][1]
+    out = tmp_path / "m.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--from-json", ",".join(map(str, paths)),
+                           "--json", str(out), "--passes", "fwd"], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(out.read_text()) == merged
