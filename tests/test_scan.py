@@ -203,15 +203,17 @@ def test_cuda_float64_parity_with_loop(backend, n, reverse, complex_):
 
 @pytest.mark.parametrize("case", [(63, True, True, False, True), (5, False, False, True, False),
                                   (1000, False, True, True, True)])
-def test_pallas_backend_adapter_in_interpret_mode(monkeypatch, case):
+def test_pallas_backend_adapter_in_interpret_mode(monkeypatch, request, case):
     """The torch side of the "pallas" backend (complex tensors as (re, im) pairs through the
     bridge, gradients back through the same views), with the kernels in Pallas interpret mode."""
     import functools
-    from bridge import jax2torch
-    from gateloop_hybrid.scan.pallas_scan import gate_loop_scan_pallas_ri
-    monkeypatch.setattr(scan_mod, "_bridged", lambda name, **static: jax2torch(
-        functools.partial(gate_loop_scan_pallas_ri, interpret=True, **static)))
+    import gateloop_hybrid.scan.pallas_scan as pallas_scan
+    # The real adapter and _bridged (static flags bound, tensors only), kernels interpreted.
+    monkeypatch.setattr(pallas_scan, "gate_loop_scan_pallas_ri",
+                        functools.partial(pallas_scan.gate_loop_scan_pallas_ri, interpret=True))
     monkeypatch.setattr(scan_mod, "resolve_backend", lambda backend, device, dtype: backend)
+    scan_mod._bridged.cache_clear()
+    request.addfinalizer(scan_mod._bridged.cache_clear)     # no interpreted kernels left behind
     (a, x, h0, cot_h, cot_last), (h_ref, last_ref, g_ref) = reference(*case)
     f32 = lambda t: None if t is None else t.to(torch.complex64 if t.is_complex() else torch.float32)
     h, h_last, grads = run("pallas", f32(a), f32(x), f32(h0), case[1], f32(cot_h), f32(cot_last))
