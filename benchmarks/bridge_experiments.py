@@ -15,6 +15,10 @@ Each variant patches the bridge in this process only, then runs bridge_overhead.
   autograd holds the saved ones through backward), and every output makes torch's stream wait
   for JAX's computation, so freed memory is reused only after JAX's reads. Not safe for the
   public ``bridge.to_jax``, whose array may outlive the tensor: this stays an experiment.
+- "single-threaded autograd": torch runs the backward of CUDA tensors on a worker thread per
+  device, so every backward is a hand-off from the calling thread and back;
+  ``torch.autograd.set_multithreading_enabled(False)`` (a user-level switch, not the bridge's to
+  set) runs it on the calling thread. Measured here around the whole forward+backward.
 """
 
 from __future__ import annotations
@@ -69,13 +73,19 @@ def main():
     assert _HEADER.size == 64
     cases = {"tiny": ((1, 16, 16), 200),
              "large": ((4, 4096, 1024) if args.device == "cuda" else (4, 1024, 256), 20 if args.device == "cuda" else 3)}
-    variants = {"default": convert._to_dlpack, "borrowed capsules": borrowed_capsule}
-    print(f"{'variant':>18} {'case':>6} {'native fwd':>11} {'bridge fwd':>11} {'native f+b':>11} {'bridge f+b':>11}  (us per call)")
-    for name, to_dlpack in variants.items():
+    import contextlib
+    variants = {"default": (convert._to_dlpack, contextlib.nullcontext),
+                "borrowed capsules": (borrowed_capsule, contextlib.nullcontext),
+                "single-threaded autograd": (convert._to_dlpack,
+                                             lambda: torch.autograd.set_multithreading_enabled(False)),
+                "both": (borrowed_capsule, lambda: torch.autograd.set_multithreading_enabled(False))}
+    print(f"{'variant':>24} {'case':>6} {'native fwd':>11} {'bridge fwd':>11} {'native f+b':>11} {'bridge f+b':>11}  (us per call)")
+    for name, (to_dlpack, mode) in variants.items():
         convert._to_dlpack = to_dlpack
         for label, (shape, calls) in cases.items():
-            r = bridge_overhead.measure(shape, args.device, calls, args.reps)
-            print(f"{name:>18} {label:>6} " + " ".join(
+            with mode():
+                r = bridge_overhead.measure(shape, args.device, calls, args.reps)
+            print(f"{name:>24} {label:>6} " + " ".join(
                 f"{r[k]['median_us']:11.1f}" for k in ("native_fwd", "bridge_fwd", "native_fwd_bwd", "bridge_fwd_bwd")),
                 flush=True)
 
