@@ -94,6 +94,11 @@ class TrainConfig:
     scan_backend: str = _opt(
         "auto", "GateLoop scan backend: auto, loop, torch, heinsen, jax or pallas (auto picks the fastest "
                 "one installed; see gateloop_hybrid.scan)", metavar="NAME")
+    checkpoint_scan: bool = _opt(
+        True, "recompute the GateLoop scan in backward instead of storing its states (the seed's "
+              "checkpoint_gate_looped_attn; default on). With one feature per head (--gate-loop-heads = "
+              "--dim) the states are as small as one activation, and --no-checkpoint-scan saves a "
+              "forward scan per layer (about 15%% of a step on CPU, benchmarks/step_profile.py)")
 
     # optimisation (the seed's values)
     seq_len: int = _opt(256, "training sequence length in bytes")
@@ -127,7 +132,8 @@ class TrainConfig:
         if self.attention:
             kw.update(heads=self.heads, dim_head=self.dim_head)
         else:
-            kw.update(gate_loop_heads=self.gate_loop_heads, scan_backend=self.scan_backend)
+            kw.update(gate_loop_heads=self.gate_loop_heads, scan_backend=self.scan_backend,
+                      checkpoint_gate_looped_attn=self.checkpoint_scan)
         return kw
 
 

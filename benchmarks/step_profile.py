@@ -31,7 +31,9 @@ def make_model(kind: str, args, device):
     if kind == "attention":
         kw.update(use_gate_looped_attn=False, heads=max(1, args.dim // 64), dim_head=min(64, args.dim), ff_mult=5)
     else:
-        kw.update(use_gate_looped_attn=True, gate_loop_heads=args.dim, scan_backend=kind)
+        backend, _, mode = kind.partition("/")
+        kw.update(use_gate_looped_attn=True, gate_loop_heads=args.dim, scan_backend=backend,
+                  checkpoint_gate_looped_attn=mode != "no-checkpoint")
     return Transformer(**kw).to(device)
 
 
@@ -90,7 +92,10 @@ def main():
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--scan-backends", default="auto", help="GateLoop scan backends to profile, comma list")
+    p.add_argument("--scan-backends", default="auto,auto/no-checkpoint",
+                   help="GateLoop scan backends to profile, comma list; NAME/no-checkpoint stores the "
+                        "scan's states instead of recomputing them in backward (the seed's default, "
+                        "checkpoint_gate_looped_attn=True, recomputes)")
     p.add_argument("--trace", action="store_true", help="print torch.profiler's top device ops per model")
     args = p.parse_args()
     device = torch.device(args.device)

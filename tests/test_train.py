@@ -184,6 +184,22 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
     assert [r["resumed"] for r in read_metrics(tmp_path / "split" / "metrics.jsonl", "start")] == [False, True]
 
 
+def test_no_checkpoint_scan_trains_the_same_model(tmp_path):
+    """--no-checkpoint-scan stores the scan's states instead of recomputing them: same losses."""
+    common = ["--max-steps", "4", "--log-every", "1", "--val-every", "0", "--sample-every", "0"]
+    recompute = run_train(tmp_path, *common, name="recompute")
+    stored = run_train(tmp_path, *common, "--no-checkpoint-scan", name="stored")
+    assert [stored["losses"][s] for s in range(1, 5)] == pytest.approx(
+        [recompute["losses"][s] for s in range(1, 5)], rel=1e-6)
+    start = read_metrics(tmp_path / "stored" / "metrics.jsonl", "start")[0]
+    assert start["config"]["checkpoint_scan"] is False
+    for flag, expected in (("--checkpoint-scan", True), ("--no-checkpoint-scan", False)):
+        cfg, _ = train.parse_train_args([*TINY, flag])
+        model = train.build_model(cfg.model_kwargs())
+        mixers = [m for m in model.modules() if hasattr(m, "checkpoint_gate_looped_attn")]
+        assert mixers and all(m.checkpoint_gate_looped_attn is expected for m in mixers)
+
+
 def test_resume_refuses_a_different_model_and_fresh_run_refuses_to_overwrite(tmp_path):
     run_train(tmp_path, "--max-steps", "1", "--val-every", "0", "--sample-every", "0")
     with pytest.raises(SystemExit, match="--resume to continue"):
