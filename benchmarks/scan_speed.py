@@ -274,9 +274,14 @@ def stats(times):
             "reps": len(times)}
 
 
+def new_row(name: str, key: str, group: str, case: Case, status: str = "ok", reason=None) -> dict:
+    """A result row before measurement: which implementation, which case, its status."""
+    return {"impl": name, "key": key, "group": group, "dtype": case.dtype,
+            "B": case.B, "N": case.N, "D": case.D, "status": status, "reason": reason}
+
+
 def run_one(impl, case: Case, data: CaseData, device, args, bw: float, passes):
-    row = {"impl": impl.name, "key": impl.key, "group": impl.group, "dtype": case.dtype,
-           "B": case.B, "N": case.N, "D": case.D, "status": "ok", "reason": None}
+    row = new_row(impl.name, impl.key, impl.group, case)
     reason = impl.skip_reason(case, device)
     if reason is None and not impl.sweep and not case.core and not args.full:
         reason = "skipped: a comparison row, run on the main shapes only (--full runs it here)"
@@ -682,19 +687,17 @@ def run_isolated(items, labels, args, bw, passes, on_row, on_start):
                       file=sys.stderr, flush=True)
                 for case, key in remaining:
                     name, group = labels.get(key, (key, "?"))
-                    on_row({"impl": name, "key": key, "group": group, "dtype": case.dtype,
-                            "B": case.B, "N": case.N, "D": case.D, "status": "failed",
-                            "reason": f"the worker process failed to start ({how})"})
+                    on_row(new_row(name, key, group, case, status="failed",
+                                   reason=f"the worker process failed to start ({how})"))
                 return
             case, key = started or remaining[0]
             print(f"scan_speed: the worker died ({how}) during {case.label()} {key}; "
                   f"last error line: {tail[-1] if tail else '-'}", file=sys.stderr, flush=True)
             name, group = labels.get(key, (key, "?"))
-            on_row({"impl": name, "key": key, "group": group,
-                    "dtype": case.dtype, "B": case.B, "N": case.N, "D": case.D, "status": "failed",
-                    "reason": f"the process died ({how}) while running it"
-                              + (f": {tail[-1].strip()[:160]}" if tail else "")
-                              + "; later rows ran in a new process"})
+            on_row(new_row(name, key, group, case, status="failed",
+                           reason=f"the process died ({how}) while running it"
+                                  + (f": {tail[-1].strip()[:160]}" if tail else "")
+                                  + "; later rows ran in a new process"))
             remaining.pop(0)
 
 
@@ -823,10 +826,10 @@ def main(argv=None):
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, on_term)
-    if args.deadline and not (args.isolate == "yes" or (args.isolate == "auto" and gpu)):
+    isolate = args.isolate == "yes" or (args.isolate == "auto" and gpu)
+    if args.deadline and not isolate:
         _start_watchdog(args.deadline, "the run")      # (an isolated run's workers have their own)
     items = [(case, im.key) for case in cases for im in impls]
-    isolate = args.isolate == "yes" or (args.isolate == "auto" and gpu)
     meta["isolated"] = isolate
     bar = None
     if not args.no_progress:

@@ -7,7 +7,6 @@ make torch's current stream wait for the JAX computation that produces an array.
 
 from __future__ import annotations
 
-
 import torch
 
 from . import _jax_env  # (sets XLA_PYTHON_CLIENT_PREALLOCATE before JAX starts)

@@ -363,7 +363,7 @@ class JaxFunction:
                             "hashable (pass arrays as torch tensors)") from None
         if spec is None:
             spec = self._specs[key] = _Spec(self, treedef, is_tensor, statics)
-            if not kwargs and not statics and all(type(x) is torch.Tensor for x in args):
+            if not kwargs and all(type(x) is torch.Tensor for x in args):
                 self._positional[len(args)] = spec
         tensors = [x for x, t in zip(leaves, is_tensor) if t]
         _check_tensors(self.name, tensors, treedef, is_tensor)
