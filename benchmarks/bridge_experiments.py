@@ -19,11 +19,18 @@ Each variant patches the bridge in this process only, then runs bridge_overhead.
   device, so every backward is a hand-off from the calling thread and back;
   ``torch.autograd.set_multithreading_enabled(False)`` (a user-level switch, not the bridge's to
   set) runs it on the calling thread. Measured here around the whole forward+backward.
+- "GIL switch 10us": ``sys.setswitchinterval(1e-5)``: a thread waiting for the GIL gets it after
+  10 us instead of 5 ms when the holder does not release it by itself.
+
+``--probe`` (CUDA) first asks, step by step, whether the bridge makes the host wait for queued GPU
+work: each step is timed on the host right after ~20 ms of matmuls were queued on the stream the
+step depends on. A step whose host time is near the queued GPU time synchronizes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import struct
 import sys
@@ -52,6 +59,16 @@ _DL_CODES = {torch.float16: (2, 16), torch.bfloat16: (4, 16), torch.float32: (2,
              torch.uint8: (1, 8), torch.bool: (6, 8)}
 
 
+@contextlib.contextmanager
+def switch_interval(seconds=1e-5):
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(seconds)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(old)
+
+
 def borrowed_capsule(t: torch.Tensor):
     """A "dltensor" capsule viewing t's memory, owning nothing but its own malloc'd block."""
     nd = t.dim()
@@ -65,20 +82,77 @@ def borrowed_capsule(t: torch.Tensor):
     return _capsule_new(block, b"dltensor", None)
 
 
+def host_wait_probe():
+    import time
+    import jax
+    from bridge import jax2torch
+    from bridge.convert import exchange, prepare
+    big = torch.randn(4096, 4096, device="cuda") / 64
+
+    def torch_busy():
+        y = big
+        for _ in range(40):
+            y = y @ big
+        return y
+
+    @jax.jit
+    def jax_busy(x):
+        y = x
+        for _ in range(40):
+            y = y @ x
+        return y
+
+    jax_ident = jax.jit(lambda x: x * 2)
+    jbig = exchange.to_jax([big])[0]
+    bridged = jax2torch(lambda x: x * 2)
+    leaf = big.clone().requires_grad_()
+
+    def busy_then(step):
+        def run():
+            torch.cuda.synchronize(); jax.block_until_ready(jbig)
+            t0 = time.perf_counter(); keep = step(); t1 = time.perf_counter()
+            torch.cuda.synchronize(); jax.block_until_ready([k for k in keep if isinstance(k, jax.Array)])
+            return (t1 - t0) * 1e3
+        run()
+        return min(run() for _ in range(5))
+
+    steps = {
+        "torch busy (launch only)": lambda: [torch_busy()],
+        "jax busy (launch only)": lambda: [jax_busy(jbig)],
+        "torch busy + to_jax(stream)": lambda: exchange.to_jax([torch_busy()], one_computation=True),
+        "torch busy + to_jax + jit": lambda: [jax_ident(*exchange.to_jax([torch_busy()], one_computation=True))],
+        "torch busy + to_jax + jit + del": lambda: (jax_ident(*exchange.to_jax([torch_busy()], one_computation=True)), [])[1],
+        "jax busy + to_torch": lambda: [exchange.to_torch([jax_busy(jbig)])],
+        "jax busy + to_torch + del array": lambda: [t for t in exchange.to_torch([jax_busy(jbig)])],
+        "torch busy + bridged no-grad": lambda: [bridged(torch_busy())],
+        "torch busy + bridged fwd (grad)": lambda: [bridged(leaf @ big)],
+        "torch busy + bridged fwd+bwd": lambda: [torch.autograd.grad(bridged(leaf @ big).sum(), leaf)],
+        "torch busy + torch fwd+bwd": lambda: [torch.autograd.grad((leaf @ big * 2).sum(), leaf)],
+    }
+    torch.cuda.synchronize()
+    t0 = time.perf_counter(); torch_busy(); torch.cuda.synchronize()
+    print(f"queued GPU work: torch busy {1e3 * (time.perf_counter() - t0):.1f} ms (synchronized)")
+    for name, step in steps.items():
+        print(f"  {name:<36} host {busy_then(step):8.2f} ms", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--probe", action="store_true", help="first run the host-wait probe (CUDA)")
     args = p.parse_args()
+    if args.probe:
+        host_wait_probe()
     assert _HEADER.size == 64
     cases = {"tiny": ((1, 16, 16), 200),
              "large": ((4, 4096, 1024) if args.device == "cuda" else (4, 1024, 256), 20 if args.device == "cuda" else 3)}
-    import contextlib
     variants = {"default": (convert._to_dlpack, contextlib.nullcontext),
                 "borrowed capsules": (borrowed_capsule, contextlib.nullcontext),
                 "single-threaded autograd": (convert._to_dlpack,
                                              lambda: torch.autograd.set_multithreading_enabled(False)),
-                "both": (borrowed_capsule, lambda: torch.autograd.set_multithreading_enabled(False))}
+                "both": (borrowed_capsule, lambda: torch.autograd.set_multithreading_enabled(False)),
+                "GIL switch 10us": (convert._to_dlpack, switch_interval)}
     print(f"{'variant':>24} {'case':>6} {'native fwd':>11} {'bridge fwd':>11} {'native f+b':>11} {'bridge f+b':>11}  (us per call)")
     for name, (to_dlpack, mode) in variants.items():
         convert._to_dlpack = to_dlpack
