@@ -99,6 +99,11 @@ class TrainConfig:
               "checkpoint_gate_looped_attn; default on). With one feature per head (--gate-loop-heads = "
               "--dim) the states are as small as one activation, and --no-checkpoint-scan saves a "
               "forward scan per layer (about 15%% of a step on CPU, benchmarks/step_profile.py)")
+    threaded_backward: bool = _opt(
+        False, "run backward on torch's per-device autograd worker thread (torch's default). Off: on "
+               "the calling thread (torch.autograd.set_multithreading_enabled(False) around the step), "
+               "which saves a thread hand-off per bridged scan call: about 0.6 ms of a bridged "
+               "forward+backward on an H200 (benchmarks/bridge_experiments.py)")
 
     # optimisation (the seed's values)
     seq_len: int = _opt(256, "training sequence length in bytes")
@@ -622,7 +627,8 @@ class _Run:
             batch = self.sampler.next().to(device, non_blocking=True)  # (b, seq_len + 1)
             with _autocast(device, cfg.bf16):
                 loss = self.model(batch, return_loss=True)
-            (loss / cfg.grad_accum).backward()
+            with torch.autograd.set_multithreading_enabled(cfg.threaded_backward):
+                (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach().float()
         if cfg.clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip)

@@ -615,6 +615,7 @@ def worker(plan_path):
     args = argparse.Namespace(**plan["args"])
     args.deadline = plan["deadline"]
     device = torch.device(args.device)
+    torch.autograd.set_multithreading_enabled(args.backward_thread == "worker")
     impls, _ = _impls.build(device)
     items = [(Case(**c), key) for c, key in plan["items"]]
     out = open(plan["out"], "a", buffering=1)
@@ -754,6 +755,10 @@ def main(argv=None):
                    help="run the measurements in a child process, and start a new one after a "
                         "crash (a CUDA fault ends a process): the implementation that was running "
                         "gets a 'failed' row and the rest go on (auto: yes on GPU)")
+    p.add_argument("--backward-thread", choices=("worker", "main"), default="worker",
+                   help="where autograd runs backward, for every row: torch's per-device worker thread "
+                        "(torch's default for CUDA) or the calling thread "
+                        "(torch.autograd.set_multithreading_enabled(False), as train.py does)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)   # internal: a child's plan
     args = p.parse_args(argv)
     if args.worker:
@@ -793,7 +798,10 @@ def main(argv=None):
     if not set(passes) <= {"fwd", "fwdbwd"}:
         raise SystemExit("--passes takes fwd, fwdbwd")
 
+    torch.autograd.set_multithreading_enabled(args.backward_thread == "worker")
     impls, notes = _impls.build(device)
+    if args.backward_thread == "main":
+        notes.append("backward on the calling thread (torch.autograd.set_multithreading_enabled(False))")
     if args.list:
         for im in impls:
             print(f"{im.key:16s} {im.group:15s} {im.name}")

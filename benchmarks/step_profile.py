@@ -52,7 +52,7 @@ def scan_replaced():
         gate_loop_mod.gate_loop_scan = original
 
 
-def step_times(model, args, device, steps):
+def step_times(model, args, device, steps, threaded_backward=True):
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
@@ -62,7 +62,8 @@ def step_times(model, args, device, steps):
         for _ in range(args.grad_accum):
             with autocast:
                 loss = model(data, return_loss=True)
-            (loss / args.grad_accum).backward()
+            with torch.autograd.set_multithreading_enabled(threaded_backward):
+                (loss / args.grad_accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -96,6 +97,10 @@ def main():
                    help="GateLoop scan backends to profile, comma list; NAME/no-checkpoint stores the "
                         "scan's states instead of recomputing them in backward (the seed's default, "
                         "checkpoint_gate_looped_attn=True, recomputes)")
+    p.add_argument("--backward-thread", choices=("worker", "main", "both"), default="both",
+                   help="where autograd runs backward: torch's per-device worker thread (torch's default "
+                        "for CUDA), the calling thread (torch.autograd.set_multithreading_enabled(False), "
+                        "train.py's default), or both, one row each")
     p.add_argument("--trace", action="store_true", help="print torch.profiler's top device ops per model")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -103,19 +108,22 @@ def main():
     print(f"step profile on {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}): "
           f"dim {args.dim}, depth {args.depth}, batch {args.batch} x accumulation {args.grad_accum}, "
           f"seq {args.seq_len}; {tokens} tokens per step")
-    print(f"{'model':>22} {'step ms':>9} {'tokens/s':>11} {'scan stand-in ms':>17} {'scan share':>10}")
+    print(f"{'model':>28} {'backward':>9} {'step ms':>9} {'tokens/s':>11} {'scan stand-in ms':>17} {'scan share':>10}")
+    threads = {"worker": [True], "main": [False], "both": [True, False]}[args.backward_thread]
     for kind in ["attention", *[b.strip() for b in args.scan_backends.split(",") if b.strip()]]:
         torch.manual_seed(0)
         model = make_model(kind, args, device)
-        times, step = step_times(model, args, device, args.steps)
-        ms = 1e3 * statistics.median(times)
-        line = f"{('gateloop[' + kind + ']') if kind != 'attention' else 'attention (sdpa)':>22} {ms:9.1f} {tokens / ms * 1e3:11,.0f}"
-        if kind != "attention":
-            with scan_replaced():
-                t2, _ = step_times(model, args, device, args.steps)
-            ms2 = 1e3 * statistics.median(t2)
-            line += f" {ms2:17.1f} {(ms - ms2) / ms:10.0%}"
-        print(line, flush=True)
+        for threaded in threads:
+            times, step = step_times(model, args, device, args.steps, threaded)
+            ms = 1e3 * statistics.median(times)
+            name = f"gateloop[{kind}]" if kind != "attention" else "attention (sdpa)"
+            line = f"{name:>28} {'worker' if threaded else 'main':>9} {ms:9.1f} {tokens / ms * 1e3:11,.0f}"
+            if kind != "attention":
+                with scan_replaced():
+                    t2, _ = step_times(model, args, device, args.steps, threaded)
+                ms2 = 1e3 * statistics.median(t2)
+                line += f" {ms2:17.1f} {(ms - ms2) / ms:10.0%}"
+            print(line, flush=True)
         if args.trace:
             from torch.profiler import ProfilerActivity, profile
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])

@@ -126,12 +126,27 @@ def _check_inputs(a, x, h0) -> torch.dtype:
 # Backend choice
 
 
-@functools.lru_cache(maxsize=None)
+def _memo(fn):
+    """functools.cache as a plain dict lookup: torch.compile traces through it without warning
+    (it warns on every lru_cache wrapper it meets in a compiled model)."""
+    cache = {}
+
+    @functools.wraps(fn)
+    def memoized(*args, **kwargs):
+        key = (args, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            cache[key] = fn(*args, **kwargs)
+        return cache[key]
+    memoized.cache_clear = cache.clear
+    return memoized
+
+
+@_memo
 def jax_available() -> bool:
     return importlib.util.find_spec("jax") is not None
 
 
-@functools.lru_cache(maxsize=None)
+@_memo
 def jax_has_device(device_type: str) -> bool:
     """Whether JAX has a backend for torch's device type ("cpu" or "cuda")."""
     if not jax_available():
@@ -144,7 +159,7 @@ def jax_has_device(device_type: str) -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=None)
+@_memo
 def pallas_available() -> bool:
     """Whether the Pallas kernels run here: JAX has a CUDA device and the kernels pass a small
     self-test on it (once per process; a failure warns once and "auto" takes "jax")."""
@@ -217,7 +232,7 @@ def resolve_backend(backend: str, device: torch.device | str = "cpu",
     return "torch"
 
 
-@functools.lru_cache(maxsize=None)
+@_memo
 def _bridged(name: str, **static):
     """The JAX implementation ``name`` with its static arguments bound, wrapped as a torch function
     (built on first use). Called with tensors only, the bridge takes its shortest path."""
