@@ -99,11 +99,12 @@ class TrainConfig:
               "checkpoint_gate_looped_attn; default on). With one feature per head (--gate-loop-heads = "
               "--dim) the states are as small as one activation, and --no-checkpoint-scan saves a "
               "forward scan per layer (about 15%% of a step on CPU, benchmarks/step_profile.py)")
-    threaded_backward: bool = _opt(
-        False, "run backward on torch's per-device autograd worker thread (torch's default). Off: on "
-               "the calling thread (torch.autograd.set_multithreading_enabled(False) around the step), "
-               "which saves a thread hand-off per bridged scan call: about 0.6 ms of a bridged "
-               "forward+backward on an H200 (benchmarks/bridge_experiments.py)")
+    main_thread_backward: bool = _opt(
+        False, "run backward on the calling thread (torch.autograd.set_multithreading_enabled(False) "
+               "around it) instead of torch's per-device autograd worker thread. Saves a thread "
+               "hand-off per backward: 1.36 -> 1.02 ms for a bridged complex64 scan fwd+bwd at "
+               "4x4096x1024 on an H200, but no clear change in a whole training step there "
+               "(benchmarks/step_profile.py --backward-thread both)")
 
     # optimisation (the seed's values)
     seq_len: int = _opt(256, "training sequence length in bytes")
@@ -627,7 +628,7 @@ class _Run:
             batch = self.sampler.next().to(device, non_blocking=True)  # (b, seq_len + 1)
             with _autocast(device, cfg.bf16):
                 loss = self.model(batch, return_loss=True)
-            with torch.autograd.set_multithreading_enabled(cfg.threaded_backward):
+            with torch.autograd.set_multithreading_enabled(not cfg.main_thread_backward):
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach().float()
         if cfg.clip > 0:

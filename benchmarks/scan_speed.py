@@ -758,7 +758,7 @@ def main(argv=None):
     p.add_argument("--backward-thread", choices=("worker", "main"), default="worker",
                    help="where autograd runs backward, for every row: torch's per-device worker thread "
                         "(torch's default for CUDA) or the calling thread "
-                        "(torch.autograd.set_multithreading_enabled(False), as train.py does)")
+                        "(torch.autograd.set_multithreading_enabled(False), as train.py --main-thread-backward)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)   # internal: a child's plan
     args = p.parse_args(argv)
     if args.worker:

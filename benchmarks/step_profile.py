@@ -100,7 +100,7 @@ def main():
     p.add_argument("--backward-thread", choices=("worker", "main", "both"), default="both",
                    help="where autograd runs backward: torch's per-device worker thread (torch's default "
                         "for CUDA), the calling thread (torch.autograd.set_multithreading_enabled(False), "
-                        "train.py's default), or both, one row each")
+                        "train.py --main-thread-backward), or both, one row each")
     p.add_argument("--trace", action="store_true", help="print torch.profiler's top device ops per model")
     args = p.parse_args()
     device = torch.device(args.device)
