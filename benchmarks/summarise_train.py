@@ -23,7 +23,8 @@ def main():
         if not ends or not val:
             continue
         end, cfg = ends[-1], start["config"]
-        name = "attention (sdpa)" if cfg["attention"] else f"gateloop ({start['scan_backend']})"
+        name = ("attention (sdpa)" if cfg["attention"] else f"gateloop ({start['scan_backend']}"
+                + ("" if cfg.get("checkpoint_scan", True) else ", no recompute") + ")")
         rows.append(f"| {name} | {cfg['seq_len']} | {start['params'] / 1e6:.2f}M | {end['step']} | "
                     f"{end['steady_tokens_per_s'] or float('nan'):,.0f} | "
                     f"{end.get('peak_mem_bytes', 0) / GiB:.2f} | {end.get('jax_peak_mem_bytes', 0) / GiB:.2f} | "
