@@ -22,6 +22,10 @@ Each variant patches the bridge in this process only, then runs bridge_overhead.
 - "GIL switch 10us": ``sys.setswitchinterval(1e-5)``: a thread waiting for the GIL gets it after
   10 us instead of 5 ms when the holder does not release it by itself.
 
+H200 results (benchmarks/results/bridge_experiments_h200.txt): backward on the calling thread
+cut the bridged forward+backward by about half; the borrowed capsules and the short switch
+interval changed nothing beyond noise; the probe found no step that waits for the GPU.
+
 ``--probe`` (CUDA) first asks, step by step, whether the bridge makes the host wait for queued GPU
 work: each step is timed on the host right after ~20 ms of matmuls were queued on the stream the
 step depends on. A step whose host time is near the queued GPU time synchronizes.
