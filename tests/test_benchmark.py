@@ -95,12 +95,14 @@ def test_isolated_run_survives_a_crashing_implementation(tmp_path):
     out_json = tmp_path / "r.json"
     cmd = [sys.executable, str(SCRIPT), "--device", "cpu", "--shapes", "1x24x4", "--dtypes", "float32",
            "--reps", "3", "--budget", "0.05", "--no-progress", "--isolate", "yes",
-           "--backends", "torch,loop,torch-loop", "--json", str(out_json)]
+           "--backends", "torch,loop,torch-loop", "--backward-thread", "main", "--json", str(out_json)]
     env = {**os.environ, "_SCAN_SPEED_TEST_CRASH_KEY": "loop"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {r["key"]: r for r in json.loads(out_json.read_text())["results"]}
+    data = json.loads(out_json.read_text())
+    rows = {r["key"]: r for r in data["results"]}
     assert set(rows) == {"torch", "loop", "torch-loop"}
+    assert any("backward on the calling thread" in n for n in data["meta"]["notes"])
     assert rows["loop"]["status"] == "failed" and "process died (signal SIGABRT)" in rows["loop"]["reason"]
     for key in ("torch", "torch-loop"):
         assert rows[key]["status"] == "ok" and rows[key]["fwdbwd"]["rel_err"] < 1e-5
@@ -116,8 +118,10 @@ def test_step_profile_runs_on_cpu():
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [ln.split() for ln in proc.stdout.splitlines()]
     assert any(ln[:2] == ["attention", "(sdpa)"] for ln in lines)
-    row = next(ln for ln in lines if ln and ln[0] == "gateloop[torch]")
-    assert float(row[1]) > 0 and float(row[3]) > 0 and row[4].endswith("%")
+    rows = {ln[1]: ln for ln in lines if ln and ln[0] == "gateloop[torch]"}
+    assert set(rows) == {"worker", "main"}             # --backward-thread both (default)
+    for row in rows.values():
+        assert float(row[2]) > 0 and float(row[4]) > 0 and row[5].endswith("%")
 
 
 def test_from_json_merges_runs(tmp_path):

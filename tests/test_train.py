@@ -200,6 +200,27 @@ def test_no_checkpoint_scan_trains_the_same_model(tmp_path):
         assert mixers and all(m.checkpoint_gate_looped_attn is expected for m in mixers)
 
 
+def test_main_thread_backward_trains_the_same_and_restores_torchs_setting(tmp_path, monkeypatch):
+    """--main-thread-backward turns autograd's worker threads off around backward only."""
+    seen = []
+    original = torch.autograd.set_multithreading_enabled
+
+    class Recording(original):
+        def __init__(self, mode):
+            seen.append(mode)
+            super().__init__(mode)
+    monkeypatch.setattr(torch.autograd, "set_multithreading_enabled", Recording)
+    common = ["--max-steps", "3", "--log-every", "1", "--val-every", "0", "--sample-every", "0"]
+    default = run_train(tmp_path, *common, name="default")
+    assert seen and set(seen) == {True}
+    seen.clear()
+    main = run_train(tmp_path, *common, "--main-thread-backward", name="main")
+    assert seen and set(seen) == {False}
+    assert torch.autograd.is_multithreading_enabled()       # restored after each backward
+    assert [main["losses"][s] for s in range(1, 4)] == pytest.approx(
+        [default["losses"][s] for s in range(1, 4)], rel=1e-6)
+
+
 def test_resume_refuses_a_different_model_and_fresh_run_refuses_to_overwrite(tmp_path):
     run_train(tmp_path, "--max-steps", "1", "--val-every", "0", "--sample-every", "0")
     with pytest.raises(SystemExit, match="--resume to continue"):
