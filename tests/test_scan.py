@@ -255,3 +255,25 @@ def test_pallas_self_test_sets_the_gpu_memory_policy_first():
                          cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]), timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["false", "True"]
+
+
+def test_torch_compile_of_the_scan_matches_eager_without_warnings():
+    """gate_loop_scan inside torch.compile(fullgraph=True): same values and gradients, complex
+    gates included, and no warning (torch.compile warns on every lru_cache it traces through)."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.polar(torch.rand(2, 9, 3, generator=g, dtype=torch.float64) * 0.5 + 0.5,
+                    torch.randn(2, 9, 3, generator=g, dtype=torch.float64)).requires_grad_()
+    x = torch.randn(2, 9, 3, generator=g, dtype=torch.complex128).requires_grad_()
+
+    def f(a, x):
+        h, h_last = gate_loop_scan(a, x, backend="jax")
+        return (h.abs() ** 2).sum() + h_last.real.sum()
+    eager = f(a, x)
+    ga, gx = torch.autograd.grad(eager, (a, x))
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(a, x)
+        ca, cx = torch.autograd.grad(compiled, (a, x))
+    assert torch.allclose(compiled, eager) and torch.allclose(ca, ga) and torch.allclose(cx, gx)
+    assert not [str(w.message) for w in caught if "lru_cache" in str(w.message)]
