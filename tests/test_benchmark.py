@@ -109,6 +109,18 @@ def test_isolated_run_survives_a_crashing_implementation(tmp_path):
     assert "worker died" in proc.stderr and "gate_loop_scan[loop]: the process died" in proc.stdout
 
 
+def test_bridge_diagnostics_run_on_cpu():
+    """benchmarks/bridge_diagnostics.py: the pieces and in-flight timings run; probe needs CUDA."""
+    script = str(SCRIPT.parent / "bridge_diagnostics.py")
+    for args, expect in ((["pieces", "--device", "cpu", "--shapes", "1x8x4"], "bridge fwd+bwd"),
+                         (["in-flight", "--device", "cpu", "--shape", "1x8x4", "--calls", "5"], "spec.run_bwd")):
+        proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert proc.returncode == 0 and expect in proc.stdout, proc.stderr[-3000:]
+    if not torch.cuda.is_available():
+        proc = subprocess.run([sys.executable, script, "probe"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert proc.returncode != 0 and "needs a CUDA device" in proc.stderr
+
+
 def test_step_profile_runs_on_cpu():
     """benchmarks/step_profile.py: both models step, and the scan's share is measured."""
     cmd = [sys.executable, str(SCRIPT.parent / "step_profile.py"), "--device", "cpu", "--seq-len", "32",
