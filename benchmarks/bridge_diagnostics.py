@@ -24,6 +24,15 @@ variants: bridge_overhead's measurement (tiny and large, fwd and fwd+bwd, agains
       user-level switch; train.py --main-thread-backward): backward runs on the calling thread
       instead of torch's worker thread per CUDA device.
     - "GIL switch 10us": ``sys.setswitchinterval(1e-5)``.
+    - "no import events (unsafe)": every tensor imported with no stream, so no PJRT definition
+      event and no torch->JAX stream hand-off. Unsafe in general (JAX may read a tensor before
+      torch's queued work on it ends); safe here because the measured inputs are ready before
+      the timing starts. It bounds what the ordering costs: the H200 pieces suggest that an
+      export after a computation whose inputs carry definition events waits ~50 us for another
+      thread (to_jax + plain + to_torch 170 us against 112 without the export, while exporting
+      after a computation on kept arrays adds 7 us; bridge_pieces_h200.txt). If this variant is
+      much faster, importing without events when torch's stream has no pending work
+      (``torch.cuda.current_stream().query()``) would keep it safe.
 
 H200 results (benchmarks/results/): bridge_pieces_h200.txt, profile_bridge_h200.txt (made by the
 earlier bridge_pieces.py / profile_bridge.py, now `pieces` / `in-flight`) and
@@ -116,6 +125,9 @@ def pieces(args):
         jax.block_until_ready(outs)
         timed("exchange.to_torch x2 of ready arrays", lambda: exchange.to_torch(outs), n)
         timed("to_jax + plain + to_torch", lambda: exchange.to_torch(spec.plain(*exchange.to_jax(tensors, one_computation=True))), n)
+        if import_fn is not None:   # the same with no definition event (inputs are ready here)
+            timed("import x2 (no event) + plain + to_torch", lambda: exchange.to_torch(spec.plain(
+                *[import_fn(torch._C._to_dlpack(t), link.jax_device, None, link.dl_type) for t in tensors])), n)
         with torch.no_grad():
             timed("bridge call, no grad", lambda: f(a, x), n)
         timed("native jitted call (JAX arrays)", lambda: native(ja, jx), n)
@@ -296,6 +308,24 @@ _DL_CODES = {torch.float16: (2, 16), torch.bfloat16: (4, 16), torch.float32: (2,
 
 
 @contextlib.contextmanager
+def no_import_events():
+    original = exchange.to_jax
+
+    def to_jax(tensors, *, one_computation=False):
+        fast = exchange.fast()
+        link = exchange._links.get(tensors[0].device) if tensors else None
+        if not fast or link is None or not link.cuda:
+            return original(tensors, one_computation=one_computation)
+        import_fn, _ = fast
+        return [import_fn(convert._to_dlpack(t), link.jax_device, None, link.dl_type) for t in tensors]
+    exchange.to_jax = to_jax
+    try:
+        yield
+    finally:
+        exchange.to_jax = original
+
+
+@contextlib.contextmanager
 def switch_interval(seconds=1e-5):
     old = sys.getswitchinterval()
     sys.setswitchinterval(seconds)
@@ -327,7 +357,8 @@ def variants(args):
                 "single-threaded autograd": (convert._to_dlpack,
                                              lambda: torch.autograd.set_multithreading_enabled(False)),
                 "both": (borrowed_capsule, lambda: torch.autograd.set_multithreading_enabled(False)),
-                "GIL switch 10us": (convert._to_dlpack, switch_interval)}
+                "GIL switch 10us": (convert._to_dlpack, switch_interval),
+                "no import events (unsafe)": (convert._to_dlpack, no_import_events)}
     print(f"{'variant':>24} {'case':>6} {'native fwd':>11} {'bridge fwd':>11} {'native f+b':>11} {'bridge f+b':>11}  (us per call)")
     original = convert._to_dlpack
     try:
