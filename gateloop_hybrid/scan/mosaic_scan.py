@@ -403,10 +403,15 @@ def walk_kernel(w: Walk, out_dtypes: tuple):
     return chunked
 
 
-def choose_chunks(B: int, N: int, F: int, num_sms: int = 132, ctas_per_sm: int = 2) -> int:
-    """Time chunks so that B * F / W * C CTAs cover the GPU; 1 when they already do."""
+def choose_walk(B: int, N: int, F: int, cplx: bool, num_sms: int = 132) -> tuple[int, int]:
+    """(chunks, block) for a walk. Measured on an H200 (benchmarks/lab/mosaic_walk_probe.py):
+    one chunk when B * F / W CTAs nearly fill the GPU (a single pass reads the inputs once);
+    otherwise about four CTAs per multiprocessor, which hides the extra read of the summary pass
+    better than fewer, longer chunks. Deeper blocks keep more loads in flight: 16 steps for real
+    states, 8 for complex ones (twice the registers per step)."""
     ctas = B * (F // W)
-    if ctas >= num_sms * ctas_per_sm // 2:
-        return 1
-    want = -(-num_sms * ctas_per_sm // ctas)
-    return max(1, min(want, N // 64))
+    block = 8 if cplx else 16
+    if ctas * 10 >= num_sms * 9:
+        return 1, block
+    chunks = -(-4 * num_sms // ctas)
+    return max(1, min(chunks, N // (4 * block))), block
