@@ -210,12 +210,13 @@ def mosaic_self_test(device) -> str | None:
                         6 * torch.rand(2, 37, 128, generator=g) - 3)
         x = torch.randn(2, 37, 128, generator=g, dtype=torch.complex64)
         h0 = torch.randn(2, 128, generator=g, dtype=torch.complex64)
-        leaves = [t.to(device).requires_grad_() for t in (a, x, h0)]
-        h, h_last = _mosaic_op().scan_mosaic(*leaves)
-        grads = torch.autograd.grad(h.abs().sum() + h_last.real.sum(), leaves)
-        ref_leaves = [t.detach().cpu().to(torch.complex128).requires_grad_() for t in leaves]
-        h_ref, last_ref = scan_reference(*ref_leaves)
-        ref_grads = torch.autograd.grad(h_ref.abs().sum() + last_ref.real.sum(), ref_leaves)
+        with torch.enable_grad():      # the first call may come under no_grad
+            leaves = [t.to(device).requires_grad_() for t in (a, x, h0)]
+            h, h_last = _mosaic_op().scan_mosaic(*leaves)
+            grads = torch.autograd.grad(h.abs().sum() + h_last.real.sum(), leaves)
+            ref_leaves = [t.detach().cpu().to(torch.complex128).requires_grad_() for t in leaves]
+            h_ref, last_ref = scan_reference(*ref_leaves)
+            ref_grads = torch.autograd.grad(h_ref.abs().sum() + last_ref.real.sum(), ref_leaves)
         for got, want in zip((h, h_last, *grads), (h_ref, last_ref, *ref_grads)):
             if not torch.allclose(got.detach().cpu().to(torch.complex128), want, rtol=1e-4, atol=1e-4):
                 return "results differ from the float64 reference"

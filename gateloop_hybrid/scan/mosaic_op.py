@@ -27,7 +27,7 @@ _JAX_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float
 
 
 def _interpreted(*arrays, walk, **kw):
-    return mosaic_scan.stage(*arrays, walk=dataclasses.replace(walk, interpret=True), **kw)
+    return mosaic_scan.stage(*arrays, walk=dataclasses.replace(mosaic_scan.Walk(*walk), interpret=True), **kw)
 
 
 _KERNEL = MosaicKernel(mosaic_scan.stage, name="gateloop_scan", interpret_fn=_interpreted)
@@ -74,6 +74,7 @@ def _walk(a, x, h0, reverse, backward, B, N, F, G, R):
     cplx = a.is_complex() or x.is_complex() or (h0 is not None and h0.is_complex())
     num_sms = _num_sms(x.device.index or 0) if x.is_cuda else 132
     chunks, block = mosaic_scan.choose_walk(B, N, F, cplx, num_sms)
+    chunks = mosaic_scan.fit_chunks(N, chunks)
     h0c = h0 is not None and h0.is_complex()
     return mosaic_scan.Walk(
         B=B, N=N, F=F, G=G, R=R, complex_a=a.is_complex(), complex_x=x.is_complex(),
@@ -83,10 +84,11 @@ def _walk(a, x, h0, reverse, backward, B, N, F, G, R):
 
 
 def _launch(walk, args, out_dtypes):
+    fields = dataclasses.astuple(walk)     # plain values: what torch.compile hands an opaque op
     if walk.chunks == 1:
-        return _KERNEL(*args, walk=walk, stage="single", out_dtypes=out_dtypes)
-    sums = _KERNEL(*args, walk=walk, stage="summary", out_dtypes=out_dtypes)
-    return _KERNEL(*args, *sums, walk=walk, stage="finish", out_dtypes=out_dtypes)
+        return _KERNEL(*args, walk=fields, stage="single", out_dtypes=out_dtypes)
+    sums = _KERNEL(*args, walk=fields, stage="summary", out_dtypes=out_dtypes)
+    return _KERNEL(*args, *sums, walk=fields, stage="finish", out_dtypes=out_dtypes)
 
 
 def _real_dtype(dtype: torch.dtype) -> str:
