@@ -16,13 +16,11 @@ import datetime
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bridge  # noqa: E402  (sets JAX's GPU memory policy first)
 import jax  # noqa: E402
 
