@@ -1,4 +1,4 @@
-"""Seed checkpoints load into our modules and give the seed's outputs (issue 7).
+"""Seed checkpoints load into our modules and give the seed's outputs.
 
 The seed is lucidrains/gateloop-transformer 0.2.5, a test-only dependency:
     pip install "gateloop-transformer==0.2.5" "rotary-embedding-torch>=0.5"
