@@ -1,9 +1,9 @@
 """Diagnostics of the bridge's per-call host cost (beside bridge_overhead.py, which measures it).
 
-    python benchmarks/bridge_diagnostics.py pieces    [--device cuda] [--shapes 1x16x16,4x4096x1024]
-    python benchmarks/bridge_diagnostics.py in-flight [--device cuda] [--shape 1x16x16] [--calls 200]
-    python benchmarks/bridge_diagnostics.py probe     (CUDA)
-    python benchmarks/bridge_diagnostics.py variants  [--device cuda] [--reps 5]
+    python benchmarks/lab/bridge_diagnostics.py pieces    [--device cuda] [--shapes 1x16x16,4x4096x1024]
+    python benchmarks/lab/bridge_diagnostics.py in-flight [--device cuda] [--shape 1x16x16] [--calls 200]
+    python benchmarks/lab/bridge_diagnostics.py probe     (CUDA)
+    python benchmarks/lab/bridge_diagnostics.py variants  [--device cuda] [--reps 5]
 
 pieces: each piece of a bridged call of the JAX scan timed in a loop of its own. "host" is the
     mean wall time per iteration before the final synchronization (what the Python thread

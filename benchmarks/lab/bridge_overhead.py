@@ -1,6 +1,6 @@
 """What the bridge costs: the jitted JAX scan called natively vs. through bridge.jax2torch.
 
-    python benchmarks/bridge_overhead.py [--device cuda] [--json PATH]
+    python benchmarks/lab/bridge_overhead.py [--device cuda] [--json PATH]
 
 Both sides run the same jitted functions (the forward, the forward that also returns residuals,
 and the backward); native JAX calls them on jax.Arrays, the bridge on torch tensors. Timing: K

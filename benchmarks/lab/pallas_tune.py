@@ -1,6 +1,6 @@
 """Check and time the Pallas scan kernels (gateloop_hybrid/scan/pallas_scan.py) on a GPU.
 
-    python benchmarks/pallas_tune.py --out results_dir [--budget-s 240] [--plan quick|full]
+    python benchmarks/lab/pallas_tune.py --out results_dir [--budget-s 240] [--plan quick|basic|layouts|defaults]
 
 The kernels run in JAX; the float64 reference is the package's (gateloop_hybrid.scan.reference,
 torch on the CPU). One run does, in order:
