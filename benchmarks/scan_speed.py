@@ -43,6 +43,7 @@ import torch
 
 import harness
 import scan_impls
+from gateloop_hybrid.scan.reference import scan_reference, scan_reference_vjp
 from scan_impls import Case
 
 DTYPES = ("float32", "complex64", "bfloat16")
@@ -84,8 +85,6 @@ def make_inputs(case: Case, device: torch.device, seed: int = 0):
 def reference(a: torch.Tensor, x: torch.Tensor, ct: torch.Tensor):
     """float64 h and the torch-convention gradients (da, dx) of <ct, h>, from the package's
     sequential reference and its hand-written backward."""
-    from gateloop_hybrid.scan.reference import scan_reference, scan_reference_vjp
-
     wide = torch.complex128 if a.is_complex() or x.is_complex() else torch.float64
     a, x, ct = (t.to(wide) for t in (a, x, ct))
     h, _ = scan_reference(a, x)
