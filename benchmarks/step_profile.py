@@ -82,7 +82,7 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--scan-backends", default="auto,auto/no-checkpoint",
                    help="GateLoop scan backends to profile, comma list; NAME/no-checkpoint stores the "
-                        "scan's states instead of recomputing them in backward (the seed's default, "
+                        "scan's states instead of recomputing them in backward (the layers' default, "
                         "checkpoint_gate_looped_attn=True, recomputes)")
     p.add_argument("--backward-thread", choices=("worker", "main", "both"), default="both",
                    help="where autograd runs backward: torch's per-device worker thread (torch's default "
