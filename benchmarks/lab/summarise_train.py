@@ -1,6 +1,6 @@
 """Table and plot of train.py head-to-head runs from their metrics JSONL files.
 
-    python benchmarks/summarise_train.py benchmarks/results/train_h200 [--plot PATH]
+    python benchmarks/lab/summarise_train.py benchmarks/results/h200/train [--plot PATH]
 """
 import argparse
 import glob

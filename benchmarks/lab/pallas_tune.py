@@ -1,8 +1,9 @@
 """Check and time the Pallas scan kernels (gateloop_hybrid/scan/pallas_scan.py) on a GPU.
 
-    python benchmarks/pallas_tune.py --out results_dir [--budget-s 240] [--plan quick|full]
+    python benchmarks/lab/pallas_tune.py --out results_dir [--budget-s 240] [--plan quick|basic|layouts|defaults]
 
-Pure JAX (imports no torch): the kernel module is loaded by path. One run does, in order:
+The kernels run in JAX; the float64 reference is the package's (gateloop_hybrid.scan.reference,
+torch on the CPU). One run does, in order:
 
 1. the copy bandwidth of this GPU (y = x + 1 over 1 GiB: bytes read + written over the time);
 2. correctness on small shapes (values and all gradients against a float64 sequential
@@ -24,42 +25,31 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import math
 import os
 import platform
 import statistics
-import sys
 import time
 import traceback
 from pathlib import Path
 
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+import numpy as np
+import torch
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import bridge  # noqa: F401  (JAX's GPU memory policy, before JAX starts)
+import jax
+import jax.numpy as jnp
+from gateloop_hybrid.scan import jax_scan as js
+from gateloop_hybrid.scan import pallas_scan as ps
+from gateloop_hybrid.scan.reference import scan_reference, scan_reference_vjp
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load(name, rel):
-    spec = importlib.util.spec_from_file_location(name, ROOT / rel)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-ps = _load("pallas_scan", "gateloop_hybrid/scan/pallas_scan.py")
-js = _load("jax_scan", "gateloop_hybrid/scan/jax_scan.py")
 KC = ps.KernelConfig
 
 CASES = {"A": (4, 4096, 1024), "B": (1, 65536, 512), "C": (16, 1024, 1024)}
 SMOKE_CASES = {"A": (2, 100, 40), "B": (1, 300, 24), "C": (3, 50, 40)}
 INTERPRET = False   # --smoke: tiny shapes in Pallas interpret mode, to test this script on a CPU
-TARGET = {  # accelerated-scan (Triton) at case A float32, ms (DESIGN.md); the issue's bar
+TARGET = {  # accelerated-scan's Triton kernel at case A float32 on an H200, ms (docs/results.md)
     ("A", "float32", "fwd"): 0.12, ("A", "float32", "fwd+bwd"): 0.31}
 
 def _name(k):
@@ -90,7 +80,7 @@ STORE = ("auto store", (KC(publish_atomic=False), KC(publish_atomic=False)))
 # Forward variants per (case, dtype) and plan; the fastest --top are also timed fwd+bwd.
 PLANS = {
     "quick": {("A", "float32"): [_w(64, 32, 4, 3), _l(128, 32, 8)]},
-    "probe": {
+    "basic": {
         ("A", "float32"): [_w(64, 32, 4, 3), _w(64, 32, 4, 1), _w(64, 32, 4, 1, prefetch=True),
                            _w(128, 32, 4, 4), _w(128, 16, 4, 4), _l(128, 32, 8), _l(256, 32, 8),
                            _l(128, 32, 8, ticket=False)],
@@ -101,8 +91,8 @@ PLANS = {
         ("C", "float32"): [_w(64, 32, 4, 3), _w(128, 32, 4, 4), _l(128, 32, 8)],
         ("C", "complex64"): [_w(64, 32, 4, 3), _l(128, 32, 8)],
     },
-    # after probe 1: lanes own columns (in-thread tile scan) and a windowed look-back
-    "final": {
+    # lanes own columns (in-thread tile scan) and a windowed look-back
+    "layouts": {
         ("A", "float32"): [_w(128, 16, 4, 4), _w(64, 64, 4, 3, column_per_lane=2),
                            _w(32, 32, 1, 4, column_per_lane=1), _l(128, 64, 4, column_per_lane=2, window=8),
                            _l(128, 32, 4, column_per_lane=1, window=8), _l(128, 32, 8, window=8)],
@@ -118,9 +108,9 @@ PLANS = {
         ("C", "complex64"): [_w(64, 32, 4, 3), _w(32, 32, 1, 4, column_per_lane=1),
                              _l(64, 32, 4, column_per_lane=1, window=8)],
     },
-    # after probe 2: the defaults (per kernel: forward and backward may differ), plain-store
-    # publication for the look-back, narrower walk columns for case A
-    "confirm": {
+    # the defaults (per kernel: forward and backward may differ), plain-store publication for
+    # the look-back, narrower walk columns for case A
+    "defaults": {
         ("A", "float32"): [AUTO, _w(128, 8, 4, 4), _w(128, 16, 2, 4),
                            _l(128, 32, 4, column_per_lane=1, publish_atomic=False)],
         ("A", "complex64"): [AUTO, _w(64, 16, 4, 3), _l(32, 32, 2, column_per_lane=1, window=4, publish_atomic=False)],
@@ -134,46 +124,20 @@ PLANS = {
 
 
 # ---------------------------------------------------------------------------------------------
-# float64 references (numpy, sequential)
+# the float64 reference
 
 
-def ref_fwd(a, x, h0, reverse):
-    a = np.broadcast_to(a, x.shape)
-    dt = np.result_type(a, x, np.float64)
-    B, N = x.shape[:2]
-    h = np.zeros((B, *x.shape[2:]), dt) if h0 is None else h0.astype(dt)
-    out = np.empty(x.shape, dt)
-    for t in (range(N - 1, -1, -1) if reverse else range(N)):
-        h = a[:, t] * h + x[:, t]
-        out[:, t] = h
-    return out, h
-
-
-def ref_bwd(a, h, h0, g, gl, reverse, conj, a_shape):
-    """(da, dx, dh0); JAX's convention, or torch's (conjugated) when conj."""
-    a = np.broadcast_to(a, h.shape)
-    cj = np.conj if conj else (lambda v: v)
-    B, N = h.shape[:2]
-    G = np.zeros(h.shape, h.dtype)
-    carry = gl.astype(h.dtype).copy()
-    order = range(N) if reverse else range(N - 1, -1, -1)
-    prev = None
-    for t in order:
-        carry = g[:, t] + (carry if prev is None else cj(a[:, prev]) * carry)
-        G[:, t] = carry
-        prev = t
-    first = N - 1 if reverse else 0
-    hp = np.empty(h.shape, h.dtype)
-    hb = np.zeros(h[:, 0].shape, h.dtype) if h0 is None else h0
-    if reverse:
-        hp[:, :-1], hp[:, -1] = h[:, 1:], hb
-    else:
-        hp[:, 1:], hp[:, 0] = h[:, :-1], hb
-    da = G * cj(hp)
-    axes = tuple(i for i, (s, n) in enumerate(zip(a_shape, h.shape)) if s == 1 and n != 1)
-    da = da.sum(axis=axes, keepdims=True) if axes else da
-    dh0 = None if h0 is None else cj(a[:, first]) * G[:, first]
-    return da, G, dh0
+def reference(a, x, h0, g, gl, reverse, jax_convention):
+    """float64 (h, h_last, da, dx, dh0) of numpy inputs from the package's reference; gradients
+    in torch's convention, or JAX's (the conjugate, for conjugated cotangents) when jax_convention."""
+    t = lambda v: None if v is None else torch.from_numpy(np.asarray(v))
+    a, x, h0, g, gl = (t(v) for v in (a, x, h0, g, gl))
+    if jax_convention:
+        g, gl = g.conj(), gl.conj()
+    h, hl = scan_reference(a, x, h0, reverse=reverse)
+    grads = scan_reference_vjp(a, x, h0, h, g, gl, reverse=reverse)
+    n = lambda v: None if v is None else (v.conj() if jax_convention else v).resolve_conj().numpy()
+    return (h.numpy(), hl.numpy(), *(n(v) for v in grads))
 
 
 def rel_err(got, want):
@@ -257,8 +221,8 @@ def check_small(log):
                     return out, vjp((g.astype(out[0].dtype), gl.astype(out[0].dtype)))
                 (h, hl), (da, dx, dh0) = jax.jit(run)(a, x, h0, g, gl)
             f64 = lambda v: np.asarray(v, np.complex128 if cplx else np.float64)
-            hr, hlr = ref_fwd(f64(a), f64(x), f64(h0), reverse)
-            dar, dxr, dh0r = ref_bwd(f64(a), hr, f64(h0), f64(g), f64(gl), reverse, use_pairs, a.shape)
+            hr, hlr, dar, dxr, dh0r = reference(f64(a), f64(x), f64(h0), f64(g), f64(gl), reverse,
+                                                jax_convention=not use_pairs)
             errs = {k: rel_err(v, w) for k, v, w in (("h", h, hr), ("h_last", hl, hlr), ("da", da, dar),
                                                       ("dx", dx, dxr), ("dh0", dh0, dh0r))}
             tol = 2e-2 if bf16 else 1e-4
@@ -351,9 +315,7 @@ class Problem:
     def ref(self):
         if self._ref is None:
             a, x, g, gl = (np.asarray(v, np.complex128 if self.cplx else np.float64) for v in self.host)
-            h, hl = ref_fwd(a, x, None, False)
-            da, dx, _ = ref_bwd(a, h, None, g, gl, False, True, a.shape)
-            self._ref = (h, hl, da, dx)
+            self._ref = reference(a, x, None, g, gl, False, jax_convention=False)[:4]
         return self._ref
 
 
@@ -407,7 +369,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--budget-s", type=float, default=240.0, help="stop starting timings after this")
-    ap.add_argument("--plan", default="final", choices=tuple(PLANS))
+    ap.add_argument("--plan", default="layouts", choices=tuple(PLANS))
     ap.add_argument("--cases", default="A,B,C")
     ap.add_argument("--dtypes", default="float32,complex64")
     ap.add_argument("--k", type=int, default=4, help="independent problems per timed call")

@@ -1,9 +1,9 @@
 """Diagnostics of the bridge's per-call host cost (beside bridge_overhead.py, which measures it).
 
-    python benchmarks/bridge_diagnostics.py pieces    [--device cuda] [--shapes 1x16x16,4x4096x1024]
-    python benchmarks/bridge_diagnostics.py in-flight [--device cuda] [--shape 1x16x16] [--calls 200]
-    python benchmarks/bridge_diagnostics.py probe     (CUDA)
-    python benchmarks/bridge_diagnostics.py variants  [--device cuda] [--reps 5]
+    python benchmarks/lab/bridge_diagnostics.py pieces    [--device cuda] [--shapes 1x16x16,4x4096x1024]
+    python benchmarks/lab/bridge_diagnostics.py in-flight [--device cuda] [--shape 1x16x16] [--calls 200]
+    python benchmarks/lab/bridge_diagnostics.py probe     (CUDA)
+    python benchmarks/lab/bridge_diagnostics.py variants  [--device cuda] [--reps 5]
 
 pieces: each piece of a bridged call of the JAX scan timed in a loop of its own. "host" is the
     mean wall time per iteration before the final synchronization (what the Python thread
@@ -30,13 +30,12 @@ variants: bridge_overhead's measurement (tiny and large, fwd and fwd+bwd, agains
       the timing starts. It bounds what the ordering costs: the H200 pieces suggest that an
       export after a computation whose inputs carry definition events waits ~50 us for another
       thread (to_jax + plain + to_torch 170 us against 112 without the export, while exporting
-      after a computation on kept arrays adds 7 us; bridge_pieces_h200.txt). If this variant is
+      after a computation on kept arrays adds 7 us; results/h200/bridge_pieces.txt). If this variant is
       much faster, importing without events when torch's stream has no pending work
       (``torch.cuda.current_stream().query()``) would keep it safe.
 
-H200 results (benchmarks/results/): bridge_pieces_h200.txt, profile_bridge_h200.txt (made by the
-earlier bridge_pieces.py / profile_bridge.py, now `pieces` / `in-flight`) and
-bridge_experiments_h200.txt (`probe` and `variants`): no step waits for the GPU; torch's autograd
+H200 results (benchmarks/results/h200/): bridge_pieces.txt (`pieces`), bridge_in_flight.txt
+(`in-flight`) and bridge_probe_variants.txt (`probe` and `variants`): no step waits for the GPU; torch's autograd
 worker thread is the largest hand-off (single-threaded autograd halves a bridged fwd+bwd); the
 borrowed capsules and the switch interval change nothing beyond noise.
 """
@@ -51,12 +50,9 @@ import struct
 import sys
 import threading
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bridge_overhead  # noqa: E402  (imports bridge first: JAX's GPU memory policy)
 import bridge  # noqa: E402
 import bridge.convert as convert  # noqa: E402

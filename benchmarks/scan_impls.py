@@ -18,7 +18,7 @@ Groups:
     native          jitted JAX on JAX arrays: gateloop_hybrid.scan.jax_scan, and plain
                     jax.lax.associative_scan with JAX's own autodiff backward
     baseline        a plain torch Python loop (the design's baseline)
-    peer            accelerated-scan, flash-linear-attention HGRN, torch's associative_scan HOP
+    peer            accelerated-scan and flash-linear-attention's HGRN kernels, when installed
 
 A peer that is not installed or cannot run a case is reported, never raised: `skip_reason`
 returns a sentence, and `prepare` / the calls may raise, which the runner records.
@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+
+from harness import device_wait
 
 COMPLEX = (torch.complex64, torch.complex128)
 
@@ -82,19 +84,13 @@ def _import(name: str):
     try:
         return importlib.import_module(name), None
     except Exception as e:                         # ImportError, or a broken dependency
-        return None, f"not importable: {type(e).__name__}: {_first_line(e)}"
+        return None, f"not importable: {type(e).__name__}: {first_line(e)}"
 
 
-def _first_line(e: BaseException, limit: int = 140) -> str:
+def first_line(e: BaseException, limit: int = 140) -> str:
     s = str(e).strip().splitlines()
     s = s[0] if s else ""
     return s if len(s) <= limit else s[: limit - 3] + "..."
-
-
-def torch_wait(device: torch.device) -> Callable[[Any], None]:
-    if device.type == "cuda":
-        return lambda _out: torch.cuda.synchronize(device)
-    return lambda _out: None
 
 
 class Impl:
@@ -122,7 +118,7 @@ class TorchFnImpl(Impl):
         raise NotImplementedError
 
     def prepare(self, a, x, ct):
-        wait = torch_wait(a.device)
+        wait = device_wait(a.device)
         a_r = a.detach().requires_grad_(True)
         x_r = x.detach().requires_grad_(True)
 
@@ -153,7 +149,7 @@ class GateLoopBackend(TorchFnImpl):
             try:
                 self._resolve(self.backend, device)
             except Exception as e:                 # e.g. pallas on CPU, jax not installed
-                return f"{type(e).__name__}: {_first_line(e, 200)}"
+                return f"{type(e).__name__}: {first_line(e, 200)}"
         return None
 
     def fn(self, a, x):
@@ -178,64 +174,13 @@ class TorchLoop(TorchFnImpl):
         return torch.stack(hs, dim=1)
 
 
-class TorchHOP(TorchFnImpl):
-    """torch._higher_order_ops.associative_scan (prototype) under torch.compile."""
-
-    key = "torch-hop"
-    group = "peer"
-    sweep = False              # compiles per shape, dtype and pass
-
-    def __init__(self, device: torch.device):
-        self.mode = "pointwise" if device.type == "cuda" else "generic"
-        self.name = f"torch associative_scan ({self.mode}, compile)"
-        self._compiled = None
-        self._err = None
-        try:
-            from torch._higher_order_ops.associative_scan import associative_scan
-        except Exception as e:
-            self._err = f"not importable: {type(e).__name__}: {_first_line(e)}"
-            return
-        import torch._dynamo as dynamo
-        # one compiled graph per shape and dtype and grad mode: lift Dynamo's recompile limit
-        for attr in ("recompile_limit", "cache_size_limit"):
-            if hasattr(dynamo.config, attr):
-                setattr(dynamo.config, attr, max(getattr(dynamo.config, attr), 256))
-        mode = self.mode
-
-        def combine(left, right):
-            return right[0] * left[0], right[0] * left[1] + right[1]
-
-        def scan(a, x):
-            return associative_scan(combine, (a, x), dim=1, combine_mode=mode)[1]
-
-        self._compiled = torch.compile(scan, fullgraph=True, dynamic=False)
-
-    def skip_reason(self, case, device):
-        if self._err:
-            return self._err
-        if device.type != "cuda":
-            return ("needs CUDA: combine_mode='pointwise' refuses CPU tensors, and compiling the "
-                    "generic mode takes about 30 s per shape on CPU")
-        if case.N > self.max_n:
-            return (f"N > {self.max_n}: at B=1, N=65536 its compilation had not finished after "
-                    "two minutes on an H200 (2026-11-29) and ignored SIGTERM")
-        return None
-
-    max_n = 16384
-
-    def fn(self, a, x):
-        return self._compiled(a, x)
-
-
 # --------------------------------------------------------------------------------------------
 # JAX natively: the same jitted scan the "jax" backend uses, on JAX arrays, no bridge
 
 
 def _lax_associative_scan(a, x):
-    """Plain jax.lax.associative_scan of the recurrence, (h, h_last), JAX's own autodiff.
-
-    The issue's calibration row "jax.lax.associative_scan natively"; float32 at least inside.
-    """
+    """Plain jax.lax.associative_scan of the recurrence, (h, h_last), JAX's own autodiff;
+    float32 at least inside."""
     import jax
     import jax.numpy as jnp
 
@@ -252,9 +197,9 @@ def _lax_associative_scan(a, x):
 class JaxNative(Impl):
     """A JAX scan, jitted, called on JAX arrays (no torch, no bridge).
 
-    autodiff=False: gateloop_hybrid.scan.jax_scan.scan_jax, with its hand-written reverse-scan
-    backward (what the "jax" backend runs). autodiff=True: plain jax.lax.associative_scan
-    differentiated by JAX itself, for comparison.
+    jax_scan.scan_jax, with its hand-written reverse-scan backward (what the "jax" backend runs);
+    pallas_scan.scan_pallas (the "pallas" backend's kernels); or, with autodiff, plain
+    jax.lax.associative_scan differentiated by JAX itself, for comparison.
     """
 
     group = "native"
@@ -262,39 +207,24 @@ class JaxNative(Impl):
     def __init__(self, autodiff: bool = False, pallas: bool = False):
         self.key = "jax-autodiff" if autodiff else "pallas-native" if pallas else "jax-native"
         self.sweep = not autodiff
-        self._err = None
-        if pallas:
-            # The Pallas kernels the "pallas" backend runs, on JAX arrays: the gap to
-            # gate_loop_scan[pallas] is the bridge's cost (and the view_as_real pairing).
-            self.name = "pallas native (pallas_scan.scan_pallas, jit)"
-            self._scan = None
-            mod, err = _import("gateloop_hybrid.scan.pallas_scan")
-            self._err = err
-            if mod is not None:
-                self._scan = mod.scan_pallas
-            return
+        self._scan, self._err = None, None
         if autodiff:
             self.name = "jax.lax.associative_scan, JAX autodiff (jit)"
             self._scan = _lax_associative_scan
             if importlib.util.find_spec("jax") is None:
                 self._err = "not importable: jax is not installed"
             return
-        self.name = "jax native (jax_scan, jit)"
-        self._scan = None
-        jax_scan, err = _import("gateloop_hybrid.scan.jax_scan")
-        if err:
-            self._err = err
-            return
-        fn = getattr(jax_scan, "scan_jax", None)
-        if fn is None:
-            self._err = "gateloop_hybrid.scan.jax_scan has no scan_jax"
-            return
-        self.name = f"jax native (jax_scan.{fn.__name__}, jit)"
-        self._scan = fn
+        # The kernels the "pallas" / "jax" backends run, on JAX arrays: the gap to
+        # gate_loop_scan[pallas] / [jax] is the bridge's cost (and, for pallas, view_as_real's pairing).
+        module, fn = ("pallas_scan", "scan_pallas") if pallas else ("jax_scan", "scan_jax")
+        self.name = f"{'pallas' if pallas else 'jax'} native ({module}.{fn}, jit)"
+        mod, self._err = _import(f"gateloop_hybrid.scan.{module}")
+        if mod is not None:
+            self._scan = getattr(mod, fn)
 
     def skip_reason(self, case, device):
         if self._err is None and self.key == "pallas-native" and device.type != "cuda":
-            return "GPU only (Pallas Triton kernels)"
+            return "GPU only (Pallas kernels)"
         return self._err
 
     def prepare(self, a, x, ct):
@@ -379,7 +309,7 @@ class AcceleratedScan(Impl):
         return None
 
     def prepare(self, a, x, ct):
-        wait = torch_wait(a.device)
+        wait = device_wait(a.device)
         scan = self._scan
 
         def bct(t):        # (B, N, D) -> contiguous (B, C=D, T=N)
@@ -444,7 +374,7 @@ class FlaHGRN(Impl):
         return None
 
     def prepare(self, a, x, ct):
-        wait = torch_wait(a.device)
+        wait = device_wait(a.device)
         fn = self._fn
         g = torch.log(a.float()).to(a.dtype)       # the peer's own input form, made untimed
         g_r = g.detach().requires_grad_(True)
@@ -483,5 +413,4 @@ def build(device: torch.device) -> tuple[list[Impl], list[str]]:
     impls += [AcceleratedScan("scalar", False), AcceleratedScan("scalar", True),
               AcceleratedScan("complex", False), AcceleratedScan("complex", True)]
     impls += [FlaHGRN("chunk"), FlaHGRN("fused_recurrent")]
-    impls.append(TorchHOP(device))
     return impls, notes

@@ -1,6 +1,6 @@
 """What the bridge costs: the jitted JAX scan called natively vs. through bridge.jax2torch.
 
-    python benchmarks/bridge_overhead.py [--device cuda] [--json PATH]
+    python benchmarks/lab/bridge_overhead.py [--device cuda] [--json PATH]
 
 Both sides run the same jitted functions (the forward, the forward that also returns residuals,
 and the backward); native JAX calls them on jax.Arrays, the bridge on torch tensors. Timing: K
@@ -16,13 +16,11 @@ import datetime
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bridge  # noqa: E402  (sets JAX's GPU memory policy first)
 import jax  # noqa: E402
 
