@@ -12,7 +12,6 @@ On CPU tensors the same kernels run in Pallas's interpret mode (slow; for tests)
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import torch
@@ -54,9 +53,13 @@ def supported(a: Tensor, x: Tensor) -> bool:
             and all(t.dtype in _JAX_DTYPES for t in (a, x)))
 
 
-@functools.cache
+_SMS: dict = {}
+
+
 def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SMS[index]
 
 
 def _pairs(t: Tensor, shape) -> Tensor:
@@ -83,57 +86,103 @@ def _walk(a, x, h0, reverse, backward, B, N, F, G, R):
         backward=backward, reverse=reverse, chunks=chunks, block=block)
 
 
-def _launch(walk, args, out_dtypes):
+def _launch(walk, args, out_dtypes, bound=None):
+    """Run a walk's kernels. With ``bound`` (a list kept by the caller), the first call binds
+    each stage to its compiled launch and later calls go straight to the launches."""
+    if bound:
+        if len(bound) == 1:
+            return bound[0](args)
+        return bound[1]([*args, *bound[0](args)])
     fields = dataclasses.astuple(walk)     # plain values: what torch.compile hands an opaque op
-    if walk.chunks == 1:
-        return _KERNEL(*args, walk=fields, stage="single", out_dtypes=out_dtypes)
-    sums = _KERNEL(*args, walk=fields, stage="summary", out_dtypes=out_dtypes)
-    return _KERNEL(*args, *sums, walk=fields, stage="finish", out_dtypes=out_dtypes)
+    stages = ["single"] if walk.chunks == 1 else ["summary", "finish"]
+    for stage in stages:
+        static = dict(walk=fields, stage=stage, out_dtypes=out_dtypes)
+        outs = _KERNEL(*args, **static)
+        if bound is not None:
+            bound.append(_KERNEL.bind(*args, **static))
+        args = [*args, *outs]
+    return outs
 
 
 def _real_dtype(dtype: torch.dtype) -> str:
     return _JAX_DTYPES[dtype]
 
 
-class _MosaicScan(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a, x, h0, reverse, out_dtype):
+class _Plan:
+    """What one call signature (shapes, dtypes, device, reverse) needs, worked out once: the
+    pair views' shapes, both walks, and the kernels bound to their compiled launches. An eager
+    call then costs the launches and a few views."""
+
+    def __init__(self, a, x, h0, reverse, bind=True):
         B, N = x.shape[:2]
         F = math.prod(x.shape[2:])
         G, R = gate_layout(a.shape, x.shape)
-        walk = _walk(a, x, h0, reverse, False, B, N, F, G, R)
-        args = [_pairs(a, (B, N, G)), _pairs(x, (B, N, F))]
+        self.fwd_walk = _walk(a, x, h0, reverse, False, B, N, F, G, R)
+        self.bwd_walk = _walk(a, x, h0, reverse, True, B, N, F, G, R)
+        self.cplx = self.fwd_walk.cplx
+        out_dtype = torch.promote_types(a.dtype, x.dtype)
         if h0 is not None:
-            args.append(_pairs(h0, (B, F)))
+            out_dtype = torch.promote_types(out_dtype, h0.dtype)
+        self.grad_dtype = torch.complex64 if self.cplx else out_dtype
         od = _real_dtype(out_dtype)
-        h, h_last = _launch(walk, args, (od, od))
-        ctx.save_for_backward(a, h, h0)
-        ctx.meta = (reverse, B, N, F, G, R, x.shape, x.dtype, walk.cplx)
-        return _from_pairs(h, walk.cplx, x.shape), _from_pairs(h_last, walk.cplx, (B, *x.shape[2:]))
+        self.fwd_dtypes = (od, od)
+        self.bwd_dtypes = (_real_dtype(x.dtype), _real_dtype(a.dtype),
+                           *(() if h0 is None else (_real_dtype(h0.dtype),)))
+        self.shapes = dict(a=(B, N, G), x=(B, N, F), h0=(B, F))
+        self.x_shape, self.last_shape, self.a_shape = x.shape, (B, *x.shape[2:]), a.shape
+        self.h0_shape = None if h0 is None else h0.shape
+        self.sum_dims = [i for i, (sa, sx) in enumerate(zip(a.shape, x.shape)) if sa == 1 and sx != 1]
+        self.complex = (a.is_complex(), x.is_complex(), h0 is not None and h0.is_complex())
+        self.device = x.device
+        # under torch.compile nothing is bound: each launch is the launcher's opaque op
+        self.fwd_bound, self.bwd_bound = ([], []) if bind else (None, None)
+
+    def forward(self, a, x, h0):
+        """(h, h_last, h as the kernels wrote it)."""
+        args = [_pairs(a, self.shapes["a"]), _pairs(x, self.shapes["x"])]
+        if h0 is not None:
+            args.append(_pairs(h0, self.shapes["h0"]))
+        h, h_last = _launch(self.fwd_walk, args, self.fwd_dtypes, self.fwd_bound)
+        return _from_pairs(h, self.cplx, self.x_shape), _from_pairs(h_last, self.cplx, self.last_shape), h
+
+    def backward(self, a, h, h0, gh, gl):
+        dt = self.grad_dtype
+        gh = torch.zeros(self.x_shape, dtype=dt, device=self.device) if gh is None else gh.to(dt)
+        gl = torch.zeros(self.last_shape, dtype=dt, device=self.device) if gl is None else gl.to(dt)
+        args = [_pairs(a, self.shapes["a"]), _pairs(gh, self.shapes["x"]), h, _pairs(gl, self.shapes["h0"])]
+        if h0 is not None:
+            args.append(_pairs(h0, self.shapes["h0"]))
+        outs = _launch(self.bwd_walk, args, self.bwd_dtypes, self.bwd_bound)
+        ca, cx, c0 = self.complex
+        dx = _from_pairs(outs[0], cx, self.x_shape)
+        da = _from_pairs(outs[1], ca, self.x_shape)
+        if self.sum_dims:   # features sharing a gate: sum their contributions
+            da = da.sum(dim=self.sum_dims, keepdim=True)
+        dh0 = None if h0 is None else _from_pairs(outs[2], c0, self.h0_shape)
+        return da.reshape(self.a_shape), dx, dh0
+
+
+class _MosaicScan(torch.autograd.Function):
+    """Eager calls bring their signature's plan; under torch.compile it is made in the trace."""
+
+    @staticmethod
+    def forward(ctx, a, x, h0, reverse, plan):
+        if plan is None:
+            plan = _Plan(a, x, h0, reverse, bind=False)
+        h, h_last, h_pairs = plan.forward(a, x, h0)
+        ctx.save_for_backward(a, h_pairs, h0)
+        ctx.plan = plan
+        return h, h_last
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gh, gl):
         a, h, h0 = ctx.saved_tensors
-        reverse, B, N, F, G, R, x_shape, x_dtype, cplx = ctx.meta
-        out = torch.complex64 if cplx else h.dtype
-        gh = torch.zeros(x_shape, dtype=out, device=h.device) if gh is None else gh.to(out)
-        gl = torch.zeros((B, *x_shape[2:]), dtype=out, device=h.device) if gl is None else gl.to(out)
-        x_like = torch.empty(0, dtype=x_dtype)   # only its dtype and complexity matter
-        walk = _walk(a, x_like, h0, reverse, True, B, N, F, G, R)
-        args = [_pairs(a, (B, N, G)), _pairs(gh, (B, N, F)), h, _pairs(gl, (B, F))]
-        dtypes = [_real_dtype(x_dtype), _real_dtype(a.dtype)]
-        if h0 is not None:
-            args.append(_pairs(h0, (B, F)))
-            dtypes.append(_real_dtype(h0.dtype))
-        outs = _launch(walk, args, tuple(dtypes))
-        dx = _from_pairs(outs[0], x_dtype.is_complex, x_shape)
-        da = _from_pairs(outs[1], a.is_complex(), x_shape)
-        if G != F:   # features sharing a gate: sum their contributions
-            dims = [i for i, (sa, sx) in enumerate(zip(a.shape, x_shape)) if sa == 1 and sx != 1]
-            da = da.sum(dim=dims, keepdim=True)
-        dh0 = None if h0 is None else _from_pairs(outs[2], h0.is_complex(), h0.shape)
-        return da.reshape(a.shape), dx, dh0, None, None
+        return (*ctx.plan.backward(a, h, h0, gh, gl), None, None)
+
+
+_PLANS: dict = {}
+_MAX_PLANS = 256
 
 
 def scan_mosaic(a: Tensor, x: Tensor, h0: Tensor | None = None, reverse: bool = False):
@@ -143,7 +192,14 @@ def scan_mosaic(a: Tensor, x: Tensor, h0: Tensor | None = None, reverse: bool = 
     complex64, with ``supported(a, x)``. Output dtype: the promoted input dtype (16-bit inputs
     accumulate in float32). Differentiable once; a second derivative raises.
     """
-    out_dtype = torch.promote_types(a.dtype, x.dtype)
-    if h0 is not None:
-        out_dtype = torch.promote_types(out_dtype, h0.dtype)
-    return _MosaicScan.apply(a, x, h0, reverse, out_dtype)
+    if torch.compiler.is_compiling():
+        return _MosaicScan.apply(a, x, h0, reverse, None)
+    key = (a.shape, a.dtype, x.shape, x.dtype, None if h0 is None else (h0.shape, h0.dtype), x.device, reverse)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = _Plan(a, x, h0, reverse)
+    if torch.is_grad_enabled() and (a.requires_grad or x.requires_grad or (h0 is not None and h0.requires_grad)):
+        return _MosaicScan.apply(a, x, h0, reverse, plan)
+    return plan.forward(a, x, h0)[:2]
