@@ -118,9 +118,10 @@ def _find_call(module, n_inputs: int, name: str) -> KernelModule:
                                      f"{attr_name}; the launcher passes row-major tensors")
     results = []
     for i, r in enumerate(call.results):
-        if not ir.RankedTensorType.isinstance(r.type):
-            raise ValueError(f"{name}: kernel result {i} has type {r.type}, expected a ranked tensor")
-        ty = ir.RankedTensorType(r.type)
+        try:
+            ty = ir.RankedTensorType(r.type)
+        except ValueError:
+            raise ValueError(f"{name}: kernel result {i} has type {r.type}, expected a ranked tensor") from None
         element = str(ty.element_type)
         if element not in _ELEMENT_TYPES:
             raise TypeError(f"{name}: kernel result {i} has element type {element}, which the launcher "

@@ -242,12 +242,13 @@ class MosaicKernel:
                                 f"(supported: {', '.join(sorted(str(d)[6:] for d in SUPPORTED_DTYPES))}); "
                                 "convert it explicitly")
             device = t.device.type
-            if device == "cpu" and self.interpret_fn is None:
-                raise ValueError(f"{name}: argument {i} is on the CPU; Mosaic GPU kernels run on CUDA tensors "
-                                 "(CPU tensors need interpret_fn, the kernel in Pallas interpret mode)")
-            if device not in _LAUNCH_DEVICES and device != "cpu":
-                raise ValueError(f"{name}: argument {i} is on device {t.device}; the launcher takes CUDA tensors "
-                                 "(or CPU tensors with interpret_fn)")
+            if device not in _LAUNCH_DEVICES:
+                if device != "cpu":
+                    raise ValueError(f"{name}: argument {i} is on device {t.device}; the launcher takes CUDA "
+                                     "tensors (or CPU tensors with interpret_fn)")
+                if self.interpret_fn is None:
+                    raise ValueError(f"{name}: argument {i} is on the CPU; Mosaic GPU kernels run on CUDA "
+                                     "tensors (CPU tensors need interpret_fn, the kernel in Pallas interpret mode)")
             if not t.is_contiguous():
                 raise ValueError(f"{name}: argument {i} is not contiguous (shape {tuple(t.shape)}, strides "
                                  f"{t.stride()}); the launcher never copies: pass .contiguous()")
