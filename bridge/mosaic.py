@@ -72,27 +72,27 @@ class CacheInfo(NamedTuple):
 class _Launch:
     """One kernel compiled for one key on one CUDA device."""
 
-    def __init__(self, module: _mosaic_abi.KernelModule, device: torch.device):
+    def __init__(self, name: str, module: _mosaic_abi.KernelModule, device: torch.device):
+        self.name = name
         self.device, self.index = device, device.index
         self.compiled = _mosaic_abi.compile(module.module_bytes, self.index)
         self.function, self.launch = self.compiled.function, self.compiled.launch
         self.n_in = module.n_inputs
         self.outputs = [(shape, getattr(torch, dtype)) for shape, dtype in module.results]
-        self.returned = module.returned
+        # None: the outputs are the kernel's results in order (the common case)
+        self.returned = None if module.returned == tuple(range(len(self.outputs))) else module.returned
         self.buffers = (ctypes.c_void_p * (self.n_in + len(self.outputs)))()
         self.captured = False   # launched during CUDA graph capture: never unloaded
 
     def __call__(self, tensors) -> tuple:
-        buffers, device = self.buffers, self.device
-        bits = 0
-        for i, t in enumerate(tensors):
-            buffers[i] = p = t.data_ptr()
-            bits |= p
-        if bits % _ALIGNMENT:
-            raise ValueError(_misaligned(tensors))
+        ptrs = [t.data_ptr() for t in tensors]
+        for p in ptrs:
+            if p % _ALIGNMENT:
+                raise ValueError(_misaligned(self.name, tensors))
+        device = self.device
         outs = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in self.outputs]
-        for j, o in enumerate(outs, self.n_in):
-            buffers[j] = o.data_ptr()
+        ptrs += [o.data_ptr() for o in outs]
+        self.buffers[:] = ptrs
         index = self.index
         if _current_device() == index:
             self._launch(index)
@@ -100,7 +100,7 @@ class _Launch:
             with torch.cuda.device(index):
                 self._launch(index)
         returned = self.returned
-        return tuple(outs[i] for i in returned)
+        return tuple(outs) if returned is None else tuple([outs[i] for i in returned])
 
     def _launch(self, index):
         if not self.captured and _is_capturing():
@@ -128,9 +128,9 @@ class _Interpreted:
         pass
 
 
-def _misaligned(tensors) -> str:
+def _misaligned(name, tensors) -> str:
     bad = next(i for i, t in enumerate(tensors) if t.data_ptr() % _ALIGNMENT)
-    return (f"argument {bad} starts at an address that is not {_ALIGNMENT}-byte aligned (a view with a storage "
+    return (f"{name}: argument {bad} starts at an address that is not {_ALIGNMENT}-byte aligned (a view with a storage "
             "offset?); the launcher never copies: pass .clone()")
 
 
@@ -193,7 +193,7 @@ class MosaicKernel:
         if device.type in _LAUNCH_DEVICES:
             structs = [jax.ShapeDtypeStruct(tuple(t.shape), _jax_dtype(t.dtype)) for t in tensors]
             module = _mosaic_abi.lower(functools.partial(self.fn, **static), structs, self.name)
-            entry = _Launch(module, device)
+            entry = _Launch(self.name, module, device)
         else:
             entry = _Interpreted(jax2torch(functools.partial(self.interpret_fn, **static),
                                            name=f"{self.name} (interpret)"))
@@ -336,4 +336,7 @@ def _(key, inputs):
 @torch._dynamo.nonstrict_trace   # runs as plain Python (dict lookups), records the op
 def _compiled_call(kernel_key: str, *tensors, **static):
     kernel = _KERNELS[kernel_key]
-    return _launch_op(kernel._op_key(static), list(tensors))
+    # Not differentiable, as in eager mode: the outputs are not tracked (the caller's
+    # autograd.Function supplies gradients), so AOTAutograd must not look for a backward.
+    inputs = [t.detach() if isinstance(t, torch.Tensor) and t.requires_grad else t for t in tensors]
+    return _launch_op(kernel._op_key(static), inputs)

@@ -222,6 +222,62 @@ def test_compile_cold(backend):
     torch.testing.assert_close(got, f(x))
 
 
+def test_compile_one_op_in_graph():
+    from torch._dynamo.backends.common import aot_autograd
+    graphs = []
+
+    def fw(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    k = make_axpy("axpy_graph")
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: k(x * 2, a=3.0)[0] - 1, fullgraph=True, backend=aot_autograd(fw_compiler=fw))
+    x = x_of()
+    torch.testing.assert_close(f(x), 6 * x)
+    launches = [n for n in graphs[0].graph.nodes if n.target is torch.ops.bridge_mosaic.launch.default]
+    assert len(launches) == 1
+
+
+def test_compile_new_shapes_and_grad_inputs():
+    k = make_axpy("axpy_shapes")
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: k(x, a=3.0)[0] - 1, fullgraph=True, backend="aot_eager")
+    for b in (2, 3, 4):                         # the third call is traced with a dynamic batch
+        x = x_of((b, 3, 128))
+        torch.testing.assert_close(f(x), 3 * x)
+    o = f(x_of().requires_grad_())              # not differentiable, not tracked: as in eager mode
+    assert not o.requires_grad
+
+
+_axpy_for_grad = {}
+
+
+class _Axpy(torch.autograd.Function):
+    """How callers add gradients: d(a x + 1)/dx = a, the backward being the same kernel."""
+
+    @staticmethod
+    def forward(ctx, x, a):
+        ctx.a = a
+        return _axpy_for_grad["k"](x, a=a)[0]
+
+    @staticmethod
+    def backward(ctx, g):
+        return _axpy_for_grad["k"](g.contiguous(), a=ctx.a)[0] - 1, None
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_in_autograd_function(compiled):
+    _axpy_for_grad["k"] = make_axpy(f"axpy_autograd_{compiled}")
+    f = lambda x: _Axpy.apply(x, 3.0).sum()
+    if compiled:
+        torch._dynamo.reset()
+        f = torch.compile(f, fullgraph=True, backend="aot_eager")
+    x = x_of().requires_grad_()
+    (g,) = torch.autograd.grad(f(x), x)
+    torch.testing.assert_close(g, torch.full_like(x, 3.0))
+
+
 def test_compile_two_outputs():
     k = MosaicKernel(two_out_fn, name="two_out_compiled", interpret_fn=two_out_interpret)
     torch._dynamo.reset()
