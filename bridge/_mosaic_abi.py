@@ -136,10 +136,17 @@ def _find_call(module, n_inputs: int, name: str) -> KernelModule:
                              "or a value computed outside the kernel); return kernel results only")
         returned.append(index)
     try:
-        module_bytes = call.attributes["mhlo.backend_config"]["module"].value_bytes
+        config = call.attributes["mhlo.backend_config"]
+        module_bytes = config["module"].value_bytes
     except (KeyError, AttributeError, TypeError) as e:
         raise MosaicGpuUnavailable(f"{name}: the mosaic_gpu_v2 call carries no module bytes in its "
                                    f"mhlo.backend_config (jax {jax.__version__}): {e}") from None
+    # Collective kernels get extra buffers and a barrier from XLA, which a plain launch lacks.
+    collective = [k for k in ("use_custom_barrier", "uses_xla_collective_metadata", "xla_replica_ids")
+                  if k in config and str(config[k]) not in ("false", '""')]
+    if collective:
+        raise ValueError(f"{name}: the kernel is a multi-device/collective kernel ({', '.join(collective)}); "
+                         "the launcher runs single-device kernels only")
     if not module_bytes:
         raise ValueError(f"{name}: the mosaic_gpu_v2 call has an empty module")
     return KernelModule(bytes(module_bytes), n_inputs, tuple(results), tuple(returned))

@@ -108,8 +108,10 @@ class _Launch:
         self.launch(self.function, _raw_stream(index), self.buffers)
 
     def close(self) -> None:
+        # Kept loaded (never freed) when a CUDA graph captured it, since the graph may replay it,
+        # and when evicted during a capture, where synchronizing is not allowed.
         if self.captured or _is_capturing():
-            return      # a captured graph may still replay it / no synchronizing during a capture
+            return
         torch.cuda.synchronize(self.device)
         self.compiled.unload()
 
@@ -152,8 +154,8 @@ class MosaicKernel:
         self._op_keys: dict = {}        # static key -> op key
         self._op_statics: dict = {}     # op key -> static dict
         self._compiles = 0
-        self._key = f"{name}#{next(_kernel_ids)}"
-        _KERNELS[self._key] = self
+        self._registry_key = f"{name}#{next(_kernel_ids)}"
+        _KERNELS[self._registry_key] = self
         # Unload what this kernel compiled once it is garbage (not at interpreter exit).
         weakref.finalize(self, _close_all, self._entries).atexit = False
 
@@ -164,7 +166,7 @@ class MosaicKernel:
 
     def __call__(self, *tensors, **static) -> tuple:
         if torch.compiler.is_compiling():
-            return tuple(_compiled_call(self._key, *tensors, **static))
+            return tuple(_compiled_call(self._registry_key, *tensors, **static))
         return self._run(tensors, static)
 
     def _run(self, tensors, static) -> tuple:
@@ -175,20 +177,20 @@ class MosaicKernel:
             if not all([t.is_contiguous() for t in tensors]):
                 raise LookupError
         except Exception:       # a miss, or an argument to explain: the slow path sorts it out
-            key, entry = self._resolve(tensors, static)
+            entry = self._resolve(tensors, static)
         else:
             self._entries.move_to_end(key)
         return entry(tensors)
 
     def _resolve(self, tensors, static):
-        """Check the arguments and return (key, entry), building the entry if it is new."""
+        """Check the arguments and return their entry, built if it is new."""
         device = self._check(tensors)
         skey = self._static_key_checked(static)
         key = (tuple((t.shape, t.dtype, t.device) for t in tensors), skey)
         entry = self._entries.get(key)
         if entry is not None:
             self._entries.move_to_end(key)
-            return key, entry
+            return entry
         self._check_signature(tensors, static)
         if device.type in _LAUNCH_DEVICES:
             structs = [jax.ShapeDtypeStruct(tuple(t.shape), _jax_dtype(t.dtype)) for t in tensors]
@@ -202,7 +204,7 @@ class MosaicKernel:
         while len(self._entries) > self.max_entries:
             _, old = self._entries.popitem(last=False)
             old.close()
-        return key, entry
+        return entry
 
     def out_structs(self, *tensors, **static) -> tuple:
         """The outputs' ``jax.ShapeDtypeStruct``s for these inputs (``jax.eval_shape``; no GPU needed)."""
@@ -284,7 +286,7 @@ class MosaicKernel:
         skey = self._static_key_checked(static)
         op_key = self._op_keys.get(skey)
         if op_key is None:
-            op_key = self._op_keys[skey] = f"{self._key}/{len(self._op_keys)}"
+            op_key = self._op_keys[skey] = f"{self._registry_key}/{len(self._op_keys)}"
             self._op_statics[op_key] = dict(static)
         return op_key
 
