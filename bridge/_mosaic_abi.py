@@ -106,7 +106,8 @@ def _find_call(module, n_inputs: int, name: str) -> KernelModule:
     if list(call.operands) != args:
         raise ValueError(f"{name}: the kernel's operands must be the function's inputs, each once and in "
                          "order (no reordering, duplicates or computed operands)")
-    if len(call.output_operand_aliases):
+    aliases = call.output_operand_aliases
+    if aliases is not None and len(aliases):
         raise ValueError(f"{name}: the kernel aliases outputs to inputs (input_output_aliases), which the "
                          "launcher does not support: return fresh outputs")
     for attr_name in ("operand_layouts", "result_layouts"):

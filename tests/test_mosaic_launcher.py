@@ -325,6 +325,39 @@ def test_lower_refuses(fn, match):
         _mosaic_abi.lower(fn, [s] * n, "f")
 
 
+_CALL = """
+module {
+  func.func public @main(%arg0: tensor<4x2xf32>) -> tensor<4x2xf32> {
+    %0 = stablehlo.custom_call @mosaic_gpu_v2(%arg0) {mhlo.backend_config = {module = "ML", CONFIG}ATTRS}
+        : (tensor<4x2xf32>) -> tensor<4x2xf32>
+    return %0 : tensor<4x2xf32>
+  }
+}
+"""
+
+
+@pytest.mark.parametrize("config, attrs, match", [
+    ("use_custom_barrier = false", "", None),
+    ("use_custom_barrier = true", "", "multi-device/collective kernel"),
+    ("uses_xla_collective_metadata = true", "", "multi-device/collective kernel"),
+    ("use_custom_barrier = false", ", output_operand_aliases = [#stablehlo.output_operand_alias<"
+     "output_tuple_indices = [], operand_index = 0, operand_tuple_indices = []>]", "aliases outputs to inputs"),
+    ("use_custom_barrier = false", ", operand_layouts = [dense<[0, 1]> : tensor<2xindex>], result_layouts = [dense<[1, 0]> : tensor<2xindex>]",
+     "non row-major"),
+])
+def test_find_call_refuses(config, attrs, match):
+    """Call forms that plain kernels do not lower to, written out as StableHLO."""
+    from jax._src.interpreters import mlir
+    from jax._src.lib.mlir import ir
+    with mlir.make_ir_context():
+        module = ir.Module.parse(_CALL.replace("CONFIG", config).replace("ATTRS", attrs))
+        if match is None:
+            assert _mosaic_abi._find_call(module, 1, "f").module_bytes == b"ML"
+        else:
+            with pytest.raises(ValueError, match=match):
+                _mosaic_abi._find_call(module, 1, "f")
+
+
 def test_library_names_what_is_missing(monkeypatch):
     _mosaic_abi.library.cache_clear()
     monkeypatch.setattr(_mosaic_abi, "_jaxlib_version", lambda: "0.11.0")
@@ -469,6 +502,33 @@ def test_gpu_graph_capture():
     g.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(captured, 3 * x + 1)
+
+
+@needs_gpu
+def test_gpu_eviction_and_misaligned():
+    k = make_axpy()
+    k.max_entries = 1
+    x = x_of((8, 64, 256), device="cuda")
+    for a in (1.0, 2.0, 1.0, 2.0):            # each call compiles, evicting (and unloading) the other
+        (o,) = k(x, a=a)
+        torch.testing.assert_close(o, a * x + 1)
+    assert k.cache_info() == (1, 4)
+    flat = torch.zeros(8 * 64 * 256 + 4, device="cuda")
+    with pytest.raises(ValueError, match="not 16-byte aligned"):
+        k(flat[1:1 + x.numel()].view(x.shape), a=2.0)
+    torch.testing.assert_close(k(flat[4:4 + x.numel()].view(x.shape), a=2.0)[0], torch.ones_like(x))
+
+
+@pytest.mark.skipif(not (CUDA and torch.cuda.device_count() > 1
+                         and torch.cuda.get_device_capability(1)[0] >= 9), reason="needs two Hopper GPUs")
+def test_gpu_other_device():
+    k = make_axpy()
+    x = x_of((8, 64, 256))
+    with torch.cuda.device(0):
+        (o1,) = k(x.to("cuda:1"), a=3.0)      # compiled and launched in cuda:1's context
+        (o0,) = k(x.to("cuda:0"), a=3.0)
+    assert o1.device == torch.device("cuda:1")
+    torch.testing.assert_close(o1.cpu(), o0.cpu())
 
 
 @needs_gpu
