@@ -206,6 +206,15 @@ class MosaicKernel:
             old.close()
         return entry
 
+    def bind(self, *tensors, **static) -> "BoundKernel":
+        """This kernel for the shapes, dtypes and device of ``tensors`` and these static values,
+        as a callable ``bound(tensors) -> outputs`` that skips building the key and checking the
+        arguments: the cheapest eager call, for callers that already guarantee both (contiguous
+        tensors of exactly those shapes, dtypes and device). Compiles now if needed."""
+        self._resolve(tensors, static)
+        key = (tuple((t.shape, t.dtype, t.device) for t in tensors), self._static_key_checked(static))
+        return BoundKernel(self, key, dict(static))
+
     def out_structs(self, *tensors, **static) -> tuple:
         """The outputs' ``jax.ShapeDtypeStruct``s for these inputs (``jax.eval_shape``; no GPU needed)."""
         shapes = tuple((tuple(int(d) for d in t.shape), t.dtype) for t in tensors)
@@ -289,6 +298,25 @@ class MosaicKernel:
             op_key = self._op_keys[skey] = f"{self._registry_key}/{len(self._op_keys)}"
             self._op_statics[op_key] = dict(static)
         return op_key
+
+
+class BoundKernel:
+    """A MosaicKernel bound to one key (see ``MosaicKernel.bind``). It looks its compiled entry up
+    on every call, so an entry evicted from the kernel's cache is rebuilt, never used unloaded."""
+
+    __slots__ = ("kernel", "key", "static")
+
+    def __init__(self, kernel: MosaicKernel, key, static):
+        self.kernel, self.key, self.static = kernel, key, static
+
+    def __call__(self, tensors) -> tuple:
+        entries = self.kernel._entries
+        entry = entries.get(self.key)
+        if entry is None:
+            entry = self.kernel._resolve(tensors, self.static)
+        else:
+            entries.move_to_end(self.key)
+        return entry(tensors)
 
 
 def _static_key(static) -> tuple:

@@ -74,9 +74,10 @@ def _pallas(a, x, h0, reverse):
     and newer), else the Triton-lowered Pallas kernels through the bridge. Both take complex
     tensors as (re, im) float pairs: torch views them so for free (view_as_real), where JAX
     would need a conversion pass; gradients come back in torch's convention."""
-    if mosaic_available(x.device) and _mosaic_op().supported(a, x) \
-            and (h0 is None or h0.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.complex64)):
-        return _mosaic_op().scan_mosaic(a, x, h0, reverse)
+    if mosaic_available(x.device):
+        out = _mosaic_op().try_scan_mosaic(a, x, h0, reverse)
+        if out is not None:
+            return out
     flags = dict(complex_a=a.is_complex(), complex_x=x.is_complex(),
                  complex_h0=h0 is not None and h0.is_complex(), reverse=reverse)
     pairs = lambda t: torch.view_as_real(t) if t is not None and t.is_complex() else t

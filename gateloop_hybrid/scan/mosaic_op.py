@@ -63,14 +63,21 @@ def _num_sms(index: int) -> int:
 
 
 def _pairs(t: Tensor, shape) -> Tensor:
-    """t as float pairs (complex) or as is (real), reshaped to shape (+ (2,) for complex)."""
+    """t as float pairs (complex) or as is (real), viewed as shape (+ (2,) for complex); shape
+    None: t's own. Non-contiguous tensors are made contiguous first, as torch ops do."""
     if t.is_complex():
-        return torch.view_as_real(t.resolve_conj()).contiguous().reshape(*shape, 2)
-    return t.contiguous().reshape(shape)
+        t = torch.view_as_real(t.resolve_conj())
+        shape = None if shape is None else (*shape, 2)
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return t if shape is None else t.view(shape)
 
 
 def _from_pairs(t: Tensor, cplx: bool, shape) -> Tensor:
-    return torch.view_as_complex(t).reshape(shape) if cplx else t.reshape(shape)
+    """The inverse of _pairs (shape None: keep the kernel's shape)."""
+    if cplx:
+        t = torch.view_as_complex(t)
+    return t if shape is None else t.view(shape)
 
 
 def _walk(a, x, h0, reverse, backward, B, N, F, G, R):
@@ -128,8 +135,14 @@ class _Plan:
         self.fwd_dtypes = (od, od)
         self.bwd_dtypes = (_real_dtype(x.dtype), _real_dtype(a.dtype),
                            *(() if h0 is None else (_real_dtype(h0.dtype),)))
-        self.shapes = dict(a=(B, N, G), x=(B, N, F), h0=(B, F))
+        # views only where the kernels' flat feature axis differs from the tensors' own dims
+        flat = lambda shape, own: None if tuple(own) == shape else shape
+        self.shapes = dict(a=flat((B, N, G), a.shape), x=flat((B, N, F), x.shape),
+                           h0=flat((B, F), (B, *x.shape[2:])))
         self.x_shape, self.last_shape, self.a_shape = x.shape, (B, *x.shape[2:]), a.shape
+        self.out_x = None if self.shapes["x"] is None else x.shape
+        self.out_last = None if self.shapes["h0"] is None else self.last_shape
+        self.out_a = None if self.shapes["a"] is None else a.shape
         self.h0_shape = None if h0 is None else h0.shape
         self.sum_dims = [i for i, (sa, sx) in enumerate(zip(a.shape, x.shape)) if sa == 1 and sx != 1]
         self.complex = (a.is_complex(), x.is_complex(), h0 is not None and h0.is_complex())
@@ -143,7 +156,7 @@ class _Plan:
         if h0 is not None:
             args.append(_pairs(h0, self.shapes["h0"]))
         h, h_last = _launch(self.fwd_walk, args, self.fwd_dtypes, self.fwd_bound)
-        return _from_pairs(h, self.cplx, self.x_shape), _from_pairs(h_last, self.cplx, self.last_shape), h
+        return _from_pairs(h, self.cplx, self.out_x), _from_pairs(h_last, self.cplx, self.out_last), h
 
     def backward(self, a, h, h0, gh, gl):
         dt = self.grad_dtype
@@ -154,12 +167,13 @@ class _Plan:
             args.append(_pairs(h0, self.shapes["h0"]))
         outs = _launch(self.bwd_walk, args, self.bwd_dtypes, self.bwd_bound)
         ca, cx, c0 = self.complex
-        dx = _from_pairs(outs[0], cx, self.x_shape)
-        da = _from_pairs(outs[1], ca, self.x_shape)
+        dx = _from_pairs(outs[0], cx, self.out_x)
         if self.sum_dims:   # features sharing a gate: sum their contributions
-            da = da.sum(dim=self.sum_dims, keepdim=True)
-        dh0 = None if h0 is None else _from_pairs(outs[2], c0, self.h0_shape)
-        return da.reshape(self.a_shape), dx, dh0
+            da = _from_pairs(outs[1], ca, self.x_shape).sum(dim=self.sum_dims, keepdim=True)
+        else:
+            da = _from_pairs(outs[1], ca, self.out_a)
+        dh0 = None if h0 is None else _from_pairs(outs[2], c0, self.out_last)
+        return da, dx, dh0
 
 
 class _MosaicScan(torch.autograd.Function):
@@ -192,14 +206,38 @@ def scan_mosaic(a: Tensor, x: Tensor, h0: Tensor | None = None, reverse: bool = 
     complex64, with ``supported(a, x)``. Output dtype: the promoted input dtype (16-bit inputs
     accumulate in float32). Differentiable once; a second derivative raises.
     """
+    out = try_scan_mosaic(a, x, h0, reverse)
+    if out is None:
+        raise ValueError(f"scan_mosaic: the Mosaic GPU kernels do not take a {tuple(a.shape)} {a.dtype}, "
+                         f"x {tuple(x.shape)} {x.dtype}" + ("" if h0 is None else f", h0 {h0.dtype}")
+                         + f" (features a multiple of {mosaic_scan.W}, gates one per step, per head or per "
+                         "feature block; float32, bfloat16, float16 or complex64)")
+    return out
+
+
+_PLANS: dict = {}
+_MAX_PLANS = 256
+
+
+def try_scan_mosaic(a: Tensor, x: Tensor, h0: Tensor | None = None, reverse: bool = False):
+    """scan_mosaic, or None where the kernels do not take these shapes or dtypes. Whether they
+    do is decided once per signature, with the rest of its plan."""
     if torch.compiler.is_compiling():
+        if not _takes(a, x, h0):
+            return None
         return _MosaicScan.apply(a, x, h0, reverse, None)
     key = (a.shape, a.dtype, x.shape, x.dtype, None if h0 is None else (h0.shape, h0.dtype), x.device, reverse)
-    plan = _PLANS.get(key)
-    if plan is None:
+    plan = _PLANS.get(key, _PLANS)
+    if plan is _PLANS:
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
-        plan = _PLANS[key] = _Plan(a, x, h0, reverse)
+        plan = _PLANS[key] = _Plan(a, x, h0, reverse) if _takes(a, x, h0) else None
+    if plan is None:
+        return None
     if torch.is_grad_enabled() and (a.requires_grad or x.requires_grad or (h0 is not None and h0.requires_grad)):
         return _MosaicScan.apply(a, x, h0, reverse, plan)
     return plan.forward(a, x, h0)[:2]
+
+
+def _takes(a, x, h0) -> bool:
+    return supported(a, x) and (h0 is None or h0.dtype in _JAX_DTYPES)
