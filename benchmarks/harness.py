@@ -32,7 +32,8 @@ def device_wait(device: torch.device):
     return lambda _out: None
 
 
-def measure(fn, wait, reps: int, budget_s: float, target_rep_s: float = 0.0, check=None, peak=None):
+def measure(fn, wait, reps: int, budget_s: float, target_rep_s: float = 0.0, check=None, peak=None,
+            inner: int | None = None):
     """Time fn(); returns (first-call seconds, per-call seconds of each repetition, inner).
 
     Call 1 (compilation included) gives `first` and its output goes to `check` (untimed). Call 2
@@ -53,7 +54,8 @@ def measure(fn, wait, reps: int, budget_s: float, target_rep_s: float = 0.0, che
     else:
         wait(fn())
     single = time.perf_counter() - t0
-    inner = max(1, min(1000, int(target_rep_s / max(single, 1e-7))))
+    if inner is None:
+        inner = max(1, min(1000, int(target_rep_s / max(single, 1e-7))))
     min_reps = 3 if single < budget_s else 1
     times = []
     start = time.perf_counter()

@@ -534,6 +534,65 @@ def run_isolated(items, labels, args, bw, passes, on_row, on_start):
             remaining.pop(0)
 
 
+# --------------------------------------------------------------------------------------------
+# host cost: tiny calls back to back, where the time is the host's, against plain torch ops
+
+HOST_SHAPES = ("1x16x16", "1x16x128")
+
+
+def host_cost(device, backends, args) -> list:
+    """Per-call time (us) of back-to-back tiny calls, forward (no grad) and forward+backward, of
+    gate_loop_scan per backend beside torch's own ops (x + x; cumsum along time), in one process.
+    One repetition is 200 calls then a device synchronisation, so the host's time dominates."""
+    from gateloop_hybrid.scan import gate_loop_scan
+
+    rows = []
+    for shape in HOST_SHAPES:
+        (B, N, D), = parse_shapes(shape)
+        g = torch.Generator().manual_seed(0)
+        a = torch.sigmoid(torch.randn(B, N, D, generator=g)).to(device)
+        x = torch.randn(B, N, D, generator=g).to(device)
+        ct = torch.randn(B, N, D, generator=g).to(device)
+        ar, xr = a.clone().requires_grad_(), x.clone().requires_grad_()
+
+        def fwd_bwd(f):
+            return lambda: f(ar, xr).backward(ct)
+        impls = {"torch add (x + x)": (lambda a, x: x + x, None),
+                 "torch cumsum": (lambda a, x: torch.cumsum(x, 1), fwd_bwd(lambda a, x: torch.cumsum(x, 1)))}
+        for b in backends:
+            scan = (lambda b: lambda a, x: gate_loop_scan(a, x, backend=b)[0])(b)
+            impls[f"gate_loop_scan[{b}]"] = (scan, fwd_bwd(scan))
+        wait = harness.device_wait(device)
+        for name, (fwd, fb) in impls.items():
+            row = {"shape": shape, "name": name}
+            try:
+                with torch.no_grad():
+                    row["fwd_us"] = 1e6 * statistics.median(
+                        harness.measure(lambda: fwd(a, x), wait, args.reps, args.budget, 0.0, inner=200)[1])
+                if fb is not None:
+                    row["fwdbwd_us"] = 1e6 * statistics.median(
+                        harness.measure(fb, wait, args.reps, args.budget, 0.0, inner=200)[1])
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            rows.append(row)
+    return rows
+
+
+def host_table(rows) -> str:
+    out = ["## host cost: tiny calls back to back, us per call (ratio to torch's op in the same run)",
+           f"{'shape':9s} {'implementation':28s} {'fwd us':>8s} {'/ add':>6s} {'fwd+bwd us':>11s} {'/ cumsum':>9s}"]
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        here = {r["name"]: r for r in rows if r["shape"] == shape}
+        add = here.get("torch add (x + x)", {}).get("fwd_us")
+        cum = here.get("torch cumsum", {}).get("fwdbwd_us")
+        for name, r in here.items():
+            f, fb = r.get("fwd_us"), r.get("fwdbwd_us")
+            cells = [f"{f:8.1f}" if f else f"{'-':>8s}", f"{f / add:6.2f}" if f and add else f"{'':6s}",
+                     f"{fb:11.1f}" if fb else f"{'-':>11s}", f"{fb / cum:9.2f}" if fb and cum else ""]
+            out.append(f"{shape:9s} {name:28s} " + " ".join(cells) + (f"  {r['error']}" if "error" in r else ""))
+    return "\n".join(out)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -579,6 +638,9 @@ def main(argv=None):
                    help="where autograd runs backward, for every row: torch's per-device worker thread "
                         "(torch's default for CUDA) or the calling thread "
                         "(torch.autograd.set_multithreading_enabled(False), as train.py --main-thread-backward)")
+    p.add_argument("--host", choices=("auto", "yes", "no"), default="auto",
+                   help=f"also time tiny calls ({', '.join(HOST_SHAPES)}) back to back against torch "
+                        "ops, for the host's cost per call (auto: yes on GPU)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)   # internal: a child's plan
     args = p.parse_args(argv)
     if args.worker:
@@ -589,6 +651,8 @@ def main(argv=None):
         if args.json:
             Path(args.json).write_text(json.dumps(data, indent=1))
         print(table(data["meta"], data["results"]))
+        if data["meta"].get("host"):
+            print(host_table(data["meta"]["host"]))
         if args.plot:
             plot(data["meta"], data["results"], args.plot)
         return 0
@@ -673,6 +737,11 @@ def main(argv=None):
         if bar is not None:
             bar.set_description(f"{case.label()} {key}")
 
+    if args.host == "yes" or (args.host == "auto" and gpu):
+        wanted = [im.name[len("gate_loop_scan["):-1] for im in impls if im.group == "gate_loop_scan"]
+        meta["host"] = host_cost(device, [b for b in wanted if b not in ("loop", "heinsen")], args)
+        print(host_table(meta["host"]), flush=True)
+        save()
     try:
         if isolate:
             run_isolated(items, {im.key: (im.name, im.group) for im in impls}, args, bw, passes,
@@ -686,6 +755,8 @@ def main(argv=None):
             bar.close()
         save()
         print(table(meta, rows), flush=True)
+        if meta.get("host"):
+            print(host_table(meta["host"]), flush=True)
         if args.plot and rows:
             try:
                 plot(meta, rows, args.plot)
