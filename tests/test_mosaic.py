@@ -122,9 +122,9 @@ def test_supported_shapes():
 
 def test_walk_choice():
     # one pass when B * F / 128 CTAs nearly fill 132 multiprocessors; chunks otherwise
-    assert mosaic_scan.choose_walk(16, 1024, 1024, False, 132) == (1, 16)
+    assert mosaic_scan.choose_walk(16, 1024, 1024, False, 132) == (1, 32)
     chunks, block = mosaic_scan.choose_walk(1, 65536, 512, True, 132)
-    assert chunks == 132 and block == 8
+    assert chunks == 264 and block == 8
     assert mosaic_scan.choose_walk(1, 8, 128, False, 132)[0] == 1    # too short to cut
     assert mosaic_scan.choose_walk(1, 4097, 128, True, 132) == (125, 8)    # 128 asked: 125 of 33 steps
     assert dataclasses.replace(mosaic_scan.Walk(1, 2, 128, 1, 128, False, False, False, False, False,
