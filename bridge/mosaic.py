@@ -43,6 +43,7 @@ import weakref
 from typing import NamedTuple
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_scalar
 
 from . import _mosaic_abi
 from .function import jax2torch
@@ -166,7 +167,12 @@ class MosaicKernel:
 
     def __call__(self, *tensors, **static) -> tuple:
         if torch.compiler.is_compiling():
-            return tuple(_compiled_call(self._registry_key, *tensors, **static))
+            # One opaque op; the string key (a constant to the compiler) names kernel and statics.
+            # Not differentiable, as in eager mode: inputs are detached so that AOTAutograd does not
+            # look for a backward (the caller's autograd.Function supplies gradients).
+            key = _constant_op_key(self._registry_key, **{k: _constant(v) for k, v in static.items()})
+            inputs = [t.detach() if t.requires_grad else t for t in tensors]
+            return tuple(_launch_op(key, inputs))
         return self._run(tensors, static)
 
     def _run(self, tensors, static) -> tuple:
@@ -335,10 +341,18 @@ def _(key, inputs):
             for s in kernel.out_structs(*inputs, **static)]
 
 
-@torch._dynamo.nonstrict_trace   # runs as plain Python (dict lookups), records the op
-def _compiled_call(kernel_key: str, *tensors, **static):
-    kernel = _KERNELS[kernel_key]
-    # Not differentiable, as in eager mode: the outputs are not tracked (the caller's
-    # autograd.Function supplies gradients), so AOTAutograd must not look for a backward.
-    inputs = [t.detach() if isinstance(t, torch.Tensor) and t.requires_grad else t for t in tensors]
-    return _launch_op(kernel._op_key(static), inputs)
+def _constant(v):
+    """A static value as a plain constant while Dynamo traces. After a recompile Dynamo turns int
+    and float arguments into symbols (automatic dynamic), but a kernel is compiled for one value:
+    guard_scalar specializes on it (a guard on the value, so a new value recompiles)."""
+    kind = type(v)
+    if kind is int or kind is float:
+        return guard_scalar(v)
+    if kind is tuple:
+        return tuple(_constant(x) for x in v)
+    return v
+
+
+@torch._dynamo.assume_constant_result   # run at trace time (plain Python); its string is a constant
+def _constant_op_key(kernel_key: str, **static) -> str:
+    return _KERNELS[kernel_key]._op_key(static)

@@ -250,6 +250,27 @@ def test_compile_new_shapes_and_grad_inputs():
     assert not o.requires_grad
 
 
+def _tagged_fn(x, *, a, tag):
+    assert tag[1:] == (None, "s")
+    return _axpy_call(x, a=a, interpret=False)
+
+
+def _tagged_interpret(x, *, a, tag):
+    return _axpy_call(x, a=a, interpret=True)
+
+
+def test_compile_static_arguments():
+    """Static values that arrive as arguments: Dynamo makes ints and floats symbolic after a
+    recompile, but each value must select its own compiled kernel."""
+    k = MosaicKernel(_tagged_fn, name="axpy_tagged", interpret_fn=_tagged_interpret)
+    torch._dynamo.reset()
+    f = torch.compile(lambda x, a, n: k(x, a=a, tag=(n, None, "s"))[0], fullgraph=True, backend="aot_eager")
+    x = x_of()
+    for a, n in ((2.0, 1), (3.0, 2), (0.5, 3), (3.0, 2), (4, 2)):
+        torch.testing.assert_close(f(x, a, n), a * x + 1)
+    assert k.cache_info().compiles == 4
+
+
 _axpy_for_grad = {}
 
 
