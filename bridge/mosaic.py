@@ -14,22 +14,26 @@ How a call runs (eager):
 
 The first call per key lowers the function for CUDA (``jax.jit(...).lower``), takes the Mosaic GPU
 module out of it and compiles it for that device; later calls reuse it (at most ``max_entries``
-keys per kernel, least recently used evicted). Since launches go to torch's current stream and
-Mosaic GPU passes its TMA descriptors as kernel parameters, calls work on side streams and are
-recorded by ``torch.cuda.graph`` capture as plain kernel nodes.
+keys per kernel, least recently used evicted and unloaded). Since launches go to torch's current
+stream and Mosaic GPU passes its TMA descriptors as kernel parameters, calls work on side streams
+and are recorded by ``torch.cuda.graph`` capture as plain kernel nodes (call once before capturing,
+so that compiling happens outside the capture; a captured kernel is never unloaded).
 
-Under ``torch.compile`` a call is the one custom op ``bridge_mosaic::launch`` (a fake implementation
-from ``jax.eval_shape`` gives the outputs' shapes), so ``fullgraph=True`` and ``mode="reduce-overhead"``
-see one opaque op with torch-allocated outputs.
+Under ``torch.compile`` a call is the one custom op ``bridge_mosaic::launch(key, inputs)``: ``key``
+is a string naming the kernel and its static values, made while Dynamo traces (each static value
+is specialized on, so a new value recompiles), and a fake implementation from ``jax.eval_shape``
+gives the outputs' shapes. ``fullgraph=True`` and ``mode="reduce-overhead"`` see one opaque op with
+torch-allocated outputs; the first call may come from inside the compiled function.
 
 CPU tensors run ``interpret_fn`` (the same kernel in Pallas interpret mode) through
 ``bridge.jax2torch``, so the whole path (cache, custom op, fake implementation, compile) is
 testable without a GPU.
 
-Limits: the function calls exactly one ``plgpu.kernel`` and does nothing else (no jnp work around
-it); its inputs go to the kernel in order and it returns kernel results; no input/output aliasing;
-inputs are contiguous, 16-byte aligned tensors (never copied); Hopper or newer GPUs; jaxlib >= 0.11.1
-with its CUDA plugin; not differentiable (wrap calls in your own ``torch.autograd.Function``).
+Limits: the function calls exactly one single-device ``plgpu.kernel`` and does nothing else (no jnp
+work around it); its inputs go to the kernel in order and it returns kernel results; no
+input/output aliasing; inputs are contiguous, 16-byte aligned tensors of ``SUPPORTED_DTYPES`` (never
+copied or cast); Hopper or newer GPUs; jaxlib >= 0.11.1 with its CUDA plugin; not differentiable
+(wrap calls in your own ``torch.autograd.Function``).
 """
 
 from __future__ import annotations

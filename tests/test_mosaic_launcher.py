@@ -188,11 +188,9 @@ def test_bad_cpu_without_interpret():
 def test_mixed_devices(monkeypatch):
     # Two devices on a CPU-only machine: treat meta as launchable so only the device mix is wrong.
     monkeypatch.setattr(mosaic, "_LAUNCH_DEVICES", ("cuda", "meta"))
-    k = make_axpy()
+    k = MosaicKernel(two_out_fn, name="two", interpret_fn=two_out_interpret)
     with pytest.raises(ValueError, match=r"one device, got argument 0 on cpu, argument 1 on meta"):
-        MosaicKernel(two_out_fn, name="two", interpret_fn=two_out_interpret)(
-            x_of((2, 128)), x_of((2, 128)).to("meta"))
-    del k
+        k(x_of((2, 128)), x_of((2, 128)).to("meta"))
 
 
 def test_requires_grad_not_tracked():
