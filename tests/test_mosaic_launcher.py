@@ -6,10 +6,8 @@ refusals) and the launch bookkeeping with the compile step faked. On a GPU (Hopp
 values against interpret mode, side streams and CUDA graph capture.
 """
 
-import ctypes
 import functools
 
-import numpy as np
 import pytest
 import torch
 
@@ -486,18 +484,20 @@ def test_gpu_values(dtype):
 
 @needs_gpu
 def test_gpu_side_stream():
+    """The launch goes to torch's current stream: queued behind a slow write on a side stream, it
+    must read the written values (on any other stream it would read the zeros)."""
     k = make_axpy()
-    x = x_of((8, 64, 256), device="cuda")
-    k(x)
+    x = torch.zeros(8, 64, 256, device="cuda")
+    new = x_of((8, 64, 256), device="cuda")
+    k(x, a=3.0)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for _ in range(3):
-            torch.cuda._sleep(1_000_000)      # the side stream is busy; the launch must queue behind
-            (o,) = k(x, a=3.0)
-            o = o * 1                          # torch work after it, on the same stream
+        torch.cuda._sleep(50_000_000)          # tens of milliseconds of GPU time on this stream
+        x.copy_(new)
+        (o,) = k(x, a=3.0)
     torch.cuda.current_stream().wait_stream(side)
-    torch.testing.assert_close(o, 3 * x + 1)
+    torch.testing.assert_close(o, 3 * new + 1)
 
 
 @needs_gpu
