@@ -61,7 +61,11 @@ class KernelModule:
 def lower(fn, in_structs, name: str) -> KernelModule:
     """Lower ``fn(*in_structs)`` for CUDA and extract its one Mosaic GPU call."""
     from jax._src.lib.mlir import passmanager
-    import jax.experimental.mosaic.gpu as mgpu
+    try:
+        import jax.experimental.mosaic.gpu as mgpu
+    except ImportError as e:
+        raise MosaicGpuUnavailable(f"Mosaic GPU's Python side does not import ({e}); it needs absl-py "
+                                   "(pip install absl-py)") from e
 
     module = jax.jit(fn).trace(*in_structs).lower(lowering_platforms=("cuda",)).compiler_ir()
     with module.context:
