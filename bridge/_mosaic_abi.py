@@ -245,3 +245,10 @@ def compile(module_bytes: bytes, device_index: int) -> Compiled:
         raise RuntimeError(f"MosaicGpuCompile failed on cuda:{device_index}{hint} (jaxlib "
                            f"{_jaxlib_version()}, plugin {lib.path})")
     return Compiled(handle, lib.unload)
+
+
+def interpret_params():
+    """Pallas's Mosaic GPU interpret mode (``plgpu.kernel(..., interpret=interpret_params())``):
+    the kernel run by JAX on the CPU, for ``MosaicKernel``'s ``interpret_fn``. Not public in JAX."""
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    return InterpretGPUParams()

@@ -50,6 +50,7 @@ import torch
 from torch.fx.experimental.symbolic_shapes import guard_scalar
 
 from . import _mosaic_abi
+from ._mosaic_abi import MosaicGpuUnavailable, interpret_params  # noqa: F401  (re-exported)
 from .function import jax2torch
 import jax
 import jax.numpy as jnp
