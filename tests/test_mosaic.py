@@ -68,7 +68,7 @@ def test_values_and_gradients(name):
 def test_walk_cut_into_time_chunks(monkeypatch, complex_, n, chunks):
     """Forward and backward through the summary and finishing kernels, chunks of unequal length
     (9 steps asked in 4 chunks run as 3 of 3)."""
-    monkeypatch.setattr(mosaic_scan, "choose_walk", lambda B, N, F, cplx, sms: (chunks, 4))
+    monkeypatch.setattr(mosaic_scan, "choose_walk", lambda B, N, F, cplx, sms, backward: (chunks, 4))
     check(*make(1, n, (128,), (128,), complex_, complex_, complex_, True), complex_, 2e-5)
 
 
@@ -123,10 +123,12 @@ def test_supported_shapes():
 def test_walk_choice():
     # one pass when B * F / 128 CTAs nearly fill 132 multiprocessors; chunks otherwise
     assert mosaic_scan.choose_walk(16, 1024, 1024, False, 132) == (1, 32)
+    assert mosaic_scan.choose_walk(16, 1024, 1024, True, 132, backward=True) == (1, 16)
     chunks, block = mosaic_scan.choose_walk(1, 65536, 512, True, 132)
     assert chunks == 264 and block == 8
+    assert mosaic_scan.choose_walk(4, 4096, 1024, False, 132, backward=True) == (33, 32)
     assert mosaic_scan.choose_walk(1, 8, 128, False, 132)[0] == 1    # too short to cut
-    assert mosaic_scan.choose_walk(1, 4097, 128, True, 132) == (125, 8)    # 128 asked: 125 of 33 steps
+    assert mosaic_scan.choose_walk(1, 4097, 128, True, 132) == (64, 8)    # at most N // 64 chunks
     assert dataclasses.replace(mosaic_scan.Walk(1, 2, 128, 1, 128, False, False, False, False, False,
                                                 False, False, False), chunks=2).span == 1
 

@@ -475,11 +475,13 @@ def test_gpu_values(dtype):
     x = x_of(dtype=dtype)
     (o,) = k(x.cuda(), a=3.0)
     (ref,) = k(x, a=3.0)
-    torch.testing.assert_close(o.cpu(), ref)
+    # bfloat16: the GPU may fuse the multiply-add where interpret mode rounds twice (one ulp)
+    tol = dict(atol=8e-3, rtol=1.6e-2) if dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(o.cpu(), ref, **tol)
     k2 = MosaicKernel(two_out_fn, name="two_out", interpret_fn=two_out_interpret)
     x, y = x_of((4, 256), dtype), x_of((4, 256), dtype, seed=1)
     for got, want in zip(k2(x.cuda(), y.cuda()), k2(x, y)):
-        torch.testing.assert_close(got.cpu(), want)
+        torch.testing.assert_close(got.cpu(), want, **tol)
 
 
 @needs_gpu

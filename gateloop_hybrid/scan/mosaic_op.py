@@ -83,7 +83,7 @@ def _from_pairs(t: Tensor, cplx: bool, shape) -> Tensor:
 def _walk(a, x, h0, reverse, backward, B, N, F, G, R):
     cplx = a.is_complex() or x.is_complex() or (h0 is not None and h0.is_complex())
     num_sms = _num_sms(x.device.index or 0) if x.is_cuda else 132
-    chunks, block = mosaic_scan.choose_walk(B, N, F, cplx, num_sms)
+    chunks, block = mosaic_scan.choose_walk(B, N, F, cplx, num_sms, backward)
     chunks = mosaic_scan.fit_chunks(N, chunks)
     h0c = h0 is not None and h0.is_complex()
     return mosaic_scan.Walk(

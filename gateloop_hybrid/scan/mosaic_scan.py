@@ -416,16 +416,18 @@ def fit_chunks(N: int, chunks: int) -> int:
     return -(-N // -(-N // chunks))
 
 
-def choose_walk(B: int, N: int, F: int, cplx: bool, num_sms: int = 132) -> tuple[int, int]:
+def choose_walk(B: int, N: int, F: int, cplx: bool, num_sms: int = 132,
+                backward: bool = False) -> tuple[int, int]:
     """(chunks, block) for a walk, from measurements on an H200 (benchmarks/lab/mosaic_walk_probe.py).
 
     One pass when B * F / W CTAs nearly fill the GPU: it reads the inputs once, and deeper blocks
-    (32 steps real, 16 complex) keep enough loads in flight. Otherwise chunks for about eight
-    CTAs per multiprocessor, with blocks of 16 / 8 steps: more, shorter chunks hide the summary
+    keep enough loads in flight (forward 32 steps; backward, which loads three rows a step, 32
+    real and 16 complex). Otherwise chunks for about eight CTAs per multiprocessor, with blocks of
+    16 steps (32 for real backward walks) or 8 complex: more, shorter chunks hide the summary
     pass's extra read better than fewer, longer ones."""
     ctas = B * (F // W)
     if ctas * 10 >= num_sms * 9:
-        return 1, 16 if cplx else 32
-    block = 8 if cplx else 16
+        return 1, 16 if (cplx and backward) else 32
+    block = 8 if cplx else 32 if backward else 16
     chunks = -(-8 * num_sms // ctas)
-    return fit_chunks(N, min(chunks, max(1, N // (4 * block)))), block
+    return fit_chunks(N, min(chunks, max(1, N // 64))), block
