@@ -6,6 +6,7 @@ Dimension letters used in the shape comments:
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence
 
 import torch
@@ -14,7 +15,7 @@ from torch import Tensor, nn
 
 from .attention import CausalFullAttention
 from .gate_loop import GateLoopedAttention
-from .norms import RMSNorm
+from .norms import RMSNorm, check_sizes
 
 
 class PreNorm(nn.Module):
@@ -107,6 +108,12 @@ class Transformer(nn.Module):
         scan_backend: str = "auto",
     ):
         super().__init__()
+        check_sizes("Transformer", dim=dim, num_tokens=num_tokens, depth=depth, ff_mult=ff_mult)
+        if use_gate_looped_attn:
+            check_sizes("Transformer", gate_loop_heads=gate_loop_heads, dim_gate_looped_attn=dim_gate_looped_attn)
+        else:
+            check_sizes("Transformer", heads=heads, dim_head=dim_head)
+        self.num_tokens = num_tokens
         self.ablate_complex = ablate_complex
         self.ablate_state_transition = ablate_state_transition
         self.token_emb = nn.Embedding(num_tokens, dim)
@@ -170,10 +177,19 @@ class Transformer(nn.Module):
         """
         if return_loss and (cache is not None or return_cache):
             raise ValueError("return_loss=True cannot be combined with cache or return_cache")
-        if cache is not None and len(cache) != len(self.layers):
-            raise ValueError(f"cache has {len(cache)} entries, the model has {len(self.layers)} layers")
-        if x.ndim != 2:
-            raise ValueError(f"x must be token ids of shape (batch, seq), got {tuple(x.shape)}")
+        if cache is not None:
+            if not isinstance(cache, (list, tuple)):
+                raise TypeError(f"cache must be the list returned with return_cache=True, got {type(cache).__name__}")
+            if len(cache) != len(self.layers):
+                raise ValueError(f"cache has {len(cache)} entries, the model has {len(self.layers)} layers")
+        self._check_ids(x, "x")
+        if return_loss and x.shape[0] == 0:
+            raise ValueError(f"return_loss needs at least one sequence, got x of shape {tuple(x.shape)}")
+        if return_loss and x.shape[1] < 2:
+            raise ValueError(
+                f"return_loss needs at least 2 tokens per sequence (inputs and their next-token targets), "
+                f"got x of shape {tuple(x.shape)}"
+            )
         ablate_complex = self.ablate_complex if ablate_complex is None else ablate_complex
         ablate_state_transition = (
             self.ablate_state_transition if ablate_state_transition is None else ablate_state_transition
@@ -204,6 +220,23 @@ class Transformer(nn.Module):
             return logits, new_cache
         return logits
 
+    def _check_ids(self, x: Tensor, name: str) -> None:
+        """Refuse anything but integer token ids (b, n), n >= 1, in [0, num_tokens).
+
+        The range is checked for CPU tensors only: on a GPU it would cost a synchronisation per
+        call, and an embedding lookup out of range fails there with a device-side assertion.
+        """
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a tensor of token ids, got {type(x).__name__}")
+        if x.ndim != 2 or x.shape[1] < 1:
+            raise ValueError(f"{name} must be token ids of shape (batch, seq) with seq >= 1, got {tuple(x.shape)}")
+        if x.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            raise TypeError(f"{name} must hold integer token ids, got {x.dtype}")
+        if x.device.type == "cpu" and x.numel():
+            lo, hi = int(x.min()), int(x.max())
+            if lo < 0 or hi >= self.num_tokens:
+                raise ValueError(f"{name} holds token ids in [{lo}, {hi}]; this model has num_tokens={self.num_tokens}")
+
     @torch.no_grad()
     def generate(
         self,
@@ -226,35 +259,45 @@ class Transformer(nn.Module):
         Returns:
             (b, num_tokens) the sampled tokens only (the prompt is not repeated).
         """
-        if prompt_ids.ndim != 2 or prompt_ids.shape[1] < 1:
-            raise ValueError(
-                f"prompt_ids must have shape (batch, seq) with seq >= 1, got {tuple(prompt_ids.shape)}"
-            )
-        if num_tokens < 0:
-            raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        self._check_ids(prompt_ids, "prompt_ids")
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
+            raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
+        if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                or not math.isfinite(temperature) or temperature < 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
 
         sampled = prompt_ids.new_empty((prompt_ids.shape[0], 0))
         if num_tokens == 0:
             return sampled
         logits, cache = self(prompt_ids, return_cache=True)
         for step in range(num_tokens):
-            token = _sample(logits[:, -1].float(), temperature, top_k)  # (b,)
+            token = _sample(logits[:, -1].float(), temperature, top_k, step)  # (b,)
             sampled = torch.cat((sampled, token[:, None]), dim=1)
             if step + 1 < num_tokens:
                 logits, cache = self(token[:, None], cache=cache, return_cache=True)
         return sampled
 
 
-def _sample(logits: Tensor, temperature: float, top_k: Optional[int]) -> Tensor:
-    """One token id per row of logits (b, V)."""
+def _sample(logits: Tensor, temperature: float, top_k: Optional[int], step: int = 0) -> Tensor:
+    """One token id per row of logits (b, V).
+
+    top_k keeps exactly k candidates per row, ties broken by ``topk``'s order (a threshold
+    ``logits >= kth`` would keep every token tied with the k-th). The logits are shifted so that
+    each row's maximum is 0 before dividing by the temperature: a tiny temperature then sends
+    the others to -inf (greedy in the limit) instead of overflowing to inf - inf = nan.
+    """
+    best = logits.max(dim=-1, keepdim=True).values  # (b, 1)
+    if not bool(torch.isfinite(best).all()):
+        raise ValueError(
+            f"generate: the model's logits at new token {step} are not finite (nan or inf); "
+            f"the weights or the inputs hold non-finite values"
+        )
     if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        top = logits.topk(top_k, dim=-1)
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, top.indices, top.values)
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = (logits / temperature).softmax(dim=-1)
+    probs = ((logits - best) / temperature).softmax(dim=-1)
     return torch.multinomial(probs, 1).squeeze(-1)
