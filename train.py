@@ -209,7 +209,7 @@ DEMO_TEXT = Path(__file__).resolve().parent / "tests" / "data" / "devils_diction
 PRESETS = {
     "demo": dict(
         data=str(DEMO_TEXT), out_dir=str(Path("runs") / "demo"), device="cpu", scan_backend="torch",
-        dim=128, depth=2, gate_loop_heads=128, ff_mult=2, seq_len=128, batch_size=16, grad_accum=1,
+        dim=128, depth=2, gate_loop_heads=None, ff_mult=2, seq_len=128, batch_size=16, grad_accum=1,
         lr=3e-3, clip=0.5, max_steps=600, val_every=100, val_batches=4, sample_every=600,
         prime_len=64, gen_len=300, temperature=0.8, ckpt_every=200, log_every=20,
     ),
@@ -314,7 +314,8 @@ def check_config(cfg: TrainConfig) -> None:
     need(cfg.time_budget is None or (is_num(cfg.time_budget) and cfg.time_budget >= 0),
          "time_budget", "must be a finite number of seconds >= 0")
     if not cfg.attention and cfg.gate_loop_heads is not None:
-        need(cfg.dim % cfg.gate_loop_heads == 0, "gate_loop_heads", f"must divide --dim {cfg.dim}")
+        need(cfg.dim % cfg.gate_loop_heads == 0, "gate_loop_heads",
+             f"must divide --dim {cfg.dim} (none: one gate per feature, --dim heads)")
     need(cfg.preset is None or cfg.preset in PRESETS, "preset", f"unknown; choose one of {', '.join(PRESETS)}")
     for name in ("out_dir", "metrics", "data"):
         need(getattr(cfg, name) is None or getattr(cfg, name) != "", name, "must not be empty")
@@ -616,7 +617,10 @@ def _load_error_reason(e: BaseException) -> str:
         # torch's advice here is to load with weights_only=False, which would run code from the
         # file: never to be followed for a file that fails to load
         return "it holds objects other than tensors and plain values, which train.py never writes"
-    return f"{type(e).__name__}: {text[:120]}" if text else type(e).__name__
+    if "PytorchStreamReader" in text or "zip archive" in text:
+        return "truncated, or its zip structure is damaged"
+    text = text.split(". ")[0][:100]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -844,7 +848,10 @@ def _resolve_config(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, dic
 
 def _load_splits(cfg: TrainConfig, state: dict | None) -> tuple[Path, torch.Tensor, torch.Tensor]:
     data_path = resolve_data_path(cfg.data)
-    train_data, val_data = split_data(*read_bytes(data_path))
+    data, name = read_bytes(data_path)
+    if not data:
+        raise DataError(f"--data {data_path} is empty (0 bytes{' after decompression' if name != data_path.name else ''})")
+    train_data, val_data = split_data(data, name)
     if state is not None and list(state["data_len"]) != [len(train_data), len(val_data)]:
         raise DataError(f"--resume: --data {data_path} splits into {len(train_data)}/{len(val_data)} bytes, "
                         f"the checkpoint's data into {state['data_len'][0]}/{state['data_len'][1]}")
