@@ -285,8 +285,8 @@ def _sample(logits: Tensor, temperature: float, top_k: Optional[int], step: int 
 
     top_k keeps exactly k candidates per row, ties broken by ``topk``'s order (a threshold
     ``logits >= kth`` would keep every token tied with the k-th). The logits are shifted so that
-    each row's maximum is 0 before dividing by the temperature: a tiny temperature then sends
-    the others to -inf (greedy in the limit) instead of overflowing to inf - inf = nan.
+    each row's maximum is 0 before dividing by the temperature (in float64): a tiny temperature
+    then sends the others to -inf (greedy in the limit) instead of overflowing to inf - inf = nan.
     """
     best = logits.max(dim=-1, keepdim=True).values  # (b, 1)
     if not bool(torch.isfinite(best).all()):
@@ -299,5 +299,6 @@ def _sample(logits: Tensor, temperature: float, top_k: Optional[int], step: int 
         logits = torch.full_like(logits, float("-inf")).scatter(-1, top.indices, top.values)
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = ((logits - best) / temperature).softmax(dim=-1)
+    # in float64, where any temperature > 0 (a Python float) is representable: 0 / t stays 0
+    probs = ((logits.double() - best.double()) / temperature).softmax(dim=-1)
     return torch.multinomial(probs, 1).squeeze(-1)
