@@ -210,8 +210,8 @@ PRESETS = {
     "demo": dict(
         data=str(DEMO_TEXT), out_dir=str(Path("runs") / "demo"), device="cpu", scan_backend="torch",
         dim=128, depth=2, gate_loop_heads=None, ff_mult=2, seq_len=128, batch_size=16, grad_accum=1,
-        lr=3e-3, clip=0.5, max_steps=600, val_every=100, val_batches=4, sample_every=600,
-        prime_len=64, gen_len=300, temperature=0.8, ckpt_every=200, log_every=20,
+        lr=3e-3, clip=0.5, max_steps=450, val_every=150, val_batches=4, sample_every=450,
+        prime_len=64, gen_len=300, temperature=0.8, ckpt_every=150, log_every=25,
     ),
 }
 
