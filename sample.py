@@ -107,6 +107,9 @@ def main(argv=None) -> int:
     except TrainError as e:
         print(f"sample.py: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # outside the files sample.py checks: e.g. no usable temporary folder for torch
+        print(f"sample.py: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 0

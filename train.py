@@ -526,6 +526,7 @@ def os_reason(e: OSError) -> str:
         errno.ENOENT: "no such file or folder",
         errno.ENOTDIR: "a path component is not a folder",
         errno.EISDIR: "is a folder",
+        errno.EEXIST: "a file is in the way (the path needs a folder there)",
     }
     return words.get(e.errno) or e.strerror or str(e) or type(e).__name__
 
@@ -991,7 +992,7 @@ class _Run:
     def checkpoint_bytes(self) -> int:
         """About how large the checkpoint file is: the weights, Adam's two moments, and some slack."""
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        return 3 * weights + (1 << 20)
+        return 3 * weights + (64 << 10)
 
     def end_record(self, reason: str) -> dict:
         steady = self.steady["tokens"] / self.steady["time"] if self.steady["time"] > 0 else None
@@ -1047,7 +1048,8 @@ def train(cfg: TrainConfig, given: set[str] = frozenset()) -> dict:
     from tqdm import tqdm
 
     cfg = apply_preset(cfg, given)
-    check_config(cfg)
+    if not cfg.resume:  # a resumed config is checked once merged with the checkpoint's
+        check_config(cfg)
     cfg, state = _resolve_config(cfg, given)
     if state is not None and state["step"] >= cfg.max_steps:
         print(f"train.py: --resume: {Path(cfg.out_dir) / CHECKPOINT_NAME} is at step {state['step']}, and "
@@ -1157,6 +1159,9 @@ def main(argv=None) -> int:
     except TrainError as e:
         print(f"train.py: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # outside the files train.py checks: e.g. no usable temporary folder for torch
+        print(f"train.py: {e}", file=sys.stderr)
+        return 1
     except (torch.OutOfMemoryError, MemoryError) as e:
         first = (str(e).strip().splitlines() or [""])[0][:160]
         print(f"train.py: out of memory ({first}); try a smaller --batch-size, --seq-len or --dim", file=sys.stderr)

@@ -374,6 +374,16 @@ def test_start_prints_a_one_line_summary(tmp_path, capsys):
         assert part in line, (part, line)
 
 
+def test_resume_checks_the_merged_config_not_the_defaults(tmp_path, capsys):
+    """--resume --dim 32 alone: the default --gate-loop-heads 512 is the checkpoint's 8, no error."""
+    run_train(tmp_path, "--max-steps", "1", "--val-every", "0", "--sample-every", "0")
+    out = tmp_path / "run"
+    base = ["--data", str(TEXT), "--out-dir", str(out), "--device", "cpu", "--threads", "1"]
+    assert train.main([*base, "--resume", "--max-steps", "2", "--dim", "32"]) == 0
+    code, err = main_err(capsys, [*base, "--resume", "--max-steps", "3", "--lr", "nan"])
+    assert code == 2 and err.splitlines()[-1] == "train.py: --lr nan: must be a finite number > 0", err
+
+
 def test_resume_of_a_finished_run_says_so_and_changes_nothing(tmp_path, capsys):
     run_train(tmp_path, "--max-steps", "2", "--val-every", "0", "--sample-every", "0")
     metrics = tmp_path / "run" / "metrics.jsonl"

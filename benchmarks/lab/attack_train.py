@@ -61,9 +61,14 @@ RESULTS: dict[str, Counter] = defaultdict(Counter)
 FAILURES: list[dict] = []
 
 
+VERBOSE = False
+
+
 def record(category: str, outcome: str, what: str, detail: str = "") -> None:
     assert outcome in ("right", "clear", "silent", "unclear"), outcome
     RESULTS[category][outcome] += 1
+    if VERBOSE:
+        print(f"  {category}: {outcome}: {what}: {detail.strip()[-300:]}", flush=True)
     if outcome in ("silent", "unclear"):
         FAILURES.append(dict(category=category, outcome=outcome, what=what, detail=detail[-1500:]))
         print(f"  !! {category}: {outcome}: {what}\n     {detail[-600:]}", flush=True)
@@ -452,7 +457,8 @@ def tmpfs(size: int, readonly: bool = False):
     try:
         yield where
     finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
+        while subprocess.run(["umount", "-l", str(where)], capture_output=True).returncode == 0:
+            pass  # stacked mounts: take them all off
         with contextlib.suppress(OSError):
             where.rmdir()
 
@@ -476,7 +482,9 @@ def ckpt_size() -> int:
 
 
 def judge_failed_write(code, err, out: Path, held_step) -> tuple[str, str]:
-    outcome, detail = judge_cli(code, err, "train.py", ["checkpoint", "metrics", "--out-dir"], True)
+    # ("temporary directory": torch's own, when every temporary folder refuses a file)
+    outcome, detail = judge_cli(code, err, "train.py", ["checkpoint", "metrics", "--out-dir", "temporary directory"],
+                                True)
     if outcome != "clear":
         return outcome, detail
     ck = out / "checkpoint.pt"
@@ -548,32 +556,38 @@ def attack_disk(tmp: Path, mount_ok: bool, rng: random.Random) -> None:
             code, err = run_main(train.main, ["--data", str(TEXT), "--out-dir", str(out), *TINY, "--max-steps", "3"])
             outcome, detail = judge_cli(code, err, "train.py", ["--out-dir"], True)
             record("disk", outcome, f"tmpfs of {fs_size} bytes from the start", detail)
-    for leave in (0, 512, 4096, size // 4, size // 2, size - 4096, size + 8192):
+    # filled up by another writer while the run goes on: the next checkpoint or metrics write fails
+    for leave in (0, 512, 4096, size // 4, size // 2, size - 4096, size + 8192, 2 * size):
         for when in ("metrics", "checkpoint"):
             with tmpfs(4 * size + (1 << 20)) as fs:
                 out = fs / "run"
-                make = ["--data", str(TEXT), "--out-dir", str(out), *TINY, "--ckpt-every", "1"]
-                code, err = run_main(train.main, [*make, "--max-steps", "2"])
-                assert code == 0, err
+                make = ["--data", str(TEXT), "--out-dir", str(out), *TINY, "--ckpt-every", "5"]
+                make += ["--log-every", "1"] if when == "metrics" else ["--log-every", "1000000"]
+                proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *make, "--max-steps", "400"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+                                        cwd=str(REPO))
+                deadline = time.time() + 120
+                while not (out / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+                    time.sleep(0.02)
                 filler = fill(fs, leave)
-                if when == "metrics":  # a metrics file on a full disk too
-                    extra = ["--log-every", "1"]
-                else:
-                    extra = ["--log-every", "1000000"]
-                code, err = run_main(train.main, [*make, "--resume", "--max-steps", "6", *extra])
-                if code == 0:
-                    # enough room after all (leave >= one checkpoint + metrics): right if the result is whole
+                try:
+                    _, err = proc.communicate(timeout=300)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    record("disk", "unclear", f"full tmpfs ({leave}, {when}): hung")
+                    continue
+                if proc.returncode == 0:
                     try:
-                        ok = train.load_checkpoint(out / "checkpoint.pt")["step"] == 6
+                        ok = train.load_checkpoint(out / "checkpoint.pt")["step"] == 400
                     except train.TrainError:
                         ok = False
                     outcome, detail = ("right", "") if ok else ("silent", "exit 0 without a whole checkpoint")
                 else:
-                    outcome, detail = judge_failed_write(code, err, out, 2)
-                record("disk", outcome, f"full tmpfs, {leave} bytes left, {when}", detail)
+                    outcome, detail = judge_failed_write(proc.returncode, err, out, 5)
+                record("disk", outcome, f"filled during the run, {leave} bytes left, {when} records", detail)
                 if outcome in ("clear", "right"):  # space again: the run resumes
                     filler.unlink()
-                    code, err = run_main(train.main, [*make, "--resume", "--max-steps", "7"])
+                    code, err = run_main(train.main, [*make, "--resume", "--max-steps", "405"])
                     record("disk", "right" if code == 0 else "unclear", f"resume after freeing ({leave}, {when})",
                            err if code else "")
 
@@ -613,8 +627,9 @@ def attack_readonly(tmp: Path, mount_ok: bool) -> None:
                 calls = []
                 def save_then_remount(*args, **kwargs):
                     calls.append(1)
-                    if len(calls) == {nth}:
-                        subprocess.run(["mount", "-o", "remount,ro", {str(fs)!r}], check=True)
+                    if len(calls) == {nth}:  # a read-only mount on top; open files stay writable
+                        subprocess.run(["mount", "--bind", {str(fs)!r}, {str(fs)!r}], check=True)
+                        subprocess.run(["mount", "-o", "remount,bind,ro", {str(fs)!r}], check=True)
                     return real(*args, **kwargs)
                 train.save_checkpoint = save_then_remount
                 sys.exit(train.main(sys.argv[1:]))
@@ -864,7 +879,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kills", type=int, default=10, help="SIGKILL attempts")
     p.add_argument("--json", metavar="PATH", help="write the counts and failures here")
+    p.add_argument("-v", "--verbose", action="store_true", help="print every attempt and its message")
     args = p.parse_args(argv)
+    global VERBOSE
+    VERBOSE = args.verbose
     rng = random.Random(args.seed)
     only = args.only.split(",")
     mount_ok = can_mount()
