@@ -7,6 +7,7 @@ Dimension letters used in the shape comments:
 from __future__ import annotations
 
 import math
+from numbers import Integral, Real
 from typing import List, Optional, Sequence
 
 import torch
@@ -223,8 +224,9 @@ class Transformer(nn.Module):
     def _check_ids(self, x: Tensor, name: str) -> None:
         """Refuse anything but integer token ids (b, n), n >= 1, in [0, num_tokens).
 
-        The range is checked for CPU tensors only: on a GPU it would cost a synchronisation per
-        call, and an embedding lookup out of range fails there with a device-side assertion.
+        The range is checked for CPU tensors only, outside torch.compile: on a GPU it would cost a
+        synchronisation per call (an embedding lookup out of range fails there with a device-side
+        assertion), and in a compiled graph a break.
         """
         if not isinstance(x, Tensor):
             raise TypeError(f"{name} must be a tensor of token ids, got {type(x).__name__}")
@@ -232,7 +234,7 @@ class Transformer(nn.Module):
             raise ValueError(f"{name} must be token ids of shape (batch, seq) with seq >= 1, got {tuple(x.shape)}")
         if x.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
             raise TypeError(f"{name} must hold integer token ids, got {x.dtype}")
-        if x.device.type == "cpu" and x.numel():
+        if x.device.type == "cpu" and x.numel() and not torch.compiler.is_compiling():
             lo, hi = int(x.min()), int(x.max())
             if lo < 0 or hi >= self.num_tokens:
                 raise ValueError(f"{name} holds token ids in [{lo}, {hi}]; this model has num_tokens={self.num_tokens}")
@@ -260,14 +262,16 @@ class Transformer(nn.Module):
             (b, num_tokens) the sampled tokens only (the prompt is not repeated).
         """
         self._check_ids(prompt_ids, "prompt_ids")
-        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, Integral) or num_tokens < 0:
             raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
-        if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+        if (isinstance(temperature, bool) or not isinstance(temperature, Real)
                 or not math.isfinite(temperature) or temperature < 0):
             raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, Integral) or top_k < 1):
             raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
 
+        num_tokens, temperature = int(num_tokens), float(temperature)
+        top_k = None if top_k is None else int(top_k)
         sampled = prompt_ids.new_empty((prompt_ids.shape[0], 0))
         if num_tokens == 0:
             return sampled
