@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -39,7 +40,8 @@ def build_parser() -> train.OneLineParser:
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ... (default: auto)")
     p.add_argument("--scan-backend", default=None, metavar="NAME",
                    help="override the checkpoint's scan backend (e.g. torch where jax is missing)")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on for CUDA)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on for CUDA)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for torch (default: as train.py, the cores not busy now)")
     return p
@@ -112,6 +114,9 @@ def main(argv=None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # stdout closed early (| head): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 0
 
 

@@ -851,7 +851,8 @@ def _load_splits(cfg: TrainConfig, state: dict | None) -> tuple[Path, torch.Tens
     data_path = resolve_data_path(cfg.data)
     data, name = read_bytes(data_path)
     if not data:
-        raise DataError(f"--data {data_path} is empty (0 bytes{' after decompression' if name != data_path.name else ''})")
+        after = " after decompression" if name != data_path.name else ""
+        raise DataError(f"--data {data_path} is empty (0 bytes{after})")
     train_data, val_data = split_data(data, name)
     if state is not None and list(state["data_len"]) != [len(train_data), len(val_data)]:
         raise DataError(f"--resume: --data {data_path} splits into {len(train_data)}/{len(val_data)} bytes, "

@@ -48,7 +48,9 @@ import torch  # noqa: E402
 
 import sample  # noqa: E402
 import train  # noqa: E402
-from gateloop_hybrid import CausalFullAttention, GateLoopedAttention, RMSNorm, SimpleGateLoopLayer, Transformer  # noqa: E402
+from gateloop_hybrid import (  # noqa: E402
+    CausalFullAttention, GateLoopedAttention, RMSNorm, SimpleGateLoopLayer, Transformer,
+)
 
 torch.set_num_threads(1)
 TEXT = REPO / "tests" / "data" / "devils_dictionary.txt"
@@ -347,9 +349,9 @@ def attack_checkpoint(tmp: Path, n_offsets: int, rng: random.Random) -> None:
         damaged.write_bytes(raw[:length])
         outcome, detail = judge_load(damaged, expected)
         record("checkpoint", outcome, f"truncated to {length}", detail)
-    for name, blob in (("garbage-appended", raw + os.urandom(100)), ("zeros-in-middle", raw[:5000] + bytes(2000) + raw[7000:]),
-                       ("random", os.urandom(len(raw))), ("text", b"not a checkpoint\n"),
-                       ("doubled", raw + raw)):
+    for name, blob in (("garbage-appended", raw + os.urandom(100)),
+                       ("zeros-in-middle", raw[:5000] + bytes(2000) + raw[7000:]),
+                       ("random", os.urandom(len(raw))), ("text", b"not a checkpoint\n"), ("doubled", raw + raw)):
         damaged.write_bytes(blob)
         outcome, detail = judge_load(damaged, expected)
         record("checkpoint", outcome, name, detail)
@@ -431,7 +433,8 @@ def attack_kill(tmp: Path, attempts: int, rng: random.Random) -> None:
             continue
         got = final_weights(ck)
         same = all(torch.equal(got[k], reference[k]) for k in reference)
-        record("kill", "right" if same else "silent", what, "" if same else "resumed weights differ from a run never killed")
+        record("kill", "right" if same else "silent", what,
+               "" if same else "resumed weights differ from a run never killed")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,7 +445,8 @@ def can_mount() -> bool:
     if os.geteuid() != 0 or not shutil.which("mount"):
         return False
     probe = Path(tempfile.mkdtemp())
-    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)], capture_output=True).returncode == 0
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)], capture_output=True)
+    ok = mount.returncode == 0
     if ok:
         subprocess.run(["umount", str(probe)], check=True)
     probe.rmdir()
@@ -609,8 +613,8 @@ def attack_readonly(tmp: Path, mount_ok: bool) -> None:
     with tmpfs(1 << 20, readonly=True) as fs:
         for what, argv, names in [("read-only out-dir", ["--out-dir", str(fs / "run")], ["--out-dir"]),
                                   ("read-only out-dir root", ["--out-dir", str(fs)], ["--out-dir"]),
-                                  ("read-only metrics", ["--out-dir", str(tmp / "m3"), "--metrics", str(fs / "m.jsonl")],
-                                   ["metrics"])]:
+                                  ("read-only metrics",
+                                   ["--out-dir", str(tmp / "m3"), "--metrics", str(fs / "m.jsonl")], ["metrics"])]:
             code, err = run_main(train.main, ["--data", str(TEXT), *TINY, "--max-steps", "1", *argv])
             outcome, detail = judge_cli(code, err, "train.py", names, True)
             record("readonly", outcome, what, detail)
@@ -655,7 +659,8 @@ def attack_sample(tmp: Path) -> None:
         ([*base, "--prompt", ""], "--prompt", True),
         ([*base, "--length", "-1"], "--length", True), ([*base, "--length", "x"], "--length", True),
         ([*base, "--length", "0"], "", False), ([*base, "--temperature", "nan"], "--temperature", True),
-        ([*base, "--temperature", "inf"], "--temperature", True), ([*base, "--temperature", "-1"], "--temperature", True),
+        ([*base, "--temperature", "inf"], "--temperature", True),
+        ([*base, "--temperature", "-1"], "--temperature", True),
         ([*base, "--temperature", "1e-45"], "", False), ([*base, "--temperature", "0"], "", False),
         ([*base, "--top-k", "0"], "--top-k", True), ([*base, "--top-k", "-3"], "--top-k", True),
         ([*base, "--top-k", "1"], "", False), ([*base, "--top-k", "300"], "", False),
@@ -715,7 +720,8 @@ def attack_generate(rng: random.Random, n: int) -> None:
     num = [0, 1, 3, -1, 2.0, True, "3"]
     prompts = {
         "ok": lambda: torch.randint(0, 29, (3, 4)), "one-token": lambda: torch.randint(0, 29, (2, 1)),
-        "int32": lambda: torch.randint(0, 29, (2, 3), dtype=torch.int32), "batch0": lambda: torch.zeros(0, 3, dtype=torch.long),
+        "int32": lambda: torch.randint(0, 29, (2, 3), dtype=torch.int32),
+        "batch0": lambda: torch.zeros(0, 3, dtype=torch.long),
         "1d": lambda: torch.randint(0, 29, (4,)), "3d": lambda: torch.randint(0, 29, (1, 2, 3)),
         "float": lambda: torch.rand(2, 3), "empty-seq": lambda: torch.zeros(2, 0, dtype=torch.long),
         "too-big-id": lambda: torch.full((1, 3), 29), "negative-id": lambda: torch.full((1, 3), -1),
