@@ -199,6 +199,8 @@ class Transformer(nn.Module):
         if return_loss:
             x, labels = x[:, :-1], x[:, 1:]
 
+        if x.dtype not in (torch.int32, torch.int64):
+            x = x.long()  # the embedding takes int32 or int64 only; the ids were checked above
         x = self.token_emb(x)  # (b, n, D)
         new_cache: List = []
         for i, (attn, ff) in enumerate(self.layers):
@@ -259,7 +261,8 @@ class Transformer(nn.Module):
             top_k: sample only among the k most likely tokens.
 
         Returns:
-            (b, num_tokens) the sampled tokens only (the prompt is not repeated).
+            (b, num_tokens) the sampled tokens only (the prompt is not repeated), in the
+            prompt's dtype.
         """
         self._check_ids(prompt_ids, "prompt_ids")
         if isinstance(num_tokens, bool) or not isinstance(num_tokens, Integral) or num_tokens < 0:
@@ -270,6 +273,11 @@ class Transformer(nn.Module):
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, Integral) or top_k < 1):
             raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
 
+        if torch.iinfo(prompt_ids.dtype).max < self.num_tokens - 1:
+            raise TypeError(
+                f"prompt_ids of dtype {prompt_ids.dtype} cannot hold the sampled token ids (up to "
+                f"num_tokens - 1 = {self.num_tokens - 1}); pass them as int64"
+            )
         num_tokens, temperature = int(num_tokens), float(temperature)
         top_k = None if top_k is None else int(top_k)
         sampled = prompt_ids.new_empty((prompt_ids.shape[0], 0))
@@ -278,7 +286,7 @@ class Transformer(nn.Module):
         logits, cache = self(prompt_ids, return_cache=True)
         for step in range(num_tokens):
             token = _sample(logits[:, -1].float(), temperature, top_k, step)  # (b,)
-            sampled = torch.cat((sampled, token[:, None]), dim=1)
+            sampled = torch.cat((sampled, token[:, None].to(sampled.dtype)), dim=1)
             if step + 1 < num_tokens:
                 logits, cache = self(token[:, None], cache=cache, return_cache=True)
         return sampled

@@ -504,3 +504,16 @@ def test_generate_temperature_edges():
         model.to_logits[-1].weight.fill_(float("nan"))
     with pytest.raises(ValueError, match="logits at new token 0 are not finite"):
         model.generate(prompt, 2)
+
+
+def test_generate_keeps_the_prompts_integer_type():
+    torch.manual_seed(0)
+    model = small_transformer(scan_backend="torch")
+    for dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        prompt = torch.randint(0, VOCAB, (2, 3), dtype=dtype)
+        out = model.generate(prompt, 4, temperature=0.0)
+        assert out.dtype == dtype
+        assert torch.equal(out.long(), model.generate(prompt.long(), 4, temperature=0.0))
+    big = Transformer(dim=8, num_tokens=300, depth=1, scan_backend="torch")
+    with pytest.raises(TypeError, match="uint8 cannot hold the sampled token ids"):
+        big.generate(torch.zeros(1, 2, dtype=torch.uint8), 1)

@@ -722,12 +722,14 @@ def attack_generate(rng: random.Random, n: int) -> None:
         "ok": lambda: torch.randint(0, 29, (3, 4)), "one-token": lambda: torch.randint(0, 29, (2, 1)),
         "int32": lambda: torch.randint(0, 29, (2, 3), dtype=torch.int32),
         "batch0": lambda: torch.zeros(0, 3, dtype=torch.long),
+        "uint8": lambda: torch.randint(0, 29, (2, 3), dtype=torch.uint8),
+        "int16": lambda: torch.randint(0, 29, (2, 3), dtype=torch.int16),
         "1d": lambda: torch.randint(0, 29, (4,)), "3d": lambda: torch.randint(0, 29, (1, 2, 3)),
         "float": lambda: torch.rand(2, 3), "empty-seq": lambda: torch.zeros(2, 0, dtype=torch.long),
         "too-big-id": lambda: torch.full((1, 3), 29), "negative-id": lambda: torch.full((1, 3), -1),
         "list": lambda: [[1, 2, 3]],
     }
-    valid_prompts = {"ok", "one-token", "int32", "batch0"}
+    valid_prompts = {"ok", "one-token", "int32", "batch0", "uint8", "int16"}
     cases = [(m, p, t, k, nt) for m in models for p in ["ok"] for t in temps[:9] for k in [None, 2] for nt in [3]]
     while len(cases) < n:
         cases.append((rng.choice(list(models)), rng.choice(list(prompts)), rng.choice(temps), rng.choice(top_ks),
@@ -862,6 +864,24 @@ def attack_layers(rng: random.Random, n: int) -> None:
                     else:
                         outcome, detail = judge_call(step, not valid, ["cache"], check)
                     record("layers", outcome, f"{mname} model, {cname} cache, batch {b}, {transform}", detail)
+    # token ids of every integer type (and some that are not), in and out of range
+    for mname, model in models.items():
+        for dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool, torch.float32):
+            for lo, hi in ((0, 29), (28, 29), (29, 30), (-1, 0)):
+                if dtype in (torch.uint8, torch.bool) and lo < 0:
+                    continue
+                ids = torch.randint(lo, hi, (2, 4)).to(dtype)
+                valid = dtype not in (torch.bool, torch.float32) and 0 <= lo and hi <= 29
+
+                def fwd(model=model, ids=ids):
+                    with torch.no_grad():
+                        return model(ids)
+
+                def same_as_long(out, model=model, ids=ids):
+                    with torch.no_grad():
+                        return None if torch.equal(out, model(ids.long())) else "other logits than int64 ids"
+                outcome, detail = judge_call(fwd, not valid, ["x", "token ids"], same_as_long)
+                record("layers", outcome, f"{mname} ids {dtype} in [{lo}, {hi})", detail)
     # the loss on too-short sequences
     for mname, model in models.items():
         for shape in ((2, 1), (0, 5), (1, 2), (3, 0)):
