@@ -844,6 +844,10 @@ def _resolve_config(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, dic
         raise ConfigError(f"{ckpt_path} exists; pass --resume to continue that run, or choose another --out-dir")
     if cfg.metrics is None:
         cfg.metrics = str(Path(cfg.out_dir) / "metrics.jsonl")
+    metrics = Path(cfg.metrics).resolve()
+    for what, other in (("the checkpoint", ckpt_path), ("--data", cfg.data)):
+        if other is not None and metrics == Path(other).resolve():
+            raise ConfigError(f"--metrics {cfg.metrics} is {what}; writing metrics there would destroy it")
     return cfg, state
 
 

@@ -600,6 +600,20 @@ def test_metrics_follow_the_out_dir_on_resume(tmp_path):
     assert [r["step"] for r in read_metrics(elsewhere, "start")] == [3]
 
 
+def test_metrics_may_not_overwrite_the_data_or_the_checkpoint(tmp_path, capsys):
+    data = tmp_path / "data.txt"
+    data.write_bytes(TEXT.read_bytes())
+    code, err = main_err(capsys, ["--data", str(data), "--out-dir", str(tmp_path / "run"), *TINY,
+                                  "--metrics", str(data)])
+    assert code == 2 and "--metrics" in err and "is --data" in err and data.read_bytes() == TEXT.read_bytes()
+    run_train(tmp_path, "--max-steps", "1", "--val-every", "0", "--sample-every", "0")
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    before = ckpt.read_bytes()
+    code, err = main_err(capsys, ["--data", str(TEXT), "--out-dir", str(tmp_path / "run"), *TINY, "--resume",
+                                  "--max-steps", "2", "--metrics", str(ckpt)])
+    assert code == 2 and "is the checkpoint" in err and ckpt.read_bytes() == before
+
+
 def test_a_torn_metrics_line_does_not_swallow_the_next_record(tmp_path):
     run_train(tmp_path, "--max-steps", "2", "--val-every", "0", "--sample-every", "0")
     metrics = tmp_path / "run" / "metrics.jsonl"

@@ -437,6 +437,64 @@ def attack_kill(tmp: Path, attempts: int, rng: random.Random) -> None:
                "" if same else "resumed weights differ from a run never killed")
 
 
+def attack_kill_in_write(tmp: Path, attempts: int, rng: random.Random) -> None:
+    """SIGKILL inside the n-th checkpoint write, after a random fraction of its bytes reached the disk."""
+    steps = 12
+    args = [*TINY, "--max-steps", str(steps), "--ckpt-every", "2", "--log-every", "1"]
+    reference = final_weights(make_run(tmp, "killw-ref", steps, "--ckpt-every", "2", "--log-every", "1")
+                              / "checkpoint.pt")
+    driver = tmp / "die_in_write.py"
+    driver.write_text(textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(REPO)!r})
+        import train
+        nth, fraction = int(sys.argv[1]), float(sys.argv[2])
+        real, calls = train._write_all, []
+        def die_in_write(f, data):
+            calls.append(1)
+            if len(calls) < nth:
+                return real(f, data)
+            f.write(bytes(data[: int(len(data) * fraction)]))
+            f.flush()
+            os.fsync(f.fileno())
+            os.kill(os.getpid(), signal.SIGKILL)
+        train._write_all = die_in_write
+        sys.exit(train.main(sys.argv[3:]))
+    """))
+    for i in range(attempts):
+        nth, fraction = rng.randint(1, steps // 2), rng.choice([0.0, 0.001, rng.random(), 0.999, 1.0])
+        out = tmp / f"killw{i}"
+        shutil.rmtree(out, ignore_errors=True)
+        proc = subprocess.run([sys.executable, str(driver), str(nth), str(fraction), "--data", str(TEXT),
+                               "--out-dir", str(out), *args], capture_output=True, text=True, env=ENV, timeout=300)
+        what = f"SIGKILL in checkpoint write {nth} after {fraction:.3f} of it"
+        if proc.returncode != -signal.SIGKILL:
+            record("kill", "unclear", what, f"the driver did not die: {proc.returncode} {proc.stderr[-500:]}")
+            continue
+        ck = out / "checkpoint.pt"
+        held = None
+        if ck.exists():
+            try:
+                held = train.load_checkpoint(ck)["step"]
+            except train.TrainError as e:
+                record("kill", "silent", what, f"the checkpoint left by the kill does not load: {e}")
+                continue
+        if held != (2 * (nth - 1) if nth > 1 else None):
+            record("kill", "silent", what, f"the checkpoint holds step {held}, not the previous one")
+            continue
+        resume = ["--resume"] if held is not None else []
+        if not resume:
+            shutil.rmtree(out, ignore_errors=True)
+        code, err = run_main(train.main, ["--data", str(TEXT), "--out-dir", str(out), *args, *resume])
+        if code != 0:
+            record("kill", "unclear", what, f"resume failed: exit {code}: {err[-800:]}")
+            continue
+        got = final_weights(ck)
+        same = all(torch.equal(got[k], reference[k]) for k in reference)
+        record("kill", "right" if same else "silent", what,
+               "" if same else "resumed weights differ from a run never killed")
+
+
 # ---------------------------------------------------------------------------------------------
 # full disk, read-only folders
 
@@ -603,9 +661,12 @@ def attack_readonly(tmp: Path, mount_ok: bool) -> None:
              ("out-dir is a file", ["--out-dir", str(blocker)], ["--out-dir"]),
              ("metrics is a folder", ["--out-dir", str(tmp / "m1"), "--metrics", str(tmp)], ["metrics"]),
              ("metrics under a file", ["--out-dir", str(tmp / "m2"), "--metrics", str(blocker / "m.jsonl")],
-              ["metrics"])]
+              ["metrics"]),
+             ("metrics is the data", ["--out-dir", str(tmp / "m4"), "--metrics", str(tmp / "data-copy.txt")],
+              ["--metrics"])]
+    shutil.copy(TEXT, tmp / "data-copy.txt")  # a copy: if the attack wins, the repo's text survives
     for what, argv, names in cases:
-        code, err = run_main(train.main, ["--data", str(TEXT), *TINY, "--max-steps", "1", *argv])
+        code, err = run_main(train.main, ["--data", str(tmp / "data-copy.txt"), *TINY, "--max-steps", "1", *argv])
         outcome, detail = judge_cli(code, err, "train.py", names, True)
         record("readonly", outcome, what, detail)
     if not mount_ok:
@@ -917,7 +978,7 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         steps = dict(
             flags=lambda: attack_flags(60, rng, tmp), data=lambda: attack_data(tmp),
-            checkpoint=lambda: attack_checkpoint(tmp, 120, rng), kill=lambda: attack_kill(tmp, args.kills, rng),
+            checkpoint=lambda: attack_checkpoint(tmp, 120, rng), kill=lambda: (attack_kill(tmp, args.kills, rng), attack_kill_in_write(tmp, args.kills, rng)),
             disk=lambda: attack_disk(tmp, mount_ok, rng), readonly=lambda: attack_readonly(tmp, mount_ok),
             sample=lambda: attack_sample(tmp), generate=lambda: attack_generate(rng, 150),
             layers=lambda: attack_layers(rng, 120),
