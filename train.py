@@ -618,7 +618,7 @@ def _load_error_reason(e: BaseException) -> str:
         # torch's advice here is to load with weights_only=False, which would run code from the
         # file: never to be followed for a file that fails to load
         return "it holds objects other than tensors and plain values, which train.py never writes"
-    if "PytorchStreamReader" in text or "zip archive" in text:
+    if "PytorchStreamReader" in text or "zip archive" in text or "inline_container" in text:
         return "truncated, or its zip structure is damaged"
     text = text.split(". ")[0][:100]
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
@@ -638,7 +638,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except OSError as e:
-        raise CheckpointError(f"cannot read the checkpoint {path}: {os_reason(e)}") from None
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EIO, errno.ENOENT, errno.EISDIR):
+            raise CheckpointError(f"cannot read the checkpoint {path}: {os_reason(e)}") from None
+        raise CheckpointError(f"{path} is damaged or is not a checkpoint written by train.py "
+                              f"(truncated, or its zip structure is damaged); it cannot be used") from None
     except MemoryError:
         raise CheckpointError(f"{path} is damaged (it asks for more memory than there is); "
                               f"it cannot be used") from None
