@@ -617,7 +617,7 @@ def _load_error_reason(e: BaseException) -> str:
     if "weights_only" in str(e) or "Unpickl" in type(e).__name__:
         # torch's advice here is to load with weights_only=False, which would run code from the
         # file: never to be followed for a file that fails to load
-        return "it holds objects other than tensors and plain values, which train.py never writes"
+        return "it does not read as tensors and plain values, all that train.py writes: damaged, or holding code"
     if "PytorchStreamReader" in text or "zip archive" in text or "inline_container" in text:
         return "truncated, or its zip structure is damaged"
     text = text.split(". ")[0][:100]
