@@ -2,11 +2,13 @@
 
 Backends (the only place "auto" is resolved is ``resolve_backend``):
 
-    "pallas"   Pallas GPU kernels through the bridge (CUDA tensors; a GPU build of JAX)
+    "pallas"   Pallas GPU kernels (CUDA tensors; a GPU build of JAX): on Hopper and newer, Mosaic
+               GPU kernels launched straight from torch (mosaic_op.py); elsewhere, or for gate
+               layouts those kernels do not take, Triton-lowered kernels through the bridge
     "jax"      jax.lax.associative_scan under jit through the bridge, with a reverse-scan backward
     "torch"    odd/even associative scan in plain torch
     "heinsen"  log-space scan in plain torch (see torch_scan.scan_heinsen for its precision limits)
-    "loop"     sequential reference in plain torch; what the tests compare against
+    "loop"     a sequential loop in plain torch (slow; exact up to one rounding per step)
 
 "auto" picks "pallas" for CUDA tensors (32 bits and narrower) when its kernels pass a self-test
 on the GPU, else "jax" when JAX is installed and has a backend for the tensors' device, else
@@ -68,9 +70,14 @@ def gate_loop_scan(a: Tensor, x: Tensor, h0: Tensor | None = None, *, reverse: b
 
 
 def _pallas(a, x, h0, reverse):
-    """The Pallas kernels take complex tensors as (re, im) float pairs: torch views them so for
-    free (view_as_real), where JAX would need a conversion pass; gradients come back in torch's
-    convention through the same views."""
+    """Mosaic GPU kernels launched straight from torch where the GPU and shapes allow (Hopper
+    and newer), else the Triton-lowered Pallas kernels through the bridge. Both take complex
+    tensors as (re, im) float pairs: torch views them so for free (view_as_real), where JAX
+    would need a conversion pass; gradients come back in torch's convention."""
+    if mosaic_available(x.device):
+        out = _mosaic_op().try_scan_mosaic(a, x, h0, reverse)
+        if out is not None:
+            return out
     flags = dict(complex_a=a.is_complex(), complex_x=x.is_complex(),
                  complex_h0=h0 is not None and h0.is_complex(), reverse=reverse)
     pairs = lambda t: torch.view_as_real(t) if t is not None and t.is_complex() else t
@@ -173,6 +180,52 @@ def pallas_available() -> bool:
     return not problem
 
 
+def _mosaic_op():
+    from . import mosaic_op
+    return mosaic_op
+
+
+@_memo
+def mosaic_available(device: torch.device) -> bool:
+    """Whether the Mosaic GPU kernels run on ``device``: a CUDA GPU of compute capability 9.0 or
+    newer, JAX's CUDA plugin with the kernel launcher, and a passing self-test (once per device;
+    a failure warns once and the Triton-lowered kernels take over)."""
+    if device.type != "cuda" or not jax_has_device("cuda"):
+        return False
+    if torch.cuda.get_device_capability(device) < (9, 0):
+        return False
+    problem = mosaic_self_test(device)
+    if problem:
+        _warn_once(f"mosaic-{device}", f"gate_loop_scan: the Mosaic GPU kernels failed their self-test on "
+                   f"{device} ({problem}); backend='pallas' uses the Triton-lowered kernels instead.")
+    return not problem
+
+
+def mosaic_self_test(device) -> str | None:
+    """None if the Mosaic GPU scan matches the float64 reference on a small odd-length complex
+    case with h0 on ``device`` (values and gradients), else what went wrong."""
+    try:
+        from .reference import scan_reference
+        g = torch.Generator().manual_seed(0)
+        a = torch.polar(0.5 + 0.5 * torch.rand(2, 37, 128, generator=g),
+                        6 * torch.rand(2, 37, 128, generator=g) - 3)
+        x = torch.randn(2, 37, 128, generator=g, dtype=torch.complex64)
+        h0 = torch.randn(2, 128, generator=g, dtype=torch.complex64)
+        with torch.enable_grad():      # the first call may come under no_grad
+            leaves = [t.to(device).requires_grad_() for t in (a, x, h0)]
+            h, h_last = _mosaic_op().scan_mosaic(*leaves)
+            grads = torch.autograd.grad(h.abs().sum() + h_last.real.sum(), leaves)
+            ref_leaves = [t.detach().cpu().to(torch.complex128).requires_grad_() for t in leaves]
+            h_ref, last_ref = scan_reference(*ref_leaves)
+            ref_grads = torch.autograd.grad(h_ref.abs().sum() + last_ref.real.sum(), ref_leaves)
+        for got, want in zip((h, h_last, *grads), (h_ref, last_ref, *ref_grads)):
+            if not torch.allclose(got.detach().cpu().to(torch.complex128), want, rtol=1e-4, atol=1e-4):
+                return "results differ from the float64 reference"
+    except Exception as e:     # any failure to compile or run means: do not pick it
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    return None
+
+
 def pallas_self_test(device, interpret: bool = False) -> str | None:
     """None if the Pallas scan matches the associative scan on a small odd-sized case on
     ``device`` (values and gradients), else what went wrong."""
@@ -180,14 +233,14 @@ def pallas_self_test(device, interpret: bool = False) -> str | None:
         import bridge  # noqa: F401  (sets JAX's GPU memory policy in case this starts JAX)
         import jax
         import jax.numpy as jnp
-        from .jax_scan import gate_loop_scan as reference
-        from .pallas_scan import gate_loop_scan_pallas
+        from .jax_scan import scan_jax
+        from .pallas_scan import scan_pallas
         n = 2 * 37 * 3
         a = jax.device_put((0.5 + 0.4 * jnp.sin(jnp.arange(n, dtype=jnp.float32)) ** 2).reshape(2, 37, 3), device)
         x = jax.device_put(jnp.cos(jnp.arange(n, dtype=jnp.float32)).reshape(2, 37, 3), device)
         loss = lambda fn: lambda a, x: jnp.sum(fn(a, x)[0] * x)
-        got = jax.value_and_grad(loss(lambda a, x: gate_loop_scan_pallas(a, x, interpret=interpret)), (0, 1))(a, x)
-        want = jax.value_and_grad(loss(reference), (0, 1))(a, x)
+        got = jax.value_and_grad(loss(lambda a, x: scan_pallas(a, x, interpret=interpret)), (0, 1))(a, x)
+        want = jax.value_and_grad(loss(scan_jax), (0, 1))(a, x)
         for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
             if not bool(jnp.allclose(g, w, rtol=1e-4, atol=1e-4)):
                 return "results differ from the associative scan"
@@ -238,7 +291,7 @@ def _bridged(name: str, **static):
     (built on first use). Called with tensors only, the bridge takes its shortest path."""
     from bridge import jax2torch
     if name == "jax":
-        from .jax_scan import gate_loop_scan as fn
+        from .jax_scan import scan_jax as fn
     else:
-        from .pallas_scan import gate_loop_scan_pallas_ri as fn
+        from .pallas_scan import scan_pallas_ri as fn
     return jax2torch(functools.partial(fn, **static), name=f"gate_loop_scan_{name}")
