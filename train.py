@@ -6,14 +6,21 @@ incremental decoding, and checkpoint so that a run can be resumed exactly:
     python train.py --data enwik8.zip                      # GateLoop, the seed's sizes
     python train.py --data enwik8.zip --attention          # softmax-attention baseline
     python train.py --data enwik8.zip --resume             # continue <out-dir>/checkpoint.pt
-    python train.py sample --checkpoint runs/gateloop/checkpoint.pt --prompt "The "
+    python train.py --preset demo                          # a small model on CPU in about a minute
+    python sample.py --checkpoint runs/gateloop/checkpoint.pt --prompt "The "
 
-`python train.py --help` lists every training flag; `python train.py sample --help` the sampling ones.
+`python train.py --help` lists every training flag; `python sample.py --help` the sampling ones
+(`python train.py sample ...` is the same as `python sample.py ...`).
 
 Checkpoints are one file, <out-dir>/checkpoint.pt, replaced atomically (written to a temporary
 file, fsync'd, then renamed over the old one), holding only tensors and plain Python values so
-that `torch.load(..., weights_only=True)` opens it without running code from it.
+that `torch.load(..., weights_only=True)` opens it without running code from it, plus a
+checksum of those contents that `load_checkpoint` verifies.
 Metrics go to <out-dir>/metrics.jsonl, one JSON object per line (see `_Metrics`).
+
+Everything that stops a run is a `TrainError` (`ConfigError` and `DataError` for what is wrong
+before it starts, `CheckpointError`, `OutputError`, `DivergedError` after); `main` prints it as
+one line and exits with its `exit_code` (2 for a bad flag or bad data, 1 otherwise).
 """
 
 from __future__ import annotations
@@ -21,16 +28,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import gzip
+import hashlib
+import io
 import json
 import math
 import os
 import random
+import shutil
 import sys
+import tempfile
 import time
 import types
 import typing
+import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,7 +56,8 @@ import torch  # noqa: E402
 
 NUM_TOKENS = 256  # bytes
 CHECKPOINT_NAME = "checkpoint.pt"
-CHECKPOINT_FORMAT = "gateloop_hybrid.train/1"
+CHECKPOINT_FORMAT = "gateloop_hybrid.train/2"  # /2 adds the content checksum
+OLD_CHECKPOINT_FORMATS = ("gateloop_hybrid.train/1",)  # read, with a warning that nothing is verified
 ENWIK8_TRAIN, ENWIK8_VAL = 90_000_000, 5_000_000  # the seed's split of enwik8
 DEFAULT_DATA = ("data/enwik8.gz", "data/enwik8.zip", "data/enwik8")
 ENWIK8_HELP = (
@@ -51,6 +66,36 @@ ENWIK8_HELP = (
     "yourself and pass it with --data PATH (raw, .gz or .zip), or put it at data/enwik8.gz. "
     "Any other file works too, read as bytes."
 )
+
+
+class TrainError(Exception):
+    """A run that cannot start or cannot go on. main() prints the message as one line."""
+
+    exit_code = 1
+
+
+class ConfigError(TrainError, ValueError):
+    """A flag out of range, or flags that contradict each other or the checkpoint."""
+
+    exit_code = 2
+
+
+class DataError(TrainError):
+    """The data file is missing, unreadable, empty or too short for the flags."""
+
+    exit_code = 2
+
+
+class CheckpointError(TrainError):
+    """A checkpoint that cannot be read (damaged, altered, not train.py's) or written."""
+
+
+class OutputError(TrainError):
+    """The output folder or the metrics file cannot be written, or the disk is too full."""
+
+
+class DivergedError(TrainError):
+    """The training loss became nan or inf; the weights are not saved over the last checkpoint."""
 
 
 def _opt(default, help, metavar=None):
@@ -82,6 +127,14 @@ class TrainConfig:
     tensorboard: bool = _opt(False, "also log to TensorBoard in <out-dir>/tb (needs the tensorboard package)")
     wandb: bool = _opt(False, "also log to Weights & Biases (needs the wandb package and a login)")
     wandb_project: str = _opt("gateloop_hybrid", "wandb project name", metavar="NAME")
+    preset: str | None = _opt(
+        None, "start from a named set of flag values; flags typed as well win. "
+              "demo: a 0.4M-parameter GateLoop model on tests/data/devils_dictionary.txt, on the CPU, "
+              "in about a minute, ending with a sample (out-dir runs/demo)", metavar="NAME")
+    threads: int | None = _opt(
+        None, "CPU threads for torch (torch.set_num_threads). Default: OMP_NUM_THREADS when set, "
+              "else the cores not busy now (available cores minus the 1-minute load average, at least 1): "
+              "on a loaded machine torch's default of every core made steps 5-10x slower than 1 thread")
 
     # model (the seed's sizes)
     dim: int = _opt(512, "model width")
@@ -147,8 +200,20 @@ class TrainConfig:
 # Flags that a resumed run must keep: they define the model, the data stream or the RNG.
 RESUME_FIXED = ("dim", "depth", "gate_loop_heads", "attention", "heads", "dim_head", "ff_mult",
                 "seq_len", "batch_size", "seed")
-# Never taken from a checkpoint: they say what to do now, not what the run is.
-NOT_RESUMED = ("resume",)
+# Never taken from a checkpoint: they say what to do now, not what the run is. (out_dir is
+# where the checkpoint was found; metrics follow it unless --metrics is given again.)
+NOT_RESUMED = ("resume", "out_dir", "metrics", "threads", "preset")
+
+DEMO_TEXT = Path(__file__).resolve().parent / "tests" / "data" / "devils_dictionary.txt"
+# Named flag sets for --preset; flags typed on the command line override them.
+PRESETS = {
+    "demo": dict(
+        data=str(DEMO_TEXT), out_dir=str(Path("runs") / "demo"), device="cpu", scan_backend="torch",
+        dim=128, depth=2, gate_loop_heads=None, ff_mult=2, seq_len=128, batch_size=16, grad_accum=1,
+        lr=3e-3, clip=0.5, max_steps=450, val_every=150, val_batches=4, sample_every=450,
+        prime_len=64, gen_len=300, temperature=0.8, ckpt_every=150, log_every=25,
+    ),
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,16 +236,23 @@ def _none_or(tp):
     return parse
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is reported in one line (not the whole usage), with exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_train_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
     """The training flags, one per TrainConfig field. with_defaults=False leaves every default
     out of the parsed namespace, which tells the flags that were typed from those that were not."""
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="train.py",
         description="Train a byte-level GateLoop Transformer (or the softmax-attention baseline) on "
                     "enwik8 or any file, with validation in bits per character, samples, metrics and "
                     "resumable checkpoints. " + ENWIK8_HELP,
-        epilog="Sampling from a checkpoint: python train.py sample --checkpoint PATH --prompt TEXT "
-               "(see python train.py sample --help).",
+        epilog="Sampling from a checkpoint: python sample.py --checkpoint PATH --prompt TEXT "
+               "(see python sample.py --help; python train.py sample ... is the same).",
     )
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
@@ -208,26 +280,99 @@ def parse_train_args(argv) -> tuple[TrainConfig, set[str]]:
     return TrainConfig(**vars(args)), given
 
 
-def build_sample_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="train.py sample",
-        description="Load a checkpoint written by train.py and continue a prompt, one cached decoding "
-                    "step per new byte. Prints the prompt and its continuation.",
-    )
-    p.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint.pt written by train.py")
-    p.add_argument("--prompt", required=True, metavar="TEXT", help="text to continue (encoded as UTF-8 bytes)")
-    p.add_argument("--length", type=int, default=256, metavar="N", help="bytes to generate (default: 256)")
-    p.add_argument("--temperature", type=float, default=1.0, metavar="X",
-                   help="sampling temperature; 0 is greedy (default: 1.0)")
-    p.add_argument("--top-k", type=_none_or(int), default=None, metavar="N",
-                   help="sample from the k most likely bytes only")
-    p.add_argument("--seed", type=int, default=0, metavar="N", help="sampling seed (default: 0)")
-    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ... (default: auto)")
-    p.add_argument("--scan-backend", default=None, metavar="NAME",
-                   help="override the checkpoint's scan backend (e.g. torch where jax is missing)")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: on for CUDA)")
-    return p
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Raise ConfigError, naming the flag, for any value out of range or flags that contradict.
+
+    Run before anything is read or written, and again on the config a resume merges.
+    """
+    def need(ok: bool, name: str, what: str):
+        if not ok:
+            raise ConfigError(f"{_flag(name)} {getattr(cfg, name)}: {what}")
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_num(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    at_least = dict(dim=1, depth=1, heads=1, dim_head=1, ff_mult=1, seq_len=1, batch_size=1, grad_accum=1,
+                    max_steps=0, seed=0, val_every=0, val_batches=1, sample_every=0, prime_len=1, gen_len=0,
+                    ckpt_every=0, log_every=1)
+    for name, low in at_least.items():
+        need(is_int(getattr(cfg, name)) and getattr(cfg, name) >= low, name, f"must be an integer >= {low}")
+    need(cfg.seed < 2**63, "seed", "must be below 2**63")
+    for name in ("gate_loop_heads", "top_k", "threads"):
+        value = getattr(cfg, name)
+        need(value is None or (is_int(value) and value >= 1), name, "must be an integer >= 1 (or none)")
+    need(is_num(cfg.lr) and cfg.lr > 0, "lr", "must be a finite number > 0")
+    need(is_num(cfg.clip) and cfg.clip >= 0, "clip", "must be a finite number >= 0 (0 disables clipping)")
+    need(is_num(cfg.temperature) and cfg.temperature >= 0, "temperature", "must be a finite number >= 0")
+    need(cfg.time_budget is None or (is_num(cfg.time_budget) and cfg.time_budget >= 0),
+         "time_budget", "must be a finite number of seconds >= 0")
+    if not cfg.attention and cfg.gate_loop_heads is not None:
+        need(cfg.dim % cfg.gate_loop_heads == 0, "gate_loop_heads",
+             f"must divide --dim {cfg.dim} (none: one gate per feature, --dim heads)")
+    need(cfg.preset is None or cfg.preset in PRESETS, "preset", f"unknown; choose one of {', '.join(PRESETS)}")
+    for name in ("out_dir", "metrics", "data"):
+        need(getattr(cfg, name) is None or getattr(cfg, name) != "", name, "must not be empty")
+
+
+def apply_preset(cfg: TrainConfig, given: set[str]) -> TrainConfig:
+    """cfg with the --preset's values for every flag not typed on the command line."""
+    if cfg.preset is None:
+        return cfg
+    if cfg.preset not in PRESETS:
+        raise ConfigError(f"--preset {cfg.preset}: unknown; choose one of {', '.join(PRESETS)}")
+    values = {k: v for k, v in PRESETS[cfg.preset].items() if k not in given}
+    return dataclasses.replace(cfg, **values)
+
+
+def check_device(name: str) -> torch.device:
+    """The torch device for --device, or ConfigError when this machine has no such device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"--device {name}: not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        try:
+            torch.empty(1, device=device)
+        except Exception:  # noqa: BLE001 - any backend's failure means the same thing here
+            raise ConfigError(f"--device {name}: not available on this machine") from None
+    return device
+
+
+def default_threads() -> int:
+    """Threads for torch on the CPU when --threads is not given: the cores not busy right now."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        busy = 0.0
+    return max(1, min(cores, int(cores - busy + 0.5)))
+
+
+def set_threads(cfg: TrainConfig, device: torch.device) -> int:
+    """Apply --threads (or the default) to torch on the CPU; returns the number in use."""
+    if device.type == "cpu":
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
+        elif not os.environ.get("OMP_NUM_THREADS"):
+            torch.set_num_threads(default_threads())
+    return torch.get_num_threads()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,31 +383,41 @@ def read_bytes(path: str | os.PathLike) -> tuple[bytes, str]:
     """The file's bytes, decompressed when it is gzip (.gz, dictzip .dz) or a zip archive.
 
     Returns (data, name) where name is the file or zip member name without compression suffix.
+    Raises DataError, naming the file, when it cannot be read or decompressed.
     """
     path = Path(path)
-    with open(path, "rb") as f:
-        magic = f.read(4)
     name = path.name
-    if magic[:2] == b"\x1f\x8b":
-        with gzip.open(path, "rb") as f:
-            data = f.read()
-        for suffix in (".gz", ".dz"):
-            name = name.removesuffix(suffix)
-    elif magic == b"PK\x03\x04":
-        with zipfile.ZipFile(path) as z:
-            members = [m for m in z.infolist() if not m.is_dir()]
-            if len(members) != 1:
-                raise SystemExit(f"train.py: {path} holds {len(members)} files; pass a zip with exactly "
-                                 f"one (e.g. enwik8.zip), or unpack it and pass the file")
-            data = z.read(members[0])
-            name = Path(members[0].filename).name
-    else:
-        data = path.read_bytes()
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic[:2] == b"\x1f\x8b":
+            with gzip.open(path, "rb") as f:
+                data = f.read()
+            for suffix in (".gz", ".dz"):
+                name = name.removesuffix(suffix)
+        elif magic == b"PK\x03\x04":
+            with zipfile.ZipFile(path) as z:
+                members = [m for m in z.infolist() if not m.is_dir()]
+                if len(members) != 1:
+                    raise DataError(f"--data {path} holds {len(members)} files; pass a zip with exactly "
+                                    f"one (e.g. enwik8.zip), or unpack it and pass the file")
+                data = z.read(members[0])
+                name = Path(members[0].filename).name
+        else:
+            data = path.read_bytes()
+    except (gzip.BadGzipFile, EOFError, zlib.error, zipfile.BadZipFile, zipfile.LargeZipFile,
+            NotImplementedError) as e:
+        raise DataError(f"--data {path}: cannot decompress it ({type(e).__name__}: {e}); "
+                        f"the file is damaged or truncated") from None
+    except OSError as e:
+        raise DataError(f"--data {path}: cannot read it ({os_reason(e)})") from None
     return data, name
 
 
 def split_data(data: bytes, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(train, val) uint8 tensors: enwik8 gets the seed's 90M/5M split, other files 90:5 in proportion."""
+    if not data:
+        raise DataError(f"the data ({name}) is empty")
     buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     if name == "enwik8" and len(buf) >= ENWIK8_TRAIN + ENWIK8_VAL:
         return buf[:ENWIK8_TRAIN], buf[ENWIK8_TRAIN:ENWIK8_TRAIN + ENWIK8_VAL]
@@ -273,13 +428,15 @@ def split_data(data: bytes, name: str) -> tuple[torch.Tensor, torch.Tensor]:
 def resolve_data_path(data: str | None) -> Path:
     if data is not None:
         path = Path(data)
+        if path.is_dir():
+            raise DataError(f"--data {data} is a folder; pass a file")
         if not path.is_file():
-            raise SystemExit(f"train.py: --data {data}: no such file. {ENWIK8_HELP}")
+            raise DataError(f"--data {data}: no such file. {ENWIK8_HELP}")
         return path
     for candidate in DEFAULT_DATA:
         if Path(candidate).is_file():
             return Path(candidate)
-    raise SystemExit(f"train.py: no training data (no --data given and no data/enwik8.gz). {ENWIK8_HELP}")
+    raise DataError(f"no training data (no --data given and no data/enwik8.gz). {ENWIK8_HELP}")
 
 
 class Sampler:
@@ -290,7 +447,7 @@ class Sampler:
 
     def __init__(self, data: torch.Tensor, seq_len: int, batch_size: int, seed: int):
         if len(data) < seq_len + 2:
-            raise SystemExit(f"train.py: a split of {len(data)} bytes is too short for --seq-len {seq_len}")
+            raise DataError(f"a split of {len(data)} bytes is too short for --seq-len {seq_len}")
         self.data, self.seq_len, self.batch_size = data, seq_len, batch_size
         self.generator = torch.Generator().manual_seed(seed)
         self._window = torch.arange(seq_len + 1)
@@ -337,7 +494,7 @@ def resolved_scan_backend(cfg: TrainConfig, device: torch.device) -> str | None:
     try:
         return resolve_backend(cfg.scan_backend, device)
     except (ValueError, ImportError) as e:
-        raise SystemExit(f"train.py: --scan-backend {cfg.scan_backend}: {e}") from None
+        raise ConfigError(f"--scan-backend {cfg.scan_backend}: {e}") from None
 
 
 @contextlib.contextmanager
@@ -356,21 +513,88 @@ def _seeded_rng(device: torch.device, seed: int):
 # checkpoints
 
 
+def os_reason(e: OSError) -> str:
+    """A few words for why a file operation failed: "disk full", "read-only file system", ..."""
+    words = {
+        errno.ENOSPC: "disk full (no space left on device)",
+        errno.EDQUOT: "disk quota exceeded",
+        errno.EROFS: "read-only file system",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "operation not permitted",
+        errno.EFBIG: "file too large for this file system or process limit",
+        errno.EIO: "input/output error",
+        errno.ENOENT: "no such file or folder",
+        errno.ENOTDIR: "a path component is not a folder",
+        errno.EISDIR: "is a folder",
+        errno.EEXIST: "a file is in the way (the path needs a folder there)",
+    }
+    return words.get(e.errno) or e.strerror or str(e) or type(e).__name__
+
+
+def _digest(obj, h) -> None:
+    """Feed obj (tensors, dicts, lists, tuples and plain values, nested) into the hash h, with
+    types, shapes and lengths, so that no two different contents give the same byte stream."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"T{t.dtype}{tuple(obj.shape)}:".encode())
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy())
+    elif isinstance(obj, dict):
+        h.update(b"D%d:" % len(obj))
+        for k in sorted(obj, key=lambda k: (type(k).__name__, repr(k))):
+            _digest(k, h)
+            _digest(obj[k], h)
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"%s%d:" % (type(obj).__name__.encode(), len(obj)))
+        for v in obj:
+            _digest(v, h)
+    elif obj is None or isinstance(obj, (bool, int, float, str)):
+        text = repr(obj).encode()
+        h.update(b"%s%d:%s" % (type(obj).__name__.encode(), len(text), text))
+    else:
+        raise TypeError(f"checkpoint content of type {type(obj).__name__} is not supported")
+
+
+def content_checksum(state: dict) -> str:
+    """sha256 of everything in state except its "checksum" entry."""
+    h = hashlib.sha256()
+    _digest({k: v for k, v in state.items() if k != "checksum"}, h)
+    return "sha256:" + h.hexdigest()
+
+
+def _write_all(f, data) -> None:
+    """Write data to the open file f (a seam for tests that fail or die mid-write)."""
+    f.write(data)
+
+
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
-    """Write state to path atomically: a temporary file beside it, fsync, rename, fsync the folder.
+    """Write state, with its content checksum, to path atomically: a temporary file beside it,
+    fsync, rename, fsync the folder.
 
     A crash, kill or Ctrl-C at any point leaves either the old checkpoint or the new one, whole.
+    The file is serialised in memory first, so that a failed write is an OSError with its errno
+    (not torch's "unexpected pos"); it is raised as CheckpointError, in one line saying why (disk
+    full, read-only, ...), with the old checkpoint untouched.
     """
     path = Path(path)
+    state = dict(state, checksum=None)
+    state["checksum"] = content_checksum(state)
+    buf = io.BytesIO()
+    torch.save(state, buf)
     tmp = path.with_name(f".{path.name}.partial")
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            _write_all(f, buf.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write the checkpoint {path}: {os_reason(e)}") from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -384,11 +608,63 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
         os.close(dir_fd)
 
 
+CHECKPOINT_KEYS = ("format", "step", "config", "model", "optimizer", "rng", "tokens_seen", "train_time_s",
+                   "log_window", "data_len")
+
+
+def _load_error_reason(e: BaseException) -> str:
+    text = (str(e).strip().splitlines() or [""])[0]
+    if "weights_only" in str(e) or "Unpickl" in type(e).__name__:
+        # torch's advice here is to load with weights_only=False, which would run code from the
+        # file: never to be followed for a file that fails to load
+        return "it does not read as tensors and plain values, all that train.py writes: damaged, or holding code"
+    if "PytorchStreamReader" in text or "zip archive" in text or "inline_container" in text:
+        return "truncated, or its zip structure is damaged"
+    text = text.split(". ")[0][:100]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Open a checkpoint without running code from it (weights_only=True)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise SystemExit(f"train.py: {path} is not a checkpoint written by train.py")
+    """Open a checkpoint without running code from it (weights_only=True), and verify it.
+
+    Raises CheckpointError, naming the file, when it is missing, cannot be read, was altered
+    after it was written (its content checksum differs), or was not written by train.py.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EIO, errno.ENOENT, errno.EISDIR):
+            raise CheckpointError(f"cannot read the checkpoint {path}: {os_reason(e)}") from None
+        raise CheckpointError(f"{path} is damaged or is not a checkpoint written by train.py "
+                              f"(truncated, or its zip structure is damaged); it cannot be used") from None
+    except MemoryError:
+        raise CheckpointError(f"{path} is damaged (it asks for more memory than there is); "
+                              f"it cannot be used") from None
+    except Exception as e:  # noqa: BLE001 - zip, pickle, EOF, key errors: all mean a damaged file
+        raise CheckpointError(f"{path} is damaged or is not a checkpoint written by train.py "
+                              f"({_load_error_reason(e)}); it cannot be used") from None
+    fmt = state.get("format") if isinstance(state, dict) else None
+    if fmt not in (CHECKPOINT_FORMAT, *OLD_CHECKPOINT_FORMATS):
+        raise CheckpointError(f"{path} is not a checkpoint written by train.py")
+    if fmt == CHECKPOINT_FORMAT:
+        try:
+            actual = content_checksum(state)
+        except TypeError:
+            actual = None
+        if state.get("checksum") != actual:
+            raise CheckpointError(f"{path} is damaged: its contents do not match the checksum written with "
+                                  f"them (a changed byte, or a partial copy); it cannot be used")
+    else:
+        warnings.warn(f"{path} was written before checkpoints carried a checksum: its contents are not verified",
+                      stacklevel=2)
+    missing = [k for k in CHECKPOINT_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}; it is not a checkpoint train.py can use")
     return state
 
 
@@ -439,12 +715,22 @@ class _Metrics:
         if cfg.wandb:
             wandb = _require("wandb", "--wandb")
             self.wandb = wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(path, "a" if append else "w", encoding="utf-8")
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torn = append and path.is_file() and path.stat().st_size > 0 and _last_byte(path) != b"\n"
+            self.file = open(path, "a" if append else "w", encoding="utf-8")
+            if torn:  # a line cut short by a crash: end it, so the next record starts on its own line
+                self.file.write("\n")
+        except OSError as e:
+            raise OutputError(f"cannot write the metrics file {path}: {os_reason(e)}") from None
 
     def log(self, kind: str, **record) -> None:
-        self.file.write(json.dumps(dict(kind=kind, **record)) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(dict(kind=kind, **record)) + "\n")
+            self.file.flush()
+        except OSError as e:
+            raise OutputError(f"cannot write the metrics file {self.path}: {os_reason(e)}") from None
         step = record.get("step")
         scalars = {f"{kind}/{k}": v for k, v in record.items()
                    if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -457,11 +743,18 @@ class _Metrics:
             self.wandb.log(scalars, step=step)
 
     def close(self) -> None:
-        self.file.close()
+        with contextlib.suppress(OSError):  # a failed flush was reported by log() already
+            self.file.close()
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1)
 
 
 def _require(module: str, flag: str):
@@ -470,7 +763,7 @@ def _require(module: str, flag: str):
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise SystemExit(f"train.py: {flag} needs the {module} package, which is not installed "
+        raise ConfigError(f"{flag} needs the {module} package, which is not installed "
                          f"({e}); pip install {module}, or drop {flag}") from None
 
 
@@ -493,12 +786,6 @@ def _peak_memory(device: torch.device) -> dict:
 
 # ----------------------------------------------------------------------------------------------
 # training
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _autocast(device: torch.device, bf16: bool | None):
@@ -543,35 +830,44 @@ def _resolve_config(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, dic
     state = None
     if cfg.resume:
         if not ckpt_path.is_file():
-            raise SystemExit(f"train.py: --resume: no checkpoint at {ckpt_path}")
+            raise ConfigError(f"--resume: no checkpoint at {ckpt_path}")
         state = load_checkpoint(ckpt_path)
         saved = state["config"]
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"{ckpt_path} holds no config; it is not a checkpoint train.py can use")
         for name in RESUME_FIXED:
-            if name in given and getattr(cfg, name) != saved[name]:
-                raise SystemExit(f"train.py: --resume: --{name.replace('_', '-')} {getattr(cfg, name)} differs from "
-                                 f"the checkpoint's {saved[name]}; a resumed run keeps its model, data stream and seed")
+            if name in given and getattr(cfg, name) != saved.get(name):
+                raise ConfigError(f"--resume: {_flag(name)} {getattr(cfg, name)} differs from the checkpoint's "
+                                  f"{saved.get(name)}; a resumed run keeps its model, data stream and seed")
         merged = {k: (getattr(cfg, k) if k in given or k in NOT_RESUMED else saved.get(k, getattr(cfg, k)))
                   for k in (f.name for f in dataclasses.fields(TrainConfig))}
-        merged["out_dir"] = cfg.out_dir
         cfg = TrainConfig(**merged)
+        check_config(cfg)
     elif ckpt_path.exists():
-        raise SystemExit(f"train.py: {ckpt_path} exists; pass --resume to continue that run, "
-                         f"or choose another --out-dir")
+        raise ConfigError(f"{ckpt_path} exists; pass --resume to continue that run, or choose another --out-dir")
     if cfg.metrics is None:
         cfg.metrics = str(Path(cfg.out_dir) / "metrics.jsonl")
+    metrics = Path(cfg.metrics).resolve()
+    for what, other in (("the checkpoint", ckpt_path), ("--data", cfg.data)):
+        if other is not None and metrics == Path(other).resolve():
+            raise ConfigError(f"--metrics {cfg.metrics} is {what}; writing metrics there would destroy it")
     return cfg, state
 
 
 def _load_splits(cfg: TrainConfig, state: dict | None) -> tuple[Path, torch.Tensor, torch.Tensor]:
     data_path = resolve_data_path(cfg.data)
-    train_data, val_data = split_data(*read_bytes(data_path))
-    if state is not None and state["data_len"] != [len(train_data), len(val_data)]:
-        raise SystemExit(f"train.py: --resume: {data_path} splits into {len(train_data)}/{len(val_data)} bytes, "
-                         f"the checkpoint's data into {state['data_len'][0]}/{state['data_len'][1]}")
+    data, name = read_bytes(data_path)
+    if not data:
+        after = " after decompression" if name != data_path.name else ""
+        raise DataError(f"--data {data_path} is empty (0 bytes{after})")
+    train_data, val_data = split_data(data, name)
+    if state is not None and list(state["data_len"]) != [len(train_data), len(val_data)]:
+        raise DataError(f"--resume: --data {data_path} splits into {len(train_data)}/{len(val_data)} bytes, "
+                        f"the checkpoint's data into {state['data_len'][0]}/{state['data_len'][1]}")
     for split, n in (("validation", len(val_data)), ("training", len(train_data))):
         if n < max(cfg.seq_len, cfg.prime_len) + 2:
-            raise SystemExit(f"train.py: the {split} split of {data_path} has {n} bytes; "
-                             f"--seq-len {cfg.seq_len} and --prime-len {cfg.prime_len} need more")
+            raise DataError(f"--data {data_path}: its {split} split has {n} bytes; --seq-len {cfg.seq_len} and "
+                            f"--prime-len {cfg.prime_len} need at least {max(cfg.seq_len, cfg.prime_len) + 2}")
     return data_path, train_data, val_data
 
 
@@ -583,12 +879,16 @@ class _Run:
 
     def __init__(self, cfg: TrainConfig, state: dict | None):
         self.cfg = cfg
+        self.device = check_device(cfg.device)
         self.data_path, self.train_data, self.val_data = _load_splits(cfg, state)
-        self.device = _device(cfg.device)
+        self.threads = set_threads(cfg, self.device)
         self.scan_backend = resolved_scan_backend(cfg, self.device)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-        self.model = build_model(cfg.model_kwargs()).to(self.device)
+        try:
+            self.model = build_model(cfg.model_kwargs()).to(self.device)
+        except (ValueError, TypeError) as e:  # sizes check_config let through but the model refuses
+            raise ConfigError(f"the model flags do not fit together: {e}") from None
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.sampler = Sampler(self.train_data, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
         self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
@@ -596,14 +896,20 @@ class _Run:
 
         self.step, self.tokens_seen, self.train_time = 0, 0, 0.0
         self.window = self._empty_window()  # the steps since the last train record
+        self.last_ckpt_step = None  # the step the checkpoint file holds, None while there is none
         if state is not None:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            try:
+                self.model.load_state_dict(state["model"])
+                self.optimizer.load_state_dict(state["optimizer"])
+                _set_rng_state(state["rng"], self.sampler)
+            except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+                raise CheckpointError(f"{self.ckpt_path}: its weights or optimiser state do not fit this model "
+                                      f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
             for group in self.optimizer.param_groups:  # --lr given on resume wins over the saved one
                 group["lr"] = cfg.lr
-            _set_rng_state(state["rng"], self.sampler)
             self.step, self.tokens_seen, self.train_time = state["step"], state["tokens_seen"], state["train_time_s"]
             self.window.update(state["log_window"])
+            self.last_ckpt_step = self.step
         self.first_step = self.step
         self.steady = dict(tokens=0, time=0.0)  # this invocation, after WARMUP_STEPS
         self.started = time.perf_counter()
@@ -669,12 +975,32 @@ class _Run:
         return dict(step=self.step, prime=prime, text=text)
 
     def checkpoint(self) -> None:
-        save_checkpoint(dict(
-            format=CHECKPOINT_FORMAT, step=self.step, config=dataclasses.asdict(self.cfg),
-            model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), rng=_rng_state(self.sampler),
-            tokens_seen=self.tokens_seen, train_time_s=self.train_time, log_window=dict(self.window),
-            data_len=[len(self.train_data), len(self.val_data)],
-        ), self.ckpt_path)
+        """Write the checkpoint; a failed write raises CheckpointError saying what the file still holds.
+
+        Weights that are no longer finite are never written over a good checkpoint (DivergedError).
+        """
+        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            held = ("no checkpoint written" if self.last_ckpt_step is None
+                    else f"{self.ckpt_path} holds step {self.last_ckpt_step}")
+            raise DivergedError(f"the weights are no longer finite at step {self.step}; stopped without saving "
+                                f"them ({held}). Try a lower --lr or --clip")
+        try:
+            save_checkpoint(dict(
+                format=CHECKPOINT_FORMAT, step=self.step, config=dataclasses.asdict(self.cfg),
+                model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), rng=_rng_state(self.sampler),
+                tokens_seen=self.tokens_seen, train_time_s=self.train_time, log_window=dict(self.window),
+                data_len=[len(self.train_data), len(self.val_data)],
+            ), self.ckpt_path)
+        except CheckpointError as e:
+            held = ("no checkpoint was written before" if self.last_ckpt_step is None
+                    else f"{self.ckpt_path.name} still holds step {self.last_ckpt_step}, whole")
+            raise CheckpointError(f"step {self.step}: {e}; {held}") from None
+        self.last_ckpt_step = self.step
+
+    def checkpoint_bytes(self) -> int:
+        """About how large the checkpoint file is: the weights, Adam's two moments, and some slack."""
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return 3 * weights + (64 << 10)
 
     def end_record(self, reason: str) -> dict:
         steady = self.steady["tokens"] / self.steady["time"] if self.steady["time"] > 0 else None
@@ -682,22 +1008,73 @@ class _Run:
                     wall_s=self.wall(), steady_tokens_per_s=steady, **_peak_memory(self.device))
 
 
+def check_output(out_dir: Path, ckpt_path: Path, ckpt_bytes: int) -> None:
+    """Make sure the checkpoint can be written before training for it: the folder exists (or can
+    be made) and takes a file, and the disk has room for two checkpoints (the old one stays whole
+    until the new one is written beside it), counting a checkpoint already there as one of the two."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"--out-dir {out_dir}: cannot create the folder: {os_reason(e)}") from None
+    try:
+        fd, probe = tempfile.mkstemp(dir=out_dir, prefix=".write-test-")
+        try:
+            os.write(fd, b"x")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"--out-dir {out_dir}: cannot write there: {os_reason(e)}") from None
+    existing = ckpt_path.stat().st_size if ckpt_path.is_file() else 0
+    need = 2 * max(ckpt_bytes, existing) - existing
+    free = shutil.disk_usage(out_dir).free
+    if free < need:
+        raise OutputError(f"--out-dir {out_dir}: {free / 2**20:.1f} MiB free on its disk; a checkpoint takes about "
+                          f"{max(ckpt_bytes, existing) / 2**20:.1f} MiB and replacing one safely needs "
+                          f"{need / 2**20:.1f} MiB more. Free some space or choose another --out-dir")
+
+
+def _summary_line(run: "_Run", state: dict | None) -> str:
+    cfg = run.cfg
+    model = "attention" if cfg.attention else f"GateLoop (scan {run.scan_backend})"
+    device = f"{run.device}, {run.threads} thread{'s' * (run.threads != 1)}" if run.device.type == "cpu" else (
+        f"{run.device} ({torch.cuda.get_device_name(run.device)})" if run.device.type == "cuda" else str(run.device))
+    where = f"resuming at step {run.step} of {cfg.max_steps}" if state is not None else f"{cfg.max_steps} steps"
+    return (f"train.py: {model}, {run.n_params:,} parameters, on {device}; data {run.data_path} "
+            f"({len(run.train_data):,} train / {len(run.val_data):,} val bytes); {where}, "
+            f"{run.tokens_per_step:,} tokens a step; out {cfg.out_dir}")
+
+
 def train(cfg: TrainConfig, given: set[str] = frozenset()) -> dict:
     """Run training as configured; `given` names the flags typed on the command line (they
     override a resumed checkpoint's config). Returns {"step", "reason", "losses": {step: loss},
-    "val": {step: bpc}, "checkpoint"}."""
+    "val": {step: bpc}, "checkpoint"}.
+
+    Checks what it can before the first step (flags, device, data, output folder, disk space) and
+    raises a TrainError subclass, with a one-line message naming the flag or file, when anything is wrong.
+    """
     from tqdm import tqdm
 
+    cfg = apply_preset(cfg, given)
+    if not cfg.resume:  # a resumed config is checked once merged with the checkpoint's
+        check_config(cfg)
     cfg, state = _resolve_config(cfg, given)
+    if state is not None and state["step"] >= cfg.max_steps:
+        print(f"train.py: --resume: {Path(cfg.out_dir) / CHECKPOINT_NAME} is at step {state['step']}, and "
+              f"--max-steps is {cfg.max_steps}: nothing to train (pass a larger --max-steps to go on)",
+              file=sys.stderr)
+        return dict(losses={}, val={}, step=state["step"], reason="already_done",
+                    checkpoint=str(Path(cfg.out_dir) / CHECKPOINT_NAME))
     run = _Run(cfg, state)
-    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    check_output(Path(cfg.out_dir), run.ckpt_path, run.checkpoint_bytes())
     metrics = _Metrics(cfg, Path(cfg.metrics), append=state is not None)
     device = run.device
     metrics.log("start", step=run.step, resumed=state is not None, config=dataclasses.asdict(cfg),
-                params=run.n_params, scan_backend=run.scan_backend, device=str(device),
+                params=run.n_params, scan_backend=run.scan_backend, device=str(device), threads=run.threads,
                 device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                 data=str(run.data_path), train_bytes=len(run.train_data), val_bytes=len(run.val_data),
                 torch=torch.__version__, python=sys.version.split()[0])
+    print(_summary_line(run, state), file=sys.stderr, flush=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -710,7 +1087,12 @@ def train(cfg: TrainConfig, given: set[str] = frozenset()) -> dict:
         bar.write(f"step {run.step}: validation {record['bpc']:.4f} bits per character")
         return run.step
 
-    last_val = last_ckpt = None
+    def held() -> str:
+        if run.last_ckpt_step is None:
+            return "no checkpoint written"
+        return f"{run.ckpt_path} holds step {run.last_ckpt_step}"
+
+    last_val = None
     reason = "max_steps"
     run.model.train()
     try:
@@ -719,6 +1101,9 @@ def train(cfg: TrainConfig, given: set[str] = frozenset()) -> dict:
                 reason = "time_budget"
                 break
             loss, tokens_per_s = run.train_step()
+            if not math.isfinite(loss):
+                raise DivergedError(f"the training loss is {loss} at step {run.step}; stopped without saving these "
+                                    f"weights ({held()}). Try a lower --lr or --clip")
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
             step = run.step
@@ -733,21 +1118,19 @@ def train(cfg: TrainConfig, given: set[str] = frozenset()) -> dict:
                           f"{printable(record['text'])}\n")
             if cfg.ckpt_every and step % cfg.ckpt_every == 0:
                 run.checkpoint()
-                last_ckpt = step
         if last_val != run.step:
             validate()
-        if last_ckpt != run.step:
+        if run.last_ckpt_step != run.step:
             run.checkpoint()
-            last_ckpt = run.step
     except KeyboardInterrupt:
         bar.close()
-        if last_ckpt is not None:
-            where = f"{run.ckpt_path} (step {last_ckpt})"
-        else:
-            where = f"{run.ckpt_path} (step {state['step']})" if state is not None else "none written"
-        print(f"\ntrain.py: interrupted at step {run.step}; last checkpoint: {where}", file=sys.stderr)
-        metrics.log("end", **run.end_record("interrupted"))
-        metrics.close()
+        print(f"\ntrain.py: interrupted at step {run.step}; last checkpoint: "
+              f"{held() if run.last_ckpt_step is not None else 'none written'}", file=sys.stderr)
+        _log_end(metrics, run, "interrupted")
+        raise
+    except TrainError as e:
+        bar.close()
+        _log_end(metrics, run, type(e).__name__, error=str(e))
         raise
     bar.close()
     metrics.log("end", **run.end_record(reason))
@@ -755,43 +1138,25 @@ def train(cfg: TrainConfig, given: set[str] = frozenset()) -> dict:
     return dict(run.results, step=run.step, reason=reason, checkpoint=str(run.ckpt_path))
 
 
+def _log_end(metrics: _Metrics, run: _Run, reason: str, **extra) -> None:
+    """The end record of a run that stops on an error; a metrics file that cannot take it is let be."""
+    with contextlib.suppress(TrainError):
+        metrics.log("end", **run.end_record(reason), **extra)
+    metrics.close()
+
+
 # ----------------------------------------------------------------------------------------------
-# sampling from a checkpoint
-
-
-def sample_main(argv) -> str:
-    args = build_sample_parser().parse_args(argv)
-    state = load_checkpoint(args.checkpoint)
-    cfg = TrainConfig(**state["config"])
-    if args.scan_backend is not None:
-        cfg.scan_backend = args.scan_backend
-    prompt = args.prompt.encode("utf-8")
-    if not prompt:
-        raise SystemExit("train.py sample: --prompt must not be empty")
-    device = _device(args.device)
-    resolved_scan_backend(cfg, device)
-    model = build_model(cfg.model_kwargs())
-    model.load_state_dict(state["model"])
-    model.to(device).eval()
-    ids = torch.tensor(list(prompt), dtype=torch.long, device=device)[None]
-    t0 = time.perf_counter()
-    with _seeded_rng(device, args.seed), _autocast(device, args.bf16):
-        out = model.generate(ids, args.length, temperature=args.temperature, top_k=args.top_k)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - t0
-    text = printable(args.prompt + decode(out[0].tolist()))
-    print(text)
-    print(f"train.py sample: {args.length} bytes after a {len(prompt)}-byte prompt in {seconds:.2f} s "
-          f"(step {state['step']} of {args.checkpoint}, {device})", file=sys.stderr)
-    return text
+# command line entry
 
 
 def main(argv=None) -> int:
+    """train.py's command line: `python train.py [flags]`, or `python train.py sample [flags]`
+    (the same as `python sample.py [flags]`). Returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["sample"]:
-        sample_main(argv[1:])
-        return 0
+        import sample
+
+        return sample.main(argv[1:])
     if argv[:1] == ["train"]:
         argv = argv[1:]
     cfg, given = parse_train_args(argv)
@@ -799,6 +1164,16 @@ def main(argv=None) -> int:
         train(cfg, given)
     except KeyboardInterrupt:
         return 130
+    except TrainError as e:
+        print(f"train.py: {e}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:  # outside the files train.py checks: e.g. no usable temporary folder for torch
+        print(f"train.py: {e}", file=sys.stderr)
+        return 1
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        print(f"train.py: out of memory ({first}); try a smaller --batch-size, --seq-len or --dim", file=sys.stderr)
+        return 1
     return 0
 
 

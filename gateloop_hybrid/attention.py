@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from einops.layers.torch import Rearrange
 from torch import Tensor, nn
 
+from .norms import check_features, check_sizes
+
 KVCache = Tuple[Tensor, Tensor]  # (k, v), each (b, h, j, d)
 
 
@@ -89,8 +91,9 @@ class CausalFullAttention(nn.Module):
         softmax_normalize: Optional[bool] = None,
     ):
         super().__init__()
+        check_sizes("CausalFullAttention", dim=dim, dim_head=dim_head, heads=heads)
         dim_inner = dim_head * heads
-        self.heads = heads
+        self.dim, self.dim_head, self.heads = dim, dim_head, heads
         self.softmax_normalize = (
             (not data_dependent_rel_pos) if softmax_normalize is None else softmax_normalize
         )
@@ -140,6 +143,27 @@ class CausalFullAttention(nn.Module):
         a_cumprod = a.unsqueeze(-1).cumprod(dim=-2)  # over the feature pairs, as the seed
         return a_cumprod.real.clamp(min=1e-10)
 
+    def _check_cache(self, cache, x: Tensor) -> None:
+        """Refuse a cache that is not this layer's (k, v) for this batch, naming what differs."""
+        what = "cache must be the (k, v) pair returned with return_cache=True by this attention layer"
+        if isinstance(cache, Tensor):
+            raise TypeError(f"CausalFullAttention: {what}, got one tensor of shape {tuple(cache.shape)} "
+                            f"(a GateLoop state?)")
+        if not isinstance(cache, (tuple, list)) or len(cache) != 2 or not all(isinstance(t, Tensor) for t in cache):
+            raise TypeError(f"CausalFullAttention: {what}, got {type(cache).__name__}")
+        k, v = cache
+        b = x.shape[0]
+        for name, t in (("k", k), ("v", v)):
+            if t.ndim != 4 or (t.shape[0], t.shape[1], t.shape[3]) != (b, self.heads, self.dim_head):
+                raise ValueError(
+                    f"CausalFullAttention: cache {name} must have shape (batch, heads, past, dim_head) = "
+                    f"({b}, {self.heads}, past, {self.dim_head}) for this input, got {tuple(t.shape)}"
+                )
+        if k.shape != v.shape:
+            raise ValueError(f"CausalFullAttention: cache k {tuple(k.shape)} and v {tuple(v.shape)} differ")
+        if k.device != x.device:
+            raise ValueError(f"CausalFullAttention: cache is on {k.device}, x on {x.device}")
+
     def forward(
         self,
         x: Tensor,
@@ -160,6 +184,9 @@ class CausalFullAttention(nn.Module):
         Returns:
             (b, n, D), or ``(out, (k, v))`` when ``return_cache``.
         """
+        check_features(x, self.dim, "CausalFullAttention")
+        if cache is not None:
+            self._check_cache(cache, x)
         q, k, v = self.to_qkv(x)  # each (b, h, n, d)
         offset = 0 if cache is None else cache[0].shape[-2]
 
@@ -176,8 +203,9 @@ class CausalFullAttention(nn.Module):
             k = (k.unflatten(-1, (-1, 2)) * rel_inverse.to(k.dtype)).flatten(-2)
 
         if cache is not None:
-            k = torch.cat((cache[0], k), dim=-2)  # (b, h, j, d)
-            v = torch.cat((cache[1], v), dim=-2)
+            # a cache made under another autocast setting takes this call's dtype
+            k = torch.cat((cache[0].to(k.dtype), k), dim=-2)  # (b, h, j, d)
+            v = torch.cat((cache[1].to(v.dtype), v), dim=-2)
 
         i, j = q.shape[-2], k.shape[-2]
         if self.softmax_normalize and not self.data_dependent_rel_pos:

@@ -15,7 +15,7 @@ from einops.layers.torch import Rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .norms import RMSNorm
+from .norms import RMSNorm, check_features, check_sizes
 from .scan import BACKENDS, gate_loop_scan
 
 
@@ -76,8 +76,10 @@ class GateLoopedAttention(nn.Module):
         scan_backend: str = "auto",
     ):
         super().__init__()
+        check_sizes("GateLoopedAttention", dim=dim, heads=heads, dim_inner=dim_inner)
         dim_inner = dim if dim_inner is None else dim_inner
         heads = dim_inner if heads is None else heads
+        self.dim = dim
         if dim_inner % heads:
             raise ValueError(
                 f"dim_inner ({dim_inner}) must be divisible by the number of heads ({heads})"
@@ -137,6 +139,14 @@ class GateLoopedAttention(nn.Module):
         Returns:
             (b, n, D), or ``(out, state)`` when ``return_cache``.
         """
+        check_features(x, self.dim, "GateLoopedAttention")
+        if x.shape[1] == 0:
+            raise ValueError(f"GateLoopedAttention: x has no time steps, shape {tuple(x.shape)}")
+        if cache is not None and not isinstance(cache, Tensor):
+            raise TypeError(
+                f"GateLoopedAttention: cache must be the state tensor returned with return_cache=True, "
+                f"got {type(cache).__name__} (an attention layer's (k, v) cache?)"
+            )
         b = x.shape[0]
         q, k, v = self.to_qkv(x).chunk(3, dim=-1)
         q, k, v = map(self.split_heads, (q, k, v))  # each (b, n, h, d)
@@ -147,9 +157,11 @@ class GateLoopedAttention(nn.Module):
             d = q.shape[-1]
             if tuple(cache.shape) != (b, self.heads, d, d):
                 raise ValueError(
-                    f"cache must be the state from return_cache=True, shape "
+                    f"GateLoopedAttention: cache must be the state from return_cache=True, shape "
                     f"(batch, heads, d, e) = {(b, self.heads, d, d)}, got {tuple(cache.shape)}"
                 )
+            if cache.device != x.device:
+                raise ValueError(f"GateLoopedAttention: cache is on {cache.device}, x on {x.device}")
             h0 = cache  # (b, h, d, e)
 
         fn = partial(_gate_looped_heads, backend=self.scan_backend)
@@ -220,6 +232,7 @@ class SimpleGateLoopLayer(nn.Module):
         scan_backend: str = "auto",
     ):
         super().__init__()
+        check_sizes("SimpleGateLoopLayer", dim=dim)
         self.dim = dim
         self.reverse = reverse
         self.scan_backend = _resolve_simple_backend(scan_backend, use_heinsen, use_jax_associative_scan)
@@ -250,6 +263,18 @@ class SimpleGateLoopLayer(nn.Module):
                 "SimpleGateLoopLayer(reverse=True) cannot continue from or return a cache: "
                 "a reversed scan needs the whole sequence"
             )
+        check_features(x, self.dim, "SimpleGateLoopLayer")
+        if x.shape[1] == 0:
+            raise ValueError(f"SimpleGateLoopLayer: x has no time steps, shape {tuple(x.shape)}")
+        if cache is not None:
+            if not isinstance(cache, Tensor):
+                raise TypeError(f"SimpleGateLoopLayer: cache must be the state tensor returned with "
+                                f"return_cache=True, got {type(cache).__name__}")
+            if tuple(cache.shape) != (x.shape[0], self.dim):
+                raise ValueError(f"SimpleGateLoopLayer: cache must have shape (batch, dim) = "
+                                 f"{(x.shape[0], self.dim)}, got {tuple(cache.shape)}")
+            if cache.device != x.device:
+                raise ValueError(f"SimpleGateLoopLayer: cache is on {cache.device}, x on {x.device}")
         x = self.norm(x)
         q, kv, a = self.to_qkva(x)  # each (b, n, D)
         h, h_last = gate_loop_scan(

@@ -6,6 +6,8 @@ Dimension letters used in the shape comments:
 
 from __future__ import annotations
 
+import math
+from numbers import Integral, Real
 from typing import List, Optional, Sequence
 
 import torch
@@ -14,7 +16,7 @@ from torch import Tensor, nn
 
 from .attention import CausalFullAttention
 from .gate_loop import GateLoopedAttention
-from .norms import RMSNorm
+from .norms import RMSNorm, check_sizes
 
 
 class PreNorm(nn.Module):
@@ -107,6 +109,12 @@ class Transformer(nn.Module):
         scan_backend: str = "auto",
     ):
         super().__init__()
+        check_sizes("Transformer", dim=dim, num_tokens=num_tokens, depth=depth, ff_mult=ff_mult)
+        if use_gate_looped_attn:
+            check_sizes("Transformer", gate_loop_heads=gate_loop_heads, dim_gate_looped_attn=dim_gate_looped_attn)
+        else:
+            check_sizes("Transformer", heads=heads, dim_head=dim_head)
+        self.num_tokens = num_tokens
         self.ablate_complex = ablate_complex
         self.ablate_state_transition = ablate_state_transition
         self.token_emb = nn.Embedding(num_tokens, dim)
@@ -170,10 +178,19 @@ class Transformer(nn.Module):
         """
         if return_loss and (cache is not None or return_cache):
             raise ValueError("return_loss=True cannot be combined with cache or return_cache")
-        if cache is not None and len(cache) != len(self.layers):
-            raise ValueError(f"cache has {len(cache)} entries, the model has {len(self.layers)} layers")
-        if x.ndim != 2:
-            raise ValueError(f"x must be token ids of shape (batch, seq), got {tuple(x.shape)}")
+        if cache is not None:
+            if not isinstance(cache, (list, tuple)):
+                raise TypeError(f"cache must be the list returned with return_cache=True, got {type(cache).__name__}")
+            if len(cache) != len(self.layers):
+                raise ValueError(f"cache has {len(cache)} entries, the model has {len(self.layers)} layers")
+        self._check_ids(x, "x")
+        if return_loss and x.shape[0] == 0:
+            raise ValueError(f"return_loss needs at least one sequence, got x of shape {tuple(x.shape)}")
+        if return_loss and x.shape[1] < 2:
+            raise ValueError(
+                f"return_loss needs at least 2 tokens per sequence (inputs and their next-token targets), "
+                f"got x of shape {tuple(x.shape)}"
+            )
         ablate_complex = self.ablate_complex if ablate_complex is None else ablate_complex
         ablate_state_transition = (
             self.ablate_state_transition if ablate_state_transition is None else ablate_state_transition
@@ -182,6 +199,8 @@ class Transformer(nn.Module):
         if return_loss:
             x, labels = x[:, :-1], x[:, 1:]
 
+        if x.dtype not in (torch.int32, torch.int64):
+            x = x.long()  # the embedding takes int32 or int64 only; the ids were checked above
         x = self.token_emb(x)  # (b, n, D)
         new_cache: List = []
         for i, (attn, ff) in enumerate(self.layers):
@@ -204,6 +223,24 @@ class Transformer(nn.Module):
             return logits, new_cache
         return logits
 
+    def _check_ids(self, x: Tensor, name: str) -> None:
+        """Refuse anything but integer token ids (b, n), n >= 1, in [0, num_tokens).
+
+        The range is checked for CPU tensors only, outside torch.compile: on a GPU it would cost a
+        synchronisation per call (an embedding lookup out of range fails there with a device-side
+        assertion), and in a compiled graph a break.
+        """
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a tensor of token ids, got {type(x).__name__}")
+        if x.ndim != 2 or x.shape[1] < 1:
+            raise ValueError(f"{name} must be token ids of shape (batch, seq) with seq >= 1, got {tuple(x.shape)}")
+        if x.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            raise TypeError(f"{name} must hold integer token ids, got {x.dtype}")
+        if x.device.type == "cpu" and x.numel() and not torch.compiler.is_compiling():
+            lo, hi = int(x.min()), int(x.max())
+            if lo < 0 or hi >= self.num_tokens:
+                raise ValueError(f"{name} holds token ids in [{lo}, {hi}]; this model has num_tokens={self.num_tokens}")
+
     @torch.no_grad()
     def generate(
         self,
@@ -224,37 +261,56 @@ class Transformer(nn.Module):
             top_k: sample only among the k most likely tokens.
 
         Returns:
-            (b, num_tokens) the sampled tokens only (the prompt is not repeated).
+            (b, num_tokens) the sampled tokens only (the prompt is not repeated), in the
+            prompt's dtype.
         """
-        if prompt_ids.ndim != 2 or prompt_ids.shape[1] < 1:
-            raise ValueError(
-                f"prompt_ids must have shape (batch, seq) with seq >= 1, got {tuple(prompt_ids.shape)}"
-            )
-        if num_tokens < 0:
-            raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        self._check_ids(prompt_ids, "prompt_ids")
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, Integral) or num_tokens < 0:
+            raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
+        if (isinstance(temperature, bool) or not isinstance(temperature, Real)
+                or not math.isfinite(temperature) or temperature < 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, Integral) or top_k < 1):
+            raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
 
+        if torch.iinfo(prompt_ids.dtype).max < self.num_tokens - 1:
+            raise TypeError(
+                f"prompt_ids of dtype {prompt_ids.dtype} cannot hold the sampled token ids (up to "
+                f"num_tokens - 1 = {self.num_tokens - 1}); pass them as int64"
+            )
+        num_tokens, temperature = int(num_tokens), float(temperature)
+        top_k = None if top_k is None else int(top_k)
         sampled = prompt_ids.new_empty((prompt_ids.shape[0], 0))
         if num_tokens == 0:
             return sampled
         logits, cache = self(prompt_ids, return_cache=True)
         for step in range(num_tokens):
-            token = _sample(logits[:, -1].float(), temperature, top_k)  # (b,)
-            sampled = torch.cat((sampled, token[:, None]), dim=1)
+            token = _sample(logits[:, -1].float(), temperature, top_k, step)  # (b,)
+            sampled = torch.cat((sampled, token[:, None].to(sampled.dtype)), dim=1)
             if step + 1 < num_tokens:
                 logits, cache = self(token[:, None], cache=cache, return_cache=True)
         return sampled
 
 
-def _sample(logits: Tensor, temperature: float, top_k: Optional[int]) -> Tensor:
-    """One token id per row of logits (b, V)."""
+def _sample(logits: Tensor, temperature: float, top_k: Optional[int], step: int = 0) -> Tensor:
+    """One token id per row of logits (b, V).
+
+    top_k keeps exactly k candidates per row, ties broken by ``topk``'s order (a threshold
+    ``logits >= kth`` would keep every token tied with the k-th). The logits are shifted so that
+    each row's maximum is 0 before dividing by the temperature (in float64): a tiny temperature
+    then sends the others to -inf (greedy in the limit) instead of overflowing to inf - inf = nan.
+    """
+    best = logits.max(dim=-1, keepdim=True).values  # (b, 1)
+    if not bool(torch.isfinite(best).all()):
+        raise ValueError(
+            f"generate: the model's logits at new token {step} are not finite (nan or inf); "
+            f"the weights or the inputs hold non-finite values"
+        )
     if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        top = logits.topk(top_k, dim=-1)
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, top.indices, top.values)
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = (logits / temperature).softmax(dim=-1)
+    # in float64, where any temperature > 0 (a Python float) is representable: 0 / t stays 0
+    probs = ((logits.double() - best.double()) / temperature).softmax(dim=-1)
     return torch.multinomial(probs, 1).squeeze(-1)

@@ -371,3 +371,149 @@ def test_transformer_argument_errors():
         GateLoopedAttention(12, heads=5)
     with pytest.raises(ValueError, match="prompt_ids"):
         model.generate(ids[0], 3)
+
+
+# --- wrong inputs, caches and sizes: one named error each ---------------------------------------
+
+LAYERS = [
+    pytest.param(lambda: GateLoopedAttention(16, scan_backend="torch"), id="gateloop"),
+    pytest.param(lambda: CausalFullAttention(16, dim_head=4, heads=2), id="attention"),
+    pytest.param(lambda: SimpleGateLoopLayer(16, scan_backend="torch"), id="simple"),
+]
+
+
+@pytest.mark.parametrize("build", LAYERS)
+@pytest.mark.parametrize(
+    "shape, dtype, error, match",
+    [
+        ((5, 16), torch.float32, ValueError, r"x must have shape \(batch, seq, 16\), got \(5, 16\)"),
+        ((2, 2, 5, 16), torch.float32, ValueError, r"x must have shape \(batch, seq, 16\)"),
+        ((2, 5, 8), torch.float32, ValueError, r"last dim = dim = 16\), got \(2, 5, 8\)"),
+        ((2, 5, 16), torch.int64, TypeError, "floating-point"),
+    ],
+    ids=["2d", "4d", "width", "integers"],
+)
+def test_layers_name_a_wrong_input(build, shape, dtype, error, match):
+    layer = build()
+    with pytest.raises(error, match=match):
+        layer(torch.zeros(shape, dtype=dtype))
+
+
+def test_rmsnorm_names_a_wrong_width():
+    with pytest.raises(ValueError, match=r"RMSNorm: x must have shape \(\.\.\., 16\)"):
+        RMSNorm(16)(torch.zeros(3, 8))
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: Transformer(dim=0, num_tokens=VOCAB, depth=1),
+        lambda: Transformer(dim=8, num_tokens=VOCAB, depth=0),
+        lambda: Transformer(dim=8, num_tokens=0, depth=1),
+        lambda: Transformer(dim=8, num_tokens=VOCAB, depth=1, use_gate_looped_attn=False, heads=0),
+        lambda: Transformer(dim=8, num_tokens=VOCAB, depth=1, gate_loop_heads=0),
+        lambda: GateLoopedAttention(0),
+        lambda: CausalFullAttention(8, dim_head=-1),
+        lambda: SimpleGateLoopLayer(0),
+        lambda: RMSNorm(2.5),
+    ],
+    ids=["dim", "depth", "num_tokens", "heads", "gate_loop_heads", "gla-dim", "dim_head", "simple-dim", "rms-dim"],
+)
+def test_sizes_below_one_are_refused_by_name(build):
+    with pytest.raises(ValueError, match="must be an int >= 1"):
+        build()
+
+
+def test_attention_cache_misuse_is_named():
+    torch.manual_seed(0)
+    attn = small_transformer(use_gate_looped_attn=False)
+    gateloop = small_transformer(scan_backend="torch")
+    ids = torch.randint(0, VOCAB, (2, 5))
+    with torch.no_grad():
+        _, attn_cache = attn(ids, return_cache=True)
+        _, gl_cache = gateloop(ids, return_cache=True)
+        with pytest.raises(ValueError, match=r"cache k must have shape \(batch, heads, past, dim_head\) = \(3, 2"):
+            attn(torch.randint(0, VOCAB, (3, 1)), cache=attn_cache)  # another batch size
+        with pytest.raises(TypeError, match="a GateLoop state"):
+            attn(ids[:, :1], cache=gl_cache)
+        with pytest.raises(TypeError, match="an attention layer's"):
+            gateloop(ids[:, :1], cache=attn_cache)
+        with pytest.raises(ValueError, match="GateLoopedAttention: cache must be the state"):
+            gateloop(torch.randint(0, VOCAB, (3, 1)), cache=gl_cache)
+        with pytest.raises(TypeError, match="cache must be the list"):
+            gateloop(ids[:, :1], cache=gl_cache[0])
+    layer = SimpleGateLoopLayer(8, scan_backend="torch")
+    with pytest.raises(ValueError, match=r"cache must have shape \(batch, dim\) = \(1, 8\)"):
+        layer(torch.randn(1, 3, 8), cache=torch.zeros(2, 8))
+
+
+def test_token_ids_are_checked():
+    model = small_transformer(scan_backend="torch")
+    with pytest.raises(ValueError, match=r"token ids in \[0, 29\]; this model has num_tokens=29"):
+        model(torch.tensor([[0, 29]]))
+    with pytest.raises(TypeError, match="integer token ids"):
+        model(torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="seq >= 1"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+
+
+@pytest.mark.parametrize("options", [dict(scan_backend="torch"), dict(use_gate_looped_attn=False)],
+                         ids=["gateloop", "attention"])
+def test_return_loss_needs_two_tokens_and_one_sequence(options):
+    model = small_transformer(**options)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        model(torch.zeros(3, 1, dtype=torch.long), return_loss=True)
+    with pytest.raises(ValueError, match="at least one sequence"):
+        model(torch.zeros(0, 4, dtype=torch.long), return_loss=True)
+    assert torch.isfinite(model(torch.zeros(3, 2, dtype=torch.long), return_loss=True))
+
+
+def test_top_k_keeps_exactly_k_tokens_when_logits_tie():
+    from gateloop_hybrid.transformer import _sample
+
+    torch.manual_seed(0)
+    equal = torch.zeros(2048, 16)
+    assert _sample(equal, 1.0, 2).unique().numel() == 2
+    # bf16 rounds 1.0, 1.001 and 1.002 to one value: the threshold form kept all of them
+    close = torch.tensor([[3.0, 1.0, 1.001, 1.002, 0.0]]).to(torch.bfloat16).float().expand(4096, 5)
+    picked = _sample(close, 1.0, 2).unique()
+    assert picked.numel() == 2 and 0 in picked.tolist()
+    model = small_transformer(scan_backend="torch")
+    with torch.no_grad():
+        model.to_logits[-1].weight.zero_()  # every logit equal
+    out = model.generate(torch.zeros(512, 1, dtype=torch.long), 1, top_k=2)
+    assert out.unique().numel() == 2
+
+
+def test_generate_temperature_edges():
+    torch.manual_seed(0)
+    model = small_transformer(scan_backend="torch")
+    prompt = torch.randint(0, VOCAB, (4, 3))
+    greedy = model.generate(prompt, 5, temperature=0.0)
+    assert torch.equal(model.generate(prompt, 5, temperature=1e-45), greedy)
+    assert torch.equal(model.generate(prompt, 5, temperature=1e-300), greedy)
+    for bad in (float("nan"), float("inf"), -1.0, "1"):
+        with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+            model.generate(prompt, 2, temperature=bad)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="top_k must be None or an int >= 1"):
+            model.generate(prompt, 2, top_k=bad)
+    with pytest.raises(ValueError, match="num_tokens must be an int >= 0"):
+        model.generate(prompt, 2.0)
+    with torch.no_grad():
+        model.to_logits[-1].weight.fill_(float("nan"))
+    with pytest.raises(ValueError, match="logits at new token 0 are not finite"):
+        model.generate(prompt, 2)
+
+
+def test_generate_keeps_the_prompts_integer_type():
+    torch.manual_seed(0)
+    model = small_transformer(scan_backend="torch")
+    for dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        prompt = torch.randint(0, VOCAB, (2, 3), dtype=dtype)
+        out = model.generate(prompt, 4, temperature=0.0)
+        assert out.dtype == dtype
+        assert torch.equal(out.long(), model.generate(prompt.long(), 4, temperature=0.0))
+    big = Transformer(dim=8, num_tokens=300, depth=1, scan_backend="torch")
+    with pytest.raises(TypeError, match="uint8 cannot hold the sampled token ids"):
+        big.generate(torch.zeros(1, 2, dtype=torch.uint8), 1)

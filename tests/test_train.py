@@ -1,4 +1,5 @@
-"""train.py: data reading, loss falls, exact resume, crash-safe checkpoints, sampling, the CLI.
+"""train.py and sample.py: data reading, loss falls, exact resume, crash-safe and verified
+checkpoints, sampling, the CLI, and one clear error for each way a run can be set up wrong.
 
 Everything runs on the CPU with a tiny model on tests/data/devils_dictionary.txt (public domain,
 shipped in the repo); nothing is downloaded. The scan backend is "torch" (plain torch, no JIT
@@ -7,10 +8,12 @@ warm-up) to keep the suite fast; the backends themselves are tested elsewhere.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -23,6 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import sample  # noqa: E402
 import train  # noqa: E402
 
 TEXT = REPO / "tests" / "data" / "devils_dictionary.txt"
@@ -30,7 +34,7 @@ TEXT = REPO / "tests" / "data" / "devils_dictionary.txt"
 # A model small enough for a 2-core CPU: a few thousand steps/minute.
 TINY = ["--dim", "32", "--depth", "2", "--gate-loop-heads", "8", "--scan-backend", "torch",
         "--seq-len", "32", "--batch-size", "4", "--grad-accum", "1", "--lr", "3e-3",
-        "--val-batches", "2", "--prime-len", "16", "--gen-len", "8", "--device", "cpu"]
+        "--val-batches", "2", "--prime-len", "16", "--gen-len", "8", "--device", "cpu", "--threads", "1"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -77,7 +81,7 @@ def test_zip_with_several_members_is_refused(tmp_path):
     with zipfile.ZipFile(zp, "w") as z:
         z.writestr("a", b"x")
         z.writestr("b", b"y")
-    with pytest.raises(SystemExit, match="exactly one"):
+    with pytest.raises(train.DataError, match="exactly one"):
         train.read_bytes(zp)
 
 
@@ -93,9 +97,8 @@ def test_split_enwik8_and_proportional():
 
 def test_missing_data_names_enwik8_and_downloads_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # no data/enwik8.gz here
-    with pytest.raises(SystemExit) as e:
-        train.main(["--out-dir", str(tmp_path / "run")])
-    msg = str(e.value)
+    assert train.main(["--out-dir", str(tmp_path / "run"), "--device", "cpu", "--threads", "1"]) == 2
+    msg = capsys.readouterr().err
     assert "http://mattmahoney.net/dc/enwik8.zip" in msg and "--data PATH" in msg
     assert "Hutter" in msg and "never downloads" in msg
     assert not (tmp_path / "data").exists()
@@ -223,13 +226,13 @@ def test_main_thread_backward_trains_the_same_and_restores_torchs_setting(tmp_pa
 
 def test_resume_refuses_a_different_model_and_fresh_run_refuses_to_overwrite(tmp_path):
     run_train(tmp_path, "--max-steps", "1", "--val-every", "0", "--sample-every", "0")
-    with pytest.raises(SystemExit, match="--resume to continue"):
+    with pytest.raises(train.ConfigError, match="--resume to continue"):
         run_train(tmp_path, "--max-steps", "2")
-    with pytest.raises(SystemExit, match="--dim 48 differs"):
+    with pytest.raises(train.ConfigError, match="--dim 48 differs"):
         run_train(tmp_path, "--max-steps", "2", "--resume", "--dim", "48")
-    with pytest.raises(SystemExit, match="no checkpoint"):
+    with pytest.raises(train.ConfigError, match="no checkpoint"):
         run_train(tmp_path, "--resume", name="nothing-here")
-    with pytest.raises(SystemExit, match="--scan-backend nope: .*unknown backend"):
+    with pytest.raises(train.ConfigError, match="--scan-backend nope: .*unknown backend"):
         run_train(tmp_path, "--scan-backend", "nope", name="bad-backend")
 
 
@@ -251,23 +254,21 @@ DYING_DRIVER = textwrap.dedent("""
     import torch
     import train
 
-    real_save = torch.save
+    real_write = train._write_all
     calls = 0
 
-    def save_then_die_halfway(obj, f, *args, **kwargs):
+    def write_then_die_halfway(f, data):
         # The second checkpoint: write half of it, make sure it is on disk, then SIGKILL ourselves.
         global calls
         calls += 1
         if calls < 2:
-            return real_save(obj, f, *args, **kwargs)
-        buf = io.BytesIO()
-        real_save(obj, buf, *args, **kwargs)
-        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+            return real_write(f, data)
+        f.write(bytes(data[: len(data) // 2]))
         f.flush()
         os.fsync(f.fileno())
         os.kill(os.getpid(), signal.SIGKILL)
 
-    torch.save = save_then_die_halfway
+    train._write_all = write_then_die_halfway
     sys.exit(train.main(sys.argv[1:]))
 """)
 
@@ -294,17 +295,17 @@ def test_killed_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path):
 
 
 def test_ctrl_c_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path, monkeypatch, capsys):
-    real_save = torch.save
+    real_write = train._write_all
     calls = []
 
-    def save_then_interrupt(obj, f, *args, **kwargs):
+    def write_then_interrupt(f, data):
         calls.append(1)
         if len(calls) < 2:
-            return real_save(obj, f, *args, **kwargs)
+            return real_write(f, data)
         f.write(b"half a checkpoint")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(torch, "save", save_then_interrupt)
+    monkeypatch.setattr(train, "_write_all", write_then_interrupt)
     out = tmp_path / "run"
     code = train.main(["--data", str(TEXT), "--out-dir", str(out), *TINY, "--max-steps", "6",
                        "--ckpt-every", "2", "--val-every", "0", "--sample-every", "0"])
@@ -320,10 +321,10 @@ def test_ctrl_c_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path, mon
 
 def test_optional_loggers_fail_clearly_when_missing(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard -> ImportError
-    with pytest.raises(SystemExit, match="--tensorboard needs the tensorboard package"):
+    with pytest.raises(train.ConfigError, match="--tensorboard needs the tensorboard package"):
         run_train(tmp_path, "--max-steps", "1", "--tensorboard")
     monkeypatch.setitem(sys.modules, "wandb", None)
-    with pytest.raises(SystemExit, match="--wandb needs the wandb package"):
+    with pytest.raises(train.ConfigError, match="--wandb needs the wandb package"):
         run_train(tmp_path, "--max-steps", "1", "--wandb", name="run2")
 
 
@@ -334,13 +335,15 @@ def test_help_documents_every_flag(capsys):
     text = capsys.readouterr().out
     for f in train.dataclasses.fields(train.TrainConfig):
         assert "--" + f.name.replace("_", "-") in text, f.name
-    assert "enwik8.zip" in text and "train.py sample" in text
-    with pytest.raises(SystemExit):
-        train.main(["sample", "--help"])
-    text = capsys.readouterr().out
-    for flag in ("--checkpoint", "--prompt", "--length", "--temperature", "--top-k", "--seed", "--device",
-                 "--scan-backend", "--bf16"):
-        assert flag in text
+    assert "enwik8.zip" in text and "sample.py" in text and "--preset" in text
+    for entry in (lambda: train.main(["sample", "--help"]), lambda: sample.main(["--help"])):
+        with pytest.raises(SystemExit) as e:
+            entry()
+        assert e.value.code == 0
+        text = capsys.readouterr().out
+        for flag in ("--checkpoint", "--prompt", "--length", "--temperature", "--top-k", "--seed", "--device",
+                     "--scan-backend", "--bf16", "--threads"):
+            assert flag in text
 
 
 def test_sampling_from_a_checkpoint_works_from_the_command_line(tmp_path):
@@ -348,11 +351,385 @@ def test_sampling_from_a_checkpoint_works_from_the_command_line(tmp_path):
     ckpt = tmp_path / "run" / "checkpoint.pt"
     prompt = "ABASEMENT, n.  "
     args = ["--checkpoint", str(ckpt), "--prompt", prompt, "--length", "40", "--device", "cpu", "--seed", "3"]
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "sample", *args], capture_output=True,
+    proc = subprocess.run([sys.executable, str(REPO / "sample.py"), *args], capture_output=True,
                           timeout=120, env=SUBPROCESS_ENV)
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = proc.stdout.decode("utf-8")
     assert text.startswith(prompt) and len(proc.stdout) > len(prompt) + 20
     assert b"40 bytes after a 15-byte prompt" in proc.stderr
-    # the same seed gives the same text, in-process too
-    assert train.sample_main(args) + "\n" == text
+    # the same seed gives the same text, in-process too, and through train.py sample
+    assert sample.sample(sample.build_parser().parse_args(args)) + "\n" == text
+    assert train.main(["sample", *args]) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# what a run says, presets, threads
+
+
+def test_start_prints_a_one_line_summary(tmp_path, capsys):
+    run_train(tmp_path, "--max-steps", "1", "--val-every", "0", "--sample-every", "0")
+    err = capsys.readouterr().err
+    line, = [l for l in err.splitlines() if l.startswith("train.py: GateLoop")]
+    for part in ("parameters", "scan torch", "cpu, 1 thread", str(TEXT.name), "train /", "1 steps", "out "):
+        assert part in line, (part, line)
+
+
+def test_resume_checks_the_merged_config_not_the_defaults(tmp_path, capsys):
+    """--resume --dim 32 alone: the default --gate-loop-heads 512 is the checkpoint's 8, no error."""
+    run_train(tmp_path, "--max-steps", "1", "--val-every", "0", "--sample-every", "0")
+    out = tmp_path / "run"
+    base = ["--data", str(TEXT), "--out-dir", str(out), "--device", "cpu", "--threads", "1"]
+    assert train.main([*base, "--resume", "--max-steps", "2", "--dim", "32"]) == 0
+    code, err = main_err(capsys, [*base, "--resume", "--max-steps", "3", "--lr", "nan"])
+    assert code == 2 and err.splitlines()[-1] == "train.py: --lr nan: must be a finite number > 0", err
+
+
+def test_resume_of_a_finished_run_says_so_and_changes_nothing(tmp_path, capsys):
+    run_train(tmp_path, "--max-steps", "2", "--val-every", "0", "--sample-every", "0")
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    before = metrics.read_bytes(), (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    summary = run_train(tmp_path, "--resume")
+    assert summary["reason"] == "already_done" and summary["step"] == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "at step 2" in err and "--max-steps is 2" in err, err
+    assert (metrics.read_bytes(), (tmp_path / "run" / "checkpoint.pt").read_bytes()) == before
+
+
+def test_preset_demo_fills_in_flags_that_were_not_typed(tmp_path):
+    cfg, given = train.parse_train_args(["--preset", "demo", "--max-steps", "3", "--dim", "64"])
+    cfg = train.apply_preset(cfg, given)
+    demo = train.PRESETS["demo"]
+    assert cfg.max_steps == 3 and cfg.dim == 64  # typed flags win
+    assert cfg.depth == demo["depth"] and cfg.seq_len == demo["seq_len"] and cfg.device == "cpu"
+    assert Path(cfg.data) == train.DEMO_TEXT and train.DEMO_TEXT.is_file()
+    train.check_config(cfg)
+    with pytest.raises(train.ConfigError, match="--preset nope: unknown"):
+        train.apply_preset(train.parse_train_args(["--preset", "nope"])[0], set())
+
+
+def test_preset_demo_trains_and_samples(tmp_path, capsys):
+    out = tmp_path / "demo"
+    summary = train.train(*train.parse_train_args(
+        ["--preset", "demo", "--out-dir", str(out), "--max-steps", "2", "--val-every", "0", "--sample-every", "2",
+         "--gen-len", "16", "--threads", "1"]))
+    assert summary["step"] == 2
+    assert "--- step 2 sample ---" in capsys.readouterr().out
+    assert train.load_checkpoint(out / "checkpoint.pt")["config"]["preset"] == "demo"
+
+
+def test_default_threads_leave_busy_cores_alone(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.2, 0.0, 0.0))
+    assert train.default_threads() == 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.0, 0.0))
+    assert train.default_threads() == 4
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert train.default_threads() == 1
+    before = torch.get_num_threads()
+    try:
+        cfg = train.TrainConfig(threads=3)
+        assert train.set_threads(cfg, torch.device("cpu")) == 3
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        torch.set_num_threads(2)
+        assert train.set_threads(train.TrainConfig(), torch.device("cpu")) == 2  # the environment wins
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert train.set_threads(train.TrainConfig(), torch.device("cpu")) == 1  # load 9 on 4 cores
+    finally:
+        torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------------
+# one clear error for every bad set-up
+
+
+def main_err(capsys, argv) -> tuple[int, str]:
+    code = train.main(argv)
+    return code, capsys.readouterr().err.strip()
+
+
+BAD_FLAGS = [
+    ("--batch-size", "0"), ("--dim", "0"), ("--grad-accum", "0"), ("--log-every", "0"), ("--val-batches", "0"),
+    ("--seq-len", "-5"), ("--depth", "0"), ("--lr", "nan"), ("--lr", "-1"), ("--clip", "inf"),
+    ("--temperature", "nan"), ("--temperature", "-1"), ("--top-k", "0"), ("--max-steps", "-1"),
+    ("--time-budget", "nan"), ("--gate-loop-heads", "5"), ("--threads", "0"), ("--prime-len", "0"),
+    ("--seed", "-1"), ("--ckpt-every", "-2"), ("--device", "nonsense"), ("--device", "cuda:99"),
+]
+
+
+@pytest.mark.parametrize("flag,value", BAD_FLAGS, ids=[f"{f}={v}" for f, v in BAD_FLAGS])
+def test_bad_flags_stop_in_one_line_with_exit_code_2(tmp_path, capsys, flag, value):
+    out = tmp_path / "run"
+    argv = ["--data", str(TEXT), "--out-dir", str(out), *TINY, flag, value]
+    code, err = main_err(capsys, argv)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("train.py: ") and f"{flag} {value}" in err, err
+    assert not out.exists()  # nothing written
+
+
+def test_unparseable_flag_is_one_line_not_the_whole_usage(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--batch-size", "many"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--batch-size" in err and "'many'" in err
+
+
+@pytest.mark.parametrize("kind", ["empty", "empty-gzip", "short", "broken-gzip", "folder", "no-such-file"])
+def test_bad_data_stops_in_one_line(tmp_path, capsys, kind):
+    path = tmp_path / "data.bin"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "empty-gzip":
+        path.write_bytes(gzip.compress(b""))
+    elif kind == "short":
+        path.write_bytes(b"x" * 100)  # splits into 94/6 bytes: shorter than --seq-len 32
+    elif kind == "broken-gzip":
+        path.write_bytes(gzip.compress(TEXT.read_bytes())[:5000])
+    elif kind == "folder":
+        path.mkdir()
+    out = tmp_path / "run"
+    code, err = main_err(capsys, ["--data", str(path), "--out-dir", str(out), *TINY])
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"--data {path}" in err, err
+    assert not out.exists()
+
+
+def test_output_folder_that_cannot_be_written_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code, err = main_err(capsys, ["--data", str(TEXT), "--out-dir", str(blocker / "run"), *TINY, "--max-steps", "1"])
+    assert code == 1 and len(err.splitlines()) == 1 and "--out-dir" in err and "cannot create" in err, err
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+    monkeypatch.setattr(train.tempfile, "mkstemp", read_only)
+    steps = []
+    monkeypatch.setattr(train._Run, "train_step", lambda self: steps.append(1))
+    code, err = main_err(capsys, ["--data", str(TEXT), "--out-dir", str(tmp_path / "ro"), *TINY])
+    assert code == 1 and "read-only file system" in err and not steps, err
+
+
+def test_too_little_disk_for_two_checkpoints_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda p: usage._replace(free=100_000))
+    out = tmp_path / "run"
+    code, err = main_err(capsys, ["--data", str(TEXT), "--out-dir", str(out), *TINY])
+    assert code == 1 and len(err.splitlines()) == 1 and "MiB free" in err and "--out-dir" in err, err
+    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoint.pt").exists()
+
+
+def test_full_disk_while_checkpointing_says_so_and_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
+    real_write = train._write_all
+    calls = []
+
+    def fill_the_disk(f, data):
+        calls.append(1)
+        if len(calls) < 2:
+            return real_write(f, data)
+        f.write(bytes(data[:1000]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(train, "_write_all", fill_the_disk)
+    out = tmp_path / "run"
+    code, err = main_err(capsys, ["--data", str(TEXT), "--out-dir", str(out), *TINY, "--max-steps", "6",
+                                  "--ckpt-every", "2", "--val-every", "0", "--sample-every", "0"])
+    last = err.splitlines()[-1]
+    assert code == 1 and last.startswith("train.py: step 4: cannot write the checkpoint") and "disk full" in last, err
+    assert "still holds step 2, whole" in last
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.jsonl"]  # no partial file left
+    assert train.load_checkpoint(out / "checkpoint.pt")["step"] == 2
+    end = read_metrics(out / "metrics.jsonl", "end")[-1]
+    assert end["reason"] == "CheckpointError" and end["step"] == 4
+    monkeypatch.setattr(train, "_write_all", real_write)  # space again: the run resumes
+    assert run_train(tmp_path, "--max-steps", "6", "--resume")["step"] == 6
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE and SIGXFSZ")
+def test_a_real_failed_write_ends_the_process_with_one_line(tmp_path):
+    """The kernel refuses the write (a file-size limit: EFBIG); the process exits 1, saying why."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(textwrap.dedent(f"""
+        import resource, signal, sys
+        sys.path.insert(0, {str(REPO)!r})
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))  # a checkpoint is ~250 kB
+        import train
+        sys.exit(train.main(sys.argv[1:]))
+    """))
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(driver), "--data", str(TEXT), "--out-dir", str(out), *TINY,
+                           "--max-steps", "2", "--val-every", "0", "--sample-every", "0"],
+                          capture_output=True, text=True, timeout=120, env=SUBPROCESS_ENV)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "cannot write the checkpoint" in last and "file too large" in last and "no checkpoint was written" in last
+    assert "Traceback" not in proc.stderr
+    assert not (out / "checkpoint.pt").exists() and not (out / ".checkpoint.pt.partial").exists()
+
+
+def test_diverged_training_stops_without_overwriting_the_checkpoint(tmp_path, capsys, monkeypatch):
+    run_train(tmp_path, "--max-steps", "2", "--val-every", "0", "--sample-every", "0")
+    good = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    real_step = train._Run.train_step
+
+    def poisoned_step(self):
+        loss, tps = real_step(self)
+        with torch.no_grad():
+            next(self.model.parameters()).fill_(float("nan"))
+        return loss, tps
+    monkeypatch.setattr(train._Run, "train_step", poisoned_step)
+    code, err = main_err(capsys, ["--data", str(TEXT), "--out-dir", str(tmp_path / "run"), *TINY, "--resume",
+                                  "--max-steps", "5", "--ckpt-every", "1"])
+    assert code == 1 and "no longer finite at step 3" in err.splitlines()[-1] and "holds step 2" in err, err
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == good
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics and checkpoints follow the folder; damaged checkpoints are refused
+
+
+def test_metrics_follow_the_out_dir_on_resume(tmp_path):
+    run_train(tmp_path, "--max-steps", "2", "--val-every", "0", "--sample-every", "0", name="old")
+    (tmp_path / "old").rename(tmp_path / "new")
+    run_train(tmp_path, "--max-steps", "3", "--resume", name="new")
+    assert not (tmp_path / "old").exists()  # not recreated
+    assert [r["resumed"] for r in read_metrics(tmp_path / "new" / "metrics.jsonl", "start")] == [False, True]
+    elsewhere = tmp_path / "elsewhere.jsonl"
+    run_train(tmp_path, "--max-steps", "4", "--resume", "--metrics", str(elsewhere), name="new")
+    assert [r["step"] for r in read_metrics(elsewhere, "start")] == [3]
+
+
+def test_metrics_may_not_overwrite_the_data_or_the_checkpoint(tmp_path, capsys):
+    data = tmp_path / "data.txt"
+    data.write_bytes(TEXT.read_bytes())
+    code, err = main_err(capsys, ["--data", str(data), "--out-dir", str(tmp_path / "run"), *TINY,
+                                  "--metrics", str(data)])
+    assert code == 2 and "--metrics" in err and "is --data" in err and data.read_bytes() == TEXT.read_bytes()
+    run_train(tmp_path, "--max-steps", "1", "--val-every", "0", "--sample-every", "0")
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    before = ckpt.read_bytes()
+    code, err = main_err(capsys, ["--data", str(TEXT), "--out-dir", str(tmp_path / "run"), *TINY, "--resume",
+                                  "--max-steps", "2", "--metrics", str(ckpt)])
+    assert code == 2 and "is the checkpoint" in err and ckpt.read_bytes() == before
+
+
+def test_a_torn_metrics_line_does_not_swallow_the_next_record(tmp_path):
+    run_train(tmp_path, "--max-steps", "2", "--val-every", "0", "--sample-every", "0")
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"kind": "train", "st')  # the write a kill -9 cut short
+    run_train(tmp_path, "--max-steps", "3", "--resume")
+    lines = metrics.read_text().splitlines()
+    torn = lines.index('{"kind": "train", "st')
+    assert json.loads(lines[torn + 1])["kind"] == "start" and json.loads(lines[torn + 1])["resumed"]
+    assert read_metrics_lenient(metrics, "end")[-1]["step"] == 3
+
+
+def read_metrics_lenient(path: Path, kind: str) -> list[dict]:
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record["kind"] == kind:
+            out.append(record)
+    return out
+
+
+class NotATensor:
+    """Something a weights_only load refuses to build."""
+
+
+def _a_checkpoint(tmp_path) -> tuple[Path, dict]:
+    run_train(tmp_path, "--max-steps", "2", "--val-every", "0", "--sample-every", "0")
+    path = tmp_path / "run" / "checkpoint.pt"
+    return path, torch.load(path, weights_only=True)
+
+
+def _flip_inside(path: Path, tensor: torch.Tensor) -> None:
+    """Flip one bit in the middle of the bytes of `tensor` as stored in the file."""
+    raw = bytearray(path.read_bytes())
+    needle = tensor.contiguous().view(torch.uint8).numpy().tobytes()
+    at = raw.find(needle)
+    assert at >= 0 and raw.find(needle, at + 1) < 0
+    raw[at + len(needle) // 2] ^= 0x10
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("where", ["weight", "optimiser"])
+def test_a_flipped_bit_in_a_checkpoint_is_refused(tmp_path, where):
+    path, state = _a_checkpoint(tmp_path)
+    tensor = state["model"]["token_emb.weight"] if where == "weight" else state["optimizer"]["state"][0]["exp_avg"]
+    _flip_inside(path, tensor)
+    with pytest.raises(train.CheckpointError, match="do not match the checksum") as e:
+        train.load_checkpoint(path)
+    assert str(path) in str(e.value) and "weights_only" not in str(e.value)
+    with pytest.raises(train.CheckpointError):
+        run_train(tmp_path, "--max-steps", "3", "--resume")
+
+
+def test_flipped_bytes_anywhere_are_refused_or_harmless(tmp_path):
+    path, state = _a_checkpoint(tmp_path)
+    raw = path.read_bytes()
+    expected = train.content_checksum(state)
+    damaged = tmp_path / "damaged.pt"
+    for offset in range(0, len(raw), max(1, len(raw) // 60)):
+        flipped = bytearray(raw)
+        flipped[offset] ^= 0xFF
+        damaged.write_bytes(bytes(flipped))
+        try:
+            loaded = train.load_checkpoint(damaged)
+        except train.CheckpointError as e:
+            assert str(damaged) in str(e) and "weights_only" not in str(e) and "\n" not in str(e)
+            continue
+        assert train.content_checksum(loaded) == expected, offset  # a byte the contents never depended on
+
+
+def test_truncated_and_foreign_checkpoints_are_refused_in_one_line(tmp_path, capsys):
+    path, _ = _a_checkpoint(tmp_path)
+    raw = path.read_bytes()
+    cases = {"empty": b"", "half": raw[: len(raw) // 2], "tail-cut": raw[:-10], "text": b"hello"}
+    for name, content in cases.items():
+        bad = tmp_path / f"{name}.pt"
+        bad.write_bytes(content)
+        with pytest.raises(train.CheckpointError, match="damaged or is not a checkpoint") as e:
+            train.load_checkpoint(bad)
+        assert "weights_only" not in str(e.value)
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"format": train.CHECKPOINT_FORMAT, "x": NotATensor()}, pickled)  # a class: code to run
+    with pytest.raises(train.CheckpointError, match="does not read as tensors and plain values") as e:
+        train.load_checkpoint(pickled)
+    assert "weights_only" not in str(e.value)
+    # from the command line: one line, naming the file
+    capsys.readouterr()
+    assert sample.main(["--checkpoint", str(tmp_path / "half.pt"), "--prompt", "x", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "half.pt" in err
+
+
+def test_sample_with_a_missing_checkpoint_or_bad_flags_is_one_line(tmp_path, capsys):
+    cases = [
+        (["--checkpoint", str(tmp_path / "nope.pt"), "--prompt", "x"], "--checkpoint"),
+        (["--checkpoint", str(TEXT), "--prompt", ""], "--prompt"),
+        (["--checkpoint", str(TEXT), "--prompt", "x", "--temperature", "nan"], "--temperature nan"),
+        (["--checkpoint", str(TEXT), "--prompt", "x", "--top-k", "0"], "--top-k 0"),
+        (["--checkpoint", str(TEXT), "--prompt", "x", "--length", "-1"], "--length -1"),
+        (["--checkpoint", str(TEXT), "--prompt", "x", "--device", "cuda:99"], "--device cuda:99"),
+    ]
+    for argv, named in cases:
+        assert sample.main([*argv, "--device", "cpu"] if "--device" not in argv else argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("sample.py: ") and named in err, (argv, err)
+    assert sample.main(["--checkpoint", str(TEXT), "--prompt", "x", "--device", "cpu"]) == 1  # not a checkpoint
+    assert "damaged or is not a checkpoint" in capsys.readouterr().err
+
+
+def test_sample_with_a_tiny_temperature_is_greedy(tmp_path):
+    run_train(tmp_path, "--max-steps", "2", "--val-every", "0", "--sample-every", "0")
+    base = ["--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--prompt", "The ", "--length", "12",
+            "--device", "cpu", "--threads", "1"]
+    greedy = sample.sample(sample.build_parser().parse_args([*base, "--temperature", "0"]))
+    tiny = sample.sample(sample.build_parser().parse_args([*base, "--temperature", "1e-45"]))
+    assert tiny == greedy
