@@ -4,6 +4,6 @@
 """
 
 from .convert import SUPPORTED_DTYPES, to_jax, to_torch
-from .function import JaxFunction, jax2torch
+from .function import DoubleBackwardError, JaxFunction, jax2torch
 
-__all__ = ["jax2torch", "JaxFunction", "to_jax", "to_torch", "SUPPORTED_DTYPES"]
+__all__ = ["jax2torch", "JaxFunction", "DoubleBackwardError", "to_jax", "to_torch", "SUPPORTED_DTYPES"]
