@@ -435,6 +435,17 @@ class _BridgeFunction(torch.autograd.Function):
                 full[i] = g
         return (None, None, *full)
 
+    @staticmethod
+    def jvp(ctx, *tangents):
+        _no_forward_ad(ctx.spec.owner.name)
+
+
+def _no_forward_ad(name):
+    raise NotImplementedError(
+        f"{name}: forward-mode AD (torch.func.jvp, jacfwd, hessian, forward_ad dual tensors) is not "
+        "supported through the JAX bridge; use reverse mode (torch.func.jacrev(torch.func.jacrev(f)) "
+        "for a Hessian)")
+
 
 # --------------------------------------------------------------------------------------------
 # torch.compile, torch.func, tensor subclasses: the same work as custom ops
@@ -649,9 +660,54 @@ def _needs_op(tensors) -> bool:
 
 def _op_path(spec, tensors):
     with_vjp = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    flat = _op_call(tensors, spec.key, with_vjp)
-    sig = spec.signature(tensors, with_vjp)
+    if with_vjp and torch._C._are_functorch_transforms_active():
+        # torch.func's grad transforms need an autograd.Function with setup_context (the custom
+        # op's own autograd has none); its forward is still the op, batched by the op's vmap rule.
+        sig = spec.signature(tensors, True)
+        flat = _FuncBridge.apply(spec.key, *tensors)
+    else:
+        flat = _op_call(tensors, spec.key, with_vjp)
+        sig = spec.signature(tensors, with_vjp)
     return jax.tree_util.tree_unflatten(sig.out_treedef, list(flat[:len(sig.out_avals)]))
+
+
+class _FuncBridge(torch.autograd.Function):
+    """The op with autograd, for torch.func transforms (vmap'd by running the op's vmap rule)."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(spec_key, *tensors):
+        return tuple(_op_call(list(tensors), spec_key, True))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        spec_key, *tensors = inputs
+        sig = ctx.sig = _SPECS[spec_key].signature(tensors, with_vjp=True)
+        ctx.n_in = len(tensors)
+        n_out = len(sig.out_avals)
+        ctx.save_for_backward(*_saved_for_backward(sig, tensors, output[:n_out], output[n_out:]))
+        ctx.mark_non_differentiable(*output[n_out:], *(o for o in output[:n_out] if o.dtype not in _DIFFERENTIABLE))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        sig = ctx.sig
+        n_out = len(sig.out_avals)
+        saved = ctx.saved_tensors
+        device = next(t.device for t in (*grads, *saved) if t is not None)
+        cts = [g if g is not None else torch.zeros(a.shape, dtype=_torch_dtype(a.dtype), device=device)
+               for g, a in zip(grads[:n_out], sig.out_avals)]
+        if _wants_double_backward(saved, cts):
+            got = _double_backward(sig, saved, cts, ctx.n_in)
+        else:
+            got = _op_call_bwd(list(saved[:len(sig.res_sources)]), cts, sig.key)
+        full = [None] * ctx.n_in
+        for i, g in zip(sig.diff, got):
+            full[i] = g
+        return (None, *full)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        _no_forward_ad(ctx.sig.spec.owner.name)
 
 
 @torch._dynamo.nonstrict_trace   # dynamo runs this as plain Python (pytrees, caches), records the op
