@@ -52,7 +52,14 @@ def gate_loop_scan(a: Tensor, x: Tensor, h0: Tensor | None = None, *, reverse: b
         Dtype: torch.promote_types of a, x (and h0). float16/bfloat16 accumulate in float32 and
         come back in their own dtype. Gradients flow to a, x and h0 (torch's complex convention).
     """
-    out_dtype = _check_inputs(a, x, h0)
+    _check_inputs(a, x, h0)
+    if torch.compiler.is_compiling():
+        return _scan_untraced(reverse, backend, *((a, x) if h0 is None else (a, x, h0)))
+    return _scan(reverse, backend, a, x, h0)
+
+
+def _scan(reverse, backend, a, x, h0=None):
+    out_dtype = _out_dtype(a, x, h0)
     name = resolve_backend(backend, x.device, out_dtype)
     compute = _compute_dtype(out_dtype)
     if name in _TORCH_BACKENDS:
@@ -65,6 +72,13 @@ def gate_loop_scan(a: Tensor, x: Tensor, h0: Tensor | None = None, *, reverse: b
     if h.dtype != out_dtype:
         h, h_last = h.to(out_dtype), h_last.to(out_dtype)
     return h, h_last
+
+
+# Under torch.compile, the backend choice and the bridged call run as plain Python (traced by
+# AOTAutograd, not by Dynamo): a first call imports JAX, queries its devices and builds the
+# bridged function (caches, weak references), none of which Dynamo can trace. So a first call
+# compiles cold with fullgraph=True, inside torch.utils.checkpoint too.
+_scan_untraced = torch._dynamo.nonstrict_trace(_scan)
 
 
 def _pallas(a, x, h0, reverse):
@@ -118,6 +132,10 @@ def _check_inputs(a, x, h0) -> torch.dtype:
         raise ValueError("gate_loop_scan: a, x and h0 must be on one device, got "
                          + ", ".join(f"{n} on {t.device}" for n, t in (("a", a), ("x", x), ("h0", h0))
                                      if t is not None))
+    return _out_dtype(a, x, h0)
+
+
+def _out_dtype(a, x, h0) -> torch.dtype:
     dtype = torch.promote_types(a.dtype, x.dtype)
     return dtype if h0 is None else torch.promote_types(dtype, h0.dtype)
 
