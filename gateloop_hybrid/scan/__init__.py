@@ -51,6 +51,12 @@ def gate_loop_scan(a: Tensor, x: Tensor, h0: Tensor | None = None, *, reverse: b
         h: (B, N, *F), every state; h_last: (B, *F), the state after the final step.
         Dtype: torch.promote_types of a, x (and h0). float16/bfloat16 accumulate in float32 and
         come back in their own dtype. Gradients flow to a, x and h0 (torch's complex convention).
+        h_last is its own tensor, never a view of h.
+
+    Non-finite inputs give non-finite outputs in every backend ("heinsen" gives NaN where the
+    others give +-inf). Gradients of gradients (create_graph=True) work in every backend but
+    "pallas", which raises ``bridge.DoubleBackwardError``. ``torch.vmap`` and ``torch.func``'s
+    reverse-mode transforms work in every backend; forward mode (jvp, jacfwd) only in the torch ones.
     """
     _check_inputs(a, x, h0)
     if torch.compiler.is_compiling():
@@ -105,6 +111,9 @@ def _check_inputs(a, x, h0) -> torch.dtype:
             continue
         if not isinstance(t, Tensor):
             raise TypeError(f"gate_loop_scan: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.is_nested or t.layout is not torch.strided:
+            raise TypeError(f"gate_loop_scan: {name} must be a dense (strided) tensor, got "
+                            f"{'a nested tensor' if t.is_nested else f'layout {t.layout}'}")
         if t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"gate_loop_scan: {name} has dtype {t.dtype}; expected a floating or "
                             "complex dtype (float16, bfloat16, float32, float64, complex64, complex128)")
@@ -259,4 +268,6 @@ def _bridged(name: str, **static):
         from .jax_scan import gate_loop_scan as fn
     else:
         from .pallas_scan import gate_loop_scan_pallas_ri as fn
-    return jax2torch(functools.partial(fn, **static), name=f"gate_loop_scan_{name}")
+    # The Pallas backward kernels have no derivative rules: a gradient of a gradient raises.
+    return jax2torch(functools.partial(fn, **static), name=f"gate_loop_scan_{name}",
+                     double_backward=name != "pallas")

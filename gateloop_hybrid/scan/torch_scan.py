@@ -28,6 +28,12 @@ def _fold_h0(a: Tensor, x: Tensor, h0: Tensor | None) -> Tensor:
     return torch.cat([first, x[:, 1:]], dim=1)
 
 
+def _last(h: Tensor, reverse: bool) -> Tensor:
+    """The final state as its own tensor, never a view of h: an in-place edit of one must not
+    change the other (as with the loop and the bridged backends)."""
+    return (h[:, 0] if reverse else h[:, -1]).clone()
+
+
 def scan_loop(a: Tensor, x: Tensor, h0: Tensor | None = None, reverse: bool = False):
     """Sequential reference: one multiply-add per step, in the dtype it is given."""
     steps = range(x.shape[1] - 1, -1, -1) if reverse else range(x.shape[1])
@@ -81,8 +87,7 @@ def scan_odd_even(a: Tensor, x: Tensor, h0: Tensor | None = None, reverse: bool 
     _, h = _odd_even(a, x)
     if reverse:
         h = h.flip(1)
-        return h, h[:, 0]
-    return h, h[:, -1]
+    return h, _last(h, reverse)
 
 
 def scan_heinsen(a: Tensor, x: Tensor, h0: Tensor | None = None, reverse: bool = False):
@@ -91,6 +96,8 @@ def scan_heinsen(a: Tensor, x: Tensor, h0: Tensor | None = None, reverse: bool =
     Accepts any nonzero gates, real (negative ones too, through log(-r) = log r + i*pi) or
     complex, and any x. Exact zeros in ``a`` give log 0 = -inf and a NaN result; zeros in ``x``
     are fine for values but give NaN gradients at those entries (d log|x| / dx is infinite).
+    Non-finite inputs give NaN from the first affected step on, where the loop gives +-inf
+    (an inf gate or input: exp of log inf - log inf); either way the result is not finite.
     Precision: the two prefix sums cancel against each other, so the relative error grows with
     |sum_t log|a_t||: about 1e-5 at N=256 and 1e-3 at N=16K with sigmoid gates in float32
     (against about 1e-7 for the sequential loop). Use float64 or another backend for long sequences.
@@ -107,5 +114,4 @@ def scan_heinsen(a: Tensor, x: Tensor, h0: Tensor | None = None, reverse: bool =
         h = h.real
     if reverse:
         h = h.flip(1)
-        return h, h[:, 0]
-    return h, h[:, -1]
+    return h, _last(h, reverse)
