@@ -92,25 +92,24 @@ class _Signature:
         self.bwd = None                 # jitted backward for this signature
         self.key = None                 # string key for the custom ops
         self.spec = None
-        self._grad_fn = None            # the backward as a bridged function (double backward)
-        self._vmapped: dict = {}        # in_dims -> bridged jax.vmap of the backward
+        self._backward_fns: dict = {}   # the backward as a bridged function (double backward)
 
     @property
     def has_extras(self) -> bool:
         return any(kind == "res" for kind, _ in self.res_sources)
 
-    def grad_fn(self) -> "JaxFunction":
-        """The backward as a differentiable bridged function: with intermediate residuals,
-        (inputs, cotangents) -> gradients through a recomputed vjp; otherwise (residuals,
-        cotangents) -> gradients."""
-        if self._grad_fn is None:
-            name = f"{self.spec.owner.name} (backward)"
-            if self.has_extras:
-                fn = functools.partial(_vjp_torch_convention, self.spec, self)
-            else:
-                fn = functools.partial(_bwd_torch_convention, self)
-            self._grad_fn = JaxFunction(fn, name, double_backward=self.spec.owner.double_backward)
-        return self._grad_fn
+    def backward_fn(self, recompute: bool = False) -> "JaxFunction":
+        """The backward as a bridged (so differentiable and vmappable) function:
+        (residuals, cotangents) -> gradients, or with ``recompute``
+        (inputs, cotangents) -> gradients through a fresh vjp."""
+        fn = self._backward_fns.get(recompute)
+        if fn is None:
+            owner = self.spec.owner
+            body = (functools.partial(_vjp_torch_convention, self.spec, self) if recompute
+                    else functools.partial(_bwd_torch_convention, self))
+            fn = self._backward_fns[recompute] = JaxFunction(
+                body, f"{owner.name} (backward)", double_backward=owner.double_backward)
+        return fn
 
 
 class _Spec:
@@ -377,7 +376,7 @@ def _double_backward(sig: _Signature, saved, cts, n_in: int):
     n_res = len(sig.res_sources)
     args = (list(saved[n_res:]) if sig.has_extras else list(saved[:n_res])), list(cts)
     try:
-        return sig.grad_fn()(*args)
+        return sig.backward_fn(recompute=sig.has_extras)(*args)
     except DoubleBackwardError:
         raise
     except Exception as e:
@@ -517,26 +516,6 @@ def _batched_dims(in_dims, tensors):
     return tuple(None if d is None else d % t.dim() for d, t in zip(in_dims, tensors))
 
 
-@_op_call.register_vmap
-def _(info, in_dims, tensors, spec_key, with_vjp):
-    dims = _batched_dims(in_dims[0], tensors)
-    out = _SPECS[spec_key].vmapped(with_vjp, dims, tensors)(*tensors)
-    return list(out), [0] * len(out)
-
-
-@_op_call_bwd.register_vmap
-def _(info, in_dims, res, cts, sig_key):
-    sig = _SIGNATURES[sig_key]
-    dims = (_batched_dims(in_dims[0], res), _batched_dims(in_dims[1], cts))
-    fn = sig._vmapped.get(dims)
-    if fn is None:
-        flat = functools.partial(_bwd_torch_convention, sig)
-        fn = sig._vmapped[dims] = JaxFunction(_VmapFlat(flat, dims), f"vmap({sig.spec.owner.name} backward)",
-                                              double_backward=sig.spec.owner.double_backward)
-    out = fn(list(res), list(cts))
-    return list(out), [0] * len(out)
-
-
 @functools.lru_cache(maxsize=None)
 def _torch_dtype(dtype) -> torch.dtype:
     return getattr(torch, jnp.dtype(dtype).name)
@@ -660,33 +639,42 @@ def _needs_op(tensors) -> bool:
 
 def _op_path(spec, tensors):
     with_vjp = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    if with_vjp and torch._C._are_functorch_transforms_active():
-        # torch.func's grad transforms need an autograd.Function with setup_context (the custom
-        # op's own autograd has none); its forward is still the op, batched by the op's vmap rule.
-        sig = spec.signature(tensors, True)
-        flat = _FuncBridge.apply(spec.key, *tensors)
+    if torch._C._are_functorch_transforms_active():
+        # torch.func needs an autograd.Function with setup_context (the custom op's own autograd
+        # has none) and a vmap rule that may call bridged functions again.
+        flat = _FuncBridge.apply(spec.key, with_vjp, *tensors)
     else:
         flat = _op_call(tensors, spec.key, with_vjp)
-        sig = spec.signature(tensors, with_vjp)
+    sig = spec.signature(tensors, with_vjp)
     return jax.tree_util.tree_unflatten(sig.out_treedef, list(flat[:len(sig.out_avals)]))
 
 
 class _FuncBridge(torch.autograd.Function):
-    """The op with autograd, for torch.func transforms (vmap'd by running the op's vmap rule)."""
-    generate_vmap_rule = True
+    """The bridged call under torch.func transforms. Its vmap rule is the bridged jax.vmap of the
+    function; its backward, the bridged backward (itself differentiable and vmappable)."""
 
     @staticmethod
-    def forward(spec_key, *tensors):
-        return tuple(_op_call(list(tensors), spec_key, True))
+    def forward(spec_key, with_vjp, *tensors):
+        return tuple(_op_call(list(tensors), spec_key, with_vjp))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        spec_key, *tensors = inputs
+        spec_key, with_vjp, *tensors = inputs
+        ctx.sig, ctx.name = None, _SPECS[spec_key].owner.name
+        if not with_vjp:
+            ctx.mark_non_differentiable(*output)
+            return
         sig = ctx.sig = _SPECS[spec_key].signature(tensors, with_vjp=True)
         ctx.n_in = len(tensors)
         n_out = len(sig.out_avals)
         ctx.save_for_backward(*_saved_for_backward(sig, tensors, output[:n_out], output[n_out:]))
         ctx.mark_non_differentiable(*output[n_out:], *(o for o in output[:n_out] if o.dtype not in _DIFFERENTIABLE))
+
+    @staticmethod
+    def vmap(info, in_dims, spec_key, with_vjp, *tensors):
+        dims = _batched_dims(in_dims[2:], tensors)
+        out = _SPECS[spec_key].vmapped(with_vjp, dims, tensors)(*tensors)
+        return tuple(out), (0,) * len(out)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -699,15 +687,15 @@ class _FuncBridge(torch.autograd.Function):
         if _wants_double_backward(saved, cts):
             got = _double_backward(sig, saved, cts, ctx.n_in)
         else:
-            got = _op_call_bwd(list(saved[:len(sig.res_sources)]), cts, sig.key)
+            got = sig.backward_fn()(list(saved[:len(sig.res_sources)]), cts)
         full = [None] * ctx.n_in
         for i, g in zip(sig.diff, got):
             full[i] = g
-        return (None, *full)
+        return (None, None, *full)
 
     @staticmethod
     def jvp(ctx, *tangents):
-        _no_forward_ad(ctx.sig.spec.owner.name)
+        _no_forward_ad(ctx.name)
 
 
 @torch._dynamo.nonstrict_trace   # dynamo runs this as plain Python (pytrees, caches), records the op
