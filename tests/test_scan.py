@@ -303,11 +303,11 @@ def test_double_backward_matches_loop(backend, complex_, reverse):
 
 
 def test_gradgradcheck_jax_backend():
-    a, x, h0 = make_inputs(5, complex_=True, broadcast=True, with_h0=True)
+    a, x, h0 = make_inputs(5, complex_=True, broadcast=True, with_h0=True, batch=1, feat=(2, 1))
     f = lambda a, x, h0: gate_loop_scan(a, x, h0, backend="jax")
     assert torch.autograd.gradgradcheck(f, [t.clone().requires_grad_() for t in (a, x, h0)])
     # a real h0 under complex gates is cast inside JAX: the residuals are then intermediate values
-    a, x, h0 = make_inputs(4, complex_=True, broadcast=True, with_h0=True)
+    a, x, h0 = make_inputs(4, complex_=True, broadcast=True, with_h0=True, batch=1, feat=(2, 1))
     h0 = h0.real.contiguous()
     assert torch.autograd.gradgradcheck(f, [t.clone().requires_grad_() for t in (a, x, h0)])
 
