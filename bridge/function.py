@@ -48,6 +48,7 @@ import weakref
 
 import numpy as np
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from .convert import SUPPORTED_DTYPES, WIDE_DTYPES, check_device, check_dtype, check_layout, exchange, prepare
 import jax
@@ -612,6 +613,9 @@ class JaxFunction:
         if torch.compiler.is_compiling():
             return _compiled_call(self.key, *args, **kwargs)
         spec, tensors = self._spec(args, kwargs)
+        if _forward_ad._current_level >= 0 and any(_forward_ad.unpack_dual(t).tangent is not None
+                                                   for t in tensors):
+            _no_forward_ad(self.name)      # else the tangents would be dropped without a word
         if _needs_op(tensors):
             return _op_path(spec, tensors)
         with_vjp = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)

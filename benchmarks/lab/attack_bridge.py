@@ -119,7 +119,7 @@ def close(got, want, tol, what):
         raise SilentWrong(f"{what}: finite pattern differs")
     if fin_w.any():
         err = ((got - want)[fin_w].abs().norm() / want[fin_w].abs().norm().clamp_min(1.0)).item()
-        if not err < tol:
+        if not err <= tol:
             raise SilentWrong(f"{what}: rel err {err:.2e} > {tol:.0e}")
 
 
@@ -506,6 +506,8 @@ def attack_transforms():
             attempt("transforms", f"{tag} func.grad", fgrad)
             attempt("transforms", f"{tag} vmap(grad)", vgrad)
             attempt("transforms", f"{tag} grad(vmap)", gvmap)
+            if cplx:
+                continue        # torch.func's jacobians take real inputs only
             attempt("transforms", f"{tag} jacrev", jacrev)
             attempt("transforms", f"{tag} jacrev(jacrev)", hess_rev)
             if backend == "jax":
@@ -597,7 +599,7 @@ def attack_bridge():
     f_int = jax2torch(lambda p: 3, name="returns_int")
     attempt("bridge", "non-array output", lambda: f_int(torch.ones(2)), expect_error=("returns_int", "output leaf 0"))
     f_st = jax2torch(lambda p, s: p * len(s), name="statics")
-    attempt("bridge", "unhashable static", lambda: f_st(torch.ones(2), [1, 2]), expect_error=("statics", "not hashable"))
+    attempt("bridge", "unhashable static", lambda: f_st(torch.ones(2), {1, 2}), expect_error=("statics", "not hashable"))
 
     def identity_statics():
         class Tag:
