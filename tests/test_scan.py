@@ -414,3 +414,23 @@ def test_cold_compile_of_the_default_transformer_with_checkpointed_scan():
     torch.testing.assert_close(got, want)
     for g, p in zip(compiled_grads, model.parameters()):
         torch.testing.assert_close(g, p.grad)
+
+
+def test_heinsen_derivatives_where_a_cotangent_or_x_is_zero():
+    """The log-space forward has the recurrence's own backward: no NaN from log 0 in first or
+    second order, and forward mode (jacfwd) works."""
+    a, x, h0 = make_inputs(6, complex_=True, broadcast=False, with_h0=True, batch=1, feat=(3,))
+    x = x.clone()
+    x[0, 2, 1] = 0
+    results = {}
+    for backend in ("heinsen", "loop"):
+        leaf = a.clone().requires_grad_()
+        h, _ = gate_loop_scan(leaf, x, h0, backend=backend)
+        cot = torch.zeros_like(h)
+        cot[0, 3, 1] = 1.0                                    # zero almost everywhere
+        (ga,) = torch.autograd.grad((h * cot).real.sum(), leaf, create_graph=True)
+        (gg,) = torch.autograd.grad(ga.abs().pow(2).sum(), leaf)
+        jf = torch.func.jacfwd(lambda x: gate_loop_scan(a.real, x, h0.real, backend=backend)[1])(x.real)
+        results[backend] = (ga, gg, jf)
+    for got, want in zip(results["heinsen"], results["loop"]):
+        assert torch.isfinite(got).all() and rel_err(got, want) < 1e-9

@@ -278,7 +278,7 @@ def attack_values():
         a, x, _ = rand_inputs((2, 6, 3), dtype=dtype)
         t = {"a": a, "x": x}
         t[which] = t[which].clone()
-        t[which][0, 2, 1] = value
+        t[which][0, 2, 1] = torch.tensor(value, dtype=torch.float64).to(dtype)   # 1e300 -> inf in float32
 
         def run(backend=backend, t=t, label=label, dtype=dtype):
             h, h_last = gate_loop_scan(t["a"], t["x"], backend=backend)

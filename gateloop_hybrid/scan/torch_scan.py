@@ -122,7 +122,7 @@ def _log_space_values(a: Tensor, x: Tensor) -> Tensor:
     log_a_star = torch.cumsum(torch.log(a.to(cdtype)), dim=1)          # log A_t
     log_h = log_a_star + torch.logcumsumexp(torch.log(x.to(cdtype)) - log_a_star, dim=1)
     h = torch.exp(log_h)
-    return h if out_is_complex else h.real
+    return h if out_is_complex else h.real.contiguous()    # a view would confuse forward AD
 
 
 def _sum_to(t: Tensor, shape) -> Tensor:
@@ -156,9 +156,20 @@ class _LogSpaceScan(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         a, x = inputs
         ctx.save_for_backward(a, output)
+        ctx.save_for_forward(a, output)
         ctx.complex_in = (a.is_complex(), x.is_complex())
 
     @staticmethod
     def backward(ctx, g):
         a, h = ctx.saved_tensors
         return _recurrence_vjp(a, h, g, *ctx.complex_in)
+
+    @staticmethod
+    def jvp(ctx, da, dx):
+        """Forward mode: dh_t = a_t dh_{t-1} + da_t h_{t-1} + dx_t, the same recurrence."""
+        a, h = ctx.saved_tensors
+        u = torch.zeros_like(h) if dx is None else dx.to(h.dtype)
+        if da is not None:
+            u = u + da * torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)
+        _, dh = _odd_even(a.to(u.dtype) if u.is_complex() else a, u)
+        return dh
