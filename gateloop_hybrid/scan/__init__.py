@@ -80,11 +80,17 @@ def _scan(reverse, backend, a, x, h0=None):
     return h, h_last
 
 
-# Under torch.compile, the backend choice and the bridged call run as plain Python (traced by
-# AOTAutograd, not by Dynamo): a first call imports JAX, queries its devices and builds the
-# bridged function (caches, weak references), none of which Dynamo can trace. So a first call
-# compiles cold with fullgraph=True, inside torch.utils.checkpoint too.
-_scan_untraced = torch._dynamo.nonstrict_trace(_scan)
+def _untraced_by_dynamo(fn):
+    """Under torch.compile, the backend choice and the bridged call run as plain Python (traced by
+    AOTAutograd, not by Dynamo): a first call imports JAX, queries its devices and builds the
+    bridged function (caches, weak references), none of which Dynamo can trace. So a first call
+    compiles cold with fullgraph=True, inside torch.utils.checkpoint too. Without JAX, only the
+    torch backends exist and Dynamo traces them (and importing torch._dynamo, about a second,
+    is left to torch.compile; with JAX the bridge imports it anyway)."""
+    if not jax_available():
+        return fn
+    import torch._dynamo
+    return torch._dynamo.nonstrict_trace(fn)
 
 
 def _pallas(a, x, h0, reverse):
@@ -227,6 +233,8 @@ _warned: set = set()
 
 
 def _warn_once(key: str, message: str):
+    if torch.compiler.is_compiling():
+        return      # Dynamo cannot trace warnings.warn; the eager path says it
     if key not in _warned:
         _warned.add(key)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
@@ -271,3 +279,6 @@ def _bridged(name: str, **static):
     # The Pallas backward kernels have no derivative rules: a gradient of a gradient raises.
     return jax2torch(functools.partial(fn, **static), name=f"gate_loop_scan_{name}",
                      double_backward=name != "pallas")
+
+
+_scan_untraced = _untraced_by_dynamo(_scan)

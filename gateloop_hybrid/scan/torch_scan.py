@@ -99,6 +99,9 @@ def scan_heinsen(a: Tensor, x: Tensor, h0: Tensor | None = None, reverse: bool =
     complex, and any x. Exact zeros in ``a`` give log 0 = -inf and a NaN result.
     Non-finite inputs give NaN from the first affected step on, where the loop gives +-inf
     (an inf gate or input: exp of log inf - log inf); either way the result is not finite.
+    Inputs that fall below the state so far by a factor near the edge of the floating range
+    (about 1e-300 in float64, 1e-38 in float32: subnormal exp in torch's complex logcumsumexp)
+    can give NaN from that step on, though the loop's result is finite.
     Precision: the two prefix sums cancel against each other, so the relative error grows with
     |sum_t log|a_t||: about 1e-5 at N=256 and 1e-3 at N=16K with sigmoid gates in float32
     (against about 1e-7 for the sequential loop). Use float64 or another backend for long sequences.
@@ -109,7 +112,8 @@ def scan_heinsen(a: Tensor, x: Tensor, h0: Tensor | None = None, reverse: bool =
     if reverse:
         a, x = a.flip(1), x.flip(1)
     x = _fold_h0(a, x, h0)
-    h = _LogSpaceScan.apply(a, x)
+    # Dynamo cannot trace a Function with a jvp rule: compiled graphs take the one without.
+    h = (_LogSpaceScan if torch.compiler.is_compiling() else _LogSpaceScanForwardAD).apply(a, x)
     if reverse:
         h = h.flip(1)
     return h, _last(h, reverse)
@@ -156,13 +160,21 @@ class _LogSpaceScan(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         a, x = inputs
         ctx.save_for_backward(a, output)
-        ctx.save_for_forward(a, output)
         ctx.complex_in = (a.is_complex(), x.is_complex())
 
     @staticmethod
     def backward(ctx, g):
         a, h = ctx.saved_tensors
         return _recurrence_vjp(a, h, g, *ctx.complex_in)
+
+
+class _LogSpaceScanForwardAD(_LogSpaceScan):
+    """The same, with a forward-mode rule (torch.func.jvp, jacfwd, dual tensors)."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _LogSpaceScan.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(inputs[0], output)
 
     @staticmethod
     def jvp(ctx, da, dx):
