@@ -252,7 +252,7 @@ def _lax_associative_scan(a, x):
 class JaxNative(Impl):
     """A JAX scan, jitted, called on JAX arrays (no torch, no bridge).
 
-    autodiff=False: gateloop_hybrid.scan.jax_scan.gate_loop_scan, with its hand-written reverse-scan
+    autodiff=False: gateloop_hybrid.scan.jax_scan.scan_jax, with its hand-written reverse-scan
     backward (what the "jax" backend runs). autodiff=True: plain jax.lax.associative_scan
     differentiated by JAX itself, for comparison.
     """
@@ -266,12 +266,12 @@ class JaxNative(Impl):
         if pallas:
             # The Pallas kernels the "pallas" backend runs, on JAX arrays: the gap to
             # gate_loop_scan[pallas] is the bridge's cost (and the view_as_real pairing).
-            self.name = "pallas native (pallas_scan.gate_loop_scan_pallas, jit)"
+            self.name = "pallas native (pallas_scan.scan_pallas, jit)"
             self._scan = None
             mod, err = _import("gateloop_hybrid.scan.pallas_scan")
             self._err = err
             if mod is not None:
-                self._scan = mod.gate_loop_scan_pallas
+                self._scan = mod.scan_pallas
             return
         if autodiff:
             self.name = "jax.lax.associative_scan, JAX autodiff (jit)"
@@ -285,9 +285,9 @@ class JaxNative(Impl):
         if err:
             self._err = err
             return
-        fn = getattr(jax_scan, "gate_loop_scan", None) or getattr(jax_scan, "scan", None)
+        fn = getattr(jax_scan, "scan_jax", None)
         if fn is None:
-            self._err = "gateloop_hybrid.scan.jax_scan has no gate_loop_scan (or scan)"
+            self._err = "gateloop_hybrid.scan.jax_scan has no scan_jax"
             return
         self.name = f"jax native (jax_scan.{fn.__name__}, jit)"
         self._scan = fn

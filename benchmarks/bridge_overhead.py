@@ -27,7 +27,7 @@ import bridge  # noqa: E402  (sets JAX's GPU memory policy first)
 import jax  # noqa: E402
 
 
-from gateloop_hybrid.scan.jax_scan import gate_loop_scan as jax_scan  # noqa: E402
+from gateloop_hybrid.scan.jax_scan import scan_jax as jax_scan  # noqa: E402
 
 
 def sync(device, *arrays):

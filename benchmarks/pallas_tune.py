@@ -243,7 +243,7 @@ def check_small(log):
             gl = rand_inputs(rng, B, 1, F, F, cplx)[1][:, 0]
             if use_pairs:
                 def run(a, x, h0, g, gl):
-                    fn = lambda a, x, h0: ps.gate_loop_scan_pallas_ri(
+                    fn = lambda a, x, h0: ps.scan_pallas_ri(
                         a, x, h0, complex_a=cplx, complex_x=cplx, complex_h0=cplx, reverse=reverse,
                         interpret=INTERPRET, config=cfg)
                     out, vjp = jax.vjp(fn, a, x, h0)
@@ -252,7 +252,7 @@ def check_small(log):
                 h, hl, da, dx, dh0 = (unpairs(v, cplx) for v in (h, hl, da, dx, dh0))
             else:
                 def run(a, x, h0, g, gl):
-                    fn = lambda a, x, h0: ps.gate_loop_scan_pallas(a, x, h0, reverse, INTERPRET, cfg)
+                    fn = lambda a, x, h0: ps.scan_pallas(a, x, h0, reverse, INTERPRET, cfg)
                     out, vjp = jax.vjp(fn, a, x, h0)
                     return out, vjp((g.astype(out[0].dtype), gl.astype(out[0].dtype)))
                 (h, hl), (da, dx, dh0) = jax.jit(run)(a, x, h0, g, gl)
@@ -362,11 +362,11 @@ def fwd_fn(prob, cfg, api="pairs"):
 
     def one(a, x):
         if api == "pairs":
-            return ps.gate_loop_scan_pallas_ri(a, x, None, complex_a=c, complex_x=c, interpret=INTERPRET,
+            return ps.scan_pallas_ri(a, x, None, complex_a=c, complex_x=c, interpret=INTERPRET,
                                                config=cfg)
         if api == "arrays":   # complex JAX arrays: pays the conversion passes
-            return ps.gate_loop_scan_pallas(a, x, None, False, INTERPRET, cfg)
-        return js.gate_loop_scan(a, x, None, False)
+            return ps.scan_pallas(a, x, None, False, INTERPRET, cfg)
+        return js.scan_jax(a, x, None, False)
 
     return jax.jit(lambda inputs: [one(a, x) for a, x, _, _ in inputs])
 
@@ -374,12 +374,12 @@ def fwd_fn(prob, cfg, api="pairs"):
 def fwdbwd_fn(prob, cfg, api="pairs"):
     c = prob.cplx
     if api == "pairs":
-        fn = lambda a, x: ps.gate_loop_scan_pallas_ri(a, x, None, complex_a=c, complex_x=c, interpret=INTERPRET,
+        fn = lambda a, x: ps.scan_pallas_ri(a, x, None, complex_a=c, complex_x=c, interpret=INTERPRET,
                                                config=cfg)
     elif api == "arrays":
-        fn = lambda a, x: ps.gate_loop_scan_pallas(a, x, None, False, INTERPRET, cfg)
+        fn = lambda a, x: ps.scan_pallas(a, x, None, False, INTERPRET, cfg)
     else:
-        fn = lambda a, x: js.gate_loop_scan(a, x, None, False)
+        fn = lambda a, x: js.scan_jax(a, x, None, False)
 
     def one(a, x, g, gl):
         out, vjp = jax.vjp(fn, a, x)

@@ -1,4 +1,4 @@
-"""Pallas scan kernels (interpret mode on CPU) against a float64 sequential reference in JAX.
+"""Pallas scan kernels (interpret mode on CPU) against the float64 reference (scan/reference.py).
 
 Every case drives both outputs (h, h_last) with random cotangents and compares h, h_last and the
 gradients of a, x and h0 by name. Cases cover real and complex (and real x with complex a),
@@ -18,22 +18,22 @@ import pytest
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 
+import torch  # noqa: E402
+
 from gateloop_hybrid.scan import pallas_scan as ps  # noqa: E402
+from gateloop_hybrid.scan.reference import scan_reference, scan_reference_vjp  # noqa: E402
 
 
-def reference(a, x, h0, reverse):
-    """Sequential scan in float64/complex128 (caller enables x64); returns (h, h_last)."""
-    dt = jnp.result_type(a, x, *(() if h0 is None else (h0,)))
-    a = jnp.broadcast_to(a, x.shape).astype(dt)
-    h = jnp.zeros(x.shape[:1] + x.shape[2:], dt) if h0 is None else h0.astype(dt)
-
-    def step(h, ax):
-        h = ax[0] * h + ax[1]
-        return h, h
-
-    h_last, hs = jax.lax.scan(step, h, (jnp.moveaxis(a, 1, 0), jnp.moveaxis(x.astype(dt), 1, 0)),
-                              reverse=reverse)
-    return jnp.moveaxis(hs, 0, 1), h_last
+def reference(a, x, h0, gh, gl, reverse, torch_convention):
+    """(h, h_last, [da, dx, dh0]) from the float64 reference, for cotangents (gh, gl) in torch's
+    complex convention or in JAX's (conj of torch's gradient of the conjugated cotangents)."""
+    wide = lambda v: None if v is None else torch.from_numpy(
+        np.asarray(v, np.complex128 if np.iscomplexobj(v) else np.float64))
+    conj = (lambda v: v) if torch_convention else np.conj
+    a, x, h0 = wide(a), wide(x), wide(h0)
+    h, hl = scan_reference(a, x, h0, reverse)
+    grads = scan_reference_vjp(a, x, h0, h, wide(conj(gh)), wide(conj(gl)), reverse)
+    return h.numpy(), hl.numpy(), [None if g is None else conj(g.numpy()) for g in grads]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +111,7 @@ def test_values_and_gradients(case):
 
     if case.pairs:
         def run(a, x, h0, gh, gl):
-            fn = lambda a, x, h0: ps.gate_loop_scan_pallas_ri(
+            fn = lambda a, x, h0: ps.scan_pallas_ri(
                 a, x, h0, complex_a=ka == "c64", complex_x=kx == "c64", complex_h0=k0 == "c64",
                 reverse=case.reverse, interpret=True, config=cfg)
             out, vjp = jax.vjp(fn, a, x, h0)
@@ -125,22 +125,12 @@ def test_values_and_gradients(case):
         grads = [None if g is None else to_c(g, k) for g, k in zip(grads, (ka, kx, k0))]
     else:
         def run(a, x, h0, gh, gl):
-            fn = lambda a, x, h0: ps.gate_loop_scan_pallas(a, x, h0, case.reverse, True, cfg)
+            fn = lambda a, x, h0: ps.scan_pallas(a, x, h0, case.reverse, True, cfg)
             out, vjp = jax.vjp(fn, a, x, h0)
             return out, vjp((gh.astype(out[0].dtype), gl.astype(out[0].dtype)))
         (h, hl), grads = jax.jit(run)(a, x, h0, gh, gl)
 
-    with jax.enable_x64(True):
-        up = lambda v: None if v is None else jnp.asarray(
-            np.asarray(v, np.complex128 if np.iscomplexobj(v) else np.float64))
-        fn = lambda a, x, h0: reference(a, x, h0, case.reverse)
-        (h_ref, hl_ref), vjp = jax.vjp(fn, up(a), up(x), up(h0))
-        if case.pairs:   # torch's convention: conj(JAX's vjp of the conjugated cotangent)
-            want = [None if g is None else np.conj(np.asarray(g))
-                    for g in vjp((up(np.conj(gh)), up(np.conj(gl))))]
-        else:
-            want = [None if g is None else np.asarray(g) for g in vjp((up(gh), up(gl)))]
-        h_ref, hl_ref = np.asarray(h_ref), np.asarray(hl_ref)
+    h_ref, hl_ref, want = reference(a, x, h0, gh, gl, case.reverse, torch_convention=case.pairs)
 
     assert np.all(np.isfinite(np.asarray(h, np.complex128)))
     errors = {"h": _rel_err(h, h_ref), "h_last": _rel_err(hl, hl_ref)}

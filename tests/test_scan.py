@@ -1,4 +1,4 @@
-"""Gradient parity of every gate_loop_scan backend against the sequential float64 reference."""
+"""Gradient parity of every gate_loop_scan backend against the float64 reference (scan/reference.py)."""
 
 import functools
 import math
@@ -9,8 +9,9 @@ import torch
 
 import gateloop_hybrid.scan as scan_mod
 from gateloop_hybrid.scan import gate_loop_scan
+from gateloop_hybrid.scan.reference import scan_reference
 
-FAST_BACKENDS = ["torch", "heinsen", "jax"]
+CPU_BACKENDS = ["loop", "torch", "heinsen", "jax"]
 LENGTHS = [1, 2, 3, 5, 63, 64, 1000]
 
 
@@ -44,9 +45,13 @@ def make_inputs(n, *, complex_, broadcast, with_h0, dtype=torch.float64, batch=2
 
 
 def run(backend, a, x, h0, reverse, cot_h, cot_last):
-    """Outputs and the gradients of <cot_h, h> + <cot_last, h_last> w.r.t. a, x, h0."""
+    """Outputs and the gradients of <cot_h, h> + <cot_last, h_last> w.r.t. a, x, h0; backend
+    "reference" is the float64 reference with its hand-written gradients."""
     leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (a, x, h0)]
-    h, h_last = gate_loop_scan(*leaves, reverse=reverse, backend=backend)
+    if backend == "reference":
+        h, h_last = scan_reference(*leaves, reverse=reverse)
+    else:
+        h, h_last = gate_loop_scan(*leaves, reverse=reverse, backend=backend)
     loss = (h * cot_h.conj()).real.sum() + (h_last * cot_last.conj()).real.sum()
     wanted = [t for t in leaves if t is not None]
     grads = torch.autograd.grad(loss, wanted, materialize_grads=True)
@@ -68,10 +73,10 @@ def reference(n, reverse, complex_, broadcast, with_h0):
     g = torch.Generator().manual_seed(1234 + n)
     cot_h = torch.randn(x.shape, generator=g, dtype=x.dtype)
     cot_last = torch.randn(x[:, 0].shape, generator=g, dtype=x.dtype)
-    return (a, x, h0, cot_h, cot_last), run("loop", a, x, h0, reverse, cot_h, cot_last)
+    return (a, x, h0, cot_h, cot_last), run("reference", a, x, h0, reverse, cot_h, cot_last)
 
 
-@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "n{}-{}-{}-{}-{}".format(
     c[0], "rev" if c[1] else "fwd", "cplx" if c[2] else "real", "bcast" if c[3] else "full",
     "h0" if c[4] else "noh0"))
@@ -89,7 +94,7 @@ def test_float64_parity_with_loop(backend, case):
         assert rel_err(grads[name], g_ref[name]) < tol, name
 
 
-@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("complex_", [False, True])
 @pytest.mark.parametrize("n,near_one,tol", [(257, False, 2e-6), (4096, True, 1e-4)])
 def test_float32_against_float64_loop(backend, complex_, n, near_one, tol):
@@ -103,7 +108,7 @@ def test_float32_against_float64_loop(backend, complex_, n, near_one, tol):
     cot_last = torch.randn(x[:, 0].shape, dtype=x.dtype)
     # The reference sees the same (rounded) float32 inputs, computed in float64.
     up = lambda t: t.to(torch.complex128 if t.is_complex() else torch.float64)
-    h_ref, last_ref, g_ref = run("loop", up(a), up(x), up(h0), False, up(cot_h), up(cot_last))
+    h_ref, last_ref, g_ref = run("reference", up(a), up(x), up(h0), False, up(cot_h), up(cot_last))
     h, h_last, grads = run(backend, a, x, h0, False, cot_h, cot_last)
     assert h.dtype == x.dtype
     assert rel_err(h, h_ref) < tol
@@ -124,7 +129,7 @@ def test_bfloat16_accumulates_in_float32(backend):
 def test_real_x_with_complex_gates_gives_complex_state():
     a, _, _ = make_inputs(9, complex_=True, broadcast=True, with_h0=False)
     x = torch.randn(2, 9, 3, 4, dtype=torch.float64, requires_grad=True)
-    for backend in FAST_BACKENDS:
+    for backend in CPU_BACKENDS:
         h, _ = gate_loop_scan(a, x, backend=backend)
         h_ref, _ = gate_loop_scan(a, x, backend="loop")
         assert h.dtype == torch.complex128
@@ -209,8 +214,8 @@ def test_pallas_backend_adapter_in_interpret_mode(monkeypatch, request, case):
     import functools
     import gateloop_hybrid.scan.pallas_scan as pallas_scan
     # The real adapter and _bridged (static flags bound, tensors only), kernels interpreted.
-    monkeypatch.setattr(pallas_scan, "gate_loop_scan_pallas_ri",
-                        functools.partial(pallas_scan.gate_loop_scan_pallas_ri, interpret=True))
+    monkeypatch.setattr(pallas_scan, "scan_pallas_ri",
+                        functools.partial(pallas_scan.scan_pallas_ri, interpret=True))
     monkeypatch.setattr(scan_mod, "resolve_backend", lambda backend, device, dtype: backend)
     scan_mod._bridged.cache_clear()
     request.addfinalizer(scan_mod._bridged.cache_clear)     # no interpreted kernels left behind
@@ -234,7 +239,7 @@ def test_pallas_self_test_reports_a_failure(monkeypatch):
 
     def broken(a, x, *args, **kwargs):
         raise RuntimeError("no kernel for you")
-    monkeypatch.setattr(pallas_scan, "gate_loop_scan_pallas", broken)
+    monkeypatch.setattr(pallas_scan, "scan_pallas", broken)
     assert "no kernel for you" in scan_mod.pallas_self_test(jax.devices("cpu")[0], interpret=True)
 
 
@@ -292,7 +297,7 @@ def _gradient_penalty(backend, a, x, reverse=False):
     return x.grad, a.grad
 
 
-@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS[1:])
 @pytest.mark.parametrize("complex_,reverse", [(False, False), (True, True)])
 def test_double_backward_matches_loop(backend, complex_, reverse):
     a, x, _ = make_inputs(7, complex_=complex_, broadcast=complex_, with_h0=False)
@@ -315,8 +320,8 @@ def test_gradgradcheck_jax_backend():
 def test_pallas_double_backward_raises_in_interpret_mode(monkeypatch, request):
     import gateloop_hybrid.scan.pallas_scan as pallas_scan
     from bridge import DoubleBackwardError
-    monkeypatch.setattr(pallas_scan, "gate_loop_scan_pallas_ri",
-                        functools.partial(pallas_scan.gate_loop_scan_pallas_ri, interpret=True))
+    monkeypatch.setattr(pallas_scan, "scan_pallas_ri",
+                        functools.partial(pallas_scan.scan_pallas_ri, interpret=True))
     monkeypatch.setattr(scan_mod, "resolve_backend", lambda backend, device, dtype: backend)
     scan_mod._bridged.cache_clear()
     request.addfinalizer(scan_mod._bridged.cache_clear)
@@ -328,7 +333,7 @@ def test_pallas_double_backward_raises_in_interpret_mode(monkeypatch, request):
         torch.autograd.grad(h.pow(2).sum(), a, create_graph=True)
 
 
-@pytest.mark.parametrize("backend", ["loop", *FAST_BACKENDS])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("reverse", [False, True])
 def test_h_last_is_never_a_view_of_h(backend, reverse):
     a, x, h0 = make_inputs(4, complex_=False, broadcast=False, with_h0=True)
@@ -343,7 +348,7 @@ def test_non_finite_gates_give_non_finite_states_in_every_backend():
     """An inf gate: +-inf from the loop, NaN from "heinsen" (documented); never a finite number."""
     a, x, _ = make_inputs(5, complex_=False, broadcast=False, with_h0=False)
     a[0, 2, 1, 1] = float("inf")
-    for backend in ["loop", *FAST_BACKENDS]:
+    for backend in CPU_BACKENDS:
         h, _ = gate_loop_scan(a, x, backend=backend)
         assert torch.isfinite(h[0, :2]).all() and not torch.isfinite(h[0, 2:, 1, 1]).any(), backend
         if backend == "heinsen":
@@ -360,7 +365,7 @@ def test_sparse_and_nested_inputs_refused_by_name():
         gate_loop_scan(a, torch.nested.nested_tensor([x[0], x[1]]), backend="jax")
 
 
-@pytest.mark.parametrize("backend", ["loop", *FAST_BACKENDS])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_vmap_and_func_grad_over_every_backend(backend):
     a, x, _ = make_inputs(6, complex_=False, broadcast=False, with_h0=False, batch=4, feat=(3,))
     hs = torch.vmap(lambda a, x: gate_loop_scan(a[None], x[None], backend=backend)[0][0])(a, x)

@@ -371,8 +371,8 @@ def attack_gradients():
         attempt("gradients", f"jax gradgradcheck cplx={cplx} real h0={h0_real}", ggc)
     # pallas (interpret mode): first order right, second order refused by name
     import gateloop_hybrid.scan.pallas_scan as pallas_scan
-    orig_ri, orig_resolve = pallas_scan.gate_loop_scan_pallas_ri, scan_mod.resolve_backend
-    pallas_scan.gate_loop_scan_pallas_ri = functools.partial(orig_ri, interpret=True)
+    orig_ri, orig_resolve = pallas_scan.scan_pallas_ri, scan_mod.resolve_backend
+    pallas_scan.scan_pallas_ri = functools.partial(orig_ri, interpret=True)
     scan_mod.resolve_backend = lambda backend, device, dtype: backend
     scan_mod._bridged.cache_clear()
     try:
@@ -384,7 +384,7 @@ def attack_gradients():
                     lambda: grads("pallas", a, x, hz, False, True),
                     expect_error=("gate_loop_scan_pallas", "gradient of its gradient"))
     finally:
-        pallas_scan.gate_loop_scan_pallas_ri, scan_mod.resolve_backend = orig_ri, orig_resolve
+        pallas_scan.scan_pallas_ri, scan_mod.resolve_backend = orig_ri, orig_resolve
         scan_mod._bridged.cache_clear()
     # torch's own rules still apply: backward twice without retain_graph, grad of a non-leaf
     for backend in BACKENDS[1:]:

@@ -6,7 +6,7 @@ Backends (the only place "auto" is resolved is ``resolve_backend``):
     "jax"      jax.lax.associative_scan under jit through the bridge, with a reverse-scan backward
     "torch"    odd/even associative scan in plain torch
     "heinsen"  log-space scan in plain torch (see torch_scan.scan_heinsen for its precision limits)
-    "loop"     sequential reference in plain torch; what the tests compare against
+    "loop"     a sequential loop in plain torch (slow; exact up to one rounding per step)
 
 "auto" picks "pallas" for CUDA tensors (32 bits and narrower) when its kernels pass a self-test
 on the GPU, else "jax" when JAX is installed and has a backend for the tensors' device, else
@@ -213,14 +213,14 @@ def pallas_self_test(device, interpret: bool = False) -> str | None:
         import bridge  # noqa: F401  (sets JAX's GPU memory policy in case this starts JAX)
         import jax
         import jax.numpy as jnp
-        from .jax_scan import gate_loop_scan as reference
-        from .pallas_scan import gate_loop_scan_pallas
+        from .jax_scan import scan_jax
+        from .pallas_scan import scan_pallas
         n = 2 * 37 * 3
         a = jax.device_put((0.5 + 0.4 * jnp.sin(jnp.arange(n, dtype=jnp.float32)) ** 2).reshape(2, 37, 3), device)
         x = jax.device_put(jnp.cos(jnp.arange(n, dtype=jnp.float32)).reshape(2, 37, 3), device)
         loss = lambda fn: lambda a, x: jnp.sum(fn(a, x)[0] * x)
-        got = jax.value_and_grad(loss(lambda a, x: gate_loop_scan_pallas(a, x, interpret=interpret)), (0, 1))(a, x)
-        want = jax.value_and_grad(loss(reference), (0, 1))(a, x)
+        got = jax.value_and_grad(loss(lambda a, x: scan_pallas(a, x, interpret=interpret)), (0, 1))(a, x)
+        want = jax.value_and_grad(loss(scan_jax), (0, 1))(a, x)
         for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
             if not bool(jnp.allclose(g, w, rtol=1e-4, atol=1e-4)):
                 return "results differ from the associative scan"
@@ -273,9 +273,9 @@ def _bridged(name: str, **static):
     (built on first use). Called with tensors only, the bridge takes its shortest path."""
     from bridge import jax2torch
     if name == "jax":
-        from .jax_scan import gate_loop_scan as fn
+        from .jax_scan import scan_jax as fn
     else:
-        from .pallas_scan import gate_loop_scan_pallas_ri as fn
+        from .pallas_scan import scan_pallas_ri as fn
     # The Pallas backward kernels have no derivative rules: a gradient of a gradient raises.
     return jax2torch(functools.partial(fn, **static), name=f"gate_loop_scan_{name}",
                      double_backward=name != "pallas")

@@ -1,6 +1,6 @@
 """The recurrence h_t = a_t * h_{t-1} + x_t in pure JAX (imports no torch).
 
-``gate_loop_scan(a, x, h0, reverse)`` runs ``jax.lax.associative_scan`` forward and has a
+``scan_jax(a, x, h0, reverse)`` runs ``jax.lax.associative_scan`` forward and has a
 hand-written backward (``jax.custom_vjp``): the cotangent is itself a linear recurrence run the
 other way, G_t = g_t + a_{t+1} G_{t+1}, so backward is one more associative scan plus elementwise
 work, and its residuals are just (a, h, h0) -- never the log2(N) levels a generic vjp would keep.
@@ -96,7 +96,7 @@ def _scan_bwd(reverse, res, cts):
 _scan.defvjp(_scan_fwd, _scan_bwd)
 
 
-def gate_loop_scan(a, x, h0=None, reverse=False):
+def scan_jax(a, x, h0=None, reverse=False):
     """h_t = a_t * h_{t-1} + x_t along axis 1; returns (h, h_last) in the promoted input dtype.
 
     Accumulates in at least float32. Differentiable; the backward is a reverse scan (above) whose

@@ -5,10 +5,10 @@ Pure JAX (imports no torch). Two public entry points, both differentiable throug
 (G_t = g_t + a_{t+1} G_{t+1}; dx = G, da = G * h_{t-1}, dh0 = a_first G_first), with the
 residuals (a, h, h0) only -- the forward is never recomputed:
 
-    gate_loop_scan_pallas(a, x, h0=None, reverse=False, interpret=False) -> (h, h_last)
+    scan_pallas(a, x, h0=None, reverse=False, interpret=False) -> (h, h_last)
         JAX arrays, real or complex; JAX's complex convention (the vjp multiplies the
         cotangent by the derivative, unconjugated).
-    gate_loop_scan_pallas_ri(a, x, h0, *, complex_a, complex_x, complex_h0, ...) -> (h, h_last)
+    scan_pallas_ri(a, x, h0, *, complex_a, complex_x, complex_h0, ...) -> (h, h_last)
         Complex values given as float pairs in a trailing axis of size 2 (what
         torch.view_as_real produces, free of copies); gradients in torch's convention
         (conjugated), so a bridge needs no conversion pass at all.
@@ -73,7 +73,7 @@ try:  # the Triton lowering is only needed (and only importable on some builds) 
 except ImportError:  # pragma: no cover - CPU-only builds without the Triton dialect
     _triton_lowering = None
 
-__all__ = ["KernelConfig", "scan_fwd", "scan_bwd", "gate_loop_scan_pallas", "gate_loop_scan_pallas_ri"]
+__all__ = ["KernelConfig", "scan_fwd", "scan_bwd", "scan_pallas", "scan_pallas_ri"]
 
 _F32 = jnp.float32
 _SENTINEL = np.int32(0x7FBADBAD)   # "not yet published": a NaN payload no arithmetic produces
@@ -929,7 +929,7 @@ def _scan_c_bwd(reverse, interpret, config, res, cts):
 _scan_c.defvjp(_scan_c_fwd, _scan_c_bwd)
 
 
-def gate_loop_scan_pallas(a, x, h0=None, reverse: bool = False, interpret: bool = False,
+def scan_pallas(a, x, h0=None, reverse: bool = False, interpret: bool = False,
                           config: KernelConfig | None = None):
     """Differentiable ``scan_fwd``: (h, h_last); gradients to a, x, h0 in JAX's convention.
 
@@ -963,10 +963,10 @@ def _scan_ri_bwd(ca, cx, c0, reverse, interpret, config, res, cts):
 _scan_ri.defvjp(_scan_ri_fwd, _scan_ri_bwd)
 
 
-def gate_loop_scan_pallas_ri(a, x, h0=None, *, complex_a: bool = False, complex_x: bool = False,
+def scan_pallas_ri(a, x, h0=None, *, complex_a: bool = False, complex_x: bool = False,
                              complex_h0: bool = False, reverse: bool = False,
                              interpret: bool = False, config: KernelConfig | None = None):
-    """``gate_loop_scan_pallas`` on real arrays in which complex values are float pairs.
+    """``scan_pallas`` on real arrays in which complex values are float pairs.
 
     A tensor flagged complex carries a trailing axis of size 2 (re, im), e.g. torch.view_as_real
     of a complex64 tensor, so no conversion pass is needed. h and h_last carry that axis when any

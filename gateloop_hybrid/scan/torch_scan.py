@@ -2,8 +2,9 @@
 
 Three formulations, all autograd-differentiable by torch itself:
 
-- ``scan_loop``: the sequential reference. One step per time index; exact up to the rounding of
-  one multiply-add per step. Slow (a Python loop), used by the tests as ground truth.
+- ``scan_loop``: one step per time index, differentiated by torch's autograd; exact up to the
+  rounding of one multiply-add per step. Slow (a Python loop). The float64 reference that every
+  backend is tested against is ``reference.scan_reference``, with hand-written gradients.
 - ``scan_odd_even``: the work-efficient associative scan (Blelloch-style odd/even recursion, as in
   the seed and in ``jax.lax.associative_scan``), about 2 log2(N) levels of elementwise kernels.
 - ``scan_heinsen``: the log-space formulation of Heinsen (2023): h_t = A_t * sum_s x_s / A_s with
@@ -35,7 +36,7 @@ def _last(h: Tensor, reverse: bool) -> Tensor:
 
 
 def scan_loop(a: Tensor, x: Tensor, h0: Tensor | None = None, reverse: bool = False):
-    """Sequential reference: one multiply-add per step, in the dtype it is given."""
+    """Sequential loop: one multiply-add per step, in the dtype it is given."""
     steps = range(x.shape[1] - 1, -1, -1) if reverse else range(x.shape[1])
     h = torch.zeros_like(x[:, 0]) if h0 is None else h0
     # unbind once: indexing a[:, t] per step would make backward write a full-size zero
