@@ -463,6 +463,30 @@ def attack_compile():
             close(f(a, x), loop_ref(a, x)[0], 1e-10, f"n={n}")
     attempt("compile", "dynamic shapes", dynamic)
 
+    def compiled_transform(kind):
+        torch._dynamo.reset()
+        A, X, _ = rand_inputs((3, 2, 5, 4))
+        fn = {"vmap": lambda A, X: torch.vmap(lambda a, x: gate_loop_scan(a, x, backend="jax")[0])(A, X),
+              "grad": lambda A, X: torch.func.grad(lambda a: gate_loop_scan(a, X[0], backend="jax")[0].pow(2).sum())(A[0])}[kind]
+        ref = {"vmap": lambda A, X: torch.vmap(lambda a, x: gate_loop_scan(a, x, backend="loop")[0])(A, X),
+               "grad": lambda A, X: torch.func.grad(lambda a: gate_loop_scan(a, X[0], backend="loop")[0].pow(2).sum())(A[0])}[kind]
+        close(torch.compile(fn, fullgraph=True, backend="aot_eager")(A, X), ref(A, X), 1e-10, kind)
+    def inductor():
+        for memo in (scan_mod._bridged, scan_mod.jax_has_device):
+            memo.cache_clear()
+        torch._dynamo.reset()
+        a, x, _ = rand_inputs((2, 5, 3), dtype=torch.float32)
+        a.requires_grad_()
+        got = torch.compile(lambda a, x: gate_loop_scan(a, x)[0].sin().sum(), fullgraph=True)(a, x)
+        (g,) = torch.autograd.grad(got, a)
+        leaf = a.detach().requires_grad_()
+        (r,) = torch.autograd.grad(gate_loop_scan(leaf, x, backend="loop")[0].sin().sum(), leaf)
+        close(g, r, 1e-5, "inductor grad")
+    if not ARGS.quick:
+        attempt("compile", "inductor cold fullgraph (auto backend)", inductor)
+    attempt("compile", "compiled torch.vmap over the jax backend", lambda: compiled_transform("vmap"))
+    attempt("compile", "compiled torch.func.grad over the jax backend", lambda: compiled_transform("grad"))
+
     def bridge_cold():
         torch._dynamo.reset()
         f = jax2torch(lambda p, q: (jnp.sin(p) * q, jnp.cos(q)))
