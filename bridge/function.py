@@ -269,9 +269,12 @@ class _Spec:
                 outs, extras = self.vjp_fwd(*arrays)
             else:
                 outs, extras = self.plain(*arrays), []
-        converted = _unshare(exchange.to_torch([*outs, *extras]), prepared)
+        converted, copied = _unshare(exchange.to_torch([*outs, *extras]), prepared)
         result = converted[:len(outs)], converted[len(outs):]
-        return (*result, (arrays, outs, extras)) if keep_arrays else result
+        if not keep_arrays:
+            return result
+        # a copied output no longer shares memory with its array: backward reads the saved tensors
+        return (*result, None if copied else (arrays, outs, extras))
 
     def run_bwd(self, sig: _Signature, res, cts, wide: bool, res_arrays=None):
         """Input gradients as torch tensors. ``res_arrays``: the residuals' JAX arrays when the
@@ -285,7 +288,7 @@ class _Spec:
             ct_arrays = exchange.to_jax(prepared, one_computation=True)
         with jax.enable_x64(wide):
             grads = sig.bwd(res_arrays, ct_arrays)
-        return _unshare(exchange.to_torch(grads), prepared)
+        return _unshare(exchange.to_torch(grads), prepared)[0]
 
     # ---- torch.vmap: the function under jax.vmap, as another bridged function ----
 
@@ -333,18 +336,18 @@ def _vjp_torch_convention(spec: _Spec, sig: _Signature, inputs, cts):
 
 def _unshare(tensors, inputs):
     """Copies of any output that shares memory with an input or an earlier output (JAX returns
-    an input array unchanged when a function forwards it)."""
+    an input array unchanged when a function forwards it), and whether any was copied."""
     seen = {t.data_ptr() for t in inputs if t.numel()}
-    out = []
+    out, copied = [], False
     for t in tensors:
         if t.numel():
             ptr = t.data_ptr()
             if ptr in seen:
-                t = t.clone()
+                t, copied = t.clone(), True
                 ptr = t.data_ptr()
             seen.add(ptr)
         out.append(t)
-    return out
+    return out, copied
 
 
 def _differentiable_dtype(dtype) -> bool:
@@ -407,16 +410,15 @@ def _saved_for_backward(sig, tensors, outs, extras):
 class _BridgeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec: _Spec, sig: _Signature, *tensors):
-        outs, extras, (in_arr, out_arr, extra_arr) = spec.run(tensors, with_vjp=True, known=True,
-                                                              keep_arrays=True)
+        outs, extras, arrays = spec.run(tensors, with_vjp=True, known=True, keep_arrays=True)
         ctx.spec, ctx.sig, ctx.n_in = spec, sig, len(tensors)
         ctx.wide = _needs_x64(tensors)
         # The residuals are saved as torch tensors (torch's version counter guards them); their
         # JAX arrays (views of the same memory, no closures) are kept so backward need not
         # import them again.
         ctx.save_for_backward(*_saved_for_backward(sig, tensors, outs, extras))
-        ctx.res_arrays = [{"in": in_arr, "out": out_arr, "res": extra_arr}[kind][i]
-                          for kind, i in sig.res_sources]
+        ctx.res_arrays = None if arrays is None else \
+            [dict(zip(("in", "out", "res"), arrays))[kind][i] for kind, i in sig.res_sources]
         ctx.mark_non_differentiable(*(o for o in outs if o.dtype not in _DIFFERENTIABLE))
         return tuple(outs)
 
