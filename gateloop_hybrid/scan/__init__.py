@@ -56,7 +56,8 @@ def gate_loop_scan(a: Tensor, x: Tensor, h0: Tensor | None = None, *, reverse: b
     Non-finite inputs give non-finite outputs in every backend ("heinsen" gives NaN where the
     others give +-inf). Gradients of gradients (create_graph=True) work in every backend but
     "pallas", which raises ``bridge.DoubleBackwardError``. ``torch.vmap`` and ``torch.func``'s
-    reverse-mode transforms work in every backend; forward mode (jvp, jacfwd) only in the torch ones.
+    reverse-mode transforms work in every backend; forward mode (jvp, jacfwd) in "loop", "torch"
+    and "heinsen" only (the JAX backends raise NotImplementedError).
     """
     _check_inputs(a, x, h0)
     if torch.compiler.is_compiling():
