@@ -395,11 +395,16 @@ def _wants_double_backward(saved, cts) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*saved, *cts))
 
 
+def _saved_residuals(sig, tensors, outs, extras):
+    """The residuals, each as the input, output or extra residual it is."""
+    pick = {"in": tensors, "out": outs, "res": extras}
+    return [pick[kind][i] for kind, i in sig.res_sources]
+
+
 def _saved_for_backward(sig, tensors, outs, extras):
     """Residuals (as the torch tensors they are), then, where some residuals are intermediate
     values, the inputs as well (double backward recomputes from them)."""
-    pick = {"in": tensors, "out": outs, "res": extras}
-    saved = [pick[kind][i] for kind, i in sig.res_sources]
+    saved = _saved_residuals(sig, tensors, outs, extras)
     return saved + list(tensors) if sig.has_extras else saved
 
 
@@ -417,8 +422,7 @@ class _BridgeFunction(torch.autograd.Function):
         # JAX arrays (views of the same memory, no closures) are kept so backward need not
         # import them again.
         ctx.save_for_backward(*_saved_for_backward(sig, tensors, outs, extras))
-        ctx.res_arrays = None if arrays is None else \
-            [dict(zip(("in", "out", "res"), arrays))[kind][i] for kind, i in sig.res_sources]
+        ctx.res_arrays = None if arrays is None else _saved_residuals(sig, *arrays)
         ctx.mark_non_differentiable(*(o for o in outs if o.dtype not in _DIFFERENTIABLE))
         return tuple(outs)
 
