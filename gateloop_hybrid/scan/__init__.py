@@ -2,7 +2,9 @@
 
 Backends (the only place "auto" is resolved is ``resolve_backend``):
 
-    "pallas"   Pallas GPU kernels through the bridge (CUDA tensors; a GPU build of JAX)
+    "pallas"   Pallas GPU kernels (CUDA tensors; a GPU build of JAX): on Hopper and newer, Mosaic
+               GPU kernels launched straight from torch (mosaic_op.py); elsewhere, or for gate
+               layouts those kernels do not take, Triton-lowered kernels through the bridge
     "jax"      jax.lax.associative_scan under jit through the bridge, with a reverse-scan backward
     "torch"    odd/even associative scan in plain torch
     "heinsen"  log-space scan in plain torch (see torch_scan.scan_heinsen for its precision limits)
@@ -95,9 +97,13 @@ def _untraced_by_dynamo(fn):
 
 
 def _pallas(a, x, h0, reverse):
-    """The Pallas kernels take complex tensors as (re, im) float pairs: torch views them so for
-    free (view_as_real), where JAX would need a conversion pass; gradients come back in torch's
-    convention through the same views."""
+    """Mosaic GPU kernels launched straight from torch where the GPU and shapes allow (Hopper
+    and newer), else the Triton-lowered Pallas kernels through the bridge. Both take complex
+    tensors as (re, im) float pairs: torch views them so for free (view_as_real), where JAX
+    would need a conversion pass; gradients come back in torch's convention."""
+    if mosaic_available(x.device) and _mosaic_op().supported(a, x) \
+            and (h0 is None or h0.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.complex64)):
+        return _mosaic_op().scan_mosaic(a, x, h0, reverse)
     flags = dict(complex_a=a.is_complex(), complex_x=x.is_complex(),
                  complex_h0=h0 is not None and h0.is_complex(), reverse=reverse)
     pairs = lambda t: torch.view_as_real(t) if t is not None and t.is_complex() else t
@@ -205,6 +211,51 @@ def pallas_available() -> bool:
         _warn_once("pallas", f"gate_loop_scan: the Pallas kernels failed their self-test on this GPU "
                    f"({problem}); backend='auto' uses 'jax' instead.")
     return not problem
+
+
+def _mosaic_op():
+    from . import mosaic_op
+    return mosaic_op
+
+
+@_memo
+def mosaic_available(device: torch.device) -> bool:
+    """Whether the Mosaic GPU kernels run on ``device``: a CUDA GPU of compute capability 9.0 or
+    newer, JAX's CUDA plugin with the kernel launcher, and a passing self-test (once per device;
+    a failure warns once and the Triton-lowered kernels take over)."""
+    if device.type != "cuda" or not jax_has_device("cuda"):
+        return False
+    if torch.cuda.get_device_capability(device) < (9, 0):
+        return False
+    problem = mosaic_self_test(device)
+    if problem:
+        _warn_once(f"mosaic-{device}", f"gate_loop_scan: the Mosaic GPU kernels failed their self-test on "
+                   f"{device} ({problem}); backend='pallas' uses the Triton-lowered kernels instead.")
+    return not problem
+
+
+def mosaic_self_test(device) -> str | None:
+    """None if the Mosaic GPU scan matches the float64 reference on a small odd-length complex
+    case with h0 on ``device`` (values and gradients), else what went wrong."""
+    try:
+        from .reference import scan_reference
+        g = torch.Generator().manual_seed(0)
+        a = torch.polar(0.5 + 0.5 * torch.rand(2, 37, 128, generator=g),
+                        6 * torch.rand(2, 37, 128, generator=g) - 3)
+        x = torch.randn(2, 37, 128, generator=g, dtype=torch.complex64)
+        h0 = torch.randn(2, 128, generator=g, dtype=torch.complex64)
+        leaves = [t.to(device).requires_grad_() for t in (a, x, h0)]
+        h, h_last = _mosaic_op().scan_mosaic(*leaves)
+        grads = torch.autograd.grad(h.abs().sum() + h_last.real.sum(), leaves)
+        ref_leaves = [t.detach().cpu().to(torch.complex128).requires_grad_() for t in leaves]
+        h_ref, last_ref = scan_reference(*ref_leaves)
+        ref_grads = torch.autograd.grad(h_ref.abs().sum() + last_ref.real.sum(), ref_leaves)
+        for got, want in zip((h, h_last, *grads), (h_ref, last_ref, *ref_grads)):
+            if not torch.allclose(got.detach().cpu().to(torch.complex128), want, rtol=1e-4, atol=1e-4):
+                return "results differ from the float64 reference"
+    except Exception as e:     # any failure to compile or run means: do not pick it
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    return None
 
 
 def pallas_self_test(device, interpret: bool = False) -> str | None:
