@@ -57,7 +57,8 @@ def gate_loop_scan(a: Tensor, x: Tensor, h0: Tensor | None = None, *, reverse: b
 
     Non-finite inputs give non-finite outputs in every backend ("heinsen" gives NaN where the
     others give +-inf). Gradients of gradients (create_graph=True) work in every backend but
-    "pallas", which raises ``bridge.DoubleBackwardError``. ``torch.vmap`` and ``torch.func``'s
+    "pallas", which raises (``bridge.DoubleBackwardError``; on the Mosaic kernels, torch's
+    RuntimeError for a once-differentiable function). ``torch.vmap`` and ``torch.func``'s
     reverse-mode transforms work in every backend; forward mode (jvp, jacfwd) in "loop", "torch"
     and "heinsen" only (the JAX backends raise NotImplementedError).
     """
@@ -101,8 +102,11 @@ def _pallas(a, x, h0, reverse):
     and newer), else the Triton-lowered Pallas kernels through the bridge. Both take complex
     tensors as (re, im) float pairs: torch views them so for free (view_as_real), where JAX
     would need a conversion pass; gradients come back in torch's convention."""
+    # Under torch.func transforms the bridged kernels run (batched by jax.vmap); the Mosaic op has
+    # no vmap rule.
     if mosaic_available(x.device) and _mosaic_op().supported(a, x) \
-            and (h0 is None or h0.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.complex64)):
+            and (h0 is None or h0.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.complex64)) \
+            and not torch._C._are_functorch_transforms_active():
         return _mosaic_op().scan_mosaic(a, x, h0, reverse)
     flags = dict(complex_a=a.is_complex(), complex_x=x.is_complex(),
                  complex_h0=h0 is not None and h0.is_complex(), reverse=reverse)
