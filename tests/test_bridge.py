@@ -435,6 +435,9 @@ def test_vmap_and_reverse_mode_func_transforms():
     torch.testing.assert_close(hess, torch.diag(-torch.sin(xs[0]) * y))
     with pytest.raises(NotImplementedError, match="sinmul: forward-mode AD"):
         torch.func.jacfwd(lambda a: f(a, y)[0])(xs[0])
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="sinmul: forward-mode AD"):
+        f(fwAD.make_dual(xs[0], torch.ones_like(xs[0])), y)      # never a dropped tangent
 
 
 def test_concurrent_first_calls_from_threads():

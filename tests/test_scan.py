@@ -439,3 +439,12 @@ def test_heinsen_derivatives_where_a_cotangent_or_x_is_zero():
         results[backend] = (ga, gg, jf)
     for got, want in zip(results["heinsen"], results["loop"]):
         assert torch.isfinite(got).all() and rel_err(got, want) < 1e-9
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_one_step_without_h0_still_differentiates_the_gates(backend):
+    """h = a * 0 + x: the gradient for a is zero, in every backend (not a missing graph)."""
+    a = torch.rand(2, 1, 3, dtype=torch.float64, requires_grad=True)
+    h, h_last = gate_loop_scan(a, torch.randn(2, 1, 3, dtype=torch.float64), backend=backend)
+    (g,) = torch.autograd.grad(h.sum() + h_last.sum(), a)
+    assert torch.equal(g, torch.zeros_like(a))
