@@ -4,15 +4,15 @@
     python benchmarks/scan_speed.py --device cuda --json out.json --plot out.png
     python benchmarks/scan_speed.py --shapes 4x4096x1024 --dtypes float32 --backends jax,jax-native
 
-For each case (dtype, B, N, D) and each implementation (benchmarks/_impls.py) it measures the
+For each case (dtype, B, N, D) and each implementation (benchmarks/scan_impls.py) it measures the
 forward and the forward+backward (gradients wrt a and x for a random cotangent):
 
 - time: median and interquartile range over repetitions after two warm-up calls (the first
   call's time, compilation included, is kept as `first_s`); each repetition runs the call
   `inner` times back to back between device synchronisations (torch.cuda.synchronize, and
-  jax.block_until_ready on JAX outputs) and reports the mean;
-- error: max |y - y_ref| / max |y_ref| against a float64 (complex128) reference computed here
-  by an exact chunked sequential scan, for h (fwd) and for the worse of da, dx (fwd+bwd);
+  jax.block_until_ready on JAX outputs) and reports the mean (benchmarks/harness.py);
+- error: max |y - y_ref| / max |y_ref| against the package's float64 reference
+  (gateloop_hybrid.scan.reference), for h (fwd) and for the worse of da, dx (fwd+bwd);
 - peak memory above the inputs: torch.cuda.max_memory_allocated for torch code; for JAX,
   natively XLA's compiled memory_analysis (temp + output bytes), through the bridge the growth
   of JAX's peak_bytes_in_use (an upper bound, marked <=, when the peak did not grow);
@@ -26,33 +26,25 @@ cotangent are randn. Cases that an implementation cannot run appear with the rea
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import math
 import os
-import platform
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from pathlib import Path
 
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")   # JAX must not grab 75% of HBM
+import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import torch  # noqa: E402
-
-import _impls  # noqa: E402
-from _impls import Case  # noqa: E402
+import harness
+import scan_impls
+from gateloop_hybrid.scan.reference import scan_reference, scan_reference_vjp
+from scan_impls import Case
 
 DTYPES = ("float32", "complex64", "bfloat16")
 # The default grid, in the order it runs (most wanted first, so --max-minutes cuts the least):
@@ -90,57 +82,14 @@ def make_inputs(case: Case, device: torch.device, seed: int = 0):
     return a.to(dt), x.to(dt), ct.to(dt)
 
 
-def _wide(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.complex128 if t.is_complex() else torch.float64)
-
-
-def reference_scan(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """h_t = a_t h_{t-1} + x_t along dim 1, sequential within chunks of ~sqrt(N) steps.
-
-    Exact algebra (no logs, no re-association beyond one carry per chunk): about 2 sqrt(N)
-    vectorised steps instead of N, so a float64 reference costs little even at N = 65536.
-    """
-    B, N = x.shape[:2]
-    a = a.expand_as(x)
-    c = max(1, math.isqrt(N))
-    m = -(-N // c)
-    pad = m * c - N
-    if pad:
-        a = torch.cat([a, torch.ones_like(a[:, :pad])], dim=1)
-        x = torch.cat([x, torch.zeros_like(x[:, :pad])], dim=1)
-    a = a.reshape(B, m, c, *x.shape[2:])
-    x = x.reshape(B, m, c, *x.shape[2:])
-    local = torch.empty_like(x)                       # scan of each chunk from a zero state
-    h = torch.zeros_like(x[:, :, 0])
-    for i in range(c):
-        h = a[:, :, i] * h + x[:, :, i]
-        local[:, :, i] = h
-    prod = torch.cumprod(a, dim=2)                    # a_s ... a_t within the chunk
-    carry = torch.zeros_like(x[:, 0, 0])              # state entering chunk j
-    carries = []
-    for j in range(m):
-        carries.append(carry)
-        carry = local[:, j, -1] + prod[:, j, -1] * carry
-    carries = torch.stack(carries, dim=1)             # (B, m, *F)
-    out = local + prod * carries.unsqueeze(2)
-    return out.reshape(B, m * c, *x.shape[3:])[:, :N]
-
-
 def reference(a: torch.Tensor, x: torch.Tensor, ct: torch.Tensor):
-    """float64 h and torch-convention gradients (da, dx) of <ct, h>.
-
-    The state's total cotangent G_t = ct_t + conj(a_{t+1}) G_{t+1} is the same recurrence run
-    backwards; dx = G and da_t = G_t conj(h_{t-1}).
-    """
-    a, x, ct = _wide(a), _wide(x), _wide(ct)
-    if a.is_complex() or x.is_complex():
-        a, x, ct = (t.to(torch.complex128) for t in (a, x, ct))
-    h = reference_scan(a, x)
-    a_next = torch.cat([a[:, 1:], torch.ones_like(a[:, :1])], dim=1).conj()
-    G = reference_scan(a_next.flip(1), ct.flip(1)).flip(1)
-    h_prev = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)
-    da = G * h_prev.conj()
-    return h, (da, G)
+    """float64 h and the torch-convention gradients (da, dx) of <ct, h>, from the package's
+    sequential reference and its hand-written backward."""
+    wide = torch.complex128 if a.is_complex() or x.is_complex() else torch.float64
+    a, x, ct = (t.to(wide) for t in (a, x, ct))
+    h, _ = scan_reference(a, x)
+    da, dx, _ = scan_reference_vjp(a, x, None, h, ct, None)
+    return h, (da, dx)
 
 
 class CaseData:
@@ -158,55 +107,15 @@ class CaseData:
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    y = _wide(y.detach()).to(ref.device)
-    if not y.is_complex() and ref.is_complex():
-        y = y.to(ref.dtype)
+    y = y.detach().to(device=ref.device, dtype=ref.dtype if ref.is_complex() or not y.is_complex()
+                      else torch.complex128)
     if y.shape != ref.shape:
         raise ValueError(f"shape {tuple(y.shape)} != reference {tuple(ref.shape)}")
     return float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-300))
 
 
 # --------------------------------------------------------------------------------------------
-# timing and memory
-
-
-def measure(fn, wait, reps: int, budget_s: float, target_rep_s: float, check=None, peak=None):
-    """Time fn; returns (first-call seconds, per-call seconds of each repetition, inner).
-
-    Call 1 (compilation included) gives `first` and its output goes to `check` (the error
-    check, untimed). Call 2 runs under `peak` (memory) and sizes `inner`, the number of calls
-    per repetition (so one repetition lasts about target_rep_s). Repetitions stop at `reps`, or
-    once budget_s has passed and at least 3 are done; a call slower than the budget is timed once.
-    """
-    t0 = time.perf_counter()
-    out = fn()
-    wait(out)
-    first = time.perf_counter() - t0
-    if check is not None:
-        check(out)
-    del out
-    t0 = time.perf_counter()
-    if peak is not None:
-        peak(fn)
-    else:
-        out = fn()
-        wait(out)
-        del out
-    single = time.perf_counter() - t0
-    inner = max(1, min(1000, int(target_rep_s / max(single, 1e-7))))
-    min_reps = 3 if single < budget_s else 1
-    times = []
-    start = time.perf_counter()
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            out = fn()
-        wait(out)
-        times.append((time.perf_counter() - t0) / inner)
-        del out
-        if len(times) >= min_reps and time.perf_counter() - start > budget_s:
-            break
-    return first, times, inner
+# memory
 
 
 def torch_peak(fn, wait, device):
@@ -258,20 +167,13 @@ def measure_bandwidth(device: torch.device) -> float:
     nbytes = (2 << 30) if device.type == "cuda" else (256 << 20)
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    wait = _impls.torch_wait(device)
-    _, times, _ = measure(lambda: dst.copy_(src), wait, reps=10, budget_s=2.0, target_rep_s=0)
+    _, times, _ = harness.measure(lambda: dst.copy_(src), harness.device_wait(device), reps=10,
+                                  budget_s=2.0)
     return 2 * nbytes / statistics.median(times)
 
 
 # --------------------------------------------------------------------------------------------
 # the run
-
-
-def stats(times):
-    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
-    return {"median_ms": 1e3 * statistics.median(times), "p25_ms": 1e3 * q[0],
-            "p75_ms": 1e3 * q[2], "min_ms": 1e3 * min(times), "max_ms": 1e3 * max(times),
-            "reps": len(times)}
 
 
 def new_row(name: str, key: str, group: str, case: Case, status: str = "ok", reason=None) -> dict:
@@ -295,7 +197,7 @@ def run_one(impl, case: Case, data: CaseData, device, args, bw: float, passes):
     try:
         prep = impl.prepare(data.a, data.x, data.ct)
     except Exception as e:
-        row.update(status="failed", reason=f"prepare: {type(e).__name__}: {_impls._first_line(e)}")
+        row.update(status="failed", reason=f"prepare: {type(e).__name__}: {scan_impls.first_line(e)}")
         _debug(args)
         return row
     floors = {"fwd": 3 * case.tensor_bytes / bw, "fwdbwd": 8 * case.tensor_bytes / bw}
@@ -314,7 +216,7 @@ def run_one(impl, case: Case, data: CaseData, device, args, bw: float, passes):
                     res["rel_err_dx"] = rel_err(dx, ref[1][1])
                     res["rel_err"] = max(res["rel_err_da"], res["rel_err_dx"])
             except Exception as e:
-                res["rel_err_error"] = f"{type(e).__name__}: {_impls._first_line(e)}"
+                res["rel_err_error"] = f"{type(e).__name__}: {scan_impls.first_line(e)}"
                 _debug(args)
 
         def peak(fn, which=which, res=res):
@@ -326,12 +228,12 @@ def run_one(impl, case: Case, data: CaseData, device, args, bw: float, passes):
                 res["peak_bytes"], res["peak_how"] = None, type(e).__name__
 
         try:
-            first, times, inner = measure(fn, prep.wait, args.reps, args.budget, args.target_rep,
+            first, times, inner = harness.measure(fn, prep.wait, args.reps, args.budget, args.target_rep,
                                           check=check, peak=peak)
-            res.update(stats(times), first_s=first, inner=inner)
+            res.update(harness.stats(times), first_s=first, inner=inner)
             res["x_floor"] = res["median_ms"] / 1e3 / floors[which]
         except Exception as e:
-            res["error"] = f"{type(e).__name__}: {_impls._first_line(e)}"
+            res["error"] = f"{type(e).__name__}: {scan_impls.first_line(e)}"
             _debug(args)
             row["status"] = "failed"
             _free(device)
@@ -355,100 +257,29 @@ def _debug(args):
         traceback.print_exc()
 
 
-def versions():
-    v = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in ("jax", "jaxlib", "triton", "accelerated_scan", "fla"):
-        try:
-            mod = __import__(name)
-            v[name] = getattr(mod, "__version__", "?")
-        except Exception:
-            v[name] = None
-    return v
-
-
-def git_revision() -> str | None:
-    """The checkout's commit (with '+dirty' for uncommitted changes), or None outside git."""
-    import subprocess
-
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=10)
-        if rev.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return rev.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {name} ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
-
-
-def jax_device() -> str | None:
-    try:
-        import jax
-
-        d = jax.devices()[0]
-        return f"{d.platform}:{d.device_kind}"
-    except Exception as e:
-        return f"unavailable ({type(e).__name__})"
-
-
 # --------------------------------------------------------------------------------------------
 # output
 
 
-def fmt_ms(r):
-    if r is None:
-        return "-"
-    if "error" in r:
-        return "FAILED"
-    spread = (r["p75_ms"] - r["p25_ms"]) / 2 / r["median_ms"] * 100 if r["median_ms"] else 0
-    m = r["median_ms"]
-    s = f"{m:.3f}" if m < 10 else (f"{m:.1f}" if m < 1000 else f"{m:.0f}")
-    return f"{s} ±{spread:.0f}%"
-
-
-def fmt_err(r):
+def fmt(r, what: str) -> str:
+    """One cell of a pass's result r: "ms" (median ± half the IQR), "floor", "err" or "mem"."""
     if r is None or "error" in r:
+        return "FAILED" if r is not None and what == "ms" else "-"
+    if what == "ms":
+        m, spread = r["median_ms"], (r["p75_ms"] - r["p25_ms"]) / 2 / max(r["median_ms"], 1e-12)
+        return (f"{m:.3f}" if m < 10 else f"{m:.1f}" if m < 1000 else f"{m:.0f}") + f" ±{spread:.0%}"
+    if what == "floor":
+        return f"{r['x_floor']:.1f}" if "x_floor" in r else "-"
+    if what == "err":
+        return f"{r['rel_err']:.1e}" if "rel_err" in r else "?"
+    if r.get("peak_bytes") is None:
         return "-"
-    if "rel_err" not in r:
-        return "?"
-    return f"{r['rel_err']:.1e}"
-
-
-def fmt_mem(r):
-    if r is None or "error" in r or r.get("peak_bytes") is None:
-        return "-"
-    mib = r["peak_bytes"] / 2**20
-    prefix = "<=" if str(r.get("peak_how", "")).startswith("<=") else ""
-    return f"{prefix}{mib:.0f}"
-
-
-def fmt_floor(r):
-    if r is None or "error" in r or "x_floor" not in r:
-        return "-"
-    return f"{r['x_floor']:.1f}"
+    return ("<=" if str(r.get("peak_how", "")).startswith("<=") else "") + f"{r['peak_bytes'] / 2**20:.0f}"
 
 
 def table(meta, rows) -> str:
     lines = [
-        f"# scan_speed  {meta['date']}",
-        f"# device: {meta['device_name']}   jax device: {meta['jax_device']}",
-        "# versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v)
-        + (f"; gateloop_hybrid at {meta['git']}" if meta.get("git") else ""),
+        "# scan_speed", *harness.header(meta),
         f"# copy bandwidth (read+write): {meta['bandwidth_GBps']:.0f} GB/s; floor = 3x (fwd), "
         "8x (fwd+bwd) the bytes of one (B,N,D) tensor at that bandwidth",
         "# time: median ms ±half the interquartile range; err: max|y-ref|/max|ref| vs float64 "
@@ -482,8 +313,8 @@ def table(meta, rows) -> str:
                 continue
             f, b = r.get("fwd"), r.get("fwdbwd")
             first = max((p.get("first_s", 0) for p in (f, b) if p and "error" not in p), default=0)
-            body.append((r["impl"], fmt_ms(f), fmt_floor(f), fmt_err(f), fmt_mem(f), fmt_ms(b),
-                         fmt_floor(b), fmt_err(b), fmt_mem(b), f"{first:.1f}" if first else "-"))
+            body.append((r["impl"], *(fmt(p, w) for p in (f, b) for w in ("ms", "floor", "err", "mem")),
+                         f"{first:.1f}" if first else "-"))
             for which, p in (("fwd", f), ("fwd+bwd", b)):
                 if p and "error" in p:
                     notes.append(f"   {r['impl']} {which} failed: {p['error']}")
@@ -616,7 +447,7 @@ def worker(plan_path):
     args.deadline = plan["deadline"]
     device = torch.device(args.device)
     torch.autograd.set_multithreading_enabled(args.backward_thread == "worker")
-    impls, _ = _impls.build(device)
+    impls, _ = scan_impls.build(device)
     items = [(Case(**c), key) for c, key in plan["items"]]
     out = open(plan["out"], "a", buffering=1)
 
@@ -625,8 +456,6 @@ def worker(plan_path):
         if os.environ.get(_CRASH_HOOK) == key:
             os.abort()
 
-    if args.deadline:
-        _start_watchdog(args.deadline, "this worker")
     run_items(items, {im.key: im for im in impls}, device, args, plan["bw"], plan["passes"],
               lambda row: out.write(json.dumps({"row": row}) + "\n"), on_start)
     return 0
@@ -649,7 +478,7 @@ def run_isolated(items, labels, args, bw, passes, on_row, on_start):
             with open(err_path, "w") as err:
                 proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker",
                                          str(plan_path)], stdout=subprocess.DEVNULL, stderr=err)
-            seen, started = 0, None
+            seen, started, overdue = 0, None, False
             try:
                 while True:
                     done = proc.poll() is not None
@@ -670,6 +499,9 @@ def run_isolated(items, labels, args, bw, passes, on_row, on_start):
                     seen = len(complete)
                     if done:
                         break
+                    if args.deadline and time.time() > args.deadline + 120:   # a hung compile or kernel
+                        overdue = True
+                        proc.kill()
                     time.sleep(0.2)
             finally:
                 if proc.poll() is None:                 # interrupted: stop the child too
@@ -677,8 +509,8 @@ def run_isolated(items, labels, args, bw, passes, on_row, on_start):
                     proc.wait()
             if proc.returncode == 0 or not remaining:
                 continue
-            how = (f"signal {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
-                   else "still running 2 minutes past --max-minutes" if proc.returncode == 124
+            how = ("still running 2 minutes past --max-minutes" if overdue
+                   else f"signal {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
                    else f"exit code {proc.returncode}")
             tail = [ln for ln in err_path.read_text(errors="replace").splitlines()
                     if "Error" in ln or "error" in ln]
@@ -702,16 +534,63 @@ def run_isolated(items, labels, args, bw, passes, on_row, on_start):
             remaining.pop(0)
 
 
-def _start_watchdog(deadline, what):
-    """A compile that never returns (torch.compile of the HOP at N=65536 did, on an H200) blocks
-    SIGTERM and --max-minutes alike; two minutes past the deadline, end the process from a thread.
-    The JSON holds every case finished so far."""
-    def watchdog():
-        time.sleep(max(0.0, deadline - time.time()) + 120)
-        print(f"scan_speed: {what} is still running 2 minutes past --max-minutes; exiting",
-              file=sys.stderr, flush=True)
-        os._exit(124)
-    threading.Thread(target=watchdog, daemon=True).start()
+# --------------------------------------------------------------------------------------------
+# host cost: tiny calls back to back, where the time is the host's, against plain torch ops
+
+HOST_SHAPES = ("1x16x16", "1x16x128")
+
+
+def host_cost(device, backends, args) -> list:
+    """Per-call time (us) of back-to-back tiny calls, forward (no grad) and forward+backward, of
+    gate_loop_scan per backend beside torch's own ops (x + x; cumsum along time), in one process.
+    One repetition is 200 calls then a device synchronisation, so the host's time dominates."""
+    from gateloop_hybrid.scan import gate_loop_scan
+
+    rows = []
+    for shape in HOST_SHAPES:
+        (B, N, D), = parse_shapes(shape)
+        g = torch.Generator().manual_seed(0)
+        a = torch.sigmoid(torch.randn(B, N, D, generator=g)).to(device)
+        x = torch.randn(B, N, D, generator=g).to(device)
+        ct = torch.randn(B, N, D, generator=g).to(device)
+        ar, xr = a.clone().requires_grad_(), x.clone().requires_grad_()
+
+        def fwd_bwd(f):
+            return lambda: f(ar, xr).backward(ct)
+        impls = {"torch add (x + x)": (lambda a, x: x + x, None),
+                 "torch cumsum": (lambda a, x: torch.cumsum(x, 1), fwd_bwd(lambda a, x: torch.cumsum(x, 1)))}
+        for b in backends:
+            scan = (lambda b: lambda a, x: gate_loop_scan(a, x, backend=b)[0])(b)
+            impls[f"gate_loop_scan[{b}]"] = (scan, fwd_bwd(scan))
+        wait = harness.device_wait(device)
+        for name, (fwd, fb) in impls.items():
+            row = {"shape": shape, "name": name}
+            try:
+                with torch.no_grad():
+                    row["fwd_us"] = 1e6 * statistics.median(
+                        harness.measure(lambda: fwd(a, x), wait, args.reps, args.budget, 0.0, inner=200)[1])
+                if fb is not None:
+                    row["fwdbwd_us"] = 1e6 * statistics.median(
+                        harness.measure(fb, wait, args.reps, args.budget, 0.0, inner=200)[1])
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            rows.append(row)
+    return rows
+
+
+def host_table(rows) -> str:
+    out = ["## host cost: tiny calls back to back, us per call (ratio to torch's op in the same run)",
+           f"{'shape':9s} {'implementation':28s} {'fwd us':>8s} {'/ add':>6s} {'fwd+bwd us':>11s} {'/ cumsum':>9s}"]
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        here = {r["name"]: r for r in rows if r["shape"] == shape}
+        add = here.get("torch add (x + x)", {}).get("fwd_us")
+        cum = here.get("torch cumsum", {}).get("fwdbwd_us")
+        for name, r in here.items():
+            f, fb = r.get("fwd_us"), r.get("fwdbwd_us")
+            cells = [f"{f:8.1f}" if f else f"{'-':>8s}", f"{f / add:6.2f}" if f and add else f"{'':6s}",
+                     f"{fb:11.1f}" if fb else f"{'-':>11s}", f"{fb / cum:9.2f}" if fb and cum else ""]
+            out.append(f"{shape:9s} {name:28s} " + " ".join(cells) + (f"  {r['error']}" if "error" in r else ""))
+    return "\n".join(out)
 
 
 def main(argv=None):
@@ -727,7 +606,7 @@ def main(argv=None):
                         "Given --shapes, every shape runs in each of --dtypes (default float32, "
                         "complex64)")
     p.add_argument("--full", action="store_true",
-                   help="run the comparison rows that compile per shape (torch-hop, jax-autodiff) on the "
+                   help="run the comparison rows that compile per shape (jax-autodiff) on the "
                         "sweep shapes too")
     p.add_argument("--backends", default="all",
                    help="comma list of implementation keys (see --list), or all")
@@ -759,6 +638,9 @@ def main(argv=None):
                    help="where autograd runs backward, for every row: torch's per-device worker thread "
                         "(torch's default for CUDA) or the calling thread "
                         "(torch.autograd.set_multithreading_enabled(False), as train.py --main-thread-backward)")
+    p.add_argument("--host", choices=("auto", "yes", "no"), default="auto",
+                   help=f"also time tiny calls ({', '.join(HOST_SHAPES)}) back to back against torch "
+                        "ops, for the host's cost per call (auto: yes on GPU)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)   # internal: a child's plan
     args = p.parse_args(argv)
     if args.worker:
@@ -769,6 +651,8 @@ def main(argv=None):
         if args.json:
             Path(args.json).write_text(json.dumps(data, indent=1))
         print(table(data["meta"], data["results"]))
+        if data["meta"].get("host"):
+            print(host_table(data["meta"]["host"]))
         if args.plot:
             plot(data["meta"], data["results"], args.plot)
         return 0
@@ -799,7 +683,7 @@ def main(argv=None):
         raise SystemExit("--passes takes fwd, fwdbwd")
 
     torch.autograd.set_multithreading_enabled(args.backward_thread == "worker")
-    impls, notes = _impls.build(device)
+    impls, notes = scan_impls.build(device)
     if args.backward_thread == "main":
         notes.append("backward on the calling thread (torch.autograd.set_multithreading_enabled(False))")
     if args.list:
@@ -816,10 +700,7 @@ def main(argv=None):
 
     bw = measure_bandwidth(device)
     meta = {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "device": str(device), "device_name": device_name(device), "jax_device": jax_device(),
-        "versions": versions(), "git": git_revision(), "bandwidth": bw, "bandwidth_GBps": bw / 1e9,
-        "argv": sys.argv[1:], "notes": notes,
+        **harness.environment(device), "bandwidth": bw, "bandwidth_GBps": bw / 1e9, "notes": notes,
         "config": {k: v for k, v in vars(args).items() if k != "deadline"},
         "floor": "3 x bytes of one (B,N,D) tensor (fwd), 8 x (fwd+bwd), at the measured copy bandwidth",
     }
@@ -835,8 +716,6 @@ def main(argv=None):
 
     signal.signal(signal.SIGTERM, on_term)
     isolate = args.isolate == "yes" or (args.isolate == "auto" and gpu)
-    if args.deadline and not isolate:
-        _start_watchdog(args.deadline, "the run")      # (an isolated run's workers have their own)
     items = [(case, im.key) for case in cases for im in impls]
     meta["isolated"] = isolate
     bar = None
@@ -858,6 +737,11 @@ def main(argv=None):
         if bar is not None:
             bar.set_description(f"{case.label()} {key}")
 
+    if args.host == "yes" or (args.host == "auto" and gpu):
+        wanted = [im.name[len("gate_loop_scan["):-1] for im in impls if im.group == "gate_loop_scan"]
+        meta["host"] = host_cost(device, [b for b in wanted if b not in ("loop", "heinsen")], args)
+        print(host_table(meta["host"]), flush=True)
+        save()
     try:
         if isolate:
             run_isolated(items, {im.key: (im.name, im.group) for im in impls}, args, bw, passes,
@@ -871,6 +755,8 @@ def main(argv=None):
             bar.close()
         save()
         print(table(meta, rows), flush=True)
+        if meta.get("host"):
+            print(host_table(meta["host"]), flush=True)
         if args.plot and rows:
             try:
                 plot(meta, rows, args.plot)

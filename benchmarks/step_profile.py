@@ -4,7 +4,8 @@
 
 Builds the Transformer at train.py's defaults (dim 512, depth 6, batch 4, bf16 autocast on CUDA),
 runs a few optimizer steps (forward, backward over `--grad-accum` micro-batches, Adam) and reports
-for each model: the step time (synchronized, median over --steps after warm-up); the time in
+for each model: the step time (synchronized, median over --steps after two warm-up steps,
+benchmarks/harness.py); the time in
 the scan alone, measured by timing a step whose `gate_loop_scan` is replaced by a zero-cost stand-in
 (returns x and x[:, -1], which keeps the graph and shapes); and, with --trace, torch.profiler's
 table of the most expensive device ops (CUPTI sees JAX's kernels too, under XLA's names).
@@ -14,16 +15,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import statistics
-import sys
-import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import gateloop_hybrid.gate_loop as gate_loop_mod  # noqa: E402
-from gateloop_hybrid import Transformer  # noqa: E402
+import gateloop_hybrid.gate_loop as gate_loop_mod
+import harness
+from gateloop_hybrid import Transformer
 
 
 def make_model(kind: str, args, device):
@@ -68,18 +67,7 @@ def step_times(model, args, device, steps, threaded_backward=True):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    for _ in range(args.warmup):
-        step()
-    sync()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
+    _, times, _ = harness.measure(step, harness.device_wait(device), reps=steps, budget_s=math.inf)
     return times, step
 
 
@@ -92,10 +80,9 @@ def main():
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--scan-backends", default="auto,auto/no-checkpoint",
                    help="GateLoop scan backends to profile, comma list; NAME/no-checkpoint stores the "
-                        "scan's states instead of recomputing them in backward (the seed's default, "
+                        "scan's states instead of recomputing them in backward (the layers' default, "
                         "checkpoint_gate_looped_attn=True, recomputes)")
     p.add_argument("--backward-thread", choices=("worker", "main", "both"), default="both",
                    help="where autograd runs backward: torch's per-device worker thread (torch's default "
@@ -105,8 +92,8 @@ def main():
     args = p.parse_args()
     device = torch.device(args.device)
     tokens = args.batch * args.seq_len * args.grad_accum
-    print(f"step profile on {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}): "
-          f"dim {args.dim}, depth {args.depth}, batch {args.batch} x accumulation {args.grad_accum}, "
+    print("\n".join(harness.header(harness.environment(device))))
+    print(f"step profile on {device}: dim {args.dim}, depth {args.depth}, batch {args.batch} x accumulation {args.grad_accum}, "
           f"seq {args.seq_len}; {tokens} tokens per step")
     print(f"{'model':>28} {'backward':>9} {'step ms':>9} {'tokens/s':>11} {'scan stand-in ms':>17} {'scan share':>10}")
     threads = {"worker": [True], "main": [False], "both": [True, False]}[args.backward_thread]

@@ -98,3 +98,115 @@ def test_bf16_autocast_training_step():
         loss = model(ids, return_loss=True)
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# --- The Mosaic GPU kernels (Hopper and newer) ---------------------------------------------------
+
+def _hopper():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+
+
+hopper = pytest.mark.skipif(not _hopper(), reason="needs a GPU of compute capability 9.0 or newer")
+
+
+@hopper
+def test_pallas_backend_runs_the_mosaic_kernels_on_hopper():
+    from gateloop_hybrid.scan import mosaic_available
+    assert mosaic_available(torch.device("cuda", torch.cuda.current_device()))
+
+
+@hopper
+@pytest.mark.parametrize("shape,a_feat,complex_,reverse", [
+    ((2, 1000, 256), (256,), False, False),
+    ((1, 4097, 128), (128,), True, True),
+    ((3, 77, 2, 128), (2, 1), True, False),        # one gate per head
+    ((2, 301, 2, 128), (1, 128), False, True),     # gates repeat over heads
+    ((1, 20001, 128), (128,), True, False),        # few CTAs: the walk is cut into time chunks
+    ((1, 1, 128), (128,), False, True),
+])
+def test_mosaic_scan_matches_reference(shape, a_feat, complex_, reverse):
+    from gateloop_hybrid.scan.reference import scan_reference
+    g = torch.Generator().manual_seed(len(shape) * 1000 + shape[1])
+    a_shape = (*shape[:2], *a_feat)
+    a = 0.5 + 0.49 * torch.rand(a_shape, generator=g, dtype=torch.float64)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    if complex_:
+        a = torch.polar(a, torch.rand(a_shape, generator=g, dtype=torch.float64) * 6.28 - 3.14)
+        x = torch.complex(x, torch.randn(shape, generator=g, dtype=torch.float64))
+    h0 = torch.randn((shape[0], *shape[2:]), generator=g, dtype=x.dtype)
+    ct = torch.randn(shape, generator=g, dtype=x.dtype)
+    ct_last = torch.randn(h0.shape, generator=g, dtype=x.dtype)
+    f32 = lambda t: t.to(torch.complex64 if t.is_complex() else torch.float32)
+    leaves = [f32(t).cuda().requires_grad_() for t in (a, x, h0)]
+    h, last = gate_loop_scan(*leaves, reverse=reverse, backend="pallas")
+    loss = (h * ct.cuda().to(h.dtype).conj()).real.sum() + (last * ct_last.cuda().to(h.dtype).conj()).real.sum()
+    got = [h, last, *torch.autograd.grad(loss, leaves)]
+    wide = [f32(t).to(x.dtype).requires_grad_() for t in (a, x, h0)]
+    h_ref, last_ref = scan_reference(*wide, reverse=reverse)
+    loss_ref = (h_ref * ct.conj()).real.sum() + (last_ref * ct_last.conj()).real.sum()
+    want = [h_ref, last_ref, *torch.autograd.grad(loss_ref, wide)]
+    for name, o, r in zip(["h", "h_last", "da", "dx", "dh0"], got, want):
+        assert o.dtype == (torch.complex64 if r.is_complex() else torch.float32), name
+        assert rel(o, r) < 2e-5, (name, rel(o, r))
+
+
+def _graph_step(layer, x):
+    layer.zero_grad(set_to_none=True)
+    y = layer(x)
+    y.float().pow(2).mean().backward()
+    return y
+
+
+@hopper
+def test_cuda_graph_replays_a_simple_gate_loop_layer():
+    """Forward and backward of SimpleGateLoopLayer captured by torch.cuda.graph replay to the
+    eager values and gradients, on new input data."""
+    torch.manual_seed(0)
+    layer = SimpleGateLoopLayer(256, scan_backend="pallas").cuda()
+    static_x = torch.randn(2, 300, 256, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            _graph_step(layer, static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    layer.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        static_y = _graph_step(layer, static_x)
+    new_x = torch.randn_like(static_x)
+    static_x.copy_(new_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    replayed = [static_y.clone()] + [p.grad.clone() for p in layer.parameters()]
+    eager_y = _graph_step(layer, new_x)
+    eager = [eager_y] + [p.grad for p in layer.parameters()]
+    for got, want in zip(replayed, eager):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@hopper
+def test_mosaic_scan_on_a_side_stream_and_compiled():
+    a = torch.polar(torch.rand(2, 99, 256, device="cuda") * 0.5 + 0.5, torch.rand(2, 99, 256, device="cuda") * 6 - 3)
+    x = torch.randn(2, 99, 256, device="cuda", dtype=torch.complex64)
+    want, _ = gate_loop_scan(a, x, backend="pallas")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got, _ = gate_loop_scan(a, x, backend="pallas")
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(got, want)
+
+    def f(a, x):
+        h, last = gate_loop_scan(a, x, backend="pallas")
+        return h.abs().pow(2).sum() + last.real.sum()
+    leaves = [a.clone().requires_grad_(), x.clone().requires_grad_()]
+    compiled = torch.compile(f, fullgraph=True)
+    loss = compiled(*leaves)
+    grads = torch.autograd.grad(loss, leaves)
+    leaves_e = [a.clone().requires_grad_(), x.clone().requires_grad_()]
+    loss_e = f(*leaves_e)
+    grads_e = torch.autograd.grad(loss_e, leaves_e)
+    assert torch.allclose(loss, loss_e, rtol=1e-5)
+    for g, ge in zip(grads, grads_e):
+        assert torch.allclose(g, ge, rtol=1e-4, atol=1e-5)

@@ -1,6 +1,7 @@
-"""Seed checkpoints load into our modules and give the seed's outputs (issue 7).
+"""gateloop-transformer checkpoints load into our modules and give its outputs.
 
-The seed is lucidrains/gateloop-transformer 0.2.5, a test-only dependency:
+"The seed" below is lucidrains/gateloop-transformer 0.2.5, the package these layers replace, a
+test-only dependency:
     pip install "gateloop-transformer==0.2.5" "rotary-embedding-torch>=0.5"
 Tests that need it skip with the reason when it is not importable; the state-dict round trip
 of our own modules runs regardless.

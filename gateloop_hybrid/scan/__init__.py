@@ -104,10 +104,10 @@ def _pallas(a, x, h0, reverse):
     would need a conversion pass; gradients come back in torch's convention."""
     # Under torch.func transforms the bridged kernels run (batched by jax.vmap); the Mosaic op has
     # no vmap rule.
-    if mosaic_available(x.device) and _mosaic_op().supported(a, x) \
-            and (h0 is None or h0.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.complex64)) \
-            and not torch._C._are_functorch_transforms_active():
-        return _mosaic_op().scan_mosaic(a, x, h0, reverse)
+    if mosaic_available(x.device) and not torch._C._are_functorch_transforms_active():
+        out = _mosaic_op().try_scan_mosaic(a, x, h0, reverse)
+        if out is not None:
+            return out
     flags = dict(complex_a=a.is_complex(), complex_x=x.is_complex(),
                  complex_h0=h0 is not None and h0.is_complex(), reverse=reverse)
     pairs = lambda t: torch.view_as_real(t) if t is not None and t.is_complex() else t
@@ -248,12 +248,13 @@ def mosaic_self_test(device) -> str | None:
                         6 * torch.rand(2, 37, 128, generator=g) - 3)
         x = torch.randn(2, 37, 128, generator=g, dtype=torch.complex64)
         h0 = torch.randn(2, 128, generator=g, dtype=torch.complex64)
-        leaves = [t.to(device).requires_grad_() for t in (a, x, h0)]
-        h, h_last = _mosaic_op().scan_mosaic(*leaves)
-        grads = torch.autograd.grad(h.abs().sum() + h_last.real.sum(), leaves)
-        ref_leaves = [t.detach().cpu().to(torch.complex128).requires_grad_() for t in leaves]
-        h_ref, last_ref = scan_reference(*ref_leaves)
-        ref_grads = torch.autograd.grad(h_ref.abs().sum() + last_ref.real.sum(), ref_leaves)
+        with torch.enable_grad():      # the first call may come under no_grad
+            leaves = [t.to(device).requires_grad_() for t in (a, x, h0)]
+            h, h_last = _mosaic_op().scan_mosaic(*leaves)
+            grads = torch.autograd.grad(h.abs().sum() + h_last.real.sum(), leaves)
+            ref_leaves = [t.detach().cpu().to(torch.complex128).requires_grad_() for t in leaves]
+            h_ref, last_ref = scan_reference(*ref_leaves)
+            ref_grads = torch.autograd.grad(h_ref.abs().sum() + last_ref.real.sum(), ref_leaves)
         for got, want in zip((h, h_last, *grads), (h_ref, last_ref, *ref_grads)):
             if not torch.allclose(got.detach().cpu().to(torch.complex128), want, rtol=1e-4, atol=1e-4):
                 return "results differ from the float64 reference"

@@ -12,7 +12,6 @@ On CPU tensors the same kernels run in Pallas's interpret mode (slow; for tests)
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import torch
@@ -27,7 +26,7 @@ _JAX_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float
 
 
 def _interpreted(*arrays, walk, **kw):
-    return mosaic_scan.stage(*arrays, walk=dataclasses.replace(walk, interpret=True), **kw)
+    return mosaic_scan.stage(*arrays, walk=dataclasses.replace(mosaic_scan.Walk(*walk), interpret=True), **kw)
 
 
 _KERNEL = MosaicKernel(mosaic_scan.stage, name="gateloop_scan", interpret_fn=_interpreted)
@@ -54,26 +53,38 @@ def supported(a: Tensor, x: Tensor) -> bool:
             and all(t.dtype in _JAX_DTYPES for t in (a, x)))
 
 
-@functools.cache
+_SMS: dict = {}
+
+
 def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SMS[index]
 
 
 def _pairs(t: Tensor, shape) -> Tensor:
-    """t as float pairs (complex) or as is (real), reshaped to shape (+ (2,) for complex)."""
+    """t as float pairs (complex) or as is (real), viewed as shape (+ (2,) for complex); shape
+    None: t's own. Non-contiguous tensors are made contiguous first, as torch ops do."""
     if t.is_complex():
-        return torch.view_as_real(t.resolve_conj()).contiguous().reshape(*shape, 2)
-    return t.contiguous().reshape(shape)
+        t = torch.view_as_real(t.resolve_conj())
+        shape = None if shape is None else (*shape, 2)
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return t if shape is None else t.view(shape)
 
 
 def _from_pairs(t: Tensor, cplx: bool, shape) -> Tensor:
-    return torch.view_as_complex(t).reshape(shape) if cplx else t.reshape(shape)
+    """The inverse of _pairs (shape None: keep the kernel's shape)."""
+    if cplx:
+        t = torch.view_as_complex(t)
+    return t if shape is None else t.view(shape)
 
 
 def _walk(a, x, h0, reverse, backward, B, N, F, G, R):
     cplx = a.is_complex() or x.is_complex() or (h0 is not None and h0.is_complex())
     num_sms = _num_sms(x.device.index or 0) if x.is_cuda else 132
     chunks, block = mosaic_scan.choose_walk(B, N, F, cplx, num_sms)
+    chunks = mosaic_scan.fit_chunks(N, chunks)
     h0c = h0 is not None and h0.is_complex()
     return mosaic_scan.Walk(
         B=B, N=N, F=F, G=G, R=R, complex_a=a.is_complex(), complex_x=x.is_complex(),
@@ -82,56 +93,110 @@ def _walk(a, x, h0, reverse, backward, B, N, F, G, R):
         backward=backward, reverse=reverse, chunks=chunks, block=block)
 
 
-def _launch(walk, args, out_dtypes):
-    if walk.chunks == 1:
-        return _KERNEL(*args, walk=walk, stage="single", out_dtypes=out_dtypes)
-    sums = _KERNEL(*args, walk=walk, stage="summary", out_dtypes=out_dtypes)
-    return _KERNEL(*args, *sums, walk=walk, stage="finish", out_dtypes=out_dtypes)
+def _launch(walk, args, out_dtypes, bound=None):
+    """Run a walk's kernels. With ``bound`` (a list kept by the caller), the first call binds
+    each stage to its compiled launch and later calls go straight to the launches."""
+    if bound:
+        if len(bound) == 1:
+            return bound[0](args)
+        return bound[1]([*args, *bound[0](args)])
+    fields = dataclasses.astuple(walk)     # plain values: what torch.compile hands an opaque op
+    stages = ["single"] if walk.chunks == 1 else ["summary", "finish"]
+    for stage in stages:
+        static = dict(walk=fields, stage=stage, out_dtypes=out_dtypes)
+        outs = _KERNEL(*args, **static)
+        if bound is not None:
+            bound.append(_KERNEL.bind(*args, **static))
+        args = [*args, *outs]
+    return outs
 
 
 def _real_dtype(dtype: torch.dtype) -> str:
     return _JAX_DTYPES[dtype]
 
 
-class _MosaicScan(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a, x, h0, reverse, out_dtype):
+class _Plan:
+    """What one call signature (shapes, dtypes, device, reverse) needs, worked out once: the
+    pair views' shapes, both walks, and the kernels bound to their compiled launches. An eager
+    call then costs the launches and a few views."""
+
+    def __init__(self, a, x, h0, reverse, bind=True):
         B, N = x.shape[:2]
         F = math.prod(x.shape[2:])
         G, R = gate_layout(a.shape, x.shape)
-        walk = _walk(a, x, h0, reverse, False, B, N, F, G, R)
-        args = [_pairs(a, (B, N, G)), _pairs(x, (B, N, F))]
+        self.fwd_walk = _walk(a, x, h0, reverse, False, B, N, F, G, R)
+        self.bwd_walk = _walk(a, x, h0, reverse, True, B, N, F, G, R)
+        self.cplx = self.fwd_walk.cplx
+        out_dtype = torch.promote_types(a.dtype, x.dtype)
         if h0 is not None:
-            args.append(_pairs(h0, (B, F)))
+            out_dtype = torch.promote_types(out_dtype, h0.dtype)
+        self.grad_dtype = torch.complex64 if self.cplx else out_dtype
         od = _real_dtype(out_dtype)
-        h, h_last = _launch(walk, args, (od, od))
-        ctx.save_for_backward(a, h, h0)
-        ctx.meta = (reverse, B, N, F, G, R, x.shape, x.dtype, walk.cplx)
-        return _from_pairs(h, walk.cplx, x.shape), _from_pairs(h_last, walk.cplx, (B, *x.shape[2:]))
+        self.fwd_dtypes = (od, od)
+        self.bwd_dtypes = (_real_dtype(x.dtype), _real_dtype(a.dtype),
+                           *(() if h0 is None else (_real_dtype(h0.dtype),)))
+        # views only where the kernels' flat feature axis differs from the tensors' own dims
+        flat = lambda shape, own: None if tuple(own) == shape else shape
+        self.shapes = dict(a=flat((B, N, G), a.shape), x=flat((B, N, F), x.shape),
+                           h0=flat((B, F), (B, *x.shape[2:])))
+        self.x_shape, self.last_shape, self.a_shape = x.shape, (B, *x.shape[2:]), a.shape
+        self.out_x = None if self.shapes["x"] is None else x.shape
+        self.out_last = None if self.shapes["h0"] is None else self.last_shape
+        self.out_a = None if self.shapes["a"] is None else a.shape
+        self.h0_shape = None if h0 is None else h0.shape
+        self.sum_dims = [i for i, (sa, sx) in enumerate(zip(a.shape, x.shape)) if sa == 1 and sx != 1]
+        self.complex = (a.is_complex(), x.is_complex(), h0 is not None and h0.is_complex())
+        self.device = x.device
+        # under torch.compile nothing is bound: each launch is the launcher's opaque op
+        self.fwd_bound, self.bwd_bound = ([], []) if bind else (None, None)
+
+    def forward(self, a, x, h0):
+        """(h, h_last, h as the kernels wrote it)."""
+        args = [_pairs(a, self.shapes["a"]), _pairs(x, self.shapes["x"])]
+        if h0 is not None:
+            args.append(_pairs(h0, self.shapes["h0"]))
+        h, h_last = _launch(self.fwd_walk, args, self.fwd_dtypes, self.fwd_bound)
+        return _from_pairs(h, self.cplx, self.out_x), _from_pairs(h_last, self.cplx, self.out_last), h
+
+    def backward(self, a, h, h0, gh, gl):
+        dt = self.grad_dtype
+        gh = torch.zeros(self.x_shape, dtype=dt, device=self.device) if gh is None else gh.to(dt)
+        gl = torch.zeros(self.last_shape, dtype=dt, device=self.device) if gl is None else gl.to(dt)
+        args = [_pairs(a, self.shapes["a"]), _pairs(gh, self.shapes["x"]), h, _pairs(gl, self.shapes["h0"])]
+        if h0 is not None:
+            args.append(_pairs(h0, self.shapes["h0"]))
+        outs = _launch(self.bwd_walk, args, self.bwd_dtypes, self.bwd_bound)
+        ca, cx, c0 = self.complex
+        dx = _from_pairs(outs[0], cx, self.out_x)
+        if self.sum_dims:   # features sharing a gate: sum their contributions
+            da = _from_pairs(outs[1], ca, self.x_shape).sum(dim=self.sum_dims, keepdim=True)
+        else:
+            da = _from_pairs(outs[1], ca, self.out_a)
+        dh0 = None if h0 is None else _from_pairs(outs[2], c0, self.out_last)
+        return da, dx, dh0
+
+
+class _MosaicScan(torch.autograd.Function):
+    """Eager calls bring their signature's plan; under torch.compile it is made in the trace."""
+
+    @staticmethod
+    def forward(ctx, a, x, h0, reverse, plan):
+        if plan is None:
+            plan = _Plan(a, x, h0, reverse, bind=False)
+        h, h_last, h_pairs = plan.forward(a, x, h0)
+        ctx.save_for_backward(a, h_pairs, h0)
+        ctx.plan = plan
+        return h, h_last
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gh, gl):
         a, h, h0 = ctx.saved_tensors
-        reverse, B, N, F, G, R, x_shape, x_dtype, cplx = ctx.meta
-        out = torch.complex64 if cplx else h.dtype
-        gh = torch.zeros(x_shape, dtype=out, device=h.device) if gh is None else gh.to(out)
-        gl = torch.zeros((B, *x_shape[2:]), dtype=out, device=h.device) if gl is None else gl.to(out)
-        x_like = torch.empty(0, dtype=x_dtype)   # only its dtype and complexity matter
-        walk = _walk(a, x_like, h0, reverse, True, B, N, F, G, R)
-        args = [_pairs(a, (B, N, G)), _pairs(gh, (B, N, F)), h, _pairs(gl, (B, F))]
-        dtypes = [_real_dtype(x_dtype), _real_dtype(a.dtype)]
-        if h0 is not None:
-            args.append(_pairs(h0, (B, F)))
-            dtypes.append(_real_dtype(h0.dtype))
-        outs = _launch(walk, args, tuple(dtypes))
-        dx = _from_pairs(outs[0], x_dtype.is_complex, x_shape)
-        da = _from_pairs(outs[1], a.is_complex(), x_shape)
-        if G != F:   # features sharing a gate: sum their contributions
-            dims = [i for i, (sa, sx) in enumerate(zip(a.shape, x_shape)) if sa == 1 and sx != 1]
-            da = da.sum(dim=dims, keepdim=True)
-        dh0 = None if h0 is None else _from_pairs(outs[2], h0.is_complex(), h0.shape)
-        return da.reshape(a.shape), dx, dh0, None, None
+        return (*ctx.plan.backward(a, h, h0, gh, gl), None, None)
+
+
+_PLANS: dict = {}
+_MAX_PLANS = 256
 
 
 def scan_mosaic(a: Tensor, x: Tensor, h0: Tensor | None = None, reverse: bool = False):
@@ -141,7 +206,38 @@ def scan_mosaic(a: Tensor, x: Tensor, h0: Tensor | None = None, reverse: bool = 
     complex64, with ``supported(a, x)``. Output dtype: the promoted input dtype (16-bit inputs
     accumulate in float32). Differentiable once; a second derivative raises.
     """
-    out_dtype = torch.promote_types(a.dtype, x.dtype)
-    if h0 is not None:
-        out_dtype = torch.promote_types(out_dtype, h0.dtype)
-    return _MosaicScan.apply(a, x, h0, reverse, out_dtype)
+    out = try_scan_mosaic(a, x, h0, reverse)
+    if out is None:
+        raise ValueError(f"scan_mosaic: the Mosaic GPU kernels do not take a {tuple(a.shape)} {a.dtype}, "
+                         f"x {tuple(x.shape)} {x.dtype}" + ("" if h0 is None else f", h0 {h0.dtype}")
+                         + f" (features a multiple of {mosaic_scan.W}, gates one per step, per head or per "
+                         "feature block; float32, bfloat16, float16 or complex64)")
+    return out
+
+
+_PLANS: dict = {}
+_MAX_PLANS = 256
+
+
+def try_scan_mosaic(a: Tensor, x: Tensor, h0: Tensor | None = None, reverse: bool = False):
+    """scan_mosaic, or None where the kernels do not take these shapes or dtypes. Whether they
+    do is decided once per signature, with the rest of its plan."""
+    if torch.compiler.is_compiling():
+        if not _takes(a, x, h0):
+            return None
+        return _MosaicScan.apply(a, x, h0, reverse, None)
+    key = (a.shape, a.dtype, x.shape, x.dtype, None if h0 is None else (h0.shape, h0.dtype), x.device, reverse)
+    plan = _PLANS.get(key, _PLANS)
+    if plan is _PLANS:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = _Plan(a, x, h0, reverse) if _takes(a, x, h0) else None
+    if plan is None:
+        return None
+    if torch.is_grad_enabled() and (a.requires_grad or x.requires_grad or (h0 is not None and h0.requires_grad)):
+        return _MosaicScan.apply(a, x, h0, reverse, plan)
+    return plan.forward(a, x, h0)[:2]
+
+
+def _takes(a, x, h0) -> bool:
+    return supported(a, x) and (h0 is None or h0.dtype in _JAX_DTYPES)

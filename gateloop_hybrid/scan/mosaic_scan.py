@@ -59,6 +59,11 @@ class Walk:
     block: int = 8
     interpret: bool = False
 
+    def __post_init__(self):
+        if not 1 <= self.chunks <= self.N or -(-self.N // self.span) != self.chunks:
+            raise ValueError(f"{self.chunks} time chunks of {self.span} steps do not cover N={self.N} "
+                             "with none empty (see fit_chunks)")
+
     @property
     def cplx(self) -> bool:   # is the state complex
         return self.complex_a or self.complex_x or self.complex_init or self.complex_h0
@@ -377,14 +382,16 @@ def _stage_refs(w: Walk, stage: str, out_dtypes: tuple):
     return ins, outs
 
 
-def stage(*arrays, walk: Walk, stage: str, out_dtypes: tuple):
+def stage(*arrays, walk: Walk | tuple, stage: str, out_dtypes: tuple):
     """Run one kernel of a walk: "single" (chunks == 1), or "summary" then "finish" (whose
-    inputs end with the summary's two outputs).
+    inputs end with the summary's two outputs). ``walk`` may be given as the tuple of its fields
+    (plain values are what torch.compile passes to an opaque op).
 
     Forward inputs: a, x, [h0]; outputs h, h_last (dtypes out_dtypes).
     Backward inputs: a, g, h, [g_last], [h0]; outputs dx, da_full (da before summing over the
     features that share a gate), [dh0] (dtypes out_dtypes, in that order).
     """
+    walk = walk if isinstance(walk, Walk) else Walk(*walk)
     walk.gate_mode()
     if (stage == "single") != (walk.chunks == 1):
         raise ValueError(f"stage {stage!r} does not fit a walk of {walk.chunks} chunks")
@@ -403,6 +410,12 @@ def walk_kernel(w: Walk, out_dtypes: tuple):
     return chunked
 
 
+def fit_chunks(N: int, chunks: int) -> int:
+    """The number of chunks of ceil(N / chunks) steps that covers N steps with none empty."""
+    chunks = max(1, min(chunks, N))
+    return -(-N // -(-N // chunks))
+
+
 def choose_walk(B: int, N: int, F: int, cplx: bool, num_sms: int = 132) -> tuple[int, int]:
     """(chunks, block) for a walk. Measured on an H200 (benchmarks/lab/mosaic_walk_probe.py):
     one chunk when B * F / W CTAs nearly fill the GPU (a single pass reads the inputs once);
@@ -414,4 +427,4 @@ def choose_walk(B: int, N: int, F: int, cplx: bool, num_sms: int = 132) -> tuple
     if ctas * 10 >= num_sms * 9:
         return 1, block
     chunks = -(-4 * num_sms // ctas)
-    return max(1, min(chunks, N // (4 * block))), block
+    return fit_chunks(N, min(chunks, max(1, N // (4 * block)))), block

@@ -1,0 +1,131 @@
+"""The Mosaic GPU scan kernels through their torch op (mosaic_op.scan_mosaic), run on CPU in
+Pallas's Mosaic GPU interpret mode, against the float64 reference: values and all gradients,
+real and complex (and mixed), h0, reverse, odd lengths, gates broadcast per head or per feature
+block, and the walk cut into time chunks. The same tests run on a GPU in tests/test_cuda.py."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+pytest.importorskip("jax")
+pytest.importorskip("absl")      # Mosaic GPU's Python side needs absl-py
+
+from gateloop_hybrid.scan import mosaic_op, mosaic_scan  # noqa: E402
+from gateloop_hybrid.scan.reference import scan_reference  # noqa: E402
+
+
+def make(B, N, x_feat, a_feat, ca, cx, c0, h0, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    mag = 0.5 + 0.49 * torch.rand(B, N, *a_feat, generator=g, dtype=torch.float64)
+    a = torch.polar(mag, 6 * torch.rand(B, N, *a_feat, generator=g, dtype=torch.float64) - 3) if ca else mag
+    x = torch.randn(B, N, *x_feat, generator=g, dtype=torch.complex128 if cx else torch.float64)
+    hh = torch.randn(B, *x_feat, generator=g, dtype=torch.complex128 if c0 else torch.float64) if h0 else None
+    low = lambda t: None if t is None else t.to(torch.complex64 if t.is_complex() else dtype)
+    return low(a), low(x), low(hh)
+
+
+def check(a, x, h0, reverse, tol):
+    leaves = [t.clone().requires_grad_() for t in (a, x, h0) if t is not None]
+    h, h_last = mosaic_op.scan_mosaic(leaves[0], leaves[1], leaves[2] if h0 is not None else None, reverse)
+    wide = [t.detach().to(torch.complex128 if t.is_complex() else torch.float64).requires_grad_() for t in leaves]
+    h_ref, last_ref = scan_reference(wide[0], wide[1], wide[2] if h0 is not None else None, reverse)
+    assert h.shape == h_ref.shape and h.is_complex() == h_ref.is_complex()
+    g = torch.Generator().manual_seed(1)
+    ch = torch.randn(h_ref.shape, generator=g, dtype=h_ref.dtype)
+    cl = torch.randn(last_ref.shape, generator=g, dtype=h_ref.dtype)
+    loss = lambda h, hl: (h * ch.to(h.dtype).conj()).real.sum() + (hl * cl.to(hl.dtype).conj()).real.sum()
+    grads = torch.autograd.grad(loss(h, h_last), leaves)
+    refs = torch.autograd.grad(loss(h_ref, last_ref), wide)
+    rel = lambda got, want: ((got.detach().to(want.dtype) - want).abs().norm() / want.abs().norm()).item()
+    errors = {"h": rel(h, h_ref), "h_last": rel(h_last, last_ref)}
+    for name, got, want in zip(("a", "x", "h0"), grads, refs):
+        assert got.shape == want.shape and got.dtype == leaves[["a", "x", "h0"].index(name)].dtype, name
+        errors[name] = rel(got, want)
+    assert max(errors.values()) < tol, errors
+
+
+CASES = {
+    # name: (B, N, x features, a features, complex a, complex x, complex h0, h0, reverse)
+    "real-h0": (2, 37, (128,), (128,), False, False, False, True, False),
+    "real-rev-n1": (1, 1, (128,), (128,), False, False, False, True, True),
+    "complex-h0-rev": (1, 23, (128,), (128,), True, True, True, True, True),
+    "complex-gate-real-x": (1, 19, (2, 128), (2, 1), True, False, False, False, False),
+    "real-gate-complex-x-h0": (2, 21, (128,), (1,), False, True, True, True, True),
+    "gate-per-feature-block": (1, 17, (2, 128), (1, 128), False, False, False, True, False),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_values_and_gradients(name):
+    B, N, xf, af, ca, cx, c0, h0, rev = CASES[name]
+    check(*make(B, N, xf, af, ca, cx, c0, h0), rev, 2e-5)
+
+
+@pytest.mark.parametrize("complex_,n,chunks", [(False, 29, 3), (True, 29, 3), (True, 9, 4)])
+def test_walk_cut_into_time_chunks(monkeypatch, complex_, n, chunks):
+    """Forward and backward through the summary and finishing kernels, chunks of unequal length
+    (9 steps asked in 4 chunks run as 3 of 3)."""
+    monkeypatch.setattr(mosaic_scan, "choose_walk", lambda B, N, F, cplx, sms: (chunks, 4))
+    check(*make(1, n, (128,), (128,), complex_, complex_, complex_, True), complex_, 2e-5)
+
+
+def test_chunks_cover_the_walk():
+    for n in range(1, 60):
+        for asked in range(1, 70):
+            c = mosaic_scan.fit_chunks(n, asked)
+            span = -(-n // c)
+            assert 1 <= c <= n and (c - 1) * span < n <= c * span
+    with pytest.raises(ValueError, match="cover"):
+        mosaic_scan.Walk(1, 9, 128, 1, 128, False, False, False, False, False, False, False, False, chunks=4)
+
+
+def test_bfloat16_inputs_accumulate_in_float32():
+    a, x, h0 = make(1, 33, (128,), (128,), False, False, False, True, dtype=torch.bfloat16)
+    h, h_last = mosaic_op.scan_mosaic(a, x, h0)
+    assert h.dtype == torch.bfloat16
+    h_ref, _ = scan_reference(a, x, h0)
+    assert ((h.double() - h_ref).norm() / h_ref.norm()).item() < 1e-2
+
+
+def test_second_derivative_raises():
+    a, x, _ = make(1, 5, (128,), (128,), False, False, False, False)
+    a.requires_grad_()
+    h, _ = mosaic_op.scan_mosaic(a, x)
+    (ga,) = torch.autograd.grad(h.pow(2).sum(), a, create_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        ga.sum().backward()
+
+
+@pytest.mark.parametrize("a_feat,x_feat,want", [
+    ((4, 1), (4, 128), (4, 128)),            # one gate per head
+    ((1, 1), (4, 128), (1, 512)),            # one gate per step
+    ((1, 128), (4, 128), (128, 1)),          # gates repeat over heads
+    ((4, 128), (4, 128), (512, 1)),          # no broadcast
+    ((4, 1, 8), (4, 3, 8), None),            # broadcast dim inside the gate block
+])
+def test_gate_layout(a_feat, x_feat, want):
+    assert mosaic_op.gate_layout((2, 3, *a_feat), (2, 3, *x_feat)) == want
+
+
+def test_supported_shapes():
+    a, x, _ = make(1, 4, (100,), (100,), False, False, False, False)
+    assert not mosaic_op.supported(a, x)          # features not a multiple of 128
+    a, x, _ = make(1, 4, (2, 64), (2, 1), False, False, False, False)
+    assert not mosaic_op.supported(a, x)          # a head of 64 splits a tile of 128
+    a, x, _ = make(1, 4, (2, 128), (2, 1), False, False, False, False)
+    assert mosaic_op.supported(a, x)
+    assert not mosaic_op.supported(a.double(), x.double())
+
+
+def test_walk_choice():
+    # one pass when B * F / 128 CTAs nearly fill 132 multiprocessors; chunks otherwise
+    assert mosaic_scan.choose_walk(16, 1024, 1024, False, 132) == (1, 16)
+    chunks, block = mosaic_scan.choose_walk(1, 65536, 512, True, 132)
+    assert chunks == 132 and block == 8
+    assert mosaic_scan.choose_walk(1, 8, 128, False, 132)[0] == 1    # too short to cut
+    assert mosaic_scan.choose_walk(1, 4097, 128, True, 132) == (125, 8)    # 128 asked: 125 of 33 steps
+    assert dataclasses.replace(mosaic_scan.Walk(1, 2, 128, 1, 128, False, False, False, False, False,
+                                                False, False, False), chunks=2).span == 1
