@@ -29,12 +29,14 @@ How one call runs:
 - 64-bit tensors (float64, complex128, int64) run in JAX's x64 mode, never narrowed.
 - Outputs never share memory with inputs or with each other (JAX returns an input unchanged
   when a function forwards it; the bridge copies such an output).
-- Under ``torch.compile``, ``torch.func`` transforms (``vmap``, ``grad``, ``vjp``, ``jacrev``)
-  and for tensor subclasses (fake, functional tensors) the call goes through the
-  ``jax_bridge::call`` custom op: opaque to the compiler, with a fake implementation from
-  ``jax.eval_shape``, and a batching rule that runs ``jax.vmap`` of the function. In eager mode
-  it goes straight through a ``torch.autograd.Function``, which costs less per call.
-  Forward-mode AD (``torch.func.jvp``, ``jacfwd``, dual tensors) is not supported: torch raises.
+- Under ``torch.compile`` and for tensor subclasses (fake, functional tensors) the call goes
+  through the ``jax_bridge::call`` custom op: opaque to the compiler, with a fake implementation
+  from ``jax.eval_shape``. Under ``torch.func`` transforms (``vmap``, ``grad``, ``vjp``,
+  ``jacrev``) it goes through an autograd.Function whose batching rule is ``jax.vmap`` of the
+  function, itself bridged, and whose backward is bridged too. In eager mode it goes straight
+  through a ``torch.autograd.Function``, which costs less per call.
+  Forward-mode AD (``torch.func.jvp``, ``jacfwd``, dual tensors) is not supported: it raises
+  NotImplementedError naming the function (a tangent is never dropped).
 """
 
 from __future__ import annotations
