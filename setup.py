@@ -20,10 +20,12 @@ setup(
         "numpy",
     ],
     extras_require={
-        # JAX with its CUDA 13 plugin, for CUDA tensors (the jax and pallas scan backends on GPU).
-        "cuda": ["jax[cuda13]>=0.7"],
-        "cuda12": ["jax[cuda12]>=0.7"],
-        "test": ["pytest>=7", "gateloop-transformer==0.2.5", "rotary-embedding-torch"],
+        # JAX with its CUDA 13 plugin, for CUDA tensors (the jax and pallas scan backends on GPU);
+        # Mosaic GPU (the launcher, Hopper and newer) needs jaxlib >= 0.11.1 and absl-py.
+        "cuda": ["jax[cuda13]>=0.7", "absl-py"],
+        "cuda12": ["jax[cuda12]>=0.7", "absl-py"],
+        # absl-py: Pallas's Mosaic GPU interpret mode, which runs the kernels' tests on CPU
+        "test": ["pytest>=7", "gateloop-transformer==0.2.5", "rotary-embedding-torch", "absl-py"],
         "bench": ["tqdm", "matplotlib"],
         "train": ["tqdm"],
     },

@@ -61,7 +61,11 @@ class KernelModule:
 def lower(fn, in_structs, name: str) -> KernelModule:
     """Lower ``fn(*in_structs)`` for CUDA and extract its one Mosaic GPU call."""
     from jax._src.lib.mlir import passmanager
-    import jax.experimental.mosaic.gpu as mgpu
+    try:
+        import jax.experimental.mosaic.gpu as mgpu
+    except ImportError as e:
+        raise MosaicGpuUnavailable(f"Mosaic GPU's Python side does not import ({e}); it needs absl-py "
+                                   "(pip install absl-py)") from e
 
     module = jax.jit(fn).trace(*in_structs).lower(lowering_platforms=("cuda",)).compiler_ir()
     with module.context:
@@ -241,3 +245,10 @@ def compile(module_bytes: bytes, device_index: int) -> Compiled:
         raise RuntimeError(f"MosaicGpuCompile failed on cuda:{device_index}{hint} (jaxlib "
                            f"{_jaxlib_version()}, plugin {lib.path})")
     return Compiled(handle, lib.unload)
+
+
+def interpret_params():
+    """Pallas's Mosaic GPU interpret mode (``plgpu.kernel(..., interpret=interpret_params())``):
+    the kernel run by JAX on the CPU, for ``MosaicKernel``'s ``interpret_fn``. Not public in JAX."""
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    return InterpretGPUParams()

@@ -14,22 +14,26 @@ How a call runs (eager):
 
 The first call per key lowers the function for CUDA (``jax.jit(...).lower``), takes the Mosaic GPU
 module out of it and compiles it for that device; later calls reuse it (at most ``max_entries``
-keys per kernel, least recently used evicted). Since launches go to torch's current stream and
-Mosaic GPU passes its TMA descriptors as kernel parameters, calls work on side streams and are
-recorded by ``torch.cuda.graph`` capture as plain kernel nodes.
+keys per kernel, least recently used evicted and unloaded). Since launches go to torch's current
+stream and Mosaic GPU passes its TMA descriptors as kernel parameters, calls work on side streams
+and are recorded by ``torch.cuda.graph`` capture as plain kernel nodes (call once before capturing,
+so that compiling happens outside the capture; a captured kernel is never unloaded).
 
-Under ``torch.compile`` a call is the one custom op ``bridge_mosaic::launch`` (a fake implementation
-from ``jax.eval_shape`` gives the outputs' shapes), so ``fullgraph=True`` and ``mode="reduce-overhead"``
-see one opaque op with torch-allocated outputs.
+Under ``torch.compile`` a call is the one custom op ``bridge_mosaic::launch(key, inputs)``: ``key``
+is a string naming the kernel and its static values, made while Dynamo traces (each static value
+is specialized on, so a new value recompiles), and a fake implementation from ``jax.eval_shape``
+gives the outputs' shapes. ``fullgraph=True`` and ``mode="reduce-overhead"`` see one opaque op with
+torch-allocated outputs; the first call may come from inside the compiled function.
 
 CPU tensors run ``interpret_fn`` (the same kernel in Pallas interpret mode) through
 ``bridge.jax2torch``, so the whole path (cache, custom op, fake implementation, compile) is
 testable without a GPU.
 
-Limits: the function calls exactly one ``plgpu.kernel`` and does nothing else (no jnp work around
-it); its inputs go to the kernel in order and it returns kernel results; no input/output aliasing;
-inputs are contiguous, 16-byte aligned tensors (never copied); Hopper or newer GPUs; jaxlib >= 0.11.1
-with its CUDA plugin; not differentiable (wrap calls in your own ``torch.autograd.Function``).
+Limits: the function calls exactly one single-device ``plgpu.kernel`` and does nothing else (no jnp
+work around it); its inputs go to the kernel in order and it returns kernel results; no
+input/output aliasing; inputs are contiguous, 16-byte aligned tensors of ``SUPPORTED_DTYPES`` (never
+copied or cast); Hopper or newer GPUs; jaxlib >= 0.11.1 with its CUDA plugin; not differentiable
+(wrap calls in your own ``torch.autograd.Function``).
 """
 
 from __future__ import annotations
@@ -43,8 +47,10 @@ import weakref
 from typing import NamedTuple
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_scalar
 
 from . import _mosaic_abi
+from ._mosaic_abi import MosaicGpuUnavailable, interpret_params  # noqa: F401  (re-exported)
 from .function import jax2torch
 import jax
 import jax.numpy as jnp
@@ -166,7 +172,12 @@ class MosaicKernel:
 
     def __call__(self, *tensors, **static) -> tuple:
         if torch.compiler.is_compiling():
-            return tuple(_compiled_call(self._registry_key, *tensors, **static))
+            # One opaque op; the string key (a constant to the compiler) names kernel and statics.
+            # Not differentiable, as in eager mode: inputs are detached so that AOTAutograd does not
+            # look for a backward (the caller's autograd.Function supplies gradients).
+            key = _constant_op_key(self._registry_key, **{k: _constant(v) for k, v in static.items()})
+            inputs = [t.detach() if t.requires_grad else t for t in tensors]
+            return tuple(_launch_op(key, inputs))
         return self._run(tensors, static)
 
     def _run(self, tensors, static) -> tuple:
@@ -363,10 +374,18 @@ def _(key, inputs):
             for s in kernel.out_structs(*inputs, **static)]
 
 
-@torch._dynamo.nonstrict_trace   # runs as plain Python (dict lookups), records the op
-def _compiled_call(kernel_key: str, *tensors, **static):
-    kernel = _KERNELS[kernel_key]
-    # Not differentiable, as in eager mode: the outputs are not tracked (the caller's
-    # autograd.Function supplies gradients), so AOTAutograd must not look for a backward.
-    inputs = [t.detach() if isinstance(t, torch.Tensor) and t.requires_grad else t for t in tensors]
-    return _launch_op(kernel._op_key(static), inputs)
+def _constant(v):
+    """A static value as a plain constant while Dynamo traces. After a recompile Dynamo turns int
+    and float arguments into symbols (automatic dynamic), but a kernel is compiled for one value:
+    guard_scalar specializes on it (a guard on the value, so a new value recompiles)."""
+    kind = type(v)
+    if kind is int or kind is float:
+        return guard_scalar(v)
+    if kind is tuple:
+        return tuple(_constant(x) for x in v)
+    return v
+
+
+@torch._dynamo.assume_constant_result   # run at trace time (plain Python); its string is a constant
+def _constant_op_key(kernel_key: str, **static) -> str:
+    return _KERNELS[kernel_key]._op_key(static)

@@ -6,10 +6,8 @@ refusals) and the launch bookkeeping with the compile step faked. On a GPU (Hopp
 values against interpret mode, side streams and CUDA graph capture.
 """
 
-import ctypes
 import functools
 
-import numpy as np
 import pytest
 import torch
 
@@ -188,11 +186,9 @@ def test_bad_cpu_without_interpret():
 def test_mixed_devices(monkeypatch):
     # Two devices on a CPU-only machine: treat meta as launchable so only the device mix is wrong.
     monkeypatch.setattr(mosaic, "_LAUNCH_DEVICES", ("cuda", "meta"))
-    k = make_axpy()
+    k = MosaicKernel(two_out_fn, name="two", interpret_fn=two_out_interpret)
     with pytest.raises(ValueError, match=r"one device, got argument 0 on cpu, argument 1 on meta"):
-        MosaicKernel(two_out_fn, name="two", interpret_fn=two_out_interpret)(
-            x_of((2, 128)), x_of((2, 128)).to("meta"))
-    del k
+        k(x_of((2, 128)), x_of((2, 128)).to("meta"))
 
 
 def test_requires_grad_not_tracked():
@@ -248,6 +244,27 @@ def test_compile_new_shapes_and_grad_inputs():
         torch.testing.assert_close(f(x), 3 * x)
     o = f(x_of().requires_grad_())              # not differentiable, not tracked: as in eager mode
     assert not o.requires_grad
+
+
+def _tagged_fn(x, *, a, tag):
+    assert tag[1:] == (None, "s")
+    return _axpy_call(x, a=a, interpret=False)
+
+
+def _tagged_interpret(x, *, a, tag):
+    return _axpy_call(x, a=a, interpret=True)
+
+
+def test_compile_static_arguments():
+    """Static values that arrive as arguments: Dynamo makes ints and floats symbolic after a
+    recompile, but each value must select its own compiled kernel."""
+    k = MosaicKernel(_tagged_fn, name="axpy_tagged", interpret_fn=_tagged_interpret)
+    torch._dynamo.reset()
+    f = torch.compile(lambda x, a, n: k(x, a=a, tag=(n, None, "s"))[0], fullgraph=True, backend="aot_eager")
+    x = x_of()
+    for a, n in ((2.0, 1), (3.0, 2), (0.5, 3), (3.0, 2), (4, 2)):
+        torch.testing.assert_close(f(x, a, n), a * x + 1)
+    assert k.cache_info().compiles == 4
 
 
 _axpy_for_grad = {}
@@ -467,18 +484,20 @@ def test_gpu_values(dtype):
 
 @needs_gpu
 def test_gpu_side_stream():
+    """The launch goes to torch's current stream: queued behind a slow write on a side stream, it
+    must read the written values (on any other stream it would read the zeros)."""
     k = make_axpy()
-    x = x_of((8, 64, 256), device="cuda")
-    k(x)
+    x = torch.zeros(8, 64, 256, device="cuda")
+    new = x_of((8, 64, 256), device="cuda")
+    k(x, a=3.0)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for _ in range(3):
-            torch.cuda._sleep(1_000_000)      # the side stream is busy; the launch must queue behind
-            (o,) = k(x, a=3.0)
-            o = o * 1                          # torch work after it, on the same stream
+        torch.cuda._sleep(50_000_000)          # tens of milliseconds of GPU time on this stream
+        x.copy_(new)
+        (o,) = k(x, a=3.0)
     torch.cuda.current_stream().wait_stream(side)
-    torch.testing.assert_close(o, 3 * x + 1)
+    torch.testing.assert_close(o, 3 * new + 1)
 
 
 @needs_gpu

@@ -126,6 +126,8 @@ class _Plan:
         G, R = gate_layout(a.shape, x.shape)
         self.fwd_walk = _walk(a, x, h0, reverse, False, B, N, F, G, R)
         self.bwd_walk = _walk(a, x, h0, reverse, True, B, N, F, G, R)
+        # h_last unused (no cotangent): the backward walk starts from zero, no zeros tensor made
+        self.bwd_walk_no_last = dataclasses.replace(self.bwd_walk, has_init=False, complex_init=False)
         self.cplx = self.fwd_walk.cplx
         out_dtype = torch.promote_types(a.dtype, x.dtype)
         if h0 is not None:
@@ -148,7 +150,7 @@ class _Plan:
         self.complex = (a.is_complex(), x.is_complex(), h0 is not None and h0.is_complex())
         self.device = x.device
         # under torch.compile nothing is bound: each launch is the launcher's opaque op
-        self.fwd_bound, self.bwd_bound = ([], []) if bind else (None, None)
+        self.fwd_bound, self.bwd_bound, self.bwd_bound_no_last = ([], [], []) if bind else (None, None, None)
 
     def forward(self, a, x, h0):
         """(h, h_last, h as the kernels wrote it)."""
@@ -161,11 +163,15 @@ class _Plan:
     def backward(self, a, h, h0, gh, gl):
         dt = self.grad_dtype
         gh = torch.zeros(self.x_shape, dtype=dt, device=self.device) if gh is None else gh.to(dt)
-        gl = torch.zeros(self.last_shape, dtype=dt, device=self.device) if gl is None else gl.to(dt)
-        args = [_pairs(a, self.shapes["a"]), _pairs(gh, self.shapes["x"]), h, _pairs(gl, self.shapes["h0"])]
+        args = [_pairs(a, self.shapes["a"]), _pairs(gh, self.shapes["x"]), h]
+        if gl is not None:
+            args.append(_pairs(gl.to(dt), self.shapes["h0"]))
         if h0 is not None:
             args.append(_pairs(h0, self.shapes["h0"]))
-        outs = _launch(self.bwd_walk, args, self.bwd_dtypes, self.bwd_bound)
+        if gl is None:
+            outs = _launch(self.bwd_walk_no_last, args, self.bwd_dtypes, self.bwd_bound_no_last)
+        else:
+            outs = _launch(self.bwd_walk, args, self.bwd_dtypes, self.bwd_bound)
         ca, cx, c0 = self.complex
         dx = _from_pairs(outs[0], cx, self.out_x)
         if self.sum_dims:   # features sharing a gate: sum their contributions

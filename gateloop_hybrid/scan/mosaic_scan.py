@@ -417,14 +417,15 @@ def fit_chunks(N: int, chunks: int) -> int:
 
 
 def choose_walk(B: int, N: int, F: int, cplx: bool, num_sms: int = 132) -> tuple[int, int]:
-    """(chunks, block) for a walk. Measured on an H200 (benchmarks/lab/mosaic_walk_probe.py):
-    one chunk when B * F / W CTAs nearly fill the GPU (a single pass reads the inputs once);
-    otherwise about four CTAs per multiprocessor, which hides the extra read of the summary pass
-    better than fewer, longer chunks. Deeper blocks keep more loads in flight: 16 steps for real
-    states, 8 for complex ones (twice the registers per step)."""
+    """(chunks, block) for a walk, from measurements on an H200 (benchmarks/lab/mosaic_walk_probe.py).
+
+    One pass when B * F / W CTAs nearly fill the GPU: it reads the inputs once, and deeper blocks
+    (32 steps real, 16 complex) keep enough loads in flight. Otherwise chunks for about eight
+    CTAs per multiprocessor, with blocks of 16 / 8 steps: more, shorter chunks hide the summary
+    pass's extra read better than fewer, longer ones."""
     ctas = B * (F // W)
-    block = 8 if cplx else 16
     if ctas * 10 >= num_sms * 9:
-        return 1, block
-    chunks = -(-4 * num_sms // ctas)
+        return 1, 16 if cplx else 32
+    block = 8 if cplx else 16
+    chunks = -(-8 * num_sms // ctas)
     return fit_chunks(N, min(chunks, max(1, N // (4 * block)))), block
