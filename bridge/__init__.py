@@ -5,7 +5,8 @@
 """
 
 from .convert import SUPPORTED_DTYPES, to_jax, to_torch
-from .function import JaxFunction, jax2torch
+from .function import DoubleBackwardError, JaxFunction, jax2torch
 from .mosaic import MosaicKernel
 
-__all__ = ["jax2torch", "JaxFunction", "MosaicKernel", "to_jax", "to_torch", "SUPPORTED_DTYPES"]
+__all__ = ["jax2torch", "JaxFunction", "DoubleBackwardError", "MosaicKernel", "to_jax", "to_torch",
+           "SUPPORTED_DTYPES"]

@@ -34,6 +34,15 @@ def check_dtype(t: torch.Tensor, name: str = "tensor") -> None:
             f"(supported: {', '.join(sorted(str(d).removeprefix('torch.') for d in SUPPORTED_DTYPES))})")
 
 
+def check_layout(t: torch.Tensor, name: str = "tensor") -> None:
+    if t.is_nested:
+        raise TypeError(f"{name} is a nested tensor; the bridge passes dense (strided) tensors only "
+                        "(pad it, or call once per component)")
+    if t.layout is not torch.strided:
+        raise TypeError(f"{name} has layout {t.layout}; the bridge passes dense (strided) tensors only "
+                        "(convert with .to_dense())")
+
+
 def check_device(t: torch.Tensor, name: str = "tensor") -> None:
     if t.device.type not in ("cpu", "cuda"):
         raise ValueError(f"{name} is on device {t.device}; the bridge handles cpu and cuda tensors")
@@ -190,6 +199,7 @@ def to_jax(tensor: torch.Tensor, *, name: str = "tensor") -> jax.Array:
     """
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    check_layout(tensor, name)
     check_dtype(tensor, name)
     check_device(tensor, name)
     return exchange.to_jax([prepare(tensor)])[0]

@@ -1,6 +1,7 @@
 """bridge: zero-copy exchange, autograd (real and complex), caching, dtypes, errors, torch.compile."""
 
 import os
+import warnings
 import subprocess
 import sys
 
@@ -302,3 +303,152 @@ def test_warns_once_if_jax_already_took_the_gpu():
     count, category, message = out.stdout.strip().split(" ", 2)
     assert count == "1" and category == "RuntimeWarning"
     assert "XLA_PYTHON_CLIENT_PREALLOCATE" in message
+
+
+# ---- 9. double backward ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["residuals_are_inputs", "intermediate_residuals", "complex"])
+def test_double_backward_matches_torch(kind):
+    """A gradient of the gradient is JAX's derivative of the backward, never a constant."""
+    if kind == "residuals_are_inputs":     # the vjp keeps only inputs: b and a
+        f, dtype = jax2torch(lambda a, b: a * b), torch.float64
+    elif kind == "intermediate_residuals":  # the vjp keeps cos(a): the inputs are saved as well
+        f, dtype = jax2torch(lambda a, b: jnp.sin(a) * b), torch.float64
+    else:
+        f, dtype = jax2torch(lambda z, w: jnp.abs(z) ** 2 * w + jnp.conj(z) * jnp.exp(w)), torch.complex128
+    a = torch.randn(3, 4, dtype=dtype, requires_grad=True)
+    b = torch.randn(3, 4, dtype=dtype, requires_grad=True)
+    assert torch.autograd.gradgradcheck(f, (a, b))
+    (ga,) = torch.autograd.grad(f(a, b).abs().pow(2).sum(), a, create_graph=True)
+    assert ga.grad_fn is not None
+
+
+def test_double_backward_refused_by_name_when_declared_impossible():
+    from bridge import DoubleBackwardError
+    f = jax2torch(lambda x: jnp.sin(x), name="kernel", double_backward=False)
+    x = torch.randn(4, requires_grad=True)
+    (g,) = torch.autograd.grad(f(x).sum(), x)                 # first order is fine
+    torch.testing.assert_close(g, torch.cos(x.detach()))
+    with pytest.raises(DoubleBackwardError, match="kernel: a gradient of its gradient"):
+        torch.autograd.grad(f(x).sum(), x, create_graph=True)
+
+
+def test_double_backward_under_torch_compile_raises():
+    f = jax2torch(lambda x: jnp.sin(x))
+    x = torch.randn(4, requires_grad=True)
+    y = torch.compile(lambda x: f(x).sum(), fullgraph=True, backend="aot_eager")(x)
+    (g,) = torch.autograd.grad(y, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.sum().backward()
+
+
+# ---- 10. cache hygiene ---------------------------------------------------------------------------
+
+
+def test_a_failed_trace_leaves_nothing_behind():
+    calls = []
+
+    def fn(x):
+        calls.append(1)
+        if len(calls) == 1:
+            raise NameError("name 'undefined' is not defined")
+        return x * 2
+    f = jax2torch(fn)
+    x = torch.ones(3, requires_grad=True)
+    with pytest.raises(NameError):
+        f(x)
+    torch.testing.assert_close(f(x), 2 * x)           # same shape, traced again
+    f(x).sum().backward()
+    torch.testing.assert_close(x.grad, torch.full((3,), 2.0))
+
+
+def test_caches_are_bounded_and_warn_once(monkeypatch):
+    import bridge.function as bf
+    monkeypatch.setattr(bf, "MAX_STATIC_VALUES", 4)
+    monkeypatch.setattr(bf, "MAX_SIGNATURES", 3)
+
+    class Opaque:          # hashed by identity: a new one never matches a cached trace
+        pass
+    f = jax2torch(lambda x, tag: x + 1, name="tagged")
+    x = torch.ones(2)
+    with pytest.warns(RuntimeWarning, match="tagged: called with more than 4 different static"):
+        for _ in range(10):
+            torch.testing.assert_close(f(x, Opaque()), x + 1)
+    assert len(f._specs) <= 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        f(x, Opaque())                                # said once only
+    with pytest.warns(RuntimeWarning, match="not equal to itself"):
+        f(x, float("nan"))
+    g = jax2torch(lambda x: x * 2, name="shapes")
+    with pytest.warns(RuntimeWarning, match="shapes: called with more than 3 different input shapes"):
+        for n in range(1, 8):
+            torch.testing.assert_close(g(torch.ones(n)), torch.full((n,), 2.0))
+    spec = next(iter(g._specs.values()))
+    assert len(spec.signatures) <= 3 and len(spec._traced) <= 3
+    torch.testing.assert_close(g(torch.ones(1)), torch.full((1,), 2.0))   # an evicted shape again
+
+
+def test_outputs_never_share_memory_with_inputs_or_each_other():
+    f = jax2torch(lambda x: (x, x, x * 2))
+    x = torch.randn(4)
+    a, b, c = f(x)
+    ptrs = {x.data_ptr(), a.data_ptr(), b.data_ptr(), c.data_ptr()}
+    assert len(ptrs) == 4
+    a.add_(1.0)
+    torch.testing.assert_close(b, x)
+
+
+def test_sparse_and_nested_tensors_refused_by_name():
+    f = jax2torch(lambda x, y: x + y, name="add")
+    with pytest.raises(TypeError, match=r"add: argument args\[1\] has layout torch.sparse_coo"):
+        f(torch.ones(2), torch.ones(2).to_sparse())
+    nested = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])
+    with pytest.raises(TypeError, match=r"add: argument args\[0\] is a nested tensor"):
+        f(nested, torch.ones(2))
+    with pytest.raises(TypeError, match="layout torch.sparse_csr"):
+        to_jax(torch.eye(3).to_sparse_csr())
+    f(torch.ones(2), torch.ones(2))           # the fast path (a known spec) checks layouts too
+    with pytest.raises(TypeError, match="sparse"):
+        f(torch.ones(2), torch.ones(2).to_sparse())
+
+
+# ---- 11. torch.func transforms and threads ------------------------------------------------------
+
+
+def test_vmap_and_reverse_mode_func_transforms():
+    f = jax2torch(lambda a, b: (jnp.sin(a) * b, jnp.sum(a)), name="sinmul")
+    xs = torch.randn(5, 3, dtype=torch.float64)
+    y = torch.randn(3, dtype=torch.float64)
+    u, s = torch.vmap(f, in_dims=(0, None))(xs, y)
+    torch.testing.assert_close(u, torch.sin(xs) * y)
+    torch.testing.assert_close(s, xs.sum(1))
+    u, _ = torch.vmap(f, in_dims=(1, None))(xs.T, y)                 # batch on dim 1, strided
+    torch.testing.assert_close(u, torch.sin(xs) * y)
+    grad = torch.func.grad(lambda a: f(a, y)[0].sum())
+    torch.testing.assert_close(grad(xs[0]), torch.cos(xs[0]) * y)
+    torch.testing.assert_close(torch.vmap(grad)(xs), torch.cos(xs) * y)
+    sum_then_grad = torch.func.grad(lambda a: torch.vmap(lambda r: f(r, y)[0])(a).sum())
+    torch.testing.assert_close(sum_then_grad(xs), torch.cos(xs) * y)
+    hess = torch.func.jacrev(torch.func.jacrev(lambda a: f(a, y)[0].sum()))(xs[0])
+    torch.testing.assert_close(hess, torch.diag(-torch.sin(xs[0]) * y))
+    with pytest.raises(NotImplementedError, match="sinmul: forward-mode AD"):
+        torch.func.jacfwd(lambda a: f(a, y)[0])(xs[0])
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="sinmul: forward-mode AD"):
+        f(fwAD.make_dual(xs[0], torch.ones_like(xs[0])), y)      # never a dropped tangent
+
+
+def test_concurrent_first_calls_from_threads():
+    from concurrent.futures import ThreadPoolExecutor
+    f = jax2torch(lambda a, b: jnp.tanh(a) * b)
+
+    def work(n):
+        a = torch.randn(n % 5 + 1, 3, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(n % 5 + 1, 3, dtype=torch.float64)
+        out = f(a, b)
+        (g,) = torch.autograd.grad(out.sum(), a)
+        return torch.allclose(out, torch.tanh(a) * b) and torch.allclose(g, (1 - torch.tanh(a) ** 2) * b)
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(work, range(24)))

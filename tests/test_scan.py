@@ -282,3 +282,169 @@ def test_torch_compile_of_the_scan_matches_eager_without_warnings():
         ca, cx = torch.autograd.grad(compiled, (a, x))
     assert torch.allclose(compiled, eager) and torch.allclose(ca, ga) and torch.allclose(cx, gx)
     assert not [str(w.message) for w in caught if "lru_cache" in str(w.message)]
+
+
+# ---- second order, views, transforms, cold compile ----------------------------------------------
+
+
+def _gradient_penalty(backend, a, x, reverse=False):
+    """x.grad of h.sum() + |d(sum h^2)/da|^2: the gradient of a gradient."""
+    a, x = a.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    h, _ = gate_loop_scan(a, x, reverse=reverse, backend=backend)
+    (ga,) = torch.autograd.grad(h.abs().pow(2).sum(), a, create_graph=True)
+    assert ga.grad_fn is not None, backend
+    (h.real.sum() + ga.abs().pow(2).sum()).backward()
+    return x.grad, a.grad
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS[1:])
+@pytest.mark.parametrize("complex_,reverse", [(False, False), (True, True)])
+def test_double_backward_matches_loop(backend, complex_, reverse):
+    a, x, _ = make_inputs(7, complex_=complex_, broadcast=complex_, with_h0=False)
+    gx, ga = _gradient_penalty(backend, a, x, reverse)
+    rx, ra = _gradient_penalty("loop", a, x, reverse)
+    tol = 1e-9 if backend == "heinsen" else 1e-12
+    assert rel_err(gx, rx) < tol and rel_err(ga, ra) < tol
+
+
+def test_gradgradcheck_jax_backend():
+    a, x, h0 = make_inputs(5, complex_=True, broadcast=True, with_h0=True, batch=1, feat=(2, 1))
+    f = lambda a, x, h0: gate_loop_scan(a, x, h0, backend="jax")
+    assert torch.autograd.gradgradcheck(f, [t.clone().requires_grad_() for t in (a, x, h0)])
+    # a real h0 under complex gates is cast inside JAX: the residuals are then intermediate values
+    a, x, h0 = make_inputs(4, complex_=True, broadcast=True, with_h0=True, batch=1, feat=(2, 1))
+    h0 = h0.real.contiguous()
+    assert torch.autograd.gradgradcheck(f, [t.clone().requires_grad_() for t in (a, x, h0)])
+
+
+def test_pallas_double_backward_raises_in_interpret_mode(monkeypatch, request):
+    import gateloop_hybrid.scan.pallas_scan as pallas_scan
+    from bridge import DoubleBackwardError
+    monkeypatch.setattr(pallas_scan, "scan_pallas_ri",
+                        functools.partial(pallas_scan.scan_pallas_ri, interpret=True))
+    monkeypatch.setattr(scan_mod, "resolve_backend", lambda backend, device, dtype: backend)
+    scan_mod._bridged.cache_clear()
+    request.addfinalizer(scan_mod._bridged.cache_clear)
+    a = torch.rand(2, 5, 3, requires_grad=True)
+    x = torch.randn(2, 5, 3, requires_grad=True)
+    h, _ = gate_loop_scan(a, x, backend="pallas")
+    (ga,) = torch.autograd.grad(h.pow(2).sum(), a, retain_graph=True)    # first order works
+    with pytest.raises(DoubleBackwardError, match="gate_loop_scan_pallas: a gradient of its gradient"):
+        torch.autograd.grad(h.pow(2).sum(), a, create_graph=True)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_h_last_is_never_a_view_of_h(backend, reverse):
+    a, x, h0 = make_inputs(4, complex_=False, broadcast=False, with_h0=True)
+    h, h_last = gate_loop_scan(a, x, h0, reverse=reverse, backend=backend)
+    assert h_last._base is None and h_last.untyped_storage().data_ptr() != h.untyped_storage().data_ptr()
+    before = h.clone()
+    h_last.add_(1.0)
+    assert torch.equal(h, before)
+
+
+def test_non_finite_gates_give_non_finite_states_in_every_backend():
+    """An inf gate: +-inf from the loop, NaN from "heinsen" (documented); never a finite number."""
+    a, x, _ = make_inputs(5, complex_=False, broadcast=False, with_h0=False)
+    a[0, 2, 1, 1] = float("inf")
+    for backend in CPU_BACKENDS:
+        h, _ = gate_loop_scan(a, x, backend=backend)
+        assert torch.isfinite(h[0, :2]).all() and not torch.isfinite(h[0, 2:, 1, 1]).any(), backend
+        if backend == "heinsen":
+            assert torch.isnan(h[0, 2:, 1, 1]).all()
+        else:
+            assert torch.isinf(h[0, 2:, 1, 1]).all()
+
+
+def test_sparse_and_nested_inputs_refused_by_name():
+    a, x = torch.rand(2, 5, 3), torch.randn(2, 5, 3)
+    with pytest.raises(TypeError, match=r"gate_loop_scan: a must be a dense.*sparse_coo"):
+        gate_loop_scan(a.to_sparse(), x, backend="loop")
+    with pytest.raises(TypeError, match=r"gate_loop_scan: x must be a dense.*nested"):
+        gate_loop_scan(a, torch.nested.nested_tensor([x[0], x[1]]), backend="jax")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_vmap_and_func_grad_over_every_backend(backend):
+    a, x, _ = make_inputs(6, complex_=False, broadcast=False, with_h0=False, batch=4, feat=(3,))
+    hs = torch.vmap(lambda a, x: gate_loop_scan(a[None], x[None], backend=backend)[0][0])(a, x)
+    assert rel_err(hs, gate_loop_scan(a, x, backend="loop")[0]) < 1e-9
+    loss = lambda a: gate_loop_scan(a, x, backend=backend)[0].pow(2).sum()
+    leaf = a.clone().requires_grad_()
+    (want,) = torch.autograd.grad(gate_loop_scan(leaf, x, backend="loop")[0].pow(2).sum(), leaf)
+    assert rel_err(torch.func.grad(loss)(a), want) < 1e-9
+    per_example = torch.vmap(torch.func.grad(lambda a, x: gate_loop_scan(a[None], x[None], backend=backend)[0].pow(2).sum()))
+    assert rel_err(per_example(a, x), want) < 1e-9
+
+
+def test_cold_compile_fullgraph_first_call(monkeypatch):
+    """A first call (nothing built, JAX's devices not yet asked) and a new reverse= value under
+    torch.compile(fullgraph=True), with no eager warm-up."""
+    for memo in (scan_mod._bridged, scan_mod.jax_has_device, scan_mod.jax_available):
+        memo.cache_clear()
+    torch._dynamo.reset()
+    a, x, h0 = make_inputs(9, complex_=True, broadcast=True, with_h0=True)
+    leaves = [t.clone().requires_grad_() for t in (a, x, h0)]
+
+    def f(a, x, h0, reverse):
+        h, h_last = gate_loop_scan(a, x, h0, reverse=reverse)      # backend "auto": jax on CPU
+        return (h.abs() ** 2).sum() + h_last.real.sum()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for reverse in (False, True):
+        got = compiled(*leaves, reverse)
+        grads = torch.autograd.grad(got, leaves)
+        want = f(*leaves, reverse)
+        for g, w in zip(grads, torch.autograd.grad(want, leaves)):
+            assert rel_err(g, w) < 1e-12
+        assert rel_err(got, want) < 1e-12
+
+
+def test_cold_compile_of_the_default_transformer_with_checkpointed_scan():
+    """The default GateLoop Transformer (checkpoint_gate_looped_attn on) compiled cold with
+    fullgraph=True: same loss and gradients as eager."""
+    from gateloop_hybrid.transformer import Transformer
+    scan_mod._bridged.cache_clear()
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Transformer(16, num_tokens=20, depth=1, dim_head=8, heads=2)
+    ids = torch.randint(0, 20, (2, 8))
+    loss = lambda ids: model(ids).logsumexp(-1).mean()
+    got = torch.compile(loss, fullgraph=True, backend="aot_eager")(ids)
+    got.backward()
+    compiled_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    want = loss(ids)
+    want.backward()
+    torch.testing.assert_close(got, want)
+    for g, p in zip(compiled_grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad)
+
+
+def test_heinsen_derivatives_where_a_cotangent_or_x_is_zero():
+    """The log-space forward has the recurrence's own backward: no NaN from log 0 in first or
+    second order, and forward mode (jacfwd) works."""
+    a, x, h0 = make_inputs(6, complex_=True, broadcast=False, with_h0=True, batch=1, feat=(3,))
+    x = x.clone()
+    x[0, 2, 1] = 0
+    results = {}
+    for backend in ("heinsen", "loop"):
+        leaf = a.clone().requires_grad_()
+        h, _ = gate_loop_scan(leaf, x, h0, backend=backend)
+        cot = torch.zeros_like(h)
+        cot[0, 3, 1] = 1.0                                    # zero almost everywhere
+        (ga,) = torch.autograd.grad((h * cot).real.sum(), leaf, create_graph=True)
+        (gg,) = torch.autograd.grad(ga.abs().pow(2).sum(), leaf)
+        jf = torch.func.jacfwd(lambda x: gate_loop_scan(a.real, x, h0.real, backend=backend)[1])(x.real)
+        results[backend] = (ga, gg, jf)
+    for got, want in zip(results["heinsen"], results["loop"]):
+        assert torch.isfinite(got).all() and rel_err(got, want) < 1e-9
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_one_step_without_h0_still_differentiates_the_gates(backend):
+    """h = a * 0 + x: the gradient for a is zero, in every backend (not a missing graph)."""
+    a = torch.rand(2, 1, 3, dtype=torch.float64, requires_grad=True)
+    h, h_last = gate_loop_scan(a, torch.randn(2, 1, 3, dtype=torch.float64), backend=backend)
+    (g,) = torch.autograd.grad(h.sum() + h_last.sum(), a)
+    assert torch.equal(g, torch.zeros_like(a))

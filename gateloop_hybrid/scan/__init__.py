@@ -53,8 +53,23 @@ def gate_loop_scan(a: Tensor, x: Tensor, h0: Tensor | None = None, *, reverse: b
         h: (B, N, *F), every state; h_last: (B, *F), the state after the final step.
         Dtype: torch.promote_types of a, x (and h0). float16/bfloat16 accumulate in float32 and
         come back in their own dtype. Gradients flow to a, x and h0 (torch's complex convention).
+        h_last is its own tensor, never a view of h.
+
+    Non-finite inputs give non-finite outputs in every backend ("heinsen" gives NaN where the
+    others give +-inf). Gradients of gradients (create_graph=True) work in every backend but
+    "pallas", which raises (``bridge.DoubleBackwardError``; on the Mosaic kernels, torch's
+    RuntimeError for a once-differentiable function). ``torch.vmap`` and ``torch.func``'s
+    reverse-mode transforms work in every backend; forward mode (jvp, jacfwd) in "loop", "torch"
+    and "heinsen" only (the JAX backends raise NotImplementedError).
     """
-    out_dtype = _check_inputs(a, x, h0)
+    _check_inputs(a, x, h0)
+    if torch.compiler.is_compiling():
+        return _scan_untraced(reverse, backend, *((a, x) if h0 is None else (a, x, h0)))
+    return _scan(reverse, backend, a, x, h0)
+
+
+def _scan(reverse, backend, a, x, h0=None):
+    out_dtype = _out_dtype(a, x, h0)
     name = resolve_backend(backend, x.device, out_dtype)
     compute = _compute_dtype(out_dtype)
     if name in _TORCH_BACKENDS:
@@ -69,12 +84,27 @@ def gate_loop_scan(a: Tensor, x: Tensor, h0: Tensor | None = None, *, reverse: b
     return h, h_last
 
 
+def _untraced_by_dynamo(fn):
+    """Under torch.compile, the backend choice and the bridged call run as plain Python (traced by
+    AOTAutograd, not by Dynamo): a first call imports JAX, queries its devices and builds the
+    bridged function (caches, weak references), none of which Dynamo can trace. So a first call
+    compiles cold with fullgraph=True, inside torch.utils.checkpoint too. Without JAX, only the
+    torch backends exist and Dynamo traces them (and importing torch._dynamo, about a second,
+    is left to torch.compile; with JAX the bridge imports it anyway)."""
+    if not jax_available():
+        return fn
+    import torch._dynamo
+    return torch._dynamo.nonstrict_trace(fn)
+
+
 def _pallas(a, x, h0, reverse):
     """Mosaic GPU kernels launched straight from torch where the GPU and shapes allow (Hopper
     and newer), else the Triton-lowered Pallas kernels through the bridge. Both take complex
     tensors as (re, im) float pairs: torch views them so for free (view_as_real), where JAX
     would need a conversion pass; gradients come back in torch's convention."""
-    if mosaic_available(x.device):
+    # Under torch.func transforms the bridged kernels run (batched by jax.vmap); the Mosaic op has
+    # no vmap rule.
+    if mosaic_available(x.device) and not torch._C._are_functorch_transforms_active():
         out = _mosaic_op().try_scan_mosaic(a, x, h0, reverse)
         if out is not None:
             return out
@@ -98,6 +128,9 @@ def _check_inputs(a, x, h0) -> torch.dtype:
             continue
         if not isinstance(t, Tensor):
             raise TypeError(f"gate_loop_scan: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.is_nested or t.layout is not torch.strided:
+            raise TypeError(f"gate_loop_scan: {name} must be a dense (strided) tensor, got "
+                            f"{'a nested tensor' if t.is_nested else f'layout {t.layout}'}")
         if t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"gate_loop_scan: {name} has dtype {t.dtype}; expected a floating or "
                             "complex dtype (float16, bfloat16, float32, float64, complex64, complex128)")
@@ -125,6 +158,10 @@ def _check_inputs(a, x, h0) -> torch.dtype:
         raise ValueError("gate_loop_scan: a, x and h0 must be on one device, got "
                          + ", ".join(f"{n} on {t.device}" for n, t in (("a", a), ("x", x), ("h0", h0))
                                      if t is not None))
+    return _out_dtype(a, x, h0)
+
+
+def _out_dtype(a, x, h0) -> torch.dtype:
     dtype = torch.promote_types(a.dtype, x.dtype)
     return dtype if h0 is None else torch.promote_types(dtype, h0.dtype)
 
@@ -253,6 +290,8 @@ _warned: set = set()
 
 
 def _warn_once(key: str, message: str):
+    if torch.compiler.is_compiling():
+        return      # Dynamo cannot trace warnings.warn; the eager path says it
     if key not in _warned:
         _warned.add(key)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
@@ -294,4 +333,9 @@ def _bridged(name: str, **static):
         from .jax_scan import scan_jax as fn
     else:
         from .pallas_scan import scan_pallas_ri as fn
-    return jax2torch(functools.partial(fn, **static), name=f"gate_loop_scan_{name}")
+    # The Pallas backward kernels have no derivative rules: a gradient of a gradient raises.
+    return jax2torch(functools.partial(fn, **static), name=f"gate_loop_scan_{name}",
+                     double_backward=name != "pallas")
+
+
+_scan_untraced = _untraced_by_dynamo(_scan)

@@ -29,6 +29,12 @@ def _fold_h0(a: Tensor, x: Tensor, h0: Tensor | None) -> Tensor:
     return torch.cat([first, x[:, 1:]], dim=1)
 
 
+def _last(h: Tensor, reverse: bool) -> Tensor:
+    """The final state as its own tensor, never a view of h: an in-place edit of one must not
+    change the other (as with the loop and the bridged backends)."""
+    return (h[:, 0] if reverse else h[:, -1]).clone()
+
+
 def scan_loop(a: Tensor, x: Tensor, h0: Tensor | None = None, reverse: bool = False):
     """Sequential loop: one multiply-add per step, in the dtype it is given."""
     steps = range(x.shape[1] - 1, -1, -1) if reverse else range(x.shape[1])
@@ -76,37 +82,107 @@ def _odd_even(a: Tensor, x: Tensor):
 
 def scan_odd_even(a: Tensor, x: Tensor, h0: Tensor | None = None, reverse: bool = False):
     """Associative (odd/even) scan in plain torch; a may stay broadcast over feature dims."""
+    if x.shape[1] == 1:     # one step: a * h0 + x, through a even without h0 (a zero gradient)
+        return scan_loop(a, x, h0, reverse)
     if reverse:
         a, x = a.flip(1), x.flip(1)
     x = _fold_h0(a, x, h0)
     _, h = _odd_even(a, x)
     if reverse:
         h = h.flip(1)
-        return h, h[:, 0]
-    return h, h[:, -1]
+    return h, _last(h, reverse)
 
 
 def scan_heinsen(a: Tensor, x: Tensor, h0: Tensor | None = None, reverse: bool = False):
     """Log-space scan (Heinsen 2023) through complex logarithms.
 
     Accepts any nonzero gates, real (negative ones too, through log(-r) = log r + i*pi) or
-    complex, and any x. Exact zeros in ``a`` give log 0 = -inf and a NaN result; zeros in ``x``
-    are fine for values but give NaN gradients at those entries (d log|x| / dx is infinite).
+    complex, and any x. Exact zeros in ``a`` give log 0 = -inf and a NaN result.
+    Non-finite inputs give NaN from the first affected step on, where the loop gives +-inf
+    (an inf gate or input: exp of log inf - log inf); either way the result is not finite.
+    Inputs that fall below the state so far by a factor near the edge of the floating range
+    (about 1e-300 in float64, 1e-38 in float32: subnormal exp in torch's complex logcumsumexp)
+    can give NaN from that step on, though the loop's result is finite.
     Precision: the two prefix sums cancel against each other, so the relative error grows with
     |sum_t log|a_t||: about 1e-5 at N=256 and 1e-3 at N=16K with sigmoid gates in float32
     (against about 1e-7 for the sequential loop). Use float64 or another backend for long sequences.
+    Gradients do not go through the logarithms (whose derivatives are infinite at zeros of x or
+    of a cotangent): backward is the reverse recurrence run by ``scan_odd_even``, in plain torch,
+    so gradients of gradients are those of the recurrence too.
     """
-    out_is_complex = a.is_complex() or x.is_complex() or (h0 is not None and h0.is_complex())
-    cdtype = torch.complex128 if x.real.dtype == torch.float64 else torch.complex64
     if reverse:
         a, x = a.flip(1), x.flip(1)
     x = _fold_h0(a, x, h0)
+    # Dynamo cannot trace a Function with a jvp rule: compiled graphs take the one without.
+    h = (_LogSpaceScan if torch.compiler.is_compiling() else _LogSpaceScanForwardAD).apply(a, x)
+    if reverse:
+        h = h.flip(1)
+    return h, _last(h, reverse)
+
+
+def _log_space_values(a: Tensor, x: Tensor) -> Tensor:
+    """h_t = a_t h_{t-1} + x_t from h_{-1} = 0 as exp(log A_t + logcumsumexp(log x - log A))."""
+    out_is_complex = a.is_complex() or x.is_complex()
+    cdtype = torch.complex128 if x.real.dtype == torch.float64 else torch.complex64
     log_a_star = torch.cumsum(torch.log(a.to(cdtype)), dim=1)          # log A_t
     log_h = log_a_star + torch.logcumsumexp(torch.log(x.to(cdtype)) - log_a_star, dim=1)
     h = torch.exp(log_h)
-    if not out_is_complex:
-        h = h.real
-    if reverse:
-        h = h.flip(1)
-        return h, h[:, 0]
-    return h, h[:, -1]
+    return h if out_is_complex else h.real.contiguous()    # a view would confuse forward AD
+
+
+def _sum_to(t: Tensor, shape) -> Tensor:
+    """Sum t over the dims where ``shape`` has size 1 and t does not (undo broadcasting)."""
+    dims = [i for i, (s, n) in enumerate(zip(shape, t.shape)) if s == 1 and n != 1]
+    return t.sum(dim=dims, keepdim=True) if dims else t
+
+
+def _recurrence_vjp(a: Tensor, h: Tensor, g: Tensor, a_complex: bool, x_complex: bool):
+    """Gradients (da, dx) of h = scan(a, x) from h_{-1} = 0 for the cotangent g (torch's complex
+    convention): G_t = g_t + conj(a_{t+1}) G_{t+1} (a reverse scan), dx = G, da = G conj(h_{t-1})."""
+    a_next = torch.cat([a[:, 1:], torch.zeros_like(a[:, :1])], dim=1).conj()
+    if g.is_complex() and not a_next.is_complex():
+        a_next = a_next.to(g.dtype)
+    _, G = _odd_even(a_next.flip(1), g.flip(1))
+    G = G.flip(1)
+    h_prev = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)
+    da = _sum_to(G * h_prev.conj(), a.shape)
+    return (da if a_complex else da.real), (G if x_complex else G.real)
+
+
+class _LogSpaceScan(torch.autograd.Function):
+    """The log-space forward with the recurrence's own backward (differentiable again)."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(a, x):
+        return _log_space_values(a, x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        a, x = inputs
+        ctx.save_for_backward(a, output)
+        ctx.complex_in = (a.is_complex(), x.is_complex())
+
+    @staticmethod
+    def backward(ctx, g):
+        a, h = ctx.saved_tensors
+        return _recurrence_vjp(a, h, g, *ctx.complex_in)
+
+
+class _LogSpaceScanForwardAD(_LogSpaceScan):
+    """The same, with a forward-mode rule (torch.func.jvp, jacfwd, dual tensors)."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _LogSpaceScan.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(inputs[0], output)
+
+    @staticmethod
+    def jvp(ctx, da, dx):
+        """Forward mode: dh_t = a_t dh_{t-1} + da_t h_{t-1} + dx_t, the same recurrence."""
+        a, h = ctx.saved_tensors
+        u = torch.zeros_like(h) if dx is None else dx.to(h.dtype)
+        if da is not None:
+            u = u + da * torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)
+        _, dh = _odd_even(a.to(u.dtype) if u.is_complex() else a, u)
+        return dh
