@@ -171,7 +171,7 @@ class MosaicKernel:
     # ---- calling ----
 
     def __call__(self, *tensors, **static) -> tuple:
-        if torch.compiler.is_compiling():
+        if tracing():
             # One opaque op; the string key (a constant to the compiler) names kernel and statics.
             # Not differentiable, as in eager mode: inputs are detached so that AOTAutograd does not
             # look for a backward (the caller's autograd.Function supplies gradients).
@@ -372,6 +372,13 @@ def _(key, inputs):
     kernel._check(inputs)
     return [inputs[0].new_empty(s.shape, dtype=getattr(torch, jnp.dtype(s.dtype).name))
             for s in kernel.out_structs(*inputs, **static)]
+
+
+def tracing() -> bool:
+    """Whether torch.compile is tracing: Dynamo, or AOTAutograd running code that Dynamo left
+    untraced (``torch._dynamo.nonstrict_trace``), where tensors are fakes without data and a call
+    must be the custom op."""
+    return torch.compiler.is_compiling() or torch._guards.TracingContext.try_get() is not None
 
 
 def _constant(v):

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-from bridge.mosaic import MosaicKernel
+from bridge.mosaic import MosaicKernel, tracing
 
 from . import mosaic_scan
 
@@ -228,7 +228,7 @@ _MAX_PLANS = 256
 def try_scan_mosaic(a: Tensor, x: Tensor, h0: Tensor | None = None, reverse: bool = False):
     """scan_mosaic, or None where the kernels do not take these shapes or dtypes. Whether they
     do is decided once per signature, with the rest of its plan."""
-    if torch.compiler.is_compiling():
+    if tracing():       # torch.compile: the launcher's opaque op, no bound launches
         if not _takes(a, x, h0):
             return None
         return _MosaicScan.apply(a, x, h0, reverse, None)
