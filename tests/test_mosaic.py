@@ -146,3 +146,19 @@ def test_gradient_through_one_output_only(used):
     refs = torch.autograd.grad((ref.abs() ** 2).sum(), wide)
     for got, want in zip(grads, refs):
         assert ((got.to(want.dtype) - want).norm() / want.norm()).item() < 2e-5
+
+
+def test_self_test_runs_apart_from_the_callers_thread_state():
+    """The first gate_loop_scan call on a GPU runs the kernels' self-test; it often comes from
+    inside a checkpointed layer or under no_grad, whose state must not reach it."""
+    from gateloop_hybrid.scan import isolated
+
+    def state():
+        x = torch.ones(2, requires_grad=True)
+        (x * x).sum().backward()        # would be caught by the caller's saved-tensor hooks
+        return torch.is_grad_enabled(), x.grad.tolist()
+
+    saved = []
+    with torch.no_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        assert isolated(state) == (True, [2.0, 2.0])
+    assert saved == []

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import threading
 import warnings
 
 import torch
@@ -231,11 +232,24 @@ def mosaic_available(device: torch.device) -> bool:
         return False
     if torch.cuda.get_device_capability(device) < (9, 0):
         return False
-    problem = mosaic_self_test(device)
+    problem = isolated(mosaic_self_test, device)
     if problem:
         _warn_once(f"mosaic-{device}", f"gate_loop_scan: the Mosaic GPU kernels failed their self-test on "
                    f"{device} ({problem}); backend='pallas' uses the Triton-lowered kernels instead.")
     return not problem
+
+
+def isolated(fn, *args):
+    """fn(*args) on a fresh thread, so that none of the caller's thread-local state reaches it:
+    grad mode, autocast, the saved-tensor hooks of torch.utils.checkpoint (a first call often
+    comes from inside a checkpointed layer), torch.compile's fake tensors, the current stream."""
+    result = []
+    worker = threading.Thread(target=lambda: result.append(fn(*args)), name="gateloop_hybrid self-test")
+    worker.start()
+    worker.join()
+    if not result:
+        raise RuntimeError(f"{getattr(fn, '__name__', fn)} raised on its thread (see the message above)")
+    return result[0]
 
 
 def mosaic_self_test(device) -> str | None:
