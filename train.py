@@ -48,11 +48,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# JAX (the scan backend) would otherwise take 75% of GPU memory on its first op, leaving torch
-# little and making peak-memory numbers meaningless. Set before anything imports jax.
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-
-import torch  # noqa: E402
+import torch
 
 NUM_TOKENS = 256  # bytes
 CHECKPOINT_NAME = "checkpoint.pt"
