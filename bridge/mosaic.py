@@ -51,7 +51,7 @@ from torch.fx.experimental.symbolic_shapes import guard_scalar
 
 from . import _mosaic_abi
 from ._mosaic_abi import MosaicGpuUnavailable, interpret_params  # noqa: F401  (re-exported)
-from .function import jax2torch
+from .function import _hashable, jax2torch
 import jax
 import jax.numpy as jnp
 
@@ -335,14 +335,6 @@ def _static_key(static) -> tuple:
     key = tuple((k, type(v), v) for k, v in sorted(static.items()))
     hash(key)
     return key
-
-
-def _hashable(x) -> bool:
-    try:
-        hash(x)
-        return True
-    except TypeError:
-        return False
 
 
 def _close_all(entries) -> None:
