@@ -141,11 +141,10 @@ class _Plan:
         flat = lambda shape, own: None if tuple(own) == shape else shape
         self.shapes = dict(a=flat((B, N, G), a.shape), x=flat((B, N, F), x.shape),
                            h0=flat((B, F), (B, *x.shape[2:])))
-        self.x_shape, self.last_shape, self.a_shape = x.shape, (B, *x.shape[2:]), a.shape
+        self.x_shape, self.last_shape = x.shape, (B, *x.shape[2:])
         self.out_x = None if self.shapes["x"] is None else x.shape
         self.out_last = None if self.shapes["h0"] is None else self.last_shape
         self.out_a = None if self.shapes["a"] is None else a.shape
-        self.h0_shape = None if h0 is None else h0.shape
         self.sum_dims = [i for i, (sa, sx) in enumerate(zip(a.shape, x.shape)) if sa == 1 and sx != 1]
         self.complex = (a.is_complex(), x.is_complex(), h0 is not None and h0.is_complex())
         self.device = x.device

@@ -77,16 +77,25 @@ class Walk:
         return -(-self.N // self.chunks)
 
     def gate_mode(self) -> str:
-        if self.G == 1 or self.R % W == 0:
-            return "scalar"   # one gate for all W features of a CTA
-        if self.R == 1 and self.G % W == 0:
-            return "row"
-        raise ValueError(f"gates (G={self.G}, R={self.R}) cannot be read per tile of {W} features")
+        mode = _gate_mode(self.G, self.R)
+        if mode is None:
+            raise ValueError(f"gates (G={self.G}, R={self.R}) cannot be read per tile of {W} features")
+        return mode
+
+
+def _gate_mode(G: int, R: int) -> str | None:
+    """How a CTA of W features reads its gates: "scalar" (one for all), "row" (one each), or
+    None when neither fits."""
+    if G == 1 or R % W == 0:
+        return "scalar"
+    if R == 1 and G % W == 0:
+        return "row"
+    return None
 
 
 def supported(F: int, G: int, R: int) -> bool:
     """Whether the kernels take x with F features and gates (G, R) (see the module docstring)."""
-    return F > 0 and F % W == 0 and (G == 1 or R % W == 0 or (R == 1 and G % W == 0))
+    return F > 0 and F % W == 0 and _gate_mode(G, R) is not None
 
 
 # ---------------------------------------------------------------------------------------------
