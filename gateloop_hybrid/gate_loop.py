@@ -7,15 +7,14 @@ Dimension letters used in the shape comments:
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Optional
 
 import torch
 from einops.layers.torch import Rearrange
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from .norms import RMSNorm, check_features, check_sizes
+from .mixer import gate_loop_mixer
 from .scan import BACKENDS, gate_loop_scan
 
 
@@ -25,35 +24,22 @@ def _check_backend(scan_backend: str) -> str:
     return scan_backend
 
 
-def _gate_looped_heads(
-    q: Tensor, k: Tensor, v: Tensor, a: Tensor, h0: Optional[Tensor], backend: str
-):
-    """y_t = q_t . Re(h_t) with h_t = a_t h_{t-1} + k_t v_t^T, per (batch, head).
-
-    q, k, v: (b, n, h, d) real. a: (b, n, h, 1, 1) complex (one gate per head, never expanded).
-    h0: (b, h, d, e) complex or None. Returns y (b, n, h, e) and the final state (b, h, d, e).
-    Time stays dim 1 and the features (h, d, e) stay contiguous, the layout the projections
-    produce: no transposes around the scan, and coalesced rows for the GPU kernels.
-    """
-    kv = torch.einsum("b n h d, b n h e -> b n h d e", k, v)  # real; the scan promotes to complex
-    h, h_last = gate_loop_scan(a, kv, h0, backend=backend)  # (b, n, h, d, e) complex
-    y = torch.einsum("b n h d, b n h d e -> b n h e", q, h.real.to(q.dtype))
-    return y, h_last
-
-
 class GateLoopedAttention(nn.Module):
     """GateLoop as an attention replacement (Katsch 2023), constructor-compatible with the seed.
 
     For each head, ``h_t = a_t h_{t-1} + k_t v_t^T`` with a complex scalar gate
     ``a_t = sigmoid(|z_t|) exp(i arg z_t)`` computed from the input, and ``y_t = q_t Re(h_t)``.
-    The state stays complex through the scan; only the output takes the real part.
+    The state stays complex through the scan; only the output takes the real part. The mixing is
+    ``gate_loop_mixer`` (mixer.py): fused GPU kernels with one feature per head, else torch ops
+    around ``gate_loop_scan``.
 
     Args:
         dim: model dimension D.
         heads: number of heads h; default ``dim_inner`` (one feature per head).
         dim_inner: inner dimension I; default ``dim``.
         checkpoint_gate_looped_attn: recompute the scan in backward instead of storing the
-            (b h, n, d, e) state (``torch.utils.checkpoint``, non-reentrant).
+            (b, n, h, d, e) states (the fused kernels recompute them in their backward kernel;
+            the composition uses ``torch.utils.checkpoint``, non-reentrant).
         add_swish_gating: multiply the output by SiLU(W x) before the output projection.
         sub_ln: LayerNorm over the inner dimension before the gating.
         frac_gradient_state_transition: fraction of the gradient that reaches the gate
@@ -104,21 +90,6 @@ class GateLoopedAttention(nn.Module):
         needs_proj = dim_inner != dim or add_swish_gating
         self.to_out = nn.Linear(dim_inner, dim, bias=False) if needs_proj else nn.Identity()
 
-    def _gates(self, x: Tensor, ablate_complex: bool, ablate_state_transition: bool) -> Tensor:
-        """Complex state-transition gates, (b, n, h, 1, 1)."""
-        frac = self.frac_gradient_state_transition
-        z = self.to_a(x)  # (b, n, h, 1, 1, 2)
-        z = z * frac + z.detach() * (1 - frac)
-        if z.dtype in (torch.float16, torch.bfloat16):
-            z = z.float()  # complex needs float32 or wider
-        z = torch.view_as_complex(z)  # (b, n, h, 1, 1)
-        if ablate_complex:
-            z = z.real + 0.0j
-        if ablate_state_transition:
-            return torch.ones_like(z.real) + 0.0j
-        # sigmoid on the magnitude, identity on the phase
-        return torch.polar(z.abs().sigmoid(), z.angle())
-
     def forward(
         self,
         x: Tensor,
@@ -148,13 +119,8 @@ class GateLoopedAttention(nn.Module):
                 f"got {type(cache).__name__} (an attention layer's (k, v) cache?)"
             )
         b = x.shape[0]
-        q, k, v = self.to_qkv(x).chunk(3, dim=-1)
-        q, k, v = map(self.split_heads, (q, k, v))  # each (b, n, h, d)
-        a = self._gates(x, ablate_complex, ablate_state_transition)  # (b, n, h, 1, 1)
-
-        h0 = None
         if cache is not None:
-            d = q.shape[-1]
+            d = self.to_qkv.out_features // (3 * self.heads)
             if tuple(cache.shape) != (b, self.heads, d, d):
                 raise ValueError(
                     f"GateLoopedAttention: cache must be the state from return_cache=True, shape "
@@ -162,19 +128,17 @@ class GateLoopedAttention(nn.Module):
                 )
             if cache.device != x.device:
                 raise ValueError(f"GateLoopedAttention: cache is on {cache.device}, x on {x.device}")
-            h0 = cache  # (b, h, d, e)
-
-        fn = partial(_gate_looped_heads, backend=self.scan_backend)
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (q, k, v, a, h0)
-        )
-        if needs_grad and self.checkpoint_gate_looped_attn:
-            y, h_last = checkpoint(fn, q, k, v, a, h0, use_reentrant=False)
-        else:
-            y, h_last = fn(q, k, v, a, h0)
-
-        out = self.merge_heads(y)  # (b, n, I)
-        out = self.maybe_sub_ln(out)
+        # to_a's Linear alone: its (b, n, 2 h) output is each head's gate as (re, im) pairs
+        y, h_last = gate_loop_mixer(
+            self.to_qkv(x), self.to_a[0](x), cache,
+            heads=self.heads,
+            frac_gradient=self.frac_gradient_state_transition,
+            ablate_complex=ablate_complex,
+            ablate_state_transition=ablate_state_transition,
+            recompute=self.checkpoint_gate_looped_attn,
+            backend=self.scan_backend,
+        )  # (b, n, I), (b, h, d, e)
+        out = self.maybe_sub_ln(y)
         if self.to_gates is not None:
             out = self.to_gates(x) * out
         out = self.to_out(out)  # (b, n, D)

@@ -1,5 +1,6 @@
-"""gate_loop_scan on the Mosaic GPU kernels: mosaic_scan.py's walks launched on torch tensors by
-``bridge.MosaicKernel`` (no XLA, PJRT or DLPack per call), differentiable by torch.
+"""Torch ops on the Mosaic GPU kernels, launched on torch tensors by ``bridge.MosaicKernel`` (no
+XLA, PJRT or DLPack per call), differentiable by torch: gate_loop_scan on mosaic_scan.py's walks,
+and the fused GateLoop mixer on mosaic_mixer.py's.
 
 Complex tensors go in and out as ``view_as_real`` pairs (no copy, no planar split). Gates keep
 their broadcast shape: ``a`` (B, N, *Fa) against ``x`` (B, N, *F) becomes (B, N, G) with feature
@@ -19,7 +20,7 @@ from torch import Tensor
 
 from bridge.mosaic import MosaicKernel, tracing
 
-from . import mosaic_scan
+from . import mosaic_mixer, mosaic_scan
 
 _JAX_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
                torch.complex64: "float32"}
@@ -93,22 +94,25 @@ def _walk(a, x, h0, reverse, backward, B, N, F, G, R):
         backward=backward, reverse=reverse, chunks=chunks, block=block)
 
 
-def _launch(walk, args, out_dtypes, bound=None):
-    """Run a walk's kernels. With ``bound`` (a list kept by the caller), the first call binds
-    each stage to its compiled launch and later calls go straight to the launches."""
+def _run_stages(kernel, chunks, args, bound, **static):
+    """Run a walk's kernels (one, or a summary then a finish). With ``bound`` (a list kept by the
+    caller), the first call binds each stage to its compiled launch and later calls go straight
+    to the launches."""
     if bound:
         if len(bound) == 1:
             return bound[0](args)
         return bound[1]([*args, *bound[0](args)])
-    fields = dataclasses.astuple(walk)     # plain values: what torch.compile hands an opaque op
-    stages = ["single"] if walk.chunks == 1 else ["summary", "finish"]
-    for stage in stages:
-        static = dict(walk=fields, stage=stage, out_dtypes=out_dtypes)
-        outs = _KERNEL(*args, **static)
+    for stage in ["single"] if chunks == 1 else ["summary", "finish"]:
+        outs = kernel(*args, stage=stage, **static)
         if bound is not None:
-            bound.append(_KERNEL.bind(*args, **static))
+            bound.append(kernel.bind(*args, stage=stage, **static))
         args = [*args, *outs]
     return outs
+
+
+def _launch(walk, args, out_dtypes, bound=None):
+    # plain values for the walk: what torch.compile hands an opaque op
+    return _run_stages(_KERNEL, walk.chunks, args, bound, walk=dataclasses.astuple(walk), out_dtypes=out_dtypes)
 
 
 def _real_dtype(dtype: torch.dtype) -> str:
@@ -200,10 +204,6 @@ class _MosaicScan(torch.autograd.Function):
         return (*ctx.plan.backward(a, h, h0, gh, gl), None, None)
 
 
-_PLANS: dict = {}
-_MAX_PLANS = 256
-
-
 def scan_mosaic(a: Tensor, x: Tensor, h0: Tensor | None = None, reverse: bool = False):
     """(h, h_last) of h_t = a_t h_{t-1} + x_t along dim 1 on the Mosaic GPU kernels.
 
@@ -246,3 +246,130 @@ def try_scan_mosaic(a: Tensor, x: Tensor, h0: Tensor | None = None, reverse: boo
 
 def _takes(a, x, h0) -> bool:
     return supported(a, x) and (h0 is None or h0.dtype in _JAX_DTYPES)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused mixer: gates, scan and readout of a GateLoop layer with one feature per head
+
+
+def _interpreted_mixer(*arrays, mixer, **kw):
+    return mosaic_mixer.mixer_stage(
+        *arrays, mixer=dataclasses.replace(mosaic_mixer.Mixer(*mixer), interpret=True), **kw)
+
+
+_MIXER_KERNEL = MosaicKernel(mosaic_mixer.mixer_stage, name="gateloop_mixer", interpret_fn=_interpreted_mixer)
+_MIXER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class _MixerPlan:
+    """The mixer kernels for one call signature, bound once (see _Plan)."""
+
+    def __init__(self, qkv, z, h0, frac, recompute, bind=True, blocks=None):
+        B, N, H = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+        self.shape = (B, N, H)
+        num_sms = _num_sms(qkv.device.index or 0) if qkv.is_cuda else 132
+
+        def mixer(backward, **kw):
+            chunks, block = mosaic_scan.choose_walk(B, N, H, True, num_sms, backward)
+            if blocks is not None:      # (forward, backward) block override, for tuning
+                block = blocks[backward]
+            return mosaic_mixer.Mixer(B=B, N=N, H=H, frac=float(frac), backward=backward,
+                                      chunks=mosaic_scan.fit_chunks(N, chunks), block=block, **kw)
+        init = h0 is not None
+        self.infer = mixer(False, has_init=init, has_h0=False)
+        # training: y, and every state when backward is to read them rather than recompute them
+        self.train = self.infer if recompute else mixer(False, has_init=init, has_h0=False, write_h=True)
+        self.states = mixer(False, has_init=init, has_h0=False, write_y=False, write_h=True)
+        self.bwd = mixer(True, has_init=True, has_h0=init)
+        self.bwd_no_last = dataclasses.replace(self.bwd, has_init=False)
+        self.recompute = recompute
+        self.bound = {name: ([] if bind else None) for name in ("infer", "train", "states", "bwd", "bwd_no_last")}
+
+    def _run(self, name, args):
+        m = getattr(self, name)
+        return _run_stages(_MIXER_KERNEL, m.chunks, args, self.bound[name], mixer=dataclasses.astuple(m))
+
+    def _args(self, qkv, z, h0):
+        B, N, H = self.shape
+        args = [_pairs(z, (B, N, H, 2)), qkv if qkv.is_contiguous() else qkv.contiguous()]
+        if h0 is not None:
+            args.append(_pairs(h0, (B, H)))
+        return args
+
+    def forward(self, qkv, z, h0, train):
+        """(y, h_last as (B, H) complex, every state as (B, N, H, 2) pairs or None)."""
+        outs = self._run("train" if train else "infer", self._args(qkv, z, h0))
+        h = outs[2] if train and not self.recompute else None
+        return outs[0], torch.view_as_complex(outs[1]), h
+
+    def backward(self, qkv, z, h0, h, dy, gl):
+        B, N, H = self.shape
+        args = self._args(qkv, z, h0)
+        if h is None:       # recompute the states from the inputs
+            h = self._run("states", args)[1]
+        dy = torch.zeros((B, N, H), dtype=qkv.dtype, device=qkv.device) if dy is None else dy
+        args = [*args[:2], h, dy.to(qkv.dtype).contiguous()]
+        if gl is not None:
+            args.append(_pairs(gl.to(torch.complex64), (B, H)))
+        if h0 is not None:
+            args.append(_pairs(h0, (B, H)))
+        outs = self._run("bwd_no_last" if gl is None else "bwd", args)
+        dz = outs[0].view(B, N, 2 * H)
+        dh0 = None if h0 is None else torch.view_as_complex(outs[2])
+        return outs[1], dz, dh0
+
+
+class _MosaicMixer(torch.autograd.Function):
+    """Eager calls bring their signature's plan; under torch.compile it is made in the trace."""
+
+    @staticmethod
+    def forward(ctx, qkv, z, h0, frac, recompute, plan):
+        if plan is None:
+            plan = _MixerPlan(qkv, z, h0, frac, recompute, bind=False)
+        y, h_last, h = plan.forward(qkv, z, h0, train=True)
+        ctx.save_for_backward(qkv, z, h0, h)
+        ctx.plan = plan
+        return y, h_last
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, gl):
+        qkv, z, h0, h = ctx.saved_tensors
+        return (*ctx.plan.backward(qkv, z, h0, h, dy, gl), None, None, None)
+
+
+_MIXER_PLANS: dict = {}
+
+
+def mixer_supported(qkv: Tensor, z: Tensor, h0: Tensor | None) -> bool:
+    """Whether the mixer kernels take these tensors: qkv (B, N, 3H) and z (B, N, 2H) of 16 or 32
+    bits with H a multiple of the kernels' tile, h0 None or complex64 (B, H)."""
+    if qkv.dim() != 3 or z.dim() != 3 or qkv.shape[-1] % 3:
+        return False
+    B, N, H = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+    return (H % mosaic_scan.W == 0 and tuple(z.shape) == (B, N, 2 * H)
+            and qkv.dtype in _MIXER_DTYPES and z.dtype in _MIXER_DTYPES
+            and (h0 is None or (h0.dtype == torch.complex64 and tuple(h0.shape) == (B, H))))
+
+
+def try_mixer_mosaic(qkv: Tensor, z: Tensor, h0: Tensor | None, frac: float, recompute: bool):
+    """(y (B, N, H), h_last (B, H) complex64) of the fused mixer, or None where the kernels do not
+    take these tensors. ``recompute``: backward recomputes the states instead of the forward
+    storing them."""
+    if tracing():
+        if not mixer_supported(qkv, z, h0):
+            return None
+        return _MosaicMixer.apply(qkv, z, h0, frac, recompute, None)
+    key = (qkv.shape, qkv.dtype, z.shape, z.dtype, None if h0 is None else h0.shape, qkv.device,
+           frac, recompute)
+    plan = _MIXER_PLANS.get(key, _MIXER_PLANS)
+    if plan is _MIXER_PLANS:
+        if len(_MIXER_PLANS) >= _MAX_PLANS:
+            _MIXER_PLANS.clear()
+        plan = _MIXER_PLANS[key] = (_MixerPlan(qkv, z, h0, frac, recompute)
+                                    if mixer_supported(qkv, z, h0) else None)
+    if plan is None:
+        return None
+    if torch.is_grad_enabled() and (qkv.requires_grad or z.requires_grad or (h0 is not None and h0.requires_grad)):
+        return _MosaicMixer.apply(qkv, z, h0, frac, recompute, plan)
+    return plan.forward(qkv, z, h0, train=False)[:2]

@@ -1,0 +1,191 @@
+"""gate_loop_mixer: the token mixing of one GateLoop layer, from its projections to its output.
+
+Dimension letters: b batch, n time, h heads, d head dimension (d = e), I inner dimension (h d).
+
+    a_t = sigmoid(|z_t|) exp(i arg z_t)          one complex gate per head and step
+    h_t = a_t h_{t-1} + k_t v_t^T                (h, d, e) complex state
+    y_t = q_t . Re(h_t)
+
+With one feature per head (d = 1, GateLoop's default) on a GPU that runs the Mosaic GPU kernels,
+all of it is one forward kernel and one backward kernel that read the projections as the layer's
+Linear layers wrote them (mosaic_mixer.py): the gates and the complex state never go to memory,
+except the states that backward reads when it does not recompute them. Everywhere else it is the
+composition of torch ops around ``gate_loop_scan``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from .scan import gate_loop_scan, jax_available, mosaic_available
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def gate_loop_mixer(
+    qkv: Tensor,
+    z: Tensor,
+    h0: Optional[Tensor] = None,
+    *,
+    heads: int,
+    frac_gradient: float = 1.0,
+    ablate_complex: bool = False,
+    ablate_state_transition: bool = False,
+    recompute: bool = False,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """GateLoop's mixer: gates from z, the complex scan of k v^T, and y = q Re(h).
+
+    Args:
+        qkv: (b, n, 3 I), q, k and v side by side (one Linear's output), I = heads * d.
+        z: (b, n, 2 heads), each head's gate pre-activation as (re, im).
+        h0: (b, heads, d, d) complex state to continue from (a cache), or None.
+        heads: number of heads h.
+        frac_gradient: fraction of z's gradient passed back (the seed's
+            frac_gradient_state_transition); the values are unchanged.
+        ablate_complex: use only the real part of z.
+        ablate_state_transition: a = 1 (a cumulative sum of k v^T).
+        recompute: backward recomputes the states instead of keeping them from forward (the
+            seed's checkpoint_gate_looped_attn).
+        backend: the ``gate_loop_scan`` backend; "auto" and "pallas" take the fused kernels where
+            they run (CUDA, Hopper or newer, d = 1, heads a multiple of 128, 16- or 32-bit inputs,
+            no ablation).
+
+    Returns:
+        y (b, n, I) in qkv's dtype, and the final state (b, heads, d, d), complex (complex64 for
+        16- and 32-bit inputs). Differentiable in qkv, z and h0; the fused kernels once only (a
+        second derivative raises).
+    """
+    d = _check(qkv, z, h0, heads)
+    fused = (d == 1 and backend in ("auto", "pallas") and not (ablate_complex or ablate_state_transition)
+             and qkv.is_cuda and qkv.dtype != torch.float64 and z.dtype != torch.float64
+             and (h0 is None or h0.dtype == torch.complex64) and _mosaic_runs(qkv.device))
+    if fused:
+        b, n = qkv.shape[:2]
+        h0_flat = None if h0 is None else h0.reshape(b, heads)
+        args = (qkv, z) if h0_flat is None else (qkv, z, h0_flat)
+        run = _fused_untraced if torch.compiler.is_compiling() else _fused
+        out = run(float(frac_gradient), bool(recompute), *args)
+        if out is not None:
+            y, h_last = out
+            return y, h_last.view(b, heads, 1, 1)
+    return _composed(qkv, z, h0, heads, frac_gradient, ablate_complex, ablate_state_transition,
+                     recompute, backend)
+
+
+def _check(qkv, z, h0, heads) -> int:
+    """d, after checking every argument (one error naming the argument and the shapes)."""
+    for name, t in (("qkv", qkv), ("z", z)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"gate_loop_mixer: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"gate_loop_mixer: {name} has dtype {t.dtype}; expected float16, bfloat16, "
+                            "float32 or float64")
+        if t.dim() != 3:
+            raise ValueError(f"gate_loop_mixer: {name} must be (batch, time, features), got shape {tuple(t.shape)}")
+    if not isinstance(heads, int) or heads < 1:
+        raise ValueError(f"gate_loop_mixer: heads must be a positive int, got {heads!r}")
+    b, n, width = qkv.shape
+    if width % (3 * heads):
+        raise ValueError(f"gate_loop_mixer: qkv's last dim ({width}) must be 3 * heads * d with heads={heads}, "
+                         f"got shape {tuple(qkv.shape)}")
+    if tuple(z.shape) != (b, n, 2 * heads):
+        raise ValueError(f"gate_loop_mixer: z must be (batch, time, 2 * heads) = {(b, n, 2 * heads)}, "
+                         f"got {tuple(z.shape)}")
+    if n == 0:
+        raise ValueError(f"gate_loop_mixer: qkv has no time steps, shape {tuple(qkv.shape)}")
+    if z.device != qkv.device:
+        raise ValueError(f"gate_loop_mixer: qkv is on {qkv.device}, z on {z.device}")
+    d = width // (3 * heads)
+    if h0 is not None:
+        if not isinstance(h0, Tensor) or not h0.is_complex():
+            raise TypeError(f"gate_loop_mixer: h0 must be a complex tensor (the state), got "
+                            f"{getattr(h0, 'dtype', type(h0).__name__)}")
+        if tuple(h0.shape) != (b, heads, d, d):
+            raise ValueError(f"gate_loop_mixer: h0 must be (batch, heads, d, d) = {(b, heads, d, d)}, "
+                             f"got {tuple(h0.shape)}")
+        if h0.device != qkv.device:
+            raise ValueError(f"gate_loop_mixer: h0 is on {h0.device}, qkv on {qkv.device}")
+    return d
+
+
+def _mosaic_runs(device) -> bool:
+    return _mosaic_runs_on(device.type, device.index)
+
+
+def _assume_constant(fn):
+    """Under torch.compile, run at trace time as plain Python and keep the result as a constant
+    (the choice is made once per device; its self-test is not traceable)."""
+    import torch._dynamo
+    return torch._dynamo.assume_constant_result(fn)
+
+
+@_assume_constant
+def _mosaic_runs_on(device_type: str, index) -> bool:
+    return jax_available() and mosaic_available(torch.device(device_type, index))
+
+
+def _fused(frac, recompute, qkv, z, h0=None):
+    if torch._C._are_functorch_transforms_active():    # the Mosaic ops have no vmap rule
+        return None
+    from .scan.mosaic_op import try_mixer_mosaic
+    return try_mixer_mosaic(qkv, z, h0, frac, recompute)
+
+
+def _untraced(fn):
+    """Run by AOTAutograd but not traced by Dynamo (the kernels' plans and launches are plain
+    Python, as gate_loop_scan's are)."""
+    if not jax_available():
+        return fn
+    import torch._dynamo
+    return torch._dynamo.nonstrict_trace(fn)
+
+
+_fused_untraced = _untraced(_fused)
+
+
+def gates(z: Tensor, frac_gradient: float = 1.0, ablate_complex: bool = False,
+          ablate_state_transition: bool = False) -> Tensor:
+    """Complex gates a = sigmoid(|z|) exp(i arg z) from (..., 2) pre-activations, as (...) complex
+    (float32 or wider)."""
+    z = z * frac_gradient + z.detach() * (1 - frac_gradient)
+    if z.dtype in (torch.float16, torch.bfloat16):
+        z = z.float()  # complex needs float32 or wider
+    z = torch.view_as_complex(z)
+    if ablate_complex:
+        z = z.real + 0.0j
+    if ablate_state_transition:
+        return torch.ones_like(z.real) + 0.0j
+    # sigmoid on the magnitude, identity on the phase
+    return torch.polar(z.abs().sigmoid(), z.angle())
+
+
+def _heads_scan(q: Tensor, k: Tensor, v: Tensor, a: Tensor, h0: Optional[Tensor], backend: str):
+    """y_t = q_t . Re(h_t) with h_t = a_t h_{t-1} + k_t v_t^T, per (batch, head).
+
+    q, k, v: (b, n, h, d) real. a: (b, n, h, 1, 1) complex (one gate per head, never expanded).
+    h0: (b, h, d, e) complex or None. Returns y (b, n, h, e) and the final state (b, h, d, e).
+    Time stays dim 1 and the features (h, d, e) stay contiguous, the layout the projections
+    produce: no transposes around the scan, and coalesced rows for the GPU kernels.
+    """
+    kv = torch.einsum("b n h d, b n h e -> b n h d e", k, v)  # real; the scan promotes to complex
+    h, h_last = gate_loop_scan(a, kv, h0, backend=backend)  # (b, n, h, d, e) complex
+    y = torch.einsum("b n h d, b n h d e -> b n h e", q, h.real.to(q.dtype))
+    return y, h_last
+
+
+def _composed(qkv, z, h0, heads, frac, ablate_complex, ablate_state_transition, recompute, backend):
+    b, n = qkv.shape[:2]
+    q, k, v = (t.unflatten(-1, (heads, -1)) for t in qkv.chunk(3, dim=-1))  # each (b, n, h, d)
+    a = gates(z.reshape(b, n, heads, 1, 1, 2), frac, ablate_complex, ablate_state_transition)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (qkv, z, h0))
+    if needs_grad and recompute:
+        y, h_last = checkpoint(_heads_scan, q, k, v, a, h0, backend, use_reentrant=False)
+    else:
+        y, h_last = _heads_scan(q, k, v, a, h0, backend)
+    return y.flatten(-2), h_last
