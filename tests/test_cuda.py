@@ -210,3 +210,66 @@ def test_mosaic_scan_on_a_side_stream_and_compiled():
     assert torch.allclose(loss, loss_e, rtol=1e-5)
     for g, ge in zip(grads, grads_e):
         assert torch.allclose(g, ge, rtol=1e-4, atol=1e-5)
+
+
+@hopper
+@pytest.mark.parametrize("B,N,H,dtype,recompute", [
+    (2, 1000, 256, torch.float32, False), (2, 1000, 256, torch.float32, True),
+    (1, 3001, 128, torch.float32, True),     # cut into time chunks
+    (2, 777, 128, torch.bfloat16, False),
+])
+def test_fused_mixer_matches_float64_composition(B, N, H, dtype, recompute):
+    from gateloop_hybrid.mixer import gate_loop_mixer
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(B, N, 3 * H, generator=g, dtype=torch.float64)
+    z = 3 * torch.randn(B, N, 2 * H, generator=g, dtype=torch.float64)
+    h0 = torch.randn(B, H, 1, 1, generator=g, dtype=torch.complex128)
+    leaves = [qkv.to(dtype).cuda().requires_grad_(), z.to(dtype).cuda().requires_grad_(),
+              h0.to(torch.complex64).cuda().requires_grad_()]
+    y, last = gate_loop_mixer(*leaves, heads=H, frac_gradient=0.9, recompute=recompute)
+    wide = [t.detach().cpu().to(torch.complex128 if t.is_complex() else torch.float64).requires_grad_()
+            for t in leaves]
+    y_ref, last_ref = gate_loop_mixer(*wide, heads=H, frac_gradient=0.9, backend="loop")
+    cy = torch.randn(y_ref.shape, generator=g, dtype=torch.float64)
+    cl = torch.randn(last_ref.shape, generator=g, dtype=torch.complex128)
+    loss = lambda y, hl: (y * cy.to(y).to(y.dtype)).sum() + (hl * cl.to(hl.device, hl.dtype).conj()).real.sum()
+    grads = torch.autograd.grad(loss(y, last), leaves)
+    refs = torch.autograd.grad(loss(y_ref, last_ref), wide)
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    errors = {"y": rel(y, y_ref), "h_last": rel(last, last_ref)}
+    errors.update({n: rel(a, b) for n, a, b in zip(("qkv", "z", "h0"), grads, refs)})
+    assert max(errors.values()) < tol, errors
+
+
+@hopper
+def test_gate_looped_attention_fused_equals_composition_and_captures():
+    """The layer on the fused kernels (auto) against the same weights on the jax backend, then a
+    Transformer step compiled with mode='reduce-overhead' (CUDA graphs) against eager."""
+    torch.manual_seed(0)
+    fused = GateLoopedAttention(256).cuda()
+    composed = GateLoopedAttention(256, scan_backend="jax").cuda()
+    composed.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 333, 256, device="cuda")
+    outs, grads = [], []
+    for layer in (fused, composed):
+        out, last = layer(x, return_cache=True)
+        (out.pow(2).sum() + last.abs().sum()).backward()
+        outs.append((out, last))
+        grads.append([p.grad for p in layer.parameters()])
+    assert rel(outs[0][0], outs[1][0]) < 1e-5 and rel(outs[0][1], outs[1][1]) < 1e-5
+    for g1, g2 in zip(*grads):
+        assert rel(g1, g2) < 1e-4
+
+    model = Transformer(dim=128, num_tokens=64, depth=2).cuda()
+    data = torch.randint(0, 64, (2, 257), device="cuda")
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    losses = {}
+    for name, fn in (("eager", model), ("graphs", compiled)):
+        for _ in range(3):
+            torch.compiler.cudagraph_mark_step_begin()
+            loss = fn(data, return_loss=True)
+            grads = torch.autograd.grad(loss, list(model.parameters()))
+        losses[name] = (loss.detach().clone(), [g.clone() for g in grads])
+    assert torch.allclose(losses["eager"][0], losses["graphs"][0], rtol=1e-5)
+    for a, b in zip(losses["eager"][1], losses["graphs"][1]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)

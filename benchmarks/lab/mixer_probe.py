@@ -1,0 +1,91 @@
+"""The fused GateLoop mixer against its composition, and its kernels' walk choices (H200 lab).
+
+    python benchmarks/lab/mixer_probe.py [--shapes 4x4096x512,1x16384x512,4x4096x1024]
+
+For each (B, N, H) in bf16: forward and forward+backward of gate_loop_mixer on the fused kernels
+(states stored, and recomputed in backward) and on the composition (torch ops around the pallas
+scan), against the memory floor of the fused forward (read qkv and z, write y) and backward
+(read qkv, z, dy and the states, write dqkv and dz). Then the fused kernels with other
+(forward, backward) block sizes.
+"""
+
+import argparse
+
+import torch
+
+import harness
+from gateloop_hybrid.mixer import gate_loop_mixer
+from gateloop_hybrid.scan import mosaic_op
+
+HBM_TBPS = 4.2      # measured copy bandwidth on the H200 (docs/results.md)
+
+
+def timed(fn):
+    _, times, _ = harness.measure(fn, harness.device_wait(torch.device("cuda")), reps=20, budget_s=1.0,
+                                  target_rep_s=0.02)
+    return harness.stats(times)["median_ms"]
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--shapes", default="4x4096x512,1x16384x512,4x4096x1024")
+    p.add_argument("--blocks", default="8/8,16/8,16/16,32/16,8/4")
+    args = p.parse_args()
+    print("\n".join(harness.header(harness.environment(torch.device("cuda")))))
+    for shape in args.shapes.split(","):
+        B, N, H = map(int, shape.split("x"))
+        g = torch.Generator(device="cuda").manual_seed(0)
+        qkv = torch.randn(B, N, 3 * H, device="cuda", generator=g).bfloat16().requires_grad_()
+        z = torch.randn(B, N, 2 * H, device="cuda", generator=g).bfloat16().requires_grad_()
+        dy = torch.randn(B, N, H, device="cuda", generator=g).bfloat16()
+        el = B * N * H
+        floor_f = el * (5 * 2 + 2) / HBM_TBPS / 1e9
+        floor_b = el * (5 * 2 + 2 + 8 + 5 * 2) / HBM_TBPS / 1e9
+        print(f"\nB={B} N={N} H={H} bf16; floor fwd {floor_f:.3f} ms, bwd (states stored) {floor_b:.3f} ms")
+
+        def run(backend, recompute, grad):
+            def f():
+                with torch.set_grad_enabled(grad):
+                    y, _ = gate_loop_mixer(qkv, z, heads=H, frac_gradient=0.9, recompute=recompute,
+                                           backend=backend)
+                if grad:
+                    torch.autograd.grad(y, (qkv, z), dy)
+                return y
+            return f
+        y_fused = run("auto", True, False)()
+        y_comp = _composed(qkv, z, H, False)
+        err = ((y_fused.float() - y_comp.float()).norm() / y_comp.float().norm()).item()
+        print(f"fused vs composition: rel err {err:.2e}")
+        rows = (("fused, states stored", run("auto", False, False), run("auto", False, True)),
+                ("fused, states recomputed", run("auto", True, False), run("auto", True, True)),
+                ("composition, pallas scan", lambda: _composed(qkv, z, H, False),
+                 lambda: _composed(qkv, z, H, True, dy)))
+        for name, fwd, fb in rows:
+            print(f"{name:>28}: fwd {timed(fwd):.3f} ms, fwd+bwd {timed(fb):.3f} ms")
+        for blocks in args.blocks.split(","):
+            bf, bb = map(int, blocks.split("/"))
+            for recompute in (False, True):
+                plan = mosaic_op._MixerPlan(qkv, z, None, 0.9, recompute, blocks={False: bf, True: bb})
+
+                def fb():
+                    y, _ = mosaic_op._MosaicMixer.apply(qkv, z, None, 0.9, recompute, plan)
+                    torch.autograd.grad(y, (qkv, z), dy)
+
+                def f():
+                    with torch.no_grad():
+                        return plan.forward(qkv, z, None, train=False)[0]
+                print(f"   blocks fwd {bf:>2} bwd {bb:>2} {'recompute' if recompute else 'stored':>9} "
+                      f"(chunks {plan.infer.chunks}/{plan.bwd.chunks}): fwd {timed(f):.3f} ms, fwd+bwd {timed(fb):.3f} ms")
+
+
+def _composed(qkv, z, H, grad, dy=None):
+    from gateloop_hybrid.mixer import _composed as composed
+    with torch.set_grad_enabled(grad):
+        y, _ = composed(qkv, z, None, H, 0.9, False, False, False, "pallas")
+    if grad:
+        torch.autograd.grad(y, (qkv, z), dy)
+    return y
+
+
+if __name__ == "__main__":
+    main()
