@@ -181,6 +181,10 @@ class TrainConfig:
     device: str = _opt("auto", "torch device: auto (cuda when available), cpu, cuda, cuda:1, ...", metavar="DEVICE")
     bf16: bool | None = _opt(
         None, "bf16 autocast (default: on for CUDA, off for CPU); the scan accumulates in float32 either way")
+    compile: str | None = _opt(
+        None, "torch.compile the training forward and backward: 'default', or 'reduce-overhead' (CUDA graphs, "
+              "CUDA only; the fastest mode for both models on an H200, see benchmarks/model_speed.py). "
+              "Validation and samples run uncompiled", metavar="MODE")
 
     def model_kwargs(self) -> dict:
         kw = dict(dim=self.dim, num_tokens=NUM_TOKENS, depth=self.depth, ff_mult=self.ff_mult,
@@ -198,7 +202,8 @@ RESUME_FIXED = ("dim", "depth", "gate_loop_heads", "attention", "heads", "dim_he
                 "seq_len", "batch_size", "seed")
 # Never taken from a checkpoint: they say what to do now, not what the run is. (out_dir is
 # where the checkpoint was found; metrics follow it unless --metrics is given again.)
-NOT_RESUMED = ("resume", "out_dir", "metrics", "threads", "preset")
+NOT_RESUMED = ("resume", "out_dir", "metrics", "threads", "preset", "compile")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 DEMO_TEXT = Path(__file__).resolve().parent / "tests" / "data" / "devils_dictionary.txt"
 # Named flag sets for --preset; flags typed on the command line override them.
@@ -313,6 +318,8 @@ def check_config(cfg: TrainConfig) -> None:
         need(cfg.dim % cfg.gate_loop_heads == 0, "gate_loop_heads",
              f"must divide --dim {cfg.dim} (none: one gate per feature, --dim heads)")
     need(cfg.preset is None or cfg.preset in PRESETS, "preset", f"unknown; choose one of {', '.join(PRESETS)}")
+    need(cfg.compile is None or cfg.compile in COMPILE_MODES, "compile",
+         f"unknown mode; choose one of {', '.join(COMPILE_MODES)}")
     for name in ("out_dir", "metrics", "data"):
         need(getattr(cfg, name) is None or getattr(cfg, name) != "", name, "must not be empty")
 
@@ -886,6 +893,12 @@ class _Run:
         except (ValueError, TypeError) as e:  # sizes check_config let through but the model refuses
             raise ConfigError(f"the model flags do not fit together: {e}") from None
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.forward = self.model
+        self.graphs = cfg.compile in ("reduce-overhead", "max-autotune")  # CUDA graphs
+        if cfg.compile is not None:
+            if self.graphs and self.device.type != "cuda":
+                raise ConfigError(f"--compile {cfg.compile}: CUDA graphs need a CUDA device, got {self.device}")
+            self.forward = torch.compile(self.model, mode=cfg.compile)
         self.sampler = Sampler(self.train_data, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
         self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
         self.ckpt_path = Path(cfg.out_dir) / CHECKPOINT_NAME
@@ -929,8 +942,10 @@ class _Run:
         loss_sum = torch.zeros((), device=device)
         for _ in range(cfg.grad_accum):
             batch = self.sampler.next().to(device, non_blocking=True)  # (b, seq_len + 1)
+            if self.graphs:     # a new step: the graphs may reuse the last step's outputs' memory
+                torch.compiler.cudagraph_mark_step_begin()
             with _autocast(device, cfg.bf16):
-                loss = self.model(batch, return_loss=True)
+                loss = self.forward(batch, return_loss=True)
             with torch.autograd.set_multithreading_enabled(not cfg.main_thread_backward):
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach().float()

@@ -203,6 +203,20 @@ def test_no_checkpoint_scan_trains_the_same_model(tmp_path):
         assert mixers and all(m.checkpoint_gate_looped_attn is expected for m in mixers)
 
 
+def test_compile_trains_the_same_model(tmp_path):
+    """--compile default: the training forward and backward through torch.compile, the same
+    losses as eager; CUDA graphs are refused on the CPU by name."""
+    common = ["--max-steps", "3", "--log-every", "1", "--val-every", "0", "--sample-every", "0"]
+    eager = run_train(tmp_path, *common, name="eager")
+    compiled = run_train(tmp_path, *common, "--compile", "default", name="compiled")
+    assert [compiled["losses"][s] for s in range(1, 4)] == pytest.approx(
+        [eager["losses"][s] for s in range(1, 4)], rel=1e-4)
+    with pytest.raises(train.ConfigError, match="--compile reduce-overhead: CUDA graphs need a CUDA device"):
+        run_train(tmp_path, *common, "--compile", "reduce-overhead", name="graphs")
+    with pytest.raises(train.ConfigError, match="--compile fast: unknown mode"):
+        run_train(tmp_path, *common, "--compile", "fast", name="bad")
+
+
 def test_main_thread_backward_trains_the_same_and_restores_torchs_setting(tmp_path, monkeypatch):
     """--main-thread-backward turns autograd's worker threads off around backward only."""
     seen = []
