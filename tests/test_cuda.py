@@ -273,3 +273,20 @@ def test_gate_looped_attention_fused_equals_composition_and_captures():
     assert torch.allclose(losses["eager"][0], losses["graphs"][0], rtol=1e-5)
     for a, b in zip(losses["eager"][1], losses["graphs"][1]):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_attention_models_compile_one_after_another_under_bf16_autocast():
+    """A second attention model compiled in the same process at another shape (bf16 autocast,
+    CUDA) trains like eager: (4, 4097) tokens, then (64, 257)."""
+    torch._dynamo.reset()
+    for shape in ((4, 4097), (64, 257)):
+        torch.manual_seed(0)
+        model = Transformer(dim=128, num_tokens=256, depth=2, use_gate_looped_attn=False, heads=2,
+                            dim_head=64, ff_mult=5).cuda()
+        ids = torch.randint(0, 256, shape, device="cuda")
+        compiled = torch.compile(model)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            got = compiled(ids, return_loss=True)
+            want = model(ids, return_loss=True)
+        got.backward()
+        assert torch.allclose(got.float(), want.float(), rtol=2e-2)
