@@ -275,6 +275,50 @@ def test_bad_input_is_named():
         jm(jnp.array([[1]]), cache=[jnp.zeros((1, 4, 2, 2), jnp.complex64)], return_cache=True)
 
 
+def test_pallas_backend_matches_jax_in_interpret_mode(monkeypatch):
+    """scan_backend="pallas" runs the Pallas kernels (here in Pallas's interpret mode on the CPU):
+    float32 complex gates, real inputs, a cache; same loss, gradients and state as "jax"."""
+    import functools
+
+    import gateloop_hybrid.jax.gate_loop as gate_loop
+    import gateloop_hybrid.scan.pallas_scan as pallas_scan
+
+    options = dict(dim=DIM, num_tokens=VOCAB, depth=1, gate_loop_heads=4)
+    model = glj.Transformer(**options, key=jax.random.key(0))
+    skeleton = eqx.filter_eval_shape(glj.Transformer, **options, scan_backend="pallas", key=jax.random.key(0))
+    on_pallas = glj.load_state_dict(skeleton, glj.to_numpy_state_dict(model))
+    ids = jnp.asarray(random_ids(12))
+    with pytest.raises(ValueError, match="runs on a GPU"):
+        on_pallas(ids)
+    monkeypatch.setattr(gate_loop, "_pallas_runs_here", lambda: True)
+    monkeypatch.setattr(pallas_scan, "scan_pallas", functools.partial(pallas_scan.scan_pallas, interpret=True))
+    loss_and_grads = eqx.filter_jit(eqx.filter_value_and_grad(lambda m, ids: m(ids, return_loss=True)))
+    (want, want_grads), (got, got_grads) = loss_and_grads(model, ids), loss_and_grads(on_pallas, ids)
+    assert_close(got, want, rtol=1e-6, what="loss")
+    for name, g in glj.named_parameters(want_grads).items():
+        assert_close(glj.named_parameters(got_grads)[name], g, rtol=1e-5, what=f"grad of {name}")
+    # a cache continues through the kernels' h0
+    _, state = cached(on_pallas, ids[:, :4], None)
+    rest, _ = cached(on_pallas, ids[:, 4:], state)
+    assert_close(rest, forward(model, ids)[:, 4:], rtol=1e-5, what="continued logits")
+
+
+def test_bf16_training_step_keeps_float32_weights():
+    from gateloop_hybrid.jax import training
+
+    model = glj.Transformer(dim=DIM, num_tokens=VOCAB, depth=1, gate_loop_heads=4, key=jax.random.key(0))
+    optimizer = training.make_optimizer(lr=1e-2, clip=0.5)
+    batches = jnp.asarray(random_ids(13, (2, BATCH, SEQ + 1)))
+    step = training.make_train_step(optimizer, compute_dtype=jnp.bfloat16)
+    new, state, loss = step(model, optimizer.init(training.trainable(model)), batches)
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(training.trainable(new))} == {jnp.dtype("float32")}
+    assert training.torch_adam_state(state)["token_emb.weight"]["step"] == 1
+    float32_loss = training.make_loss()
+    want = (float32_loss(model, batches[0]) + float32_loss(model, batches[1])) / 2
+    assert float(loss) == pytest.approx(float(want), rel=2e-2)  # the loss before the step, in bf16
+    assert float(float32_loss(new, batches[0])) != float(float32_loss(model, batches[0]))
+
+
 def test_importing_the_jax_model_imports_no_torch():
     code = ("import sys, gateloop_hybrid.jax, gateloop_hybrid.jax.training\n"
             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))")

@@ -38,12 +38,16 @@ def scan(a, x, h0=None, *, reverse: bool = False, backend: str = "auto"):
     float dtype). "pallas": the Pallas GPU kernels (a GPU, 32 bits or fewer).
     """
     if backend == "pallas":
-        from ..scan.pallas_scan import scan_pallas
-        if jax.default_backend() != "gpu":
+        from ..scan import pallas_scan
+        if not _pallas_runs_here():
             raise ValueError(f"scan_backend='pallas' runs on a GPU; JAX's default backend here is "
                              f"{jax.default_backend()!r} (use 'jax' or 'auto')")
-        return scan_pallas(a, x, h0, reverse=reverse)
+        return pallas_scan.scan_pallas(a, x, h0, reverse=reverse)
     return scan_jax(a, x, h0, reverse=reverse)
+
+
+def _pallas_runs_here() -> bool:
+    return jax.default_backend() == "gpu"
 
 
 def _gate_looped_heads(q, k, v, a, h0, backend: str):
