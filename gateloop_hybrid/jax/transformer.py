@@ -191,6 +191,9 @@ class Transformer(eqx.Module):
         Returns:
             logits (b, n, V); the loss (a scalar) when ``return_loss``;
             ``(logits, cache)`` when ``return_cache``.
+
+        Runs jitted (compiled once per shapes and flags; inside a caller's jit it is inlined):
+        op-by-op, every JAX primitive would compile on its first call.
         """
         if return_loss and (cache is not None or return_cache):
             raise ValueError("return_loss=True cannot be combined with cache or return_cache")
@@ -209,7 +212,9 @@ class Transformer(eqx.Module):
         ablate_state_transition = (
             self.ablate_state_transition if ablate_state_transition is None else ablate_state_transition
         )
+        return _forward(self, x, return_loss, ablate_complex, ablate_state_transition, cache, return_cache)
 
+    def _apply(self, x, return_loss, ablate_complex, ablate_state_transition, cache, return_cache):
         if return_loss:
             x, labels = x[:, :-1], x[:, 1:]
 
@@ -306,6 +311,11 @@ class Transformer(eqx.Module):
             if step + 1 < num_tokens:
                 logits, cache = _decode(self, token[:, None].astype(prompt_ids.dtype), cache)
         return jnp.stack(sampled, axis=1).astype(dtype)
+
+
+@eqx.filter_jit
+def _forward(model: Transformer, x, *flags):
+    return model._apply(x, *flags)
 
 
 def cross_entropy(logits, labels):
