@@ -96,6 +96,24 @@ def check_grads(jax_grads, torch_module):
             assert_close(got[name], p.grad, what=f"grad of {name}")
 
 
+@pytest.mark.parametrize("name", ["Transformer", "GateLoopedAttention", "SimpleGateLoopLayer",
+                                  "CausalFullAttention", "RMSNorm"])
+def test_signatures_are_the_torch_layers_plus_a_key(name):
+    """Same parameter names, kinds and defaults as the torch layer; the JAX one adds only ``key``."""
+    import inspect
+
+    methods = [("__init__", "__init__"), ("forward", "__call__")]
+    if name == "Transformer":
+        methods.append(("generate", "generate"))
+    for torch_method, jax_method in methods:
+        theirs = inspect.signature(getattr(getattr(th, name), torch_method)).parameters.values()
+        mine = inspect.signature(getattr(getattr(glj, name), jax_method)).parameters.values()
+        describe = lambda params: [(p.name, p.kind, p.default) for p in params]
+        assert describe(p for p in mine if p.name != "key") == describe(theirs), f"{name}.{jax_method}"
+        keys = [p for p in mine if p.name == "key"]
+        assert all(p.kind is p.KEYWORD_ONLY for p in keys), f"{name}.{jax_method}"
+
+
 TRANSFORMER_OPTIONS = [
     pytest.param({}, id="gateloop-one-feature-per-head"),
     pytest.param(dict(gate_loop_heads=2, sub_ln=True, frac_gradient_state_transition=0.5), id="gateloop-wide-subln"),
@@ -321,6 +339,7 @@ def test_bf16_training_step_keeps_float32_weights():
 
 def test_importing_the_jax_model_imports_no_torch():
     code = ("import sys, gateloop_hybrid.jax, gateloop_hybrid.jax.training\n"
-            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))")
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))\n"
+            "assert 'bridge' not in sys.modules")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

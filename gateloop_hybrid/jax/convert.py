@@ -94,7 +94,6 @@ def from_torch_state_dict(state_dict, **constructor_kwargs) -> Transformer:
 
     Called on integer token ids, the result gives the torch model's logits.
     """
-    constructor_kwargs.pop("key", None)
     skeleton = eqx.filter_eval_shape(Transformer, **constructor_kwargs, key=jax.random.key(0))
     return load_state_dict(skeleton, state_dict)
 
