@@ -79,7 +79,8 @@ def load_state_dict(module, state_dict):
         parts = [f"{what}: {', '.join(names)}" for what, names in
                  (("missing", missing), ("unexpected", unexpected), ("shape differs", wrong)) if names]
         raise ValueError(f"the state dict does not fit this {type(module).__name__} ({'; '.join(parts)})")
-    leaves = [jnp.asarray(_to_numpy(state_dict[k], k)) for k in wanted]
+    # copies: a training step donates these buffers, which must not be the caller's memory
+    leaves = [jnp.array(_to_numpy(state_dict[k], k)) for k in wanted]
     return eqx.tree_at(lambda m: list(named_parameters(m).values()), module, replace=leaves)
 
 

@@ -71,11 +71,14 @@ def make_train_step(optimizer: optax.GradientTransformation, compute_dtype: Opti
             dtype. The scan accumulates in float32 and the loss is taken in float32 either way.
 
     ``batches`` holds ``accum`` micro-batches of token ids, (accum, b, n + 1); ``loss`` is their
-    mean loss before the step. The model and optimiser state passed in are donated (their
-    buffers reused where the backend allows): use the returned ones.
+    mean loss before the step. The model and the optimiser state passed in are donated (their
+    buffers are reused for the new ones and deleted): use the returned ones.
     """
-    @eqx.filter_jit(donate="all-except-first")
     def step(model, opt_state, batches):
+        return _step(batches, model, opt_state)
+
+    @eqx.filter_jit(donate="all-except-first")  # the model and its state, not the batches
+    def _step(batches, model, opt_state):
         params, static = eqx.partition(model, eqx.is_inexact_array)
         value_and_grad = jax.value_and_grad(lambda p, batch: _loss(eqx.combine(p, static), batch, compute_dtype))
 
@@ -133,7 +136,7 @@ def with_torch_adam_state(opt_state, state: dict):
         leaves = []
         for name in names:
             if name in state:
-                value = jnp.asarray(_numpy(state[name][key]), current[name].dtype)
+                value = jnp.array(_numpy(state[name][key]), current[name].dtype)  # a copy
                 if value.shape != current[name].shape:
                     raise ValueError(f"optimiser state {name}.{key}: shape {value.shape} != {current[name].shape}")
             else:
