@@ -185,6 +185,11 @@ class TrainConfig:
         None, "torch.compile the training forward and backward: 'default', or 'reduce-overhead' (CUDA graphs, "
               "CUDA only; the fastest mode for both models on an H200, see benchmarks/model_speed.py). "
               "Validation and samples run uncompiled", metavar="MODE")
+    framework: str = _opt(
+        "torch", "torch, or jax: the same model, optimiser, data stream and checkpoints, with the model and "
+                 "its training step in pure JAX (gateloop_hybrid.jax; needs the jax extra). With jax, --bf16 "
+                 "computes in bfloat16 with float32 weights, --scan-backend is auto (= jax), jax or pallas, and "
+                 "--device names JAX's device", metavar="NAME")
 
     def model_kwargs(self) -> dict:
         kw = dict(dim=self.dim, num_tokens=NUM_TOKENS, depth=self.depth, ff_mult=self.ff_mult,
@@ -204,6 +209,9 @@ RESUME_FIXED = ("dim", "depth", "gate_loop_heads", "attention", "heads", "dim_he
 # where the checkpoint was found; metrics follow it unless --metrics is given again.)
 NOT_RESUMED = ("resume", "out_dir", "metrics", "threads", "preset", "compile")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+FRAMEWORKS = ("torch", "jax")
+JAX_SCAN_BACKENDS = ("auto", "jax", "pallas")  # gateloop_hybrid.jax's
 
 DEMO_TEXT = Path(__file__).resolve().parent / "tests" / "data" / "devils_dictionary.txt"
 # Named flag sets for --preset; flags typed on the command line override them.
@@ -320,6 +328,12 @@ def check_config(cfg: TrainConfig) -> None:
     need(cfg.preset is None or cfg.preset in PRESETS, "preset", f"unknown; choose one of {', '.join(PRESETS)}")
     need(cfg.compile is None or cfg.compile in COMPILE_MODES, "compile",
          f"unknown mode; choose one of {', '.join(COMPILE_MODES)}")
+    need(cfg.framework in FRAMEWORKS, "framework", f"choose one of {', '.join(FRAMEWORKS)}")
+    if cfg.framework == "jax":
+        need(cfg.attention or cfg.scan_backend in JAX_SCAN_BACKENDS, "scan_backend",
+             f"not a scan of --framework jax; choose one of {', '.join(JAX_SCAN_BACKENDS)}")
+        need(not cfg.main_thread_backward, "main_thread_backward", "torch's autograd setting; not with --framework jax")
+        need(cfg.compile is None, "compile", "torch.compile is for --framework torch (the JAX step is jitted)")
     for name in ("out_dir", "metrics", "data"):
         need(getattr(cfg, name) is None or getattr(cfg, name) != "", name, "must not be empty")
 
@@ -813,10 +827,15 @@ def evaluate(model, val: torch.Tensor, cfg: TrainConfig, device: torch.device) -
     return total / cfg.val_batches
 
 
-def _sample_from_val(model, val: torch.Tensor, cfg: TrainConfig, device: torch.device, step: int) -> tuple[str, str]:
+def _val_prime(val: torch.Tensor, cfg: TrainConfig, step: int) -> torch.Tensor:
+    """(1, prime_len) validation bytes that prime the sample at `step`."""
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     start = int(torch.randint(0, len(val) - cfg.prime_len, (1,), generator=g))
-    prime = val[start:start + cfg.prime_len].long()[None].to(device)
+    return val[start:start + cfg.prime_len].long()[None]
+
+
+def _sample_from_val(model, val: torch.Tensor, cfg: TrainConfig, device: torch.device, step: int) -> tuple[str, str]:
+    prime = _val_prime(val, cfg, step).to(device)
     was_training = model.training
     model.eval()
     with _seeded_rng(device, cfg.seed + step), _autocast(device, cfg.bf16):
@@ -937,8 +956,24 @@ class _Run:
 
     def train_step(self) -> tuple[float, float]:
         """One optimiser step over cfg.grad_accum micro-batches -> (mean loss in nats, tokens/s)."""
-        cfg, device = self.cfg, self.device
         t0 = time.perf_counter()
+        loss_value = self._optimiser_step()
+        dt = time.perf_counter() - t0
+
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        self.train_time += dt
+        for k, v in (("loss", loss_value), ("steps", 1), ("tokens", self.tokens_per_step), ("time", dt)):
+            self.window[k] += v
+        if self.step - self.first_step > self.WARMUP_STEPS:
+            self.steady["tokens"] += self.tokens_per_step
+            self.steady["time"] += dt
+        self.results["losses"][self.step] = loss_value
+        return loss_value, self.tokens_per_step / dt
+
+    def _optimiser_step(self) -> float:
+        """Forward, backward and the optimiser on cfg.grad_accum micro-batches; their mean loss."""
+        cfg, device = self.cfg, self.device
         loss_sum = torch.zeros((), device=device)
         for _ in range(cfg.grad_accum):
             batch = self.sampler.next().to(device, non_blocking=True)  # (b, seq_len + 1)
@@ -953,19 +988,7 @@ class _Run:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss_value = loss_sum.item() / cfg.grad_accum  # synchronises: the step has finished
-        dt = time.perf_counter() - t0
-
-        self.step += 1
-        self.tokens_seen += self.tokens_per_step
-        self.train_time += dt
-        for k, v in (("loss", loss_value), ("steps", 1), ("tokens", self.tokens_per_step), ("time", dt)):
-            self.window[k] += v
-        if self.step - self.first_step > self.WARMUP_STEPS:
-            self.steady["tokens"] += self.tokens_per_step
-            self.steady["time"] += dt
-        self.results["losses"][self.step] = loss_value
-        return loss_value, self.tokens_per_step / dt
+        return loss_sum.item() / cfg.grad_accum  # synchronises: the step has finished
 
     def train_record(self) -> dict:
         """The mean loss, tokens/s and peak memory since the last record; starts a new window."""
@@ -976,14 +999,22 @@ class _Run:
                     **_peak_memory(self.device))
 
     def validate(self) -> dict:
-        loss = evaluate(self.model, self.val_data, self.cfg, self.device)
+        loss = self._val_loss()
         self.results["val"][self.step] = loss / math.log(2)
         return dict(step=self.step, loss=loss, bpc=loss / math.log(2), tokens=self.tokens_seen,
                     train_time_s=self.train_time, wall_s=self.wall(), **_peak_memory(self.device))
 
+    def _val_loss(self) -> float:
+        return evaluate(self.model, self.val_data, self.cfg, self.device)
+
     def sample(self) -> dict:
         prime, text = _sample_from_val(self.model, self.val_data, self.cfg, self.device, self.step)
         return dict(step=self.step, prime=prime, text=text)
+
+    def device_info(self) -> tuple[str, str | None]:
+        """(the device the model trains on, its name) for the start record and the summary line."""
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
+        return str(self.device), name
 
     def checkpoint(self) -> None:
         """Write the checkpoint; a failed write raises CheckpointError saying what the file still holds.
@@ -1019,6 +1050,95 @@ class _Run:
                     wall_s=self.wall(), steady_tokens_per_s=steady, **_peak_memory(self.device))
 
 
+class _JaxRun(_Run):
+    """--framework jax: the model, its training step, validation and samples in pure JAX
+    (gateloop_hybrid.jax.training.Trainer); the flags, data stream, initial weights (torch's, from
+    --seed), metrics and checkpoints are the torch run's. The torch model and optimiser stay on the
+    CPU, as the checkpoint's format: the JAX state is converted from them on start (and resume)
+    and into them before each checkpoint, so either framework resumes the other's checkpoints."""
+
+    def __init__(self, cfg: TrainConfig, state: dict | None):
+        try:
+            import jax
+            import jax.numpy as jnp
+
+            import gateloop_hybrid.jax as glj
+            from gateloop_hybrid.jax.training import Trainer
+        except ImportError as e:
+            raise ConfigError(f"--framework jax: {e}") from None
+        self.jax_device = _jax_device(jax, cfg.device)
+        if not cfg.attention and cfg.scan_backend == "pallas" and self.jax_device.platform != "gpu":
+            raise ConfigError(f"--scan-backend pallas runs on a GPU; JAX's device here is {self.jax_device}")
+        # the torch side (sampler, the weights in torch's format) on the CPU; its scan never runs
+        super().__init__(dataclasses.replace(cfg, device="cpu", scan_backend="torch"), state)
+        self.cfg = cfg
+        self.scan_backend = None if cfg.attention else ("pallas" if cfg.scan_backend == "pallas" else "jax")
+        self.glj = glj
+        bf16 = self.jax_device.platform == "gpu" if cfg.bf16 is None else cfg.bf16
+        names = self._param_names()
+        adam = {names[i]: s for i, s in self.optimizer.state_dict()["state"].items()}
+        try:
+            model = glj.from_torch_state_dict(self.model.state_dict(), **cfg.model_kwargs())
+        except ValueError as e:
+            raise ConfigError(f"the model flags do not fit together: {e}") from None
+        self.trainer = Trainer(model, lr=cfg.lr, clip=cfg.clip, compute_dtype=jnp.bfloat16 if bf16 else None,
+                               device=self.jax_device, adam_state=adam)
+
+    def _param_names(self) -> list[str]:
+        return [name for name, _ in self.model.named_parameters()]  # torch.optim's parameter indices
+
+    def _optimiser_step(self) -> float:
+        batches = torch.stack([self.sampler.next() for _ in range(self.cfg.grad_accum)])  # (accum, b, seq_len + 1)
+        return self.trainer.step(batches.numpy())
+
+    def _val_loss(self) -> float:
+        cfg = self.cfg
+        sampler = Sampler(self.val_data, cfg.seq_len, cfg.batch_size, seed=cfg.seed + 1)  # as evaluate()
+        return sum(self.trainer.loss(sampler.next().numpy()) for _ in range(cfg.val_batches)) / cfg.val_batches
+
+    def sample(self) -> dict:
+        cfg = self.cfg
+        prime = _val_prime(self.val_data, cfg, self.step)
+        try:
+            out = self.trainer.generate(prime.numpy(), cfg.gen_len, temperature=cfg.temperature, top_k=cfg.top_k,
+                                        seed=cfg.seed + self.step)
+        except ValueError as e:  # non-finite logits
+            raise DivergedError(f"step {self.step}: {e}") from None
+        return dict(step=self.step, prime=decode(prime[0].tolist()), text=decode(out[0].tolist()))
+
+    def checkpoint(self) -> None:
+        weights, adam = self.trainer.state_dicts()
+        self.model.load_state_dict(self.glj.convert.torch_tensors(weights))
+        optimizer = self.optimizer.state_dict()
+        optimizer["state"] = {i: {k: torch.as_tensor(v) for k, v in adam[name].items()}
+                              for i, name in enumerate(self._param_names()) if name in adam}
+        self.optimizer.load_state_dict(optimizer)
+        super().checkpoint()
+
+    def device_info(self) -> tuple[str, str | None]:
+        return f"jax:{self.jax_device.platform}:{self.jax_device.id}", self.jax_device.device_kind
+
+
+def _jax_device(jax, name: str):
+    """JAX's device for --device: auto (JAX's default), cpu, cuda or cuda:i (JAX's GPU i)."""
+    if name == "auto":
+        return jax.devices()[0]
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"--device {name}: not a device name (cpu, cuda, cuda:1, ...)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name}: --framework jax runs on cpu or cuda")
+    try:
+        devices = jax.devices("cpu" if device.type == "cpu" else "gpu")
+    except RuntimeError:
+        raise ConfigError(f"--device {name}: JAX has no GPU backend here (pip install 'gateloop-hybrid[cuda,jax]')") from None
+    index = device.index or 0
+    if index >= len(devices):
+        raise ConfigError(f"--device {name}: JAX sees {len(devices)} device(s) of that kind")
+    return devices[index]
+
+
 def check_output(out_dir: Path, ckpt_path: Path, ckpt_bytes: int) -> None:
     """Make sure the checkpoint can be written before training for it: the folder exists (or can
     be made) and takes a file, and the disk has room for two checkpoints (the old one stays whole
@@ -1048,8 +1168,11 @@ def check_output(out_dir: Path, ckpt_path: Path, ckpt_bytes: int) -> None:
 def _summary_line(run: "_Run", state: dict | None) -> str:
     cfg = run.cfg
     model = "attention" if cfg.attention else f"GateLoop (scan {run.scan_backend})"
-    device = f"{run.device}, {run.threads} thread{'s' * (run.threads != 1)}" if run.device.type == "cpu" else (
-        f"{run.device} ({torch.cuda.get_device_name(run.device)})" if run.device.type == "cuda" else str(run.device))
+    if cfg.framework != "torch":
+        model = f"{model} in {cfg.framework}"
+    where, name = run.device_info()
+    device = f"{where}, {run.threads} thread{'s' * (run.threads != 1)}" if where.endswith("cpu") else (
+        f"{where} ({name})" if name else where)
     where = f"resuming at step {run.step} of {cfg.max_steps}" if state is not None else f"{cfg.max_steps} steps"
     return (f"train.py: {model}, {run.n_params:,} parameters, on {device}; data {run.data_path} "
             f"({len(run.train_data):,} train / {len(run.val_data):,} val bytes); {where}, "
@@ -1076,13 +1199,14 @@ def train(cfg: TrainConfig, given: set[str] = frozenset()) -> dict:
               file=sys.stderr)
         return dict(losses={}, val={}, step=state["step"], reason="already_done",
                     checkpoint=str(Path(cfg.out_dir) / CHECKPOINT_NAME))
-    run = _Run(cfg, state)
+    run = _JaxRun(cfg, state) if cfg.framework == "jax" else _Run(cfg, state)
     check_output(Path(cfg.out_dir), run.ckpt_path, run.checkpoint_bytes())
     metrics = _Metrics(cfg, Path(cfg.metrics), append=state is not None)
     device = run.device
+    device_str, device_name = run.device_info()
     metrics.log("start", step=run.step, resumed=state is not None, config=dataclasses.asdict(cfg),
-                params=run.n_params, scan_backend=run.scan_backend, device=str(device), threads=run.threads,
-                device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                params=run.n_params, scan_backend=run.scan_backend, device=device_str, threads=run.threads,
+                device_name=device_name,
                 data=str(run.data_path), train_bytes=len(run.train_data), val_bytes=len(run.val_data),
                 torch=torch.__version__, python=sys.version.split()[0])
     print(_summary_line(run, state), file=sys.stderr, flush=True)

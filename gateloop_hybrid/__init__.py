@@ -1,20 +1,43 @@
 """GateLoop layers in PyTorch with the recurrence computed by a pluggable scan (JAX by default).
 
 Drop-in for lucidrains/gateloop-transformer 0.2.5: same constructor and forward arguments,
-same state-dict keys, plus ``scan_backend``.
+same state-dict keys, plus ``scan_backend``. ``gateloop_hybrid.jax`` is the same model in pure
+JAX (equinox), with weight conversion both ways.
+
+The torch layers below are imported on first use, so that ``import gateloop_hybrid.jax`` does
+not import torch.
 """
 
-from .scan import gate_loop_scan
-from .norms import RMSNorm
-from .attention import CausalFullAttention
-from .gate_loop import GateLoopedAttention, SimpleGateLoopLayer
-from .transformer import Transformer
+from __future__ import annotations
 
-__all__ = [
-    "gate_loop_scan",
-    "Transformer",
-    "GateLoopedAttention",
-    "SimpleGateLoopLayer",
-    "CausalFullAttention",
-    "RMSNorm",
-]
+import importlib
+from typing import TYPE_CHECKING
+
+# public name -> the submodule that defines it
+_TORCH_API = {
+    "gate_loop_scan": ".scan",
+    "Transformer": ".transformer",
+    "GateLoopedAttention": ".gate_loop",
+    "SimpleGateLoopLayer": ".gate_loop",
+    "CausalFullAttention": ".attention",
+    "RMSNorm": ".norms",
+}
+
+__all__ = list(_TORCH_API)
+
+if TYPE_CHECKING:
+    from .attention import CausalFullAttention  # noqa: F401
+    from .gate_loop import GateLoopedAttention, SimpleGateLoopLayer  # noqa: F401
+    from .norms import RMSNorm  # noqa: F401
+    from .scan import gate_loop_scan  # noqa: F401
+    from .transformer import Transformer  # noqa: F401
+
+
+def __getattr__(name: str):
+    if name in _TORCH_API:
+        return getattr(importlib.import_module(_TORCH_API[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-import gateloop_hybrid.scan as scan_mod
+import gateloop_hybrid.scan.dispatch as scan_mod
 from gateloop_hybrid.scan import gate_loop_scan
 from gateloop_hybrid.scan.reference import scan_reference
 

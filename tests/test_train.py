@@ -747,3 +747,78 @@ def test_sample_with_a_tiny_temperature_is_greedy(tmp_path):
     greedy = sample.sample(sample.build_parser().parse_args([*base, "--temperature", "0"]))
     tiny = sample.sample(sample.build_parser().parse_args([*base, "--temperature", "1e-45"]))
     assert tiny == greedy
+
+
+# ---------------------------------------------------------------------------------------------
+# --framework jax: the same run with the model and its training step in pure JAX
+
+
+JAX = ["--framework", "jax", "--scan-backend", "jax"]
+
+
+def test_jax_trains_the_torch_model_and_its_checkpoint_loads_in_torch(tmp_path):
+    """Same initial weights, data and optimiser as torch: the losses agree to float32 rounding
+    (they fall); the checkpoint loads in the torch model, gives the JAX loss, and samples."""
+    pytest.importorskip("optax", reason="the jax extra: pip install 'gateloop-hybrid[jax]'")
+    import gateloop_hybrid.jax as glj
+    import jax.numpy as jnp
+
+    common = ["--max-steps", "6", "--log-every", "2", "--val-every", "3", "--sample-every", "6"]
+    ran = run_train(tmp_path, *common, *JAX, name="jax")
+    torch_ran = run_train(tmp_path, *common, name="torch")
+    losses = [ran["losses"][s] for s in range(1, 7)]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 0.5, losses
+    for s in range(1, 7):
+        assert ran["losses"][s] == pytest.approx(torch_ran["losses"][s], rel=1e-4), s
+    assert ran["val"][6] == pytest.approx(torch_ran["val"][6], rel=1e-4)
+    records = read_metrics(tmp_path / "jax" / "metrics.jsonl", "train")
+    assert [r["step"] for r in records] == [2, 4, 6]
+    assert read_metrics(tmp_path / "jax" / "metrics.jsonl", "start")[0]["device"] == "jax:cpu:0"
+    assert len(read_metrics(tmp_path / "jax" / "metrics.jsonl", "sample")[0]["text"]) > 0
+
+    state = train.load_checkpoint(tmp_path / "jax" / "checkpoint.pt")
+    assert state["format"] == train.CHECKPOINT_FORMAT and state["step"] == 6
+    cfg = train.TrainConfig(**state["config"])
+    model = train.build_model(cfg.model_kwargs())
+    model.load_state_dict(state["model"], strict=True)
+    batch = train.Sampler(train.split_data(TEXT.read_bytes(), TEXT.name)[1], cfg.seq_len, 3, seed=7).next()
+    with torch.no_grad():
+        torch_loss = model(batch, return_loss=True).item()
+    jax_model = glj.from_torch_state_dict(state["model"], **cfg.model_kwargs())
+    assert float(jax_model(jnp.asarray(batch.numpy()), return_loss=True)) == pytest.approx(torch_loss, rel=2e-6)
+
+    args = ["--checkpoint", str(tmp_path / "jax" / "checkpoint.pt"), "--prompt", "ABASEMENT", "--length", "12",
+            "--device", "cpu"]
+    assert sample.sample(sample.build_parser().parse_args(args)).startswith("ABASEMENT")
+
+
+def test_jax_resume_continues_exactly_and_takes_a_torch_checkpoint(tmp_path, capsys):
+    pytest.importorskip("optax", reason="the jax extra: pip install 'gateloop-hybrid[jax]'")
+    common = ["--log-every", "1", "--val-every", "0", "--sample-every", "0"]
+    full = run_train(tmp_path, "--max-steps", "6", *common, *JAX, name="full")
+    run_train(tmp_path, "--max-steps", "3", *common, *JAX, name="split")
+    capsys.readouterr()
+    # no --framework: the checkpoint's config says jax (TINY's --scan-backend torch is overridden)
+    second = run_train(tmp_path, "--max-steps", "6", "--resume", "--scan-backend", "jax", name="split")
+    assert "in jax" in capsys.readouterr().err
+    assert [second["losses"][s] for s in range(4, 7)] == [full["losses"][s] for s in range(4, 7)]  # exact
+    # a torch run's checkpoint (weights and Adam's moments) continues in JAX
+    run_train(tmp_path, "--max-steps", "3", *common, name="from-torch")
+    crossed = run_train(tmp_path, "--max-steps", "6", "--resume", *JAX, name="from-torch")
+    for s in range(4, 7):
+        assert crossed["losses"][s] == pytest.approx(full["losses"][s], rel=1e-4), s
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--framework", "tf"], "--framework tf: choose one of torch, jax"),
+    (["--framework", "jax", "--scan-backend", "torch"], "--scan-backend torch: not a scan of --framework jax"),
+    (["--framework", "jax", "--scan-backend", "jax", "--main-thread-backward"],
+     "--main-thread-backward True: torch's autograd setting"),
+    (["--framework", "jax", "--scan-backend", "pallas"], "--scan-backend pallas runs on a GPU"),
+])
+def test_jax_refuses_what_it_cannot_do_in_one_line(tmp_path, capsys, flags, message):
+    if "pallas" in flags:
+        pytest.importorskip("optax", reason="the jax extra: pip install 'gateloop-hybrid[jax]'")
+    out = tmp_path / "run"
+    code, err = main_err(capsys, ["--data", str(TEXT), "--out-dir", str(out), *TINY, *flags])
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err

@@ -37,7 +37,7 @@ import torch
 
 import bridge
 from bridge import DoubleBackwardError, jax2torch
-import gateloop_hybrid.scan as scan_mod
+import gateloop_hybrid.scan.dispatch as scan_mod
 from gateloop_hybrid.scan import gate_loop_scan
 import jax.numpy as jnp
 
