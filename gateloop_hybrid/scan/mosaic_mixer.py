@@ -81,7 +81,7 @@ class Mixer:
 
 
 def _gate(zr, zi):
-    """(a, helpers) for z = (zr, zi): a = sigmoid(|z|) z/|z|, 1/2 at z = 0."""
+    """(a, what the gradient reuses) for z = (zr, zi): a = sigmoid(|z|) z/|z|, 1/2 at z = 0."""
     r2 = zr * zr + zi * zi
     nonzero = r2 > 0
     inv_r = jax.lax.rsqrt(jnp.where(nonzero, r2, 1.0))
