@@ -158,7 +158,9 @@ class TrainConfig:
 
     # optimisation (the seed's values)
     seq_len: int = _opt(256, "training sequence length in bytes")
-    batch_size: int = _opt(4, "sequences per micro-batch")
+    batch_size: int = _opt(
+        4, "sequences per micro-batch, on each rank under torchrun: an optimiser step sees "
+           "--batch-size x --grad-accum x ranks sequences")
     grad_accum: int = _opt(4, "micro-batches accumulated into one optimiser step")
     lr: float = _opt(1e-4, "Adam learning rate (constant)")
     clip: float = _opt(0.5, "clip the gradient norm to this; 0 disables")
@@ -190,6 +192,9 @@ class TrainConfig:
                  "its training step in pure JAX (gateloop_hybrid.jax; needs the jax extra). With jax, --bf16 "
                  "computes in bfloat16 with float32 weights, --scan-backend is auto (= jax), jax or pallas, and "
                  "--device names JAX's device", metavar="NAME")
+    fsdp: bool = _opt(
+        False, "under torchrun, shard the weights, gradients and optimiser state across the ranks with FSDP2 "
+               "(torch.distributed.fsdp.fully_shard) instead of replicating them (DistributedDataParallel)")
 
     def model_kwargs(self) -> dict:
         kw = dict(dim=self.dim, num_tokens=NUM_TOKENS, depth=self.depth, ff_mult=self.ff_mult,
@@ -202,12 +207,13 @@ class TrainConfig:
         return kw
 
 
-# Flags that a resumed run must keep: they define the model, the data stream or the RNG.
+# Flags that a resumed run must keep: they define the model, the data stream or the RNG. (On a
+# different number of ranks --batch-size may change so that --batch-size x ranks stays the same.)
 RESUME_FIXED = ("dim", "depth", "gate_loop_heads", "attention", "heads", "dim_head", "ff_mult",
                 "seq_len", "batch_size", "seed")
 # Never taken from a checkpoint: they say what to do now, not what the run is. (out_dir is
 # where the checkpoint was found; metrics follow it unless --metrics is given again.)
-NOT_RESUMED = ("resume", "out_dir", "metrics", "threads", "preset", "compile")
+NOT_RESUMED = ("resume", "out_dir", "metrics", "threads", "preset", "compile", "fsdp")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 FRAMEWORKS = ("torch", "jax")
@@ -334,6 +340,7 @@ def check_config(cfg: TrainConfig) -> None:
              f"not a scan of --framework jax; choose one of {', '.join(JAX_SCAN_BACKENDS)}")
         need(not cfg.main_thread_backward, "main_thread_backward", "torch's autograd setting; not with --framework jax")
         need(cfg.compile is None, "compile", "torch.compile is for --framework torch (the JAX step is jitted)")
+        need(not cfg.fsdp, "fsdp", "FSDP2 shards torch modules; --framework jax trains in one process")
     for name in ("out_dir", "metrics", "data"):
         need(getattr(cfg, name) is None or getattr(cfg, name) != "", name, "must not be empty")
 
@@ -460,19 +467,28 @@ class Sampler:
     """Random windows of seq_len + 1 bytes, drawn from a seeded torch.Generator.
 
     Its state (one tensor) goes into the checkpoint, so a resumed run sees the same batches.
+
+    With several ranks, every rank draws the same global micro-batch of batch_size x world_size
+    windows from the same stream and keeps rows rank x batch_size to (rank + 1) x batch_size. So
+    N ranks of batch_size B see the batches of one process with batch_size N x B (the same
+    losses), and a run can go on with any split of those N x B rows over ranks. One rank draws
+    exactly what it always did.
     """
 
-    def __init__(self, data: torch.Tensor, seq_len: int, batch_size: int, seed: int):
+    def __init__(self, data: torch.Tensor, seq_len: int, batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1):
         if len(data) < seq_len + 2:
             raise DataError(f"a split of {len(data)} bytes is too short for --seq-len {seq_len}")
         self.data, self.seq_len, self.batch_size = data, seq_len, batch_size
+        self.rows = slice(rank * batch_size, (rank + 1) * batch_size)
+        self.global_batch = batch_size * world_size
         self.generator = torch.Generator().manual_seed(seed)
         self._window = torch.arange(seq_len + 1)
 
     def next(self) -> torch.Tensor:
-        """(batch_size, seq_len + 1) int64 token ids."""
-        starts = torch.randint(0, len(self.data) - self.seq_len - 1, (self.batch_size,), generator=self.generator)
-        return self.data[starts[:, None] + self._window].long()
+        """(batch_size, seq_len + 1) int64 token ids: this rank's rows of the global micro-batch."""
+        starts = torch.randint(0, len(self.data) - self.seq_len - 1, (self.global_batch,), generator=self.generator)
+        return self.data[starts[self.rows, None] + self._window].long()
 
     def state(self) -> torch.Tensor:
         return self.generator.get_state()
@@ -685,7 +701,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return state
 
 
-def _rng_state(sampler: Sampler) -> dict:
+def _rng_state(sampler: Sampler, rank_device: torch.device | None = None) -> dict:
+    """The RNG states a resume needs. ``rank_device``: the device of a rank of a torchrun launch,
+    which saves its own GPU's generator only (asking for every GPU's would open a CUDA context on
+    each). Every rank seeds its generators alike and training draws nothing from them but the
+    data sampler's, which is the same on every rank: rank 0's states stand for all."""
     py_version, py_state, py_gauss = random.getstate()
     rng = dict(
         torch=torch.get_rng_state(),
@@ -694,16 +714,23 @@ def _rng_state(sampler: Sampler) -> dict:
         python_gauss=py_gauss,
         data=sampler.state(),
     )
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if rank_device is not None:
+        if rank_device.type == "cuda":
+            rng["cuda"] = [torch.cuda.get_rng_state(rank_device)]
+    elif torch.cuda.is_available() and torch.cuda.is_initialized():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     return rng
 
 
-def _set_rng_state(rng: dict, sampler: Sampler) -> None:
+def _set_rng_state(rng: dict, sampler: Sampler, rank_device: torch.device | None = None) -> None:
     torch.set_rng_state(rng["torch"])
     random.setstate((rng["python_version"], tuple(rng["python"].tolist()), rng["python_gauss"]))
     sampler.set_state(rng["data"])
     if "cuda" in rng and torch.cuda.is_available():
+        if rank_device is not None:  # a rank: its own GPU, from the first saved state (see _rng_state)
+            if rank_device.type == "cuda" and len(rng["cuda"]):
+                torch.cuda.set_rng_state(rng["cuda"][0], rank_device)
+            return
         states = rng["cuda"][: torch.cuda.device_count()]
         for i, s in enumerate(states):
             torch.cuda.set_rng_state(s, i)
@@ -789,16 +816,88 @@ def _peak_memory(device: torch.device) -> dict:
     out = {}
     if device.type == "cuda":
         out["peak_mem_bytes"] = torch.cuda.max_memory_allocated(device)
-    if "jax" in sys.modules:
+    if "jax" in sys.modules and device.type == "cuda":
         try:
             jax = sys.modules["jax"]
-            devs = [d for d in jax.devices() if d.platform == "gpu"]
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            # the JAX device that is this GPU: the same CUDA device ordinal (see bridge.convert)
+            devs = [d for d in jax.devices() if d.platform == "gpu" and d.local_hardware_id == index]
             stats = devs[0].memory_stats() if devs else None
             if stats and "peak_bytes_in_use" in stats:
                 out["jax_peak_mem_bytes"] = int(stats["peak_bytes_in_use"])
         except Exception:  # memory stats are a nicety; never fail a run over them
             pass
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# several processes (torchrun; the torch.distributed side is gateloop_hybrid/distributed.py)
+
+
+def start_world(cfg: TrainConfig):
+    """(World, device) of this process. Not under torchrun: one process on --device. Under torchrun:
+    join the process group (NCCL for CUDA, gloo for the CPU) on this rank's device, cuda:LOCAL_RANK."""
+    from gateloop_hybrid import distributed
+
+    if cfg.framework == "jax":  # JAX picks its own device (_jax_device); torch's side stays on the CPU
+        if distributed.launched():
+            raise ConfigError("--framework jax trains in one process; run it without torchrun")
+        return distributed.World(), torch.device("cpu")
+    device = check_device(cfg.device)
+    if not distributed.launched():
+        if cfg.fsdp:
+            raise ConfigError("--fsdp shards the model across the ranks of a torchrun launch "
+                              "(torchrun --nproc_per_node N train.py --fsdp ...); this is one process")
+        return distributed.World(), device
+    try:
+        distributed.ranks_from_env()
+    except ValueError as e:
+        raise ConfigError(f"torchrun's environment: {e}") from None
+    try:
+        return distributed.start(device)
+    except ValueError as e:
+        raise ConfigError(f"--device {cfg.device}: {e}") from None
+
+
+def stop_world(world) -> None:
+    from gateloop_hybrid import distributed
+
+    distributed.stop(world)
+
+
+def on_main(world, fn, elsewhere=None):
+    """fn() on rank 0, and `elsewhere` on the other ranks; a TrainError that fn raises is raised
+    on every rank, so that all stop together (one process: fn())."""
+    from gateloop_hybrid import distributed
+
+    result, error = elsewhere, None
+    if world.main:
+        try:
+            result = fn()
+        except TrainError as e:
+            if not world.distributed:
+                raise
+            error = e
+    error = distributed.from_main(world, error)
+    if error is not None:
+        raise _on_every_rank(error) from None
+    return result
+
+
+def _on_every_rank(e: TrainError) -> TrainError:
+    """Mark an error that every rank raises alike: main() prints it on rank 0 only."""
+    e.every_rank = True
+    return e
+
+
+class _NoMetrics:
+    """The metrics of a rank other than 0, which writes none."""
+
+    def log(self, kind: str, **record) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 # ----------------------------------------------------------------------------------------------
@@ -813,9 +912,14 @@ def _autocast(device: torch.device, bf16: bool | None):
 
 
 @torch.no_grad()
-def evaluate(model, val: torch.Tensor, cfg: TrainConfig, device: torch.device) -> float:
-    """Mean validation loss in nats over the same cfg.val_batches micro-batches every time."""
-    sampler = Sampler(val, cfg.seq_len, cfg.batch_size, seed=cfg.seed + 1)
+def evaluate(model, val: torch.Tensor, cfg: TrainConfig, device: torch.device, world=None) -> float:
+    """Mean validation loss in nats over the same cfg.val_batches micro-batches every time.
+
+    With several ranks (``world``), each evaluates its rows of the same global micro-batches and
+    the ranks' means are averaged: every rank gets the loss one process would compute with
+    --batch-size x ranks. Call it on every rank."""
+    rank, size = (world.rank, world.size) if world is not None else (0, 1)
+    sampler = Sampler(val, cfg.seq_len, cfg.batch_size, seed=cfg.seed + 1, rank=rank, world_size=size)
     was_training = model.training
     model.eval()
     total = 0.0
@@ -824,6 +928,10 @@ def evaluate(model, val: torch.Tensor, cfg: TrainConfig, device: torch.device) -
         with _autocast(device, cfg.bf16):
             total += model(batch, return_loss=True).float().item()
     model.train(was_training)
+    if world is not None and world.distributed:
+        from gateloop_hybrid import distributed
+
+        return distributed.mean(world, total / cfg.val_batches, device)
     return total / cfg.val_batches
 
 
@@ -844,8 +952,9 @@ def _sample_from_val(model, val: torch.Tensor, cfg: TrainConfig, device: torch.d
     return decode(prime[0].tolist()), decode(out[0].tolist())
 
 
-def _resolve_config(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, dict | None]:
-    """Fill in defaults that depend on other fields; on --resume, merge with the checkpoint's config."""
+def _resolve_config(cfg: TrainConfig, given: set[str], world_size: int = 1) -> tuple[TrainConfig, dict | None]:
+    """Fill in defaults that depend on other fields; on --resume, merge with the checkpoint's config
+    (on ``world_size`` ranks, see ``_resume_batch_size``)."""
     if cfg.out_dir is None:
         cfg.out_dir = str(Path("runs") / ("attention" if cfg.attention else "gateloop"))
     ckpt_path = Path(cfg.out_dir) / CHECKPOINT_NAME
@@ -857,7 +966,15 @@ def _resolve_config(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, dic
         saved = state["config"]
         if not isinstance(saved, dict):
             raise CheckpointError(f"{ckpt_path} holds no config; it is not a checkpoint train.py can use")
-        for name in RESUME_FIXED:
+        saved_ranks = state.get("world_size", 1)
+        if not (isinstance(saved_ranks, int) and saved_ranks >= 1):
+            raise CheckpointError(f"{ckpt_path} holds world_size {saved_ranks!r}; it is not a checkpoint train.py can use")
+        fixed = RESUME_FIXED
+        if saved_ranks != world_size:
+            cfg.batch_size = _resume_batch_size(cfg, given, saved, saved_ranks, world_size)
+            given = given | {"batch_size"}
+            fixed = tuple(name for name in RESUME_FIXED if name != "batch_size")
+        for name in fixed:
             if name in given and getattr(cfg, name) != saved.get(name):
                 raise ConfigError(f"--resume: {_flag(name)} {getattr(cfg, name)} differs from the checkpoint's "
                                   f"{saved.get(name)}; a resumed run keeps its model, data stream and seed")
@@ -874,6 +991,30 @@ def _resolve_config(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, dic
         if other is not None and metrics == Path(other).resolve():
             raise ConfigError(f"--metrics {cfg.metrics} is {what}; writing metrics there would destroy it")
     return cfg, state
+
+
+def _resume_batch_size(cfg: TrainConfig, given: set[str], saved: dict, saved_ranks: int, ranks: int) -> int:
+    """--batch-size for resuming on ``ranks`` ranks a run that ran on ``saved_ranks``.
+
+    The data stream is the sequence of global micro-batches of --batch-size x ranks windows (see
+    Sampler), so that product must stay: a --batch-size typed on the command line must give it,
+    and without one it is the checkpoint's product divided by the ranks. ConfigError otherwise.
+    """
+    rows = saved.get("batch_size", 0) * saved_ranks
+    was = f"the checkpoint's run drew {rows} sequences per micro-batch (--batch-size {saved.get('batch_size')} x " \
+          f"{saved_ranks} rank{'s' * (saved_ranks != 1)})"
+    if "batch_size" in given:
+        if cfg.batch_size * ranks != rows:
+            fix = f"pass --batch-size {rows // ranks}" if rows % ranks == 0 else \
+                f"run on a number of ranks that divides {rows}"
+            raise ConfigError(f"--resume: --batch-size {cfg.batch_size} x {ranks} rank{'s' * (ranks != 1)} = "
+                              f"{cfg.batch_size * ranks} sequences per micro-batch, but {was}; a resumed run keeps "
+                              f"its data stream: {fix}")
+        return cfg.batch_size
+    if rows % ranks:
+        raise ConfigError(f"--resume on {ranks} rank{'s' * (ranks != 1)}: {was}, which {ranks} ranks cannot share "
+                          f"evenly; a resumed run keeps its data stream: run on a number of ranks that divides {rows}")
+    return rows // ranks
 
 
 def _load_splits(cfg: TrainConfig, state: dict | None) -> tuple[Path, torch.Tensor, torch.Tensor]:
@@ -895,22 +1036,33 @@ def _load_splits(cfg: TrainConfig, state: dict | None) -> tuple[Path, torch.Tens
 
 class _Run:
     """One invocation of training: the model, optimiser, data sampler and counters, and the
-    steps that act on them (a training step, validation, a sample, a checkpoint)."""
+    steps that act on them (a training step, validation, a sample, a checkpoint).
+
+    Under torchrun one _Run lives on each rank (``world``, see gateloop_hybrid.distributed): every
+    rank calls the same methods in the same order, since each may talk to the others; only
+    rank 0 writes the checkpoint."""
 
     WARMUP_STEPS = 10  # steps of each invocation left out of steady_tokens_per_s (JIT, allocator warm-up)
 
-    def __init__(self, cfg: TrainConfig, state: dict | None):
+    def __init__(self, cfg: TrainConfig, state: dict | None, world=None, device: torch.device | None = None):
+        from gateloop_hybrid import distributed
+
         self.cfg = cfg
-        self.device = check_device(cfg.device)
+        self.world = world if world is not None else distributed.World()
+        self.device = device if device is not None else check_device(cfg.device)
         self.data_path, self.train_data, self.val_data = _load_splits(cfg, state)
         self.threads = set_threads(cfg, self.device)
         self.scan_backend = resolved_scan_backend(cfg, self.device)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         try:
-            self.model = build_model(cfg.model_kwargs()).to(self.device)
+            model = build_model(cfg.model_kwargs()).to(self.device)
         except (ValueError, TypeError) as e:  # sizes check_config let through but the model refuses
             raise ConfigError(f"the model flags do not fit together: {e}") from None
+        # one process: the model itself; under torchrun DDP, or FSDP2 sharding each block
+        self.model = distributed.wrap(model, self.world, self.device, fsdp=cfg.fsdp,
+                                      units=[part for block in model.layers for part in block])
+        self.sharded = distributed.is_sharded(self.model)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.forward = self.model
         self.graphs = cfg.compile in ("reduce-overhead", "max-autotune")  # CUDA graphs
@@ -918,18 +1070,24 @@ class _Run:
             if self.graphs and self.device.type != "cuda":
                 raise ConfigError(f"--compile {cfg.compile}: CUDA graphs need a CUDA device, got {self.device}")
             self.forward = torch.compile(self.model, mode=cfg.compile)
-        self.sampler = Sampler(self.train_data, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
-        self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+        if self.graphs:
+            # Gradients a graph's backward hands out live in its memory pool, which the next
+            # micro-batch's replay overwrites; kept .grad tensors of our own take them by addition.
+            for p in self.model.parameters():
+                p.grad = torch.zeros_like(p)
+        self.sampler = Sampler(self.train_data, cfg.seq_len, cfg.batch_size, seed=cfg.seed,
+                               rank=self.world.rank, world_size=self.world.size)
+        self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.world.size
         self.ckpt_path = Path(cfg.out_dir) / CHECKPOINT_NAME
+        self._rank_device = self.device if self.world.distributed else None
 
         self.step, self.tokens_seen, self.train_time = 0, 0, 0.0
         self.window = self._empty_window()  # the steps since the last train record
         self.last_ckpt_step = None  # the step the checkpoint file holds, None while there is none
         if state is not None:
             try:
-                self.model.load_state_dict(state["model"])
-                self.optimizer.load_state_dict(state["optimizer"])
-                _set_rng_state(state["rng"], self.sampler)
+                distributed.load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
+                _set_rng_state(state["rng"], self.sampler, self._rank_device)
             except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
                 raise CheckpointError(f"{self.ckpt_path}: its weights or optimiser state do not fit this model "
                                       f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
@@ -955,9 +1113,12 @@ class _Run:
         return time.perf_counter() - self.started
 
     def train_step(self) -> tuple[float, float]:
-        """One optimiser step over cfg.grad_accum micro-batches -> (mean loss in nats, tokens/s)."""
+        """One optimiser step over cfg.grad_accum micro-batches -> (mean loss in nats, tokens/s).
+        Under torchrun: the mean over all ranks, and the tokens of all ranks."""
+        from gateloop_hybrid import distributed
+
         t0 = time.perf_counter()
-        loss_value = self._optimiser_step()
+        loss_value = distributed.mean(self.world, self._optimiser_step(), self.device)
         dt = time.perf_counter() - t0
 
         self.step += 1
@@ -973,21 +1134,25 @@ class _Run:
 
     def _optimiser_step(self) -> float:
         """Forward, backward and the optimiser on cfg.grad_accum micro-batches; their mean loss."""
+        from gateloop_hybrid import distributed
+
         cfg, device = self.cfg, self.device
         loss_sum = torch.zeros((), device=device)
-        for _ in range(cfg.grad_accum):
+        for i in range(cfg.grad_accum):
             batch = self.sampler.next().to(device, non_blocking=True)  # (b, seq_len + 1)
             if self.graphs:     # a new step: the graphs may reuse the last step's outputs' memory
                 torch.compiler.cudagraph_mark_step_begin()
-            with _autocast(device, cfg.bf16):
-                loss = self.forward(batch, return_loss=True)
-            with torch.autograd.set_multithreading_enabled(not cfg.main_thread_backward):
-                (loss / cfg.grad_accum).backward()
+            # ranks exchange gradients once a step, in the last micro-batch's backward
+            with distributed.no_sync(self.model, sync=i == cfg.grad_accum - 1):
+                with _autocast(device, cfg.bf16):
+                    loss = self.forward(batch, return_loss=True)
+                with torch.autograd.set_multithreading_enabled(not cfg.main_thread_backward):
+                    (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach().float()
         if cfg.clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip)
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=not self.graphs)
         return loss_sum.item() / cfg.grad_accum  # synchronises: the step has finished
 
     def train_record(self) -> dict:
@@ -999,16 +1164,30 @@ class _Run:
                     **_peak_memory(self.device))
 
     def validate(self) -> dict:
+        """Every rank: the validation loss over all ranks (see evaluate)."""
         loss = self._val_loss()
         self.results["val"][self.step] = loss / math.log(2)
         return dict(step=self.step, loss=loss, bpc=loss / math.log(2), tokens=self.tokens_seen,
                     train_time_s=self.train_time, wall_s=self.wall(), **_peak_memory(self.device))
 
     def _val_loss(self) -> float:
-        return evaluate(self.model, self.val_data, self.cfg, self.device)
+        from gateloop_hybrid import distributed
+
+        # DDP's wrapper is for training steps; sharded weights need every rank's forward
+        model = self.model if self.sharded else distributed.unwrap(self.model)
+        return evaluate(model, self.val_data, self.cfg, self.device, self.world)
+
+    @property
+    def samples_on_every_rank(self) -> bool:
+        """Sharded weights (FSDP2) are gathered in each forward, so every rank must run a sample's
+        forwards; otherwise rank 0 samples alone."""
+        return self.sharded
 
     def sample(self) -> dict:
-        prime, text = _sample_from_val(self.model, self.val_data, self.cfg, self.device, self.step)
+        from gateloop_hybrid import distributed
+
+        model = self.model if self.sharded else distributed.unwrap(self.model)
+        prime, text = _sample_from_val(model, self.val_data, self.cfg, self.device, self.step)
         return dict(step=self.step, prime=prime, text=text)
 
     def device_info(self) -> tuple[str, str | None]:
@@ -1020,23 +1199,38 @@ class _Run:
         """Write the checkpoint; a failed write raises CheckpointError saying what the file still holds.
 
         Weights that are no longer finite are never written over a good checkpoint (DivergedError).
+        Under torchrun every rank calls it: the full (unsharded) state is gathered, rank 0 writes
+        it, and every rank learns how that went, so all stop together if it failed.
         """
-        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+        from gateloop_hybrid import distributed
+
+        world = self.world
+        finite = all(bool(torch.isfinite(distributed.local_values(p)).all()) for p in self.model.parameters())
+        if distributed.any_rank(world, not finite, self.device):
             held = ("no checkpoint written" if self.last_ckpt_step is None
                     else f"{self.ckpt_path} holds step {self.last_ckpt_step}")
             raise DivergedError(f"the weights are no longer finite at step {self.step}; stopped without saving "
                                 f"them ({held}). Try a lower --lr or --clip")
-        try:
-            save_checkpoint(dict(
+        model_state, optim_state = distributed.full_state(self.model, self.optimizer)
+        error = None
+        if world.main:
+            state = dict(
                 format=CHECKPOINT_FORMAT, step=self.step, config=dataclasses.asdict(self.cfg),
-                model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), rng=_rng_state(self.sampler),
+                model=model_state, optimizer=optim_state, rng=_rng_state(self.sampler, self._rank_device),
                 tokens_seen=self.tokens_seen, train_time_s=self.train_time, log_window=dict(self.window),
                 data_len=[len(self.train_data), len(self.val_data)],
-            ), self.ckpt_path)
-        except CheckpointError as e:
-            held = ("no checkpoint was written before" if self.last_ckpt_step is None
-                    else f"{self.ckpt_path.name} still holds step {self.last_ckpt_step}, whole")
-            raise CheckpointError(f"step {self.step}: {e}; {held}") from None
+            )
+            if world.distributed:
+                state["world_size"] = world.size
+            try:
+                save_checkpoint(state, self.ckpt_path)
+            except CheckpointError as e:
+                held = ("no checkpoint was written before" if self.last_ckpt_step is None
+                        else f"{self.ckpt_path.name} still holds step {self.last_ckpt_step}, whole")
+                error = CheckpointError(f"step {self.step}: {e}; {held}")
+        error = distributed.from_main(world, error)
+        if error is not None:
+            raise error
         self.last_ckpt_step = self.step
 
     def checkpoint_bytes(self) -> int:
@@ -1057,7 +1251,7 @@ class _JaxRun(_Run):
     CPU, as the checkpoint's format: the JAX state is converted from them on start (and resume)
     and into them before each checkpoint, so either framework resumes the other's checkpoints."""
 
-    def __init__(self, cfg: TrainConfig, state: dict | None):
+    def __init__(self, cfg: TrainConfig, state: dict | None, world=None):
         try:
             import jax
             import jax.numpy as jnp
@@ -1070,7 +1264,7 @@ class _JaxRun(_Run):
         if not cfg.attention and cfg.scan_backend == "pallas" and self.jax_device.platform != "gpu":
             raise ConfigError(f"--scan-backend pallas runs on a GPU; JAX's device here is {self.jax_device}")
         # the torch side (sampler, the weights in torch's format) on the CPU; its scan never runs
-        super().__init__(dataclasses.replace(cfg, device="cpu", scan_backend="torch"), state)
+        super().__init__(dataclasses.replace(cfg, device="cpu", scan_backend="torch"), state, world)
         self.cfg = cfg
         self.scan_backend = None if cfg.attention else ("pallas" if cfg.scan_backend == "pallas" else "jax")
         self.glj = glj
@@ -1174,6 +1368,9 @@ def _summary_line(run: "_Run", state: dict | None) -> str:
     device = f"{where}, {run.threads} thread{'s' * (run.threads != 1)}" if where.endswith("cpu") else (
         f"{where} ({name})" if name else where)
     where = f"resuming at step {run.step} of {cfg.max_steps}" if state is not None else f"{cfg.max_steps} steps"
+    if run.world.distributed:
+        device = (f"{run.world.size} ranks ({'FSDP2' if run.sharded else 'DDP'}, --batch-size {cfg.batch_size} each), "
+                  f"rank 0 on {device}")
     return (f"train.py: {model}, {run.n_params:,} parameters, on {device}; data {run.data_path} "
             f"({len(run.train_data):,} train / {len(run.val_data):,} val bytes); {where}, "
             f"{run.tokens_per_step:,} tokens a step; out {cfg.out_dir}")
@@ -1186,40 +1383,65 @@ def train(cfg: TrainConfig, given: set[str] = frozenset()) -> dict:
 
     Checks what it can before the first step (flags, device, data, output folder, disk space) and
     raises a TrainError subclass, with a one-line message naming the flag or file, when anything is wrong.
-    """
-    from tqdm import tqdm
 
-    cfg = apply_preset(cfg, given)
-    if not cfg.resume:  # a resumed config is checked once merged with the checkpoint's
-        check_config(cfg)
-    cfg, state = _resolve_config(cfg, given)
+    Under torchrun, call it on every rank: each trains its share of every batch (see
+    gateloop_hybrid.distributed) and returns the same losses; rank 0 alone writes.
+    """
+    try:
+        cfg = apply_preset(cfg, given)
+        if not cfg.resume:  # a resumed config is checked once merged with the checkpoint's
+            check_config(cfg)
+        world, device = start_world(cfg)
+    except ConfigError as e:  # the same flags on every rank
+        raise _on_every_rank(e) from None
+    try:
+        return _train(cfg, given, world, device)
+    finally:
+        stop_world(world)
+
+
+def _train(cfg: TrainConfig, given: set[str], world, device: torch.device) -> dict:
+    from tqdm import tqdm
+    from gateloop_hybrid import distributed
+
+    try:
+        cfg, state = _resolve_config(cfg, given, world.size)
+    except (ConfigError, DataError) as e:  # the same flags and files on every rank
+        raise _on_every_rank(e) from None
     if state is not None and state["step"] >= cfg.max_steps:
-        print(f"train.py: --resume: {Path(cfg.out_dir) / CHECKPOINT_NAME} is at step {state['step']}, and "
-              f"--max-steps is {cfg.max_steps}: nothing to train (pass a larger --max-steps to go on)",
-              file=sys.stderr)
+        if world.main:
+            print(f"train.py: --resume: {Path(cfg.out_dir) / CHECKPOINT_NAME} is at step {state['step']}, and "
+                  f"--max-steps is {cfg.max_steps}: nothing to train (pass a larger --max-steps to go on)",
+                  file=sys.stderr)
         return dict(losses={}, val={}, step=state["step"], reason="already_done",
                     checkpoint=str(Path(cfg.out_dir) / CHECKPOINT_NAME))
-    run = _JaxRun(cfg, state) if cfg.framework == "jax" else _Run(cfg, state)
-    check_output(Path(cfg.out_dir), run.ckpt_path, run.checkpoint_bytes())
-    metrics = _Metrics(cfg, Path(cfg.metrics), append=state is not None)
+    try:
+        run = _JaxRun(cfg, state, world) if cfg.framework == "jax" else _Run(cfg, state, world, device)
+    except (ConfigError, DataError) as e:
+        raise _on_every_rank(e) from None
+    on_main(world, lambda: check_output(Path(cfg.out_dir), run.ckpt_path, run.checkpoint_bytes()))
+    metrics = on_main(world, lambda: _Metrics(cfg, Path(cfg.metrics), append=state is not None), _NoMetrics())
     device = run.device
     device_str, device_name = run.device_info()
     metrics.log("start", step=run.step, resumed=state is not None, config=dataclasses.asdict(cfg),
                 params=run.n_params, scan_backend=run.scan_backend, device=device_str, threads=run.threads,
                 device_name=device_name,
                 data=str(run.data_path), train_bytes=len(run.train_data), val_bytes=len(run.val_data),
-                torch=torch.__version__, python=sys.version.split()[0])
-    print(_summary_line(run, state), file=sys.stderr, flush=True)
+                torch=torch.__version__, python=sys.version.split()[0],
+                ranks=world.size, parallel=("fsdp2" if run.sharded else "ddp") if world.distributed else None)
+    if world.main:
+        print(_summary_line(run, state), file=sys.stderr, flush=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     bar = tqdm(total=cfg.max_steps, initial=run.step, desc="attention" if cfg.attention else "gateloop",
-               dynamic_ncols=True, file=sys.stderr)
+               dynamic_ncols=True, file=sys.stderr, disable=not world.main)
+    say = bar.write if world.main else (lambda text: None)
 
     def validate():
         record = run.validate()
         metrics.log("val", **record)
-        bar.write(f"step {run.step}: validation {record['bpc']:.4f} bits per character")
+        say(f"step {run.step}: validation {record['bpc']:.4f} bits per character")
         return run.step
 
     def held() -> str:
@@ -1232,7 +1454,7 @@ def train(cfg: TrainConfig, given: set[str] = frozenset()) -> dict:
     run.model.train()
     try:
         while run.step < cfg.max_steps:
-            if cfg.time_budget is not None and run.wall() >= cfg.time_budget:
+            if cfg.time_budget is not None and distributed.any_rank(world, run.wall() >= cfg.time_budget, device):
                 reason = "time_budget"
                 break
             loss, tokens_per_s = run.train_step()
@@ -1246,11 +1468,11 @@ def train(cfg: TrainConfig, given: set[str] = frozenset()) -> dict:
                 metrics.log("train", **run.train_record())
             if cfg.val_every and step % cfg.val_every == 0:
                 last_val = validate()
-            if cfg.sample_every and step % cfg.sample_every == 0:
+            if cfg.sample_every and step % cfg.sample_every == 0 and (world.main or run.samples_on_every_rank):
                 record = run.sample()
                 metrics.log("sample", **record)
-                bar.write(f"--- step {step} sample ---\n{printable(record['prime'])}\n>>>\n"
-                          f"{printable(record['text'])}\n")
+                say(f"--- step {step} sample ---\n{printable(record['prime'])}\n>>>\n"
+                    f"{printable(record['text'])}\n")
             if cfg.ckpt_every and step % cfg.ckpt_every == 0:
                 run.checkpoint()
         if last_val != run.step:
@@ -1259,8 +1481,9 @@ def train(cfg: TrainConfig, given: set[str] = frozenset()) -> dict:
             run.checkpoint()
     except KeyboardInterrupt:
         bar.close()
-        print(f"\ntrain.py: interrupted at step {run.step}; last checkpoint: "
-              f"{held() if run.last_ckpt_step is not None else 'none written'}", file=sys.stderr)
+        if world.main:
+            print(f"\ntrain.py: interrupted at step {run.step}; last checkpoint: "
+                  f"{held() if run.last_ckpt_step is not None else 'none written'}", file=sys.stderr)
         _log_end(metrics, run, "interrupted")
         raise
     except TrainError as e:
@@ -1300,7 +1523,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         return 130
     except TrainError as e:
-        print(f"train.py: {e}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")  # under torchrun, one line from rank 0 for what all ranks hit
+        if rank == "0" or not getattr(e, "every_rank", False):
+            print(f"train.py: {e}" if rank == "0" else f"train.py [rank {rank}]: {e}", file=sys.stderr)
         return e.exit_code
     except OSError as e:  # outside the files train.py checks: e.g. no usable temporary folder for torch
         print(f"train.py: {e}", file=sys.stderr)

@@ -9,6 +9,14 @@
   and back is pure latency (about 100-250 us a call on a 2-core machine). ``cpu_dispatch()``
   (called once JAX is imported) makes JAX run CPU computations inline, unless JAX's CPU backend
   already started or GATELOOP_HYBRID_JAX_CPU_ASYNC=1 is set.
+- GPUs under torchrun: each rank is a process that trains on its own GPU, cuda:LOCAL_RANK, but
+  JAX opens every GPU it sees (a CUDA context of several hundred MiB on each, per process).
+  ``restrict_gpus()`` (called once JAX is imported, before its GPU backend starts) makes JAX use
+  the rank's GPU only, through JAX's ``jax_cuda_visible_devices``: LOCAL_RANK, or LOCAL_RANK modulo
+  the number of GPUs where ranks share GPUs. GATELOOP_HYBRID_JAX_GPUS=all (or a comma-separated
+  list of CUDA device indices) chooses otherwise; a ``jax_cuda_visible_devices`` the user set
+  first is kept. The bridge finds JAX's device for a torch tensor by the GPU's CUDA device
+  ordinal (``bridge.convert.jax_gpu_for``), which is the same whichever GPUs JAX sees.
 """
 
 import os
@@ -40,6 +48,65 @@ if _jax_gpu_started_with_preallocation():
 
 
 _ASYNC_VAR = "GATELOOP_HYBRID_JAX_CPU_ASYNC"
+_GPUS_VAR = "GATELOOP_HYBRID_JAX_GPUS"
+
+
+def visible_gpus(env, gpus: int) -> str | None:
+    """The value for JAX's ``jax_cuda_visible_devices`` in a process with this environment and
+    this many GPUs, or None to leave JAX's default (every GPU). Pure, for tests.
+
+    GATELOOP_HYBRID_JAX_GPUS wins ("all", or indices such as "1" or "0,2"); else, under torchrun
+    (WORLD_SIZE and LOCAL_RANK set), the rank's GPU: LOCAL_RANK modulo ``gpus``; else None.
+    """
+    chosen = env.get(_GPUS_VAR, "").strip()
+    if chosen:
+        if chosen == "all":
+            return None
+        try:
+            indices = [int(x) for x in chosen.split(",")]
+        except ValueError:
+            indices = [-1]
+        if any(i < 0 for i in indices):
+            raise ValueError(f"{_GPUS_VAR}={chosen!r}: expected 'all' or comma-separated CUDA device indices")
+        return ",".join(map(str, indices))
+    if "WORLD_SIZE" in env and env.get("LOCAL_RANK", "").isdigit() and gpus > 0:
+        return str(int(env["LOCAL_RANK"]) % gpus)
+    return None
+
+
+def restrict_gpus() -> None:
+    """Apply ``visible_gpus`` to JAX (see the module docstring). Takes effect only if JAX's GPU
+    backend has not started; if it has, and a restriction was due, warns once."""
+    import jax
+    try:
+        if jax.config.values.get("jax_cuda_visible_devices", "all") != "all":
+            return      # the user's choice
+        gpus = _gpu_count()
+        value = visible_gpus(os.environ, gpus)
+        if value is None:
+            return
+        from jax._src import xla_bridge
+        started = getattr(xla_bridge, "_backends", None) or {}
+    except (AttributeError, ImportError):   # the flag or the private module moved: keep JAX's default
+        return
+    if started:     # JAX starts all its backends at once: too late to choose
+        if not any(name in ("cuda", "gpu", "rocm") for name in started):
+            return
+        warnings.warn(
+            f"JAX started before gateloop_hybrid's bridge was imported, so it uses every GPU, not only GPU {value} "
+            "of this rank (a CUDA context on each, in every process). Import bridge (or gateloop_hybrid) before "
+            "using JAX.", RuntimeWarning, stacklevel=3)
+        return
+    jax.config.update("jax_cuda_visible_devices", value)
+
+
+def _gpu_count() -> int:
+    """CUDA devices visible to this process, as torch counts them (0 without CUDA)."""
+    try:
+        import torch
+        return torch.cuda.device_count()
+    except Exception:   # a broken CUDA install: JAX will say so itself
+        return 0
 
 
 def cpu_dispatch() -> None:

@@ -3,6 +3,12 @@
 Both directions hand over the same memory; stream order is kept by the protocol itself: JAX asks
 torch to make JAX's stream wait for torch's pending work on the tensor, and torch asks JAX to
 make torch's current stream wait for the JAX computation that produces an array.
+
+Devices are matched by the GPU itself, not by position: torch's cuda:i is CUDA device ordinal i
+of this process, and JAX's GPU device with ``local_hardware_id`` i is the same GPU (both count
+the GPUs that CUDA_VISIBLE_DEVICES leaves, in CUDA's order). Positions differ as soon as JAX
+sees only some GPUs (a torchrun rank's JAX sees only its own, see ``_jax_env``): its one device
+is ``jax.devices()[0]`` whatever GPU it is. See ``jax_gpu_for`` and ``torch_index_of``.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import torch
 from . import _jax_env  # (sets XLA_PYTHON_CLIENT_PREALLOCATE before JAX starts)
 import jax
 
+_jax_env.restrict_gpus()
 _jax_env.cpu_dispatch()
 
 # torch dtypes that cross to JAX unchanged. float8, complex32 (chalf), and the unsigned/bit types
@@ -64,6 +71,26 @@ def prepare(t: torch.Tensor) -> torch.Tensor:
     if t.device.type == "cpu" and t.data_ptr() % _CPU_ALIGNMENT and t.numel():
         t = t.clone()
     return t
+
+
+def jax_gpu_for(index: int, jax_gpus):
+    """JAX's device for torch's cuda:``index``, among ``jax_gpus`` (JAX's GPU devices of this
+    process): the one on the same GPU, whose CUDA device ordinal (``local_hardware_id``) is
+    ``index``. ValueError, saying which GPUs JAX uses, when it does not use that one."""
+    for device in jax_gpus:
+        if device.local_hardware_id == index:
+            return device
+    seen = sorted(d.local_hardware_id for d in jax_gpus)
+    raise ValueError(
+        f"a tensor on cuda:{index} was passed, but JAX in this process uses "
+        + (f"only GPU(s) {', '.join(f'cuda:{i}' for i in seen)}" if seen else "no GPU")
+        + ". Under torchrun each process's JAX uses its rank's GPU, cuda:LOCAL_RANK: keep the tensors there, "
+        f"or set {_jax_env._GPUS_VAR}=all (or a list of GPU indices) before the bridge is imported")
+
+
+def torch_index_of(jax_device) -> int:
+    """torch's CUDA device index for a JAX GPU device (the inverse of ``jax_gpu_for``)."""
+    return jax_device.local_hardware_id
 
 
 class _Exchange:
@@ -134,7 +161,7 @@ class _Exchange:
         stream = None
         if device.platform != "cpu":
             # JAX makes torch's current stream (of the arrays' device) wait for the arrays.
-            stream = torch._C._cuda_getCurrentRawStream(device.local_hardware_id) or 1
+            stream = torch._C._cuda_getCurrentRawStream(torch_index_of(device)) or 1
         return [_from_dlpack(export_fn(a, stream)) for a in arrays]
 
 
@@ -154,7 +181,8 @@ class _DeviceLink:
                 f"a {platform} tensor was passed, but JAX has no {platform} backend ({e}). "
                 "For CUDA tensors install a CUDA build of JAX: pip install 'gateloop-hybrid[cuda]'"
             ) from None
-        self.jax_device = backend.device_from_local_hardware_id(dl_id)
+        self.jax_device = jax_gpu_for(dl_id, backend.local_devices()) if self.cuda else \
+            backend.device_from_local_hardware_id(dl_id)
         self.jax_stream = None
         if self.cuda:
             self.jax_stream = self.jax_device.get_stream_for_external_ready_events()

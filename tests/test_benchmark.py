@@ -145,3 +145,34 @@ def test_from_json_merges_runs(tmp_path):
                           timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(out.read_text()) == merged
+
+
+def test_ddp_scaling_commands_and_table(tmp_path, capsys):
+    """benchmarks/lab/ddp_scaling.py: one GPU plain, N GPUs under torchrun (--fsdp for the fsdp case);
+    its table reads train.py's metrics and divides by N x the one-GPU tokens/s."""
+    sys.path.insert(0, str(ROOT / "benchmarks" / "lab"))
+    try:
+        import ddp_scaling
+    finally:
+        sys.path.pop(0)
+    assert ddp_scaling.main(["--dry-run", "--out", str(tmp_path), "--gpus", "4", "--cases", "gateloop", "fsdp"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and "torch.distributed.run" not in lines[0] and "--nproc_per_node 4" in lines[1]
+    assert "--fsdp" in lines[3] and "--fsdp" not in lines[1] and all("--seq-len 4096" in line for line in lines)
+    for name, ranks, parallel, tps in (("gateloop-1gpu", 1, None, 1000.0), ("gateloop-2gpu", 2, "ddp", 1800.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in (
+            dict(kind="start", ranks=ranks, parallel=parallel, params=2e7, device_name="GPU", torch="2.x"),
+            dict(kind="end", step=50, steady_tokens_per_s=tps, peak_mem_bytes=2 ** 30))) + "\n")
+    text = ddp_scaling.summarise(tmp_path)
+    assert "| gateloop-2gpu | 2 | ddp | 20.00M | 50 | 1,800 | 0.90 | 1.00 | 0.00 |" in text, text
+    # without --data and without GCIDE: the bundled text repeated, long enough for seq 4096
+    path = ddp_scaling.data_file(None, tmp_path / "runs")
+    if path != ddp_scaling.GCIDE:
+        sys.path.insert(0, str(ROOT))
+        try:
+            import train
+        finally:
+            sys.path.pop(0)
+        _, val = train.split_data(*train.read_bytes(path))
+        assert path.stat().st_size == ddp_scaling.REPEATED_BYTES and len(val) > 4096 + 2

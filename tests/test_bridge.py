@@ -305,6 +305,194 @@ def test_warns_once_if_jax_already_took_the_gpu():
     assert "XLA_PYTHON_CLIENT_PREALLOCATE" in message
 
 
+class FakeJaxGpu:
+    """What jax_gpu_for reads from a JAX device: its CUDA device ordinal in this process."""
+
+    def __init__(self, local_hardware_id, id):
+        self.local_hardware_id, self.id = local_hardware_id, id
+
+
+def test_a_torch_gpu_maps_to_the_jax_device_on_the_same_gpu_not_the_same_position():
+    from bridge.convert import jax_gpu_for, torch_index_of
+    every = [FakeJaxGpu(0, id=0), FakeJaxGpu(1, id=1), FakeJaxGpu(2, id=2)]
+    for i in range(3):  # JAX sees every GPU: position and ordinal agree
+        assert jax_gpu_for(i, every) is every[i] and torch_index_of(every[i]) == i
+    # JAX restricted to GPU 2 (a torchrun rank): its one device comes first in its list and may
+    # be numbered 0, yet it is cuda:2
+    only = [FakeJaxGpu(2, id=0)]
+    assert jax_gpu_for(2, only) is only[0] and torch_index_of(only[0]) == 2
+    with pytest.raises(ValueError, match=r"cuda:0 was passed, but JAX in this process uses only GPU\(s\) cuda:2.*"
+                                         r"GATELOOP_HYBRID_JAX_GPUS=all"):
+        jax_gpu_for(0, only)
+    with pytest.raises(ValueError, match="uses no GPU"):
+        jax_gpu_for(0, [])
+
+
+@pytest.mark.parametrize("env,gpus,want", [
+    ({}, 8, None),                                              # one process: JAX's default, every GPU
+    ({"WORLD_SIZE": "4", "LOCAL_RANK": "3"}, 8, "3"),           # a torchrun rank: its own GPU
+    ({"WORLD_SIZE": "2", "LOCAL_RANK": "1"}, 1, "0"),           # two ranks share one GPU
+    ({"WORLD_SIZE": "2", "LOCAL_RANK": "1"}, 0, None),          # no GPU at all
+    ({"WORLD_SIZE": "2", "LOCAL_RANK": "1", "GATELOOP_HYBRID_JAX_GPUS": "all"}, 8, None),
+    ({"WORLD_SIZE": "2", "LOCAL_RANK": "1", "GATELOOP_HYBRID_JAX_GPUS": "2,3"}, 8, "2,3"),
+    ({"GATELOOP_HYBRID_JAX_GPUS": "5"}, 8, "5"),
+])
+def test_which_gpus_jax_may_use(env, gpus, want):
+    from bridge._jax_env import visible_gpus
+    assert visible_gpus(env, gpus) == want
+
+
+def test_a_bad_gpu_list_is_refused_by_name():
+    from bridge._jax_env import visible_gpus
+    for bad in ("x", "1,-2", "0;1"):
+        with pytest.raises(ValueError, match="GATELOOP_HYBRID_JAX_GPUS"):
+            visible_gpus({"GATELOOP_HYBRID_JAX_GPUS": bad}, 2)
+
+
+TORCHRUN_RANK_1 = dict(WORLD_SIZE="2", RANK="1", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2")
+
+
+@pytest.fixture
+def jax_gpu_setting(monkeypatch):
+    """restrict_gpus on the CPU: GPUs counted as torch counts them (``gpus``), JAX's backends not
+    started (``started``), and the settings it makes recorded instead of applied (``updates``)."""
+    import types
+    import jax
+    from jax._src import xla_bridge
+    from bridge import _jax_env
+
+    fake = types.SimpleNamespace(gpus=2, started={}, updates=[], update=jax.config.update)
+    assert jax.config.values["jax_cuda_visible_devices"] == "all"
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GATELOOP_HYBRID_JAX_GPUS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(_jax_env, "_gpu_count", lambda: fake.gpus)
+    monkeypatch.setattr(xla_bridge, "_backends", fake.started)
+    monkeypatch.setattr(jax.config, "update", lambda name, value: fake.updates.append((name, value)))
+    return fake
+
+
+@pytest.mark.parametrize("env,gpus,want", [
+    ({}, 2, []),                                                            # one process: every GPU
+    (TORCHRUN_RANK_1, 2, [("jax_cuda_visible_devices", "1")]),              # rank 1: GPU 1 only
+    (dict(TORCHRUN_RANK_1, LOCAL_RANK="3", LOCAL_WORLD_SIZE="4"), 8, [("jax_cuda_visible_devices", "3")]),
+    (dict(TORCHRUN_RANK_1, LOCAL_RANK="3", LOCAL_WORLD_SIZE="4"), 2, [("jax_cuda_visible_devices", "1")]),
+    (TORCHRUN_RANK_1, 0, []),                                               # CPU ranks (gloo)
+    (dict(TORCHRUN_RANK_1, GATELOOP_HYBRID_JAX_GPUS="all"), 2, []),
+    (dict(TORCHRUN_RANK_1, GATELOOP_HYBRID_JAX_GPUS="0,1"), 2, [("jax_cuda_visible_devices", "0,1")]),
+])
+def test_under_torchrun_each_ranks_jax_is_restricted_to_its_gpu(jax_gpu_setting, monkeypatch, env, gpus, want):
+    from bridge import _jax_env
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    jax_gpu_setting.gpus = gpus
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _jax_env.restrict_gpus()
+    assert jax_gpu_setting.updates == want
+
+
+def test_the_users_jax_gpu_choice_is_kept(jax_gpu_setting, monkeypatch):
+    from bridge import _jax_env
+    for name, value in TORCHRUN_RANK_1.items():
+        monkeypatch.setenv(name, value)
+    jax_gpu_setting.update("jax_cuda_visible_devices", "0")
+    try:
+        _jax_env.restrict_gpus()
+    finally:
+        jax_gpu_setting.update("jax_cuda_visible_devices", "all")
+    assert jax_gpu_setting.updates == []
+
+
+def test_a_rank_whose_jax_already_opened_every_gpu_is_warned(jax_gpu_setting, monkeypatch):
+    from bridge import _jax_env
+    for name, value in TORCHRUN_RANK_1.items():
+        monkeypatch.setenv(name, value)
+    jax_gpu_setting.started["cpu"] = object()       # a CPU-only JAX that started: nothing to say
+    _jax_env.restrict_gpus()
+    jax_gpu_setting.started["cuda"] = object()      # JAX's GPU backend started: too late to restrict
+    with pytest.warns(RuntimeWarning, match="uses every GPU, not only GPU 1 of this rank"):
+        _jax_env.restrict_gpus()
+    assert jax_gpu_setting.updates == []
+
+
+def test_importing_the_bridge_in_a_torchrun_rank_restricts_jax_before_its_gpu_backend_starts():
+    """Rank 1 of 2 on a machine with (simulated) 2 GPUs: JAX's jax_cuda_visible_devices is 1 once
+    the bridge is imported, and the bridge still works (on the CPU)."""
+    code = (
+        "import torch\n"
+        "torch.cuda.device_count = lambda: 2\n"
+        "import bridge, jax\n"
+        "print(jax.config.values['jax_cuda_visible_devices'])\n"
+        "print(float(bridge.to_torch(bridge.to_jax(torch.ones(2))).sum()))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "GATELOOP_HYBRID_JAX_GPUS"}
+    env.update(TORCHRUN_RANK_1)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1", "2.0"], (out.stdout, out.stderr[-500:])
+
+
+class FakeCudaStreams:
+    """torch.cuda's streams and events on a machine without CUDA: what the bridge asked for."""
+
+    def __init__(self, monkeypatch):
+        self.external, self.current = [], []
+        fakes = self
+
+        class ExternalStream:
+            def __init__(self, handle, device=None):
+                fakes.external.append((handle, str(device)))
+
+            def wait_event(self, event):
+                pass
+
+        class Event:
+            def record(self, stream=None):
+                pass
+
+        monkeypatch.setattr(torch.cuda, "ExternalStream", ExternalStream)
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+        monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", self.raw_stream, raising=False)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: self.raw_stream(device))
+
+    def raw_stream(self, index):
+        self.current.append(index)
+        return 0x5000 + index
+
+
+class FakeJaxBackend:
+    def __init__(self, devices):
+        self.devices = devices
+
+    def local_devices(self):
+        return list(self.devices)
+
+
+def test_a_cuda_tensor_goes_to_the_jax_device_on_its_gpu_with_that_gpus_streams(monkeypatch):
+    """A rank on cuda:1 whose JAX sees only that GPU (listed first, numbered 0): the tensor's JAX
+    device, JAX's stream and torch's stream are all GPU 1's; a tensor on another GPU is refused."""
+    from jax._src import xla_bridge
+    from bridge import convert
+
+    streams = FakeCudaStreams(monkeypatch)
+    only = FakeJaxGpu(1, id=0)
+    only.platform = "gpu"
+    only.get_stream_for_external_ready_events = lambda: 0x7A0
+    monkeypatch.setattr(xla_bridge, "get_backend", lambda platform: FakeJaxBackend([only]))
+    link = convert._DeviceLink(convert._DL_CUDA, 1)
+    assert link.jax_device is only and streams.external == [(0x7A0, "cuda:1")]
+    link.torch_to_jax_order()
+    assert set(streams.current) == {1}  # JAX waits for torch's current stream of cuda:1
+    with pytest.raises(ValueError, match=r"cuda:0 was passed, but JAX in this process uses only GPU\(s\) cuda:1"):
+        convert._DeviceLink(convert._DL_CUDA, 0)
+
+    # back to torch: torch's current stream of cuda:1 waits for the array, not cuda:0's
+    array = type("FakeArray", (), {"sharding": type("S", (), {"_device": only})()})()
+    exchange = convert._Exchange()
+    exchange._fast = (None, lambda a, stream: ("capsule", stream))
+    monkeypatch.setattr(convert, "_from_dlpack", lambda capsule: capsule)
+    assert exchange.to_torch([array]) == [("capsule", 0x5001)] and streams.current[-1] == 1
+
+
 # ---- 9. double backward ---------------------------------------------------------------------------
 
 

@@ -1,8 +1,15 @@
-"""The same contracts on a GPU: every backend, the layers and decoding on CUDA tensors.
+"""The same contracts on a GPU: every backend, the layers and decoding on CUDA tensors; under
+torchrun, each rank's JAX on its own GPU, and train.py on two GPUs.
 
 Skipped without CUDA (CI has none); run on the GPU machine. References are the sequential loop
 in float64 on the CPU.
 """
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -290,3 +297,120 @@ def test_attention_models_compile_one_after_another_under_bf16_autocast():
             want = model(ids, return_loss=True)
         got.backward()
         assert torch.allclose(got.float(), want.float(), rtol=2e-2)
+
+
+@pytest.mark.parametrize("attention", [False, True], ids=["gateloop", "attention"])
+def test_train_compile_reduce_overhead_with_accumulation_trains_like_eager(tmp_path, attention):
+    """train.py --compile reduce-overhead over several micro-batches a step, with uncompiled
+    validation in between: the losses of an eager run (float32)."""
+    repo = Path(__file__).resolve().parents[1]
+    common = [sys.executable, str(repo / "train.py"), "--data", str(repo / "tests" / "data" / "devils_dictionary.txt"),
+              "--dim", "128", "--depth", "2", "--gate-loop-heads", "128", "--seq-len", "256", "--batch-size", "2",
+              "--grad-accum", "3", "--max-steps", "4", "--log-every", "1", "--val-every", "2", "--val-batches", "1",
+              "--sample-every", "0", "--no-bf16", "--device", "cuda"] + (["--attention"] if attention else [])
+
+    def losses(name, *extra):
+        subprocess.run(common + ["--out-dir", str(tmp_path / name), *extra], check=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": str(repo)})
+        records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return ([r["loss"] for r in records if r["kind"] == "train"],
+                [r["loss"] for r in records if r["kind"] == "val"])
+    eager, graphs = losses("eager"), losses("graphs", "--compile", "reduce-overhead")
+    assert graphs[0] == pytest.approx(eager[0], rel=1e-3) and len(graphs[0]) == 4
+    assert graphs[1] == pytest.approx(eager[1], rel=1e-3) and len(graphs[1]) == 2
+
+
+# --- Several processes: each rank's JAX on its own GPU (torchrun) ---------------------------------
+
+RANK_CHECK = r'''
+import json, os, torch, torch.distributed as dist
+dist.init_process_group("gloo")                 # gloo: ranks may share a GPU in this check
+rank, size, local = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+gpus = torch.cuda.device_count()
+mine = local % gpus                             # the GPU the bridge restricts this rank's JAX to
+dev = torch.device("cuda", mine)
+torch.cuda.set_device((mine + 1) % gpus)        # torch's current device another GPU, where there is one
+import bridge, jax, jax.numpy as jnp
+from bridge.convert import jax_gpu_for
+from gateloop_hybrid import gate_loop_scan
+out = dict(rank=rank, mine=mine, gpus=gpus, pci_bus_id=torch.cuda.get_device_properties(mine).pci_bus_id,
+           jax_gpus=[d.local_hardware_id for d in jax.devices("cuda")])
+g = torch.Generator().manual_seed(rank)
+a = torch.polar(0.5 + 0.5 * torch.rand(2, 300, 256, generator=g), torch.rand(2, 300, 256, generator=g) * 6 - 3)
+x = torch.randn(2, 300, 256, generator=g, dtype=torch.complex64)
+ref, _ = gate_loop_scan(a.to(torch.complex128), x.to(torch.complex128), backend="loop")
+out["err"], out["devices"] = {}, []
+for backend in ("jax", "pallas"):
+    leaves = [a.to(dev).requires_grad_(), x.to(dev).requires_grad_()]
+    h, last = gate_loop_scan(*leaves, backend=backend)
+    grads = torch.autograd.grad(h.abs().sum(), leaves)
+    out["devices"] += [str(t.device) for t in (h, last, *grads)]
+    out["err"][backend] = ((h.detach().cpu().to(torch.complex128) - ref).abs().max() / ref.abs().max()).item()
+out["to_torch"] = str(bridge.to_torch(jnp.arange(4.0)).device)
+for turn in range(size):                        # one rank at a time: JAX's memory lands on this GPU
+    if turn == rank:
+        torch.cuda.synchronize(dev)
+        free = torch.cuda.mem_get_info(dev)[0]
+        big = jax.device_put(jnp.ones((256, 1024, 1024), jnp.float32), jax_gpu_for(mine, jax.devices("cuda")))
+        big.block_until_ready()
+        out["jax_gib_here"] = (free - torch.cuda.mem_get_info(dev)[0]) / 2**30
+        del big
+    dist.barrier()
+print("RANK " + json.dumps(out), flush=True)
+dist.destroy_process_group()
+'''
+
+
+def _torchrun(args, timeout=600):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "GATELOOP_HYBRID_JAX_GPUS")}
+    # the ranks import this checkout's packages, installed or not
+    repo = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([repo, *filter(None, [env.get("PYTHONPATH")])])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def test_each_torchrun_rank_has_jax_on_its_own_gpu_and_scans_there(tmp_path):
+    """Two ranks (on two GPUs, or sharing one): each rank's JAX sees exactly its GPU, the scan's
+    outputs and gradients are on it whatever torch's current device, and JAX's memory is there."""
+    script = tmp_path / "rank_check.py"
+    script.write_text(RANK_CHECK)
+    proc = _torchrun(["--nproc_per_node", "2", str(script)])
+    ranks = sorted((json.loads(line[5:]) for line in proc.stdout.splitlines() if line.startswith("RANK ")),
+                   key=lambda r: r["rank"])
+    assert [r["rank"] for r in ranks] == [0, 1], proc.stdout
+    for r in ranks:
+        assert r["jax_gpus"] == [r["mine"]], r
+        assert set(r["devices"]) == {f"cuda:{r['mine']}"} and r["to_torch"] == f"cuda:{r['mine']}", r
+        assert max(r["err"].values()) < 1e-4, r
+        assert r["jax_gib_here"] > 0.9, r
+    if ranks[0]["gpus"] > 1:
+        assert ranks[0]["mine"] != ranks[1]["mine"] and ranks[0]["pci_bus_id"] != ranks[1]["pci_bus_id"]
+
+
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+
+
+@two_gpus
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_train_py_on_two_gpus_trains_as_one_gpu_with_twice_the_batch(tmp_path, parallel):
+    repo = Path(__file__).resolve().parents[1]
+    tiny = ["--data", str(repo / "tests" / "data" / "devils_dictionary.txt"), "--dim", "64", "--depth", "2",
+            "--seq-len", "128", "--grad-accum", "2", "--max-steps", "6", "--log-every", "1", "--val-every", "3",
+            "--sample-every", "3", "--ckpt-every", "3", "--no-bf16", "--device", "cuda", "--lr", "1e-3"]
+    _torchrun(["--nproc_per_node", "1", str(repo / "train.py"), "--out-dir", str(tmp_path / "one"), *tiny,
+               "--batch-size", "8"])
+    extra = ["--fsdp"] if parallel == "fsdp" else []
+    _torchrun(["--nproc_per_node", "2", str(repo / "train.py"), "--out-dir", str(tmp_path / "two"), *tiny,
+               "--batch-size", "4", *extra])
+
+    def losses(name):
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return [r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"]
+    assert losses("two") == pytest.approx(losses("one"), rel=1e-3)
+    # the two-GPU checkpoint goes on on one GPU
+    _torchrun(["--nproc_per_node", "1", str(repo / "train.py"), "--out-dir", str(tmp_path / "two"), "--resume",
+               "--max-steps", "8", "--data", tiny[1]])

@@ -445,6 +445,42 @@ def test_launch_bookkeeping(fake_launch):
     assert k.cache_info() == (1, 1)
 
 
+def test_launch_on_the_tensors_gpu_whatever_torchs_current_device(fake_launch, monkeypatch):
+    """A kernel for tensors on cuda:1 is compiled into cuda:1's context and launched there, on
+    cuda:1's current stream, also while torch's current device is cuda:0 (a torchrun rank that
+    never called set_device), and without a device switch when cuda:1 is current."""
+    import contextlib
+    compiled, log = fake_launch
+    current = [0]
+    switches = []
+
+    @contextlib.contextmanager
+    def device(index):
+        before, current[0] = current[0], index
+        switches.append(index)
+        try:
+            yield
+        finally:
+            current[0] = before
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(mosaic, "_current_device", lambda: current[0])
+    monkeypatch.setattr(mosaic, "_raw_stream", lambda index: (0x5EA + index, current[0]))
+    module = _mosaic_abi.KernelModule(module_bytes=b"ML", n_inputs=1, results=(), returned=())
+    entry = mosaic._Launch("k", module, torch.device("cuda", 1))
+    assert compiled[0].device_index == 1
+
+    class OnGpu1:
+        def data_ptr(self):
+            return 0x1000
+
+    entry([OnGpu1()])
+    assert log[-1][1] == (0x5EA + 1, 1) and switches == [1] and current == [0]
+    current[0] = 1
+    entry([OnGpu1()])
+    assert log[-1][1] == (0x5EA + 1, 1) and switches == [1]
+
+
 def test_launch_eviction_unloads(fake_launch):
     compiled, _ = fake_launch
     k = MosaicKernel(axpy_fn, name="axpy")
