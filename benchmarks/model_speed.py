@@ -93,6 +93,8 @@ def run_case(kind, mode, dim, depth, seq, args, device) -> dict:
     bf16 = device.type == "cuda" and args.precision == "bf16"
     row = dict(model=kind, mode=mode, dim=dim, depth=depth, seq=seq, batch=batch,
                precision="bf16" if bf16 else "fp32")
+    if kind.endswith("gateloop"):
+        row["recompute"] = args.recompute
     if kind == "seed-gateloop" and bf16:
         row["error"] = "not run: its complex gates fail under bf16 autocast (view_as_complex on bf16)"
         return row
@@ -145,7 +147,7 @@ def run_case(kind, mode, dim, depth, seq, args, device) -> dict:
 
 
 def format_row(r: dict) -> str:
-    name = f"{r['model']} [{r['mode']}]"
+    name = f"{r['model']}{'' if r.get('recompute', True) else ' (store)'} [{r['mode']}]"
     cfg = f"{r['dim']}x{r['depth']} seq {r['seq']} b{r['batch']} {r['precision']}"
     if "error" in r:
         return f"{name:>30} {cfg:>26}  {r['error']}"
