@@ -147,14 +147,14 @@ class TrainConfig:
         True, "recompute the GateLoop scan in backward instead of storing its states (the seed's "
               "checkpoint_gate_looped_attn; default on). With one feature per head (--gate-loop-heads = "
               "--dim) the states are as small as one activation, and --no-checkpoint-scan saves a "
-              "forward scan per layer: 1.4-1.65x faster steps at --seq-len 4096 on an H200, about 15%% "
-              "on CPU (benchmarks/step_profile.py)")
+              "forward scan per layer: on an H200 with the fused kernels, 2-5%% faster steps for 14%% more "
+              "peak memory at --seq-len 4096 (benchmarks/model_speed.py --no-recompute); about 15%% on CPU")
     main_thread_backward: bool = _opt(
         False, "run backward on the calling thread (torch.autograd.set_multithreading_enabled(False) "
                "around it) instead of torch's per-device autograd worker thread. Saves a thread "
                "hand-off per backward: 1.36 -> 1.02 ms for a bridged complex64 scan fwd+bwd at "
                "4x4096x1024 on an H200; a GateLoop step at --seq-len 256 took 106 instead of 132 ms there, "
-               "none faster at 4096 (benchmarks/step_profile.py --backward-thread both)")
+               "none faster at 4096 (benchmarks/lab/step_profile.py --backward-thread both)")
 
     # optimisation (the seed's values)
     seq_len: int = _opt(256, "training sequence length in bytes")

@@ -1,10 +1,11 @@
-"""The user-facing benchmarks run end to end on a CPU: benchmarks/scan_speed.py and step_profile.py.
+"""The user-facing benchmarks run end to end on a CPU: benchmarks/scan_speed.py and model_speed.py (and lab probes that tests name).
 
 pytest.ini puts benchmarks/ on the import path, as running a script there does."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -106,8 +107,8 @@ def test_isolated_run_survives_a_crashing_implementation(tmp_path):
 
 
 def test_step_profile_runs_on_cpu():
-    """benchmarks/step_profile.py: both models step, and the scan's share is measured."""
-    cmd = [sys.executable, str(SCRIPT.parent / "step_profile.py"), "--device", "cpu", "--seq-len", "32",
+    """benchmarks/lab/step_profile.py: both models step, and the scan's share is measured."""
+    cmd = [sys.executable, str(SCRIPT.parent / "lab" / "step_profile.py"), "--device", "cpu", "--seq-len", "32",
            "--dim", "32", "--depth", "1", "--batch", "2", "--grad-accum", "1", "--steps", "2",
            "--scan-backends", "torch"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
@@ -119,6 +120,26 @@ def test_step_profile_runs_on_cpu():
     assert set(rows) == {"worker", "main"}             # --backward-thread both (default)
     for row in rows.values():
         assert float(row[2]) > 0 and float(row[4]) > 0 and row[5].endswith("%")
+
+
+def test_model_speed_runs_on_cpu(tmp_path):
+    """benchmarks/model_speed.py: every model that is installed steps in each mode asked for, with
+    tokens/s, the GateLoop/attention ratio, and its JSON."""
+    out = tmp_path / "speed.json"
+    cmd = [sys.executable, str(SCRIPT.parent / "model_speed.py"), "--device", "cpu", "--models", "gateloop,attention",
+           "--modes", "eager,reduce-overhead", "--configs", "32x1", "--seq-lens", "32,16", "--tokens", "64",
+           "--warmup", "1", "--steps", "2", "--no-recompute", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    # reduce-overhead needs CUDA: dropped on a CPU, so one row per (model, seq)
+    assert sorted((r["model"], r["seq"], r["batch"]) for r in rows) == [
+        ("attention", 16, 4), ("attention", 32, 2), ("gateloop", 16, 4), ("gateloop", 32, 2)]
+    for r in rows:
+        assert "error" not in r and r["tokens_per_s"] > 0 and math.isfinite(r["loss"]) and r["mode"] == "eager"
+    assert [r["recompute"] for r in rows if r["model"] == "gateloop"] == [False, False]
+    assert "gateloop (store) [eager]" in proc.stdout
+    assert proc.stdout.count("gateloop/attention") == 2
 
 
 def test_from_json_merges_runs(tmp_path):

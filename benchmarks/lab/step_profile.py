@@ -1,6 +1,6 @@
 """Where one training step of train.py's models spends its time (GateLoop vs softmax attention).
 
-    python benchmarks/step_profile.py [--seq-len 4096] [--steps 5] [--scan-backends auto,torch]
+    python benchmarks/lab/step_profile.py [--seq-len 4096] [--steps 5] [--scan-backends auto,torch]
 
 Builds the Transformer at train.py's defaults (dim 512, depth 6, batch 4, bf16 autocast on CUDA),
 runs a few optimizer steps (forward, backward over `--grad-accum` micro-batches, Adam) and reports
@@ -17,11 +17,15 @@ import argparse
 import contextlib
 import math
 import statistics
+import sys
+from pathlib import Path
 
 import torch
 
-import gateloop_hybrid.gate_loop as gate_loop_mod
-import harness
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # harness, when run as a script
+
+import gateloop_hybrid.gate_loop as gate_loop_mod  # noqa: E402
+import harness  # noqa: E402
 from gateloop_hybrid import Transformer
 
 
