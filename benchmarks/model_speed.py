@@ -50,6 +50,8 @@ def model_kwargs(kind: str, dim: int, depth: int, args) -> dict:
                   ff_mult=args.attn_ff_mult)
     else:
         kw.update(use_gate_looped_attn=True, checkpoint_gate_looped_attn=args.recompute)
+        if args.gate_loop_heads is not None:
+            kw.update(gate_loop_heads=args.gate_loop_heads)
     return kw
 
 
@@ -94,7 +96,7 @@ def run_case(kind, mode, dim, depth, seq, args, device) -> dict:
     row = dict(model=kind, mode=mode, dim=dim, depth=depth, seq=seq, batch=batch,
                precision="bf16" if bf16 else "fp32")
     if kind.endswith("gateloop"):
-        row["recompute"] = args.recompute
+        row.update(recompute=args.recompute, heads=args.gate_loop_heads or dim)
     if kind == "seed-gateloop" and bf16:
         row["error"] = "not run: its complex gates fail under bf16 autocast (view_as_complex on bf16)"
         return row
@@ -147,7 +149,8 @@ def run_case(kind, mode, dim, depth, seq, args, device) -> dict:
 
 
 def format_row(r: dict) -> str:
-    name = f"{r['model']}{'' if r.get('recompute', True) else ' (store)'} [{r['mode']}]"
+    wide = f" {r['heads']}h" if r.get("heads", r["dim"]) != r["dim"] else ""
+    name = f"{r['model']}{wide}{'' if r.get('recompute', True) else ' (store)'} [{r['mode']}]"
     cfg = f"{r['dim']}x{r['depth']} seq {r['seq']} b{r['batch']} {r['precision']}"
     if "error" in r:
         return f"{name:>30} {cfg:>26}  {r['error']}"
@@ -220,6 +223,9 @@ def main(argv=None):
                    help="feed-forward multiple of the attention models (5 matches GateLoop's parameters)")
     p.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=True,
                    help="GateLoop recomputes its scan in backward (checkpoint_gate_looped_attn, the default)")
+    p.add_argument("--gate-loop-heads", type=int, default=None,
+                   help="GateLoop heads (default: dim, one feature per head); fewer heads are wider: "
+                        "dim / heads features each, on the chunked form")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--json", help="write the rows and the environment here")

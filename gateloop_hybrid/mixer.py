@@ -9,8 +9,9 @@ Dimension letters: b batch, n time, h heads, d head dimension (d = e), I inner d
 With one feature per head (d = 1, GateLoop's default) on a GPU that runs the Mosaic GPU kernels,
 all of it is one forward kernel and one backward kernel that read the projections as the layer's
 Linear layers wrote them (mosaic_mixer.py): the gates and the complex state never go to memory,
-except the states that backward reads when it does not recompute them. Everywhere else it is the
-composition of torch ops around ``gate_loop_scan``.
+except the states that backward reads when it does not recompute them. Elsewhere with d = 1 it is
+the composition of torch ops around ``gate_loop_scan``; with d > 1 it is the chunked form
+(chunked.py), which never forms a (d, e) state per token.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from .chunked import chunked_heads, log_gates
 from .scan import gate_loop_scan, jax_available, mosaic_available
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -178,14 +180,28 @@ def _heads_scan(q: Tensor, k: Tensor, v: Tensor, a: Tensor, h0: Optional[Tensor]
     return y, h_last
 
 
-def _composed(qkv, z, h0, heads, frac, ablate_complex, ablate_state_transition, recompute, backend):
+def _composed(qkv, z, h0, heads, frac, ablate_complex, ablate_state_transition, recompute, backend,
+              materialize=None):
+    """The mixer as torch ops around gate_loop_scan: the scan of every k v^T with one feature per
+    head, the chunked form (chunked.py) with more, unless ``materialize`` says otherwise."""
     b, n = qkv.shape[:2]
     q, k, v = (t.unflatten(-1, (heads, -1)) for t in qkv.chunk(3, dim=-1))  # each (b, n, h, d)
-    a = gates(z.reshape(b, n, heads, 1, 1, 2), frac, ablate_complex, ablate_state_transition)
+    if materialize is None:
+        materialize = q.shape[-1] == 1
+    if materialize:
+        a = gates(z.reshape(b, n, heads, 1, 1, 2), frac, ablate_complex, ablate_state_transition)
+        fn, args = _heads_scan, (q, k, v, a, h0, backend)
+    else:
+        log_mag, phase = log_gates(z.reshape(b, n, heads, 2), frac, ablate_complex, ablate_state_transition)
+        fn, args = _heads_chunked, (q, k, v, log_mag, phase, h0, backend)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (qkv, z, h0))
     if needs_grad and recompute:
-        y, h_last = checkpoint(_heads_scan, q, k, v, a, h0, backend, use_reentrant=False)
+        y, h_last = checkpoint(fn, *args, use_reentrant=False)
     else:
-        y, h_last = _heads_scan(q, k, v, a, h0, backend)
+        y, h_last = fn(*args)
     return y.flatten(-2), h_last
+
+
+def _heads_chunked(q, k, v, log_mag, phase, h0, backend):
+    return chunked_heads(q, k, v, log_mag, phase, h0, backend=backend)

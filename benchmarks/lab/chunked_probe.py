@@ -1,0 +1,105 @@
+"""The GateLoop mixer with wide heads: chunked form against the materialized scan, and (on CUDA,
+when installed) flash-linear-attention's chunk_gla on the same shapes with real gates.
+
+    python benchmarks/lab/chunked_probe.py                               # CPU-sized shapes
+    python benchmarks/lab/chunked_probe.py --device cuda --shapes 4x4096x8x64 --dtype bfloat16
+
+Shapes are BxNxHxD (D features per head, the state D x D). Each row: forward+backward
+milliseconds (median of --steps after one warm-up, synchronized), peak memory on CUDA, and the
+relative error of y against the float64 materialized scan where that fits (--check-limit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # harness, when run as a script
+
+import torch  # noqa: E402
+
+import harness  # noqa: E402
+from gateloop_hybrid.mixer import _composed  # noqa: E402
+
+
+def timed(fn, device, steps):
+    times = []
+    for i in range(steps + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--shapes", default="2x256x4x16,1x2048x8x64")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--backend", default="auto", help="gate_loop_scan backend")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--check-limit", type=int, default=2 ** 22,
+                   help="compare with float64 only where B N H D D is at most this")
+    args = p.parse_args(argv)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    lines = harness.header(harness.environment(device))
+    lines.append(f"{'shape':>16} {'form':>14} {'fwd+bwd ms':>11} {'peak GiB':>9} {'rel err':>9}")
+    print("\n".join(lines), flush=True)
+    for shape in args.shapes.split(","):
+        b, n, h, d = (int(s) for s in shape.split("x"))
+        g = torch.Generator().manual_seed(0)
+        qkv = torch.randn(b, n, 3 * h * d, generator=g).to(device, dtype).requires_grad_()
+        z = torch.randn(b, n, 2 * h, generator=g).to(device, dtype).requires_grad_()
+        want = None
+        if b * n * h * d * d <= args.check_limit:
+            with torch.no_grad():
+                want = _composed(qkv.double(), z.double(), None, h, 1.0, False, False, False, "torch",
+                                 materialize=True)[0]
+        rows = [("chunked", False), ("materialized", True)]
+        for form, materialize in rows:
+            def step():
+                y, _ = _composed(qkv, z, None, h, 1.0, False, False, True, args.backend, materialize=materialize)
+                y.float().sum().backward()
+                return y
+            try:
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                ms = timed(step, device, args.steps)
+                peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:9.2f}" if device.type == "cuda" else f"{'-':>9}"
+                err = "-"
+                if want is not None:
+                    with torch.no_grad():
+                        y = _composed(qkv, z, None, h, 1.0, False, False, False, args.backend,
+                                      materialize=materialize)[0]
+                    err = f"{float((y.double() - want).norm() / want.norm()):.1e}"
+                lines.append(f"{shape:>16} {form:>14} {ms:11.2f} {peak} {err:>9}")
+            except torch.OutOfMemoryError:
+                lines.append(f"{shape:>16} {form:>14} {'out of memory':>11}")
+            print(lines[-1], flush=True)
+            qkv.grad = z.grad = None
+        if device.type == "cuda":
+            try:
+                from fla.ops.gla import chunk_gla
+            except ImportError:
+                continue
+            gq, gk, gv = (torch.randn(b, n, h, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+            gg = torch.nn.functional.logsigmoid(torch.randn(b, n, h, d, device=device)).requires_grad_()
+
+            def fla_step():
+                o, _ = chunk_gla(gq, gk, gv, gg)
+                o.float().sum().backward()
+            ms = timed(fla_step, device, args.steps)
+            lines.append(f"{shape:>16} {'fla chunk_gla':>14} {ms:11.2f}")
+            print(lines[-1], flush=True)
+
+
+if __name__ == "__main__":
+    main()

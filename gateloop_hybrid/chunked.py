@@ -1,0 +1,116 @@
+"""GateLoop's mixer for heads wider than one feature, in chunked form: no per-token d x e state.
+
+Dimension letters: b batch, n time, h heads, d = e head dimension, c chunks, C chunk length.
+
+Per head, with a real q, k, v and one complex gate a_t per step,
+
+    h_t = a_t h_{t-1} + k_t v_t^T,    y_t = q_t . Re(h_t)
+
+has, with A_t = a_1 ... a_t, the closed form
+
+    y_t = sum_{s<=t} Re(A_t / A_s) (q_t . k_s) v_s
+    Re(A_t / A_s) = exp(L_t - L_s) cos(T_t - T_s),    L = cumsum log|a|,  T = cumsum arg a
+
+Inside a chunk this is a causal, decay-weighted q k^T times v: two matrix products. Across chunks
+a (d, e) complex state per head carries the rest; ``gate_loop_scan`` runs that recurrence over
+the chunks (a gate and a state per chunk, not per token). L and T are taken relative to each
+chunk's start, and the decays exp(L_t - L_s) are formed from differences (s <= t), so nothing
+overflows for gates of magnitude at most 1 and nothing is lost to cancellation across chunks.
+
+Backward is torch's autograd through these ops and ``gate_loop_scan``. What it keeps per chunk is
+O(C^2 + d e) per head, against O(C d e) for the states of the materialized scan.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .scan import gate_loop_scan
+
+CHUNK = 64
+
+
+def log_gates(z: Tensor, frac_gradient: float = 1.0, ablate_complex: bool = False,
+              ablate_state_transition: bool = False) -> tuple[Tensor, Tensor]:
+    """log|a| and arg a of the gates a = sigmoid(|z|) exp(i arg z), from (..., 2) pre-activations
+    (as ``mixer.gates``, which returns a itself); float32 or wider."""
+    z = z * frac_gradient + z.detach() * (1 - frac_gradient)
+    if z.dtype in (torch.float16, torch.bfloat16):
+        z = z.float()
+    z = torch.view_as_complex(z)
+    if ablate_complex:
+        z = z.real + 0.0j
+    if ablate_state_transition:
+        zero = torch.zeros_like(z.real)
+        return zero, zero
+    return F.logsigmoid(z.abs()), z.angle()
+
+
+def chunked_heads(q: Tensor, k: Tensor, v: Tensor, log_mag: Tensor, phase: Tensor,
+                  h0: Optional[Tensor] = None, *, chunk: int = CHUNK,
+                  backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """y_t = q_t . Re(h_t) with h_t = a_t h_{t-1} + k_t v_t^T, a_t = exp(log_mag_t + i phase_t).
+
+    Args:
+        q, k, v: (b, n, h, d) real; their matrix products inside a chunk run in their dtype.
+        log_mag, phase: (b, n, h) real, float32 or float64: log|a| (finite) and arg a.
+        h0: (b, h, d, d) complex state to continue from, or None.
+        chunk: the chunk length C (the last chunk is padded with a = 1, k = v = 0).
+        backend: the ``gate_loop_scan`` backend for the recurrence across chunks.
+
+    Returns:
+        y (b, n, h, d) in q's dtype and the final state (b, h, d, d), complex64 (complex128 for
+        float64 gates).
+    """
+    b, n, h, d = q.shape
+    real = log_mag.dtype                       # float32 or float64: decays, states, accumulation
+    size = max(1, min(chunk, n))
+    pad = -n % size
+    c = (n + pad) // size
+
+    def blocks(t: Tensor) -> Tensor:           # (b, n, h, ...) -> (b, h, c, C, ...)
+        if pad:
+            t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
+        t = t.unflatten(1, (c, size))
+        return t.movedim(3, 1)
+
+    with torch.autocast(q.device.type, enabled=False):   # the dtypes below are chosen, not cast
+        qb, kb, vb = blocks(q), blocks(k), blocks(v)      # (b, h, c, C, d)
+        L = blocks(log_mag.to(real)).cumsum(-1)           # (b, h, c, C), relative to the chunk start
+        T = blocks(phase.to(real)).cumsum(-1)
+
+        # inside a chunk: (q k^T) weighted by Re(A_t / A_s) on s <= t, times v
+        causal = torch.ones(size, size, dtype=torch.bool, device=q.device).tril()
+        diff = L.unsqueeze(-1) - L.unsqueeze(-2)          # (b, h, c, C, C): L_t - L_s
+        decay = torch.exp(diff.masked_fill(~causal, float("-inf")))
+        weight = decay * torch.cos(T.unsqueeze(-1) - T.unsqueeze(-2))
+        scores = (qb @ kb.transpose(-1, -2)).to(real) * weight
+        y = scores.to(q.dtype) @ vb                       # (b, h, c, C, d)
+
+        # each chunk's own contribution to the state at its end, and the chunk's total gate
+        to_end_mag = torch.exp(L[..., -1:] - L)           # |A_C / A_s| <= 1 for |a| <= 1
+        to_end_arg = T[..., -1:] - T
+        kf, vf = kb.to(real), vb.to(real)
+        own_re = (kf * (to_end_mag * torch.cos(to_end_arg)).unsqueeze(-1)).transpose(-1, -2) @ vf
+        own_im = (kf * (to_end_mag * torch.sin(to_end_arg)).unsqueeze(-1)).transpose(-1, -2) @ vf
+        own = torch.complex(own_re, own_im)               # (b, h, c, d, d)
+        gate = torch.polar(torch.exp(L[..., -1]), T[..., -1])   # (b, h, c)
+
+        # across chunks: S_j = gate_j S_{j-1} + own_j, time (chunks) on dim 1 for the scan
+        states, h_last = gate_loop_scan(gate.transpose(1, 2)[..., None, None], own.transpose(1, 2), h0,
+                                        backend=backend)  # (b, c, h, d, d)
+        first = torch.zeros_like(states[:, :1]) if h0 is None else h0.unsqueeze(1).to(states.dtype)
+        before = torch.cat([first, states[:, :-1]], dim=1).transpose(1, 2)   # (b, h, c, d, d): S_{j-1}
+
+        # the carried state's part: Re(A_t q_t^T S_{j-1})
+        qf = qb.to(real)
+        carried = (torch.exp(L) * torch.cos(T)).unsqueeze(-1) * (qf @ before.real) \
+            - (torch.exp(L) * torch.sin(T)).unsqueeze(-1) * (qf @ before.imag)
+        y = (y.to(real) + carried).to(q.dtype)
+
+    y = y.movedim(1, 3).flatten(1, 2)                     # (b, c C, h, d)
+    return y[:, :n], h_last
