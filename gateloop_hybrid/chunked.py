@@ -56,7 +56,8 @@ def chunked_heads(q: Tensor, k: Tensor, v: Tensor, log_mag: Tensor, phase: Tenso
     """y_t = q_t . Re(h_t) with h_t = a_t h_{t-1} + k_t v_t^T, a_t = exp(log_mag_t + i phase_t).
 
     Args:
-        q, k, v: (b, n, h, d) real; their matrix products inside a chunk run in their dtype.
+        q, k, v: (b, n, h, d) real. Every matrix product runs in q's dtype (bf16 or float16 on
+            tensor cores; float32 as torch's matmul precision setting says), the rest in the gates' dtype.
         log_mag, phase: (b, n, h) real, float32 or float64: log|a| (finite) and arg a.
         h0: (b, h, d, d) complex state to continue from, or None.
         chunk: the chunk length C (the last chunk is padded with a = 1, k = v = 0).
@@ -94,10 +95,11 @@ def chunked_heads(q: Tensor, k: Tensor, v: Tensor, log_mag: Tensor, phase: Tenso
         # each chunk's own contribution to the state at its end, and the chunk's total gate
         to_end_mag = torch.exp(L[..., -1:] - L)           # |A_C / A_s| <= 1 for |a| <= 1
         to_end_arg = T[..., -1:] - T
-        kf, vf = kb.to(real), vb.to(real)
-        own_re = (kf * (to_end_mag * torch.cos(to_end_arg)).unsqueeze(-1)).transpose(-1, -2) @ vf
-        own_im = (kf * (to_end_mag * torch.sin(to_end_arg)).unsqueeze(-1)).transpose(-1, -2) @ vf
-        own = torch.complex(own_re, own_im)               # (b, h, c, d, d)
+
+        def weighted_kv(w):                               # sum_s w_s k_s v_s^T, a product in q's dtype
+            return ((kb * w.unsqueeze(-1)).to(q.dtype).transpose(-1, -2) @ vb).to(real)
+        own = torch.complex(weighted_kv(to_end_mag * torch.cos(to_end_arg)),
+                            weighted_kv(to_end_mag * torch.sin(to_end_arg)))   # (b, h, c, d, d)
         gate = torch.polar(torch.exp(L[..., -1]), T[..., -1])   # (b, h, c)
 
         # across chunks: S_j = gate_j S_{j-1} + own_j, time (chunks) on dim 1 for the scan
@@ -107,9 +109,8 @@ def chunked_heads(q: Tensor, k: Tensor, v: Tensor, log_mag: Tensor, phase: Tenso
         before = torch.cat([first, states[:, :-1]], dim=1).transpose(1, 2)   # (b, h, c, d, d): S_{j-1}
 
         # the carried state's part: Re(A_t q_t^T S_{j-1})
-        qf = qb.to(real)
-        carried = (torch.exp(L) * torch.cos(T)).unsqueeze(-1) * (qf @ before.real) \
-            - (torch.exp(L) * torch.sin(T)).unsqueeze(-1) * (qf @ before.imag)
+        q_re, q_im = ((qb @ part.to(q.dtype)).to(real) for part in (before.real, before.imag))
+        carried = (torch.exp(L) * torch.cos(T)).unsqueeze(-1) * q_re - (torch.exp(L) * torch.sin(T)).unsqueeze(-1) * q_im
         y = (y.to(real) + carried).to(q.dtype)
 
     y = y.movedim(1, 3).flatten(1, 2)                     # (b, c C, h, d)
