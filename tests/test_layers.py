@@ -203,18 +203,18 @@ def test_simple_gate_loop_cache_continues(backend):
 
 
 def test_generate_costs_one_step_per_token(monkeypatch):
-    import gateloop_hybrid.mixer as mixer
+    import gateloop_hybrid.gate_loop as gate_loop
 
     torch.manual_seed(0)
     model = small_transformer(scan_backend="torch")
     steps = []
-    real_scan = mixer.gate_loop_scan
+    real_mixer = gate_loop.gate_loop_mixer
 
-    def counting_scan(a, x, *args, **kwargs):
-        steps.append(x.shape[1])
-        return real_scan(a, x, *args, **kwargs)
+    def counting_mixer(qkv, *args, **kwargs):   # the positions each layer mixes per call
+        steps.append(qkv.shape[1])
+        return real_mixer(qkv, *args, **kwargs)
 
-    monkeypatch.setattr(mixer, "gate_loop_scan", counting_scan)
+    monkeypatch.setattr(gate_loop, "gate_loop_mixer", counting_mixer)
     prompt = torch.randint(0, VOCAB, (3, 7))
     out = model.generate(prompt, 5, temperature=0.0)
     assert out.shape == (3, 5) and out.dtype == prompt.dtype
