@@ -60,7 +60,8 @@ def chunked_heads(q: Tensor, k: Tensor, v: Tensor, log_mag: Tensor, phase: Tenso
             tensor cores; float32 as torch's matmul precision setting says), the rest in the gates' dtype.
         log_mag, phase: (b, n, h) real, float32 or float64: log|a| (finite) and arg a.
         h0: (b, h, d, d) complex state to continue from, or None.
-        chunk: the chunk length C (the last chunk is padded with a = 1, k = v = 0).
+        chunk: the chunk length C (the last chunk is padded with a = 1, k = v = 0). One step
+            (n = 1, decoding) runs the recurrence directly.
         backend: the ``gate_loop_scan`` backend for the recurrence across chunks.
 
     Returns:
@@ -69,7 +70,9 @@ def chunked_heads(q: Tensor, k: Tensor, v: Tensor, log_mag: Tensor, phase: Tenso
     """
     b, n, h, d = q.shape
     real = log_mag.dtype                       # float32 or float64: decays, states, accumulation
-    size = max(1, min(chunk, n))
+    if n == 1:                                 # a decoding step: the recurrence itself
+        return _one_step(q, k, v, log_mag, phase, h0, real)
+    size = min(chunk, n)
     pad = -n % size
     c = (n + pad) // size
 
@@ -115,3 +118,13 @@ def chunked_heads(q: Tensor, k: Tensor, v: Tensor, log_mag: Tensor, phase: Tenso
 
     y = y.movedim(1, 3).flatten(1, 2)                     # (b, c C, h, d)
     return y[:, :n], h_last
+
+
+def _one_step(q, k, v, log_mag, phase, h0, real):
+    """n = 1: h = a h0 + k v^T, y = q . Re(h)."""
+    with torch.autocast(q.device.type, enabled=False):
+        a = torch.polar(log_mag.to(real).exp(), phase.to(real))[:, 0, :, None, None]   # (b, h, 1, 1)
+        kv = (k[:, 0].to(real).unsqueeze(-1) * v[:, 0].to(real).unsqueeze(-2))          # (b, h, d, d)
+        h_last = kv + 0j if h0 is None else a * h0 + kv
+        y = (q[:, 0].to(real).unsqueeze(-2) @ h_last.real).squeeze(-2)                  # (b, h, d)
+    return y.unsqueeze(1).to(q.dtype), h_last
