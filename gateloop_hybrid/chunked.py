@@ -125,6 +125,8 @@ def _one_step(q, k, v, log_mag, phase, h0, real):
     with torch.autocast(q.device.type, enabled=False):
         a = torch.polar(log_mag.to(real).exp(), phase.to(real))[:, 0, :, None, None]   # (b, h, 1, 1)
         kv = (k[:, 0].to(real).unsqueeze(-1) * v[:, 0].to(real).unsqueeze(-2))          # (b, h, d, d)
-        h_last = kv + 0j if h0 is None else a * h0 + kv
+        if h0 is None:     # zeros, so that the gate still gets its (zero) gradient, as in a scan
+            h0 = torch.zeros_like(kv, dtype=a.dtype)
+        h_last = a * h0 + kv
         y = (q[:, 0].to(real).unsqueeze(-2) @ h_last.real).squeeze(-2)                  # (b, h, d)
     return y.unsqueeze(1).to(q.dtype), h_last

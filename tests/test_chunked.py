@@ -40,7 +40,7 @@ def values_and_grads(fn, leaves, seed=1):
     return [y, h_last, *grads]
 
 
-@pytest.mark.parametrize("b,n,h,d,chunk", [(2, 77, 3, 4, 16), (1, 5, 2, 3, 64), (2, 64, 2, 2, 64),
+@pytest.mark.parametrize("b,n,h,d,chunk", [(2, 77, 3, 4, 16), (1, 5, 2, 3, 64), (2, 64, 2, 2, 64), (2, 1, 2, 3, 64),
                                            (1, 33, 1, 5, 1), (3, 130, 2, 2, 7)])
 @pytest.mark.parametrize("with_h0", [True, False])
 def test_chunked_equals_the_materialized_scan_in_float64(b, n, h, d, chunk, with_h0):
