@@ -25,6 +25,8 @@ import sample  # noqa: E402
 import train  # noqa: E402
 from gateloop_hybrid import distributed  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TEXT = REPO / "tests" / "data" / "devils_dictionary.txt"
 TINY = ["--data", str(TEXT), "--dim", "32", "--depth", "2", "--gate-loop-heads", "8", "--scan-backend", "torch",
         "--seq-len", "32", "--grad-accum", "1", "--lr", "3e-3", "--val-batches", "2", "--prime-len", "16",
@@ -33,13 +35,6 @@ TINY = ["--data", str(TEXT), "--dim", "32", "--depth", "2", "--gate-loop-heads",
 # the ranks' means are averaged in another order than one process's mean: float32 rounding
 ROUNDING = dict(rel=2e-5)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def one_process(out: Path, *extra: str) -> dict:

@@ -31,7 +31,8 @@ RTOL = 1e-9
 DIM, VOCAB, DEPTH, BATCH, SEQ = 16, 37, 2, 2, 7
 
 # the seed calls torch.utils.checkpoint without use_reentrant, which torch warns about
-pytestmark = pytest.mark.filterwarnings("ignore:torch.utils.checkpoint:UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:torch.utils.checkpoint:UserWarning"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture
@@ -39,13 +40,6 @@ def x64():
     with jax.enable_x64(True):
         yield
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def assert_close(actual, expected, rtol=RTOL, what="output"):

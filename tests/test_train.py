@@ -29,6 +29,8 @@ sys.path.insert(0, str(REPO))
 import sample  # noqa: E402
 import train  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TEXT = REPO / "tests" / "data" / "devils_dictionary.txt"
 
 # A model small enough for a 2-core CPU: a few thousand steps/minute.
@@ -36,14 +38,6 @@ TINY = ["--dim", "32", "--depth", "2", "--gate-loop-heads", "8", "--scan-backend
         "--seq-len", "32", "--batch-size", "4", "--grad-accum", "1", "--lr", "3e-3",
         "--val-batches", "2", "--prime-len", "16", "--gen-len", "8", "--device", "cpu", "--threads", "1"]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The models here are tiny: one intra-op thread is faster, and far faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8")
