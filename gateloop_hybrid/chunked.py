@@ -34,16 +34,21 @@ from .scan import gate_loop_scan
 CHUNK = 64
 
 
+def gate_preactivation(z: Tensor, frac_gradient: float = 1.0, ablate_complex: bool = False) -> Tensor:
+    """(..., 2) gate pre-activations as (...) complex (float32 or wider), with only frac_gradient
+    of their gradient passed back (the values unchanged) and, with ablate_complex, no imaginary part."""
+    z = z * frac_gradient + z.detach() * (1 - frac_gradient)
+    if z.dtype in (torch.float16, torch.bfloat16):
+        z = z.float()  # complex needs float32 or wider
+    z = torch.view_as_complex(z)
+    return z.real + 0.0j if ablate_complex else z
+
+
 def log_gates(z: Tensor, frac_gradient: float = 1.0, ablate_complex: bool = False,
               ablate_state_transition: bool = False) -> tuple[Tensor, Tensor]:
     """log|a| and arg a of the gates a = sigmoid(|z|) exp(i arg z), from (..., 2) pre-activations
     (as ``mixer.gates``, which returns a itself); float32 or wider."""
-    z = z * frac_gradient + z.detach() * (1 - frac_gradient)
-    if z.dtype in (torch.float16, torch.bfloat16):
-        z = z.float()
-    z = torch.view_as_complex(z)
-    if ablate_complex:
-        z = z.real + 0.0j
+    z = gate_preactivation(z, frac_gradient, ablate_complex)
     if ablate_state_transition:
         zero = torch.zeros_like(z.real)
         return zero, zero
@@ -60,8 +65,7 @@ def chunked_heads(q: Tensor, k: Tensor, v: Tensor, log_mag: Tensor, phase: Tenso
             tensor cores; float32 as torch's matmul precision setting says), the rest in the gates' dtype.
         log_mag, phase: (b, n, h) real, float32 or float64: log|a| (finite) and arg a.
         h0: (b, h, d, d) complex state to continue from, or None.
-        chunk: the chunk length C (the last chunk is padded with a = 1, k = v = 0). One step
-            (n = 1, decoding) runs the recurrence directly.
+        chunk: the chunk length C (the last chunk is padded with a = 1, k = v = 0).
         backend: the ``gate_loop_scan`` backend for the recurrence across chunks.
 
     Returns:
@@ -70,8 +74,6 @@ def chunked_heads(q: Tensor, k: Tensor, v: Tensor, log_mag: Tensor, phase: Tenso
     """
     b, n, h, d = q.shape
     real = log_mag.dtype                       # float32 or float64: decays, states, accumulation
-    if n == 1:                                 # a decoding step: the recurrence itself
-        return _one_step(q, k, v, log_mag, phase, h0, real)
     size = min(chunk, n)
     pad = -n % size
     c = (n + pad) // size
@@ -113,20 +115,10 @@ def chunked_heads(q: Tensor, k: Tensor, v: Tensor, log_mag: Tensor, phase: Tenso
 
         # the carried state's part: Re(A_t q_t^T S_{j-1})
         q_re, q_im = ((qb @ part.to(q.dtype)).to(real) for part in (before.real, before.imag))
-        carried = (torch.exp(L) * torch.cos(T)).unsqueeze(-1) * q_re - (torch.exp(L) * torch.sin(T)).unsqueeze(-1) * q_im
+        from_start = torch.exp(L)                         # |A_t| relative to the chunk start
+        carried = (from_start * torch.cos(T)).unsqueeze(-1) * q_re - (from_start * torch.sin(T)).unsqueeze(-1) * q_im
         y = (y.to(real) + carried).to(q.dtype)
 
     y = y.movedim(1, 3).flatten(1, 2)                     # (b, c C, h, d)
     return y[:, :n], h_last
 
-
-def _one_step(q, k, v, log_mag, phase, h0, real):
-    """n = 1: h = a h0 + k v^T, y = q . Re(h)."""
-    with torch.autocast(q.device.type, enabled=False):
-        a = torch.polar(log_mag.to(real).exp(), phase.to(real))[:, 0, :, None, None]   # (b, h, 1, 1)
-        kv = (k[:, 0].to(real).unsqueeze(-1) * v[:, 0].to(real).unsqueeze(-2))          # (b, h, d, d)
-        if h0 is None:     # zeros, so that the gate still gets its (zero) gradient, as in a scan
-            h0 = torch.zeros_like(kv, dtype=a.dtype)
-        h_last = a * h0 + kv
-        y = (q[:, 0].to(real).unsqueeze(-2) @ h_last.real).squeeze(-2)                  # (b, h, d)
-    return y.unsqueeze(1).to(q.dtype), h_last

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .chunked import chunked_heads, log_gates
+from .chunked import chunked_heads, gate_preactivation, log_gates
 from .scan import gate_loop_scan, jax_available, mosaic_available
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -154,12 +154,7 @@ def gates(z: Tensor, frac_gradient: float = 1.0, ablate_complex: bool = False,
           ablate_state_transition: bool = False) -> Tensor:
     """Complex gates a = sigmoid(|z|) exp(i arg z) from (..., 2) pre-activations, as (...) complex
     (float32 or wider)."""
-    z = z * frac_gradient + z.detach() * (1 - frac_gradient)
-    if z.dtype in (torch.float16, torch.bfloat16):
-        z = z.float()  # complex needs float32 or wider
-    z = torch.view_as_complex(z)
-    if ablate_complex:
-        z = z.real + 0.0j
+    z = gate_preactivation(z, frac_gradient, ablate_complex)
     if ablate_state_transition:
         return torch.ones_like(z.real) + 0.0j
     # sigmoid on the magnitude, identity on the phase
