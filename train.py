@@ -1260,6 +1260,8 @@ class _JaxRun(_Run):
             from gateloop_hybrid.jax.training import Trainer
         except ImportError as e:
             raise ConfigError(f"--framework jax: {e}") from None
+        from gateloop_hybrid import distributed
+
         self.jax_device = _jax_device(jax, cfg.device)
         if not cfg.attention and cfg.scan_backend == "pallas" and self.jax_device.platform != "gpu":
             raise ConfigError(f"--scan-backend pallas runs on a GPU; JAX's device here is {self.jax_device}")
@@ -1269,7 +1271,7 @@ class _JaxRun(_Run):
         self.scan_backend = None if cfg.attention else ("pallas" if cfg.scan_backend == "pallas" else "jax")
         self.glj = glj
         bf16 = self.jax_device.platform == "gpu" if cfg.bf16 is None else cfg.bf16
-        names = self._param_names()
+        names = distributed.parameter_names(self.model)
         adam = {names[i]: s for i, s in self.optimizer.state_dict()["state"].items()}
         try:
             model = glj.from_torch_state_dict(self.model.state_dict(), **cfg.model_kwargs())
@@ -1277,9 +1279,6 @@ class _JaxRun(_Run):
             raise ConfigError(f"the model flags do not fit together: {e}") from None
         self.trainer = Trainer(model, lr=cfg.lr, clip=cfg.clip, compute_dtype=jnp.bfloat16 if bf16 else None,
                                device=self.jax_device, adam_state=adam)
-
-    def _param_names(self) -> list[str]:
-        return [name for name, _ in self.model.named_parameters()]  # torch.optim's parameter indices
 
     def _optimiser_step(self) -> float:
         batches = torch.stack([self.sampler.next() for _ in range(self.cfg.grad_accum)])  # (accum, b, seq_len + 1)
@@ -1301,11 +1300,13 @@ class _JaxRun(_Run):
         return dict(step=self.step, prime=decode(prime[0].tolist()), text=decode(out[0].tolist()))
 
     def checkpoint(self) -> None:
+        from gateloop_hybrid import distributed
+
         weights, adam = self.trainer.state_dicts()
         self.model.load_state_dict(self.glj.convert.torch_tensors(weights))
         optimizer = self.optimizer.state_dict()
         optimizer["state"] = {i: {k: torch.as_tensor(v) for k, v in adam[name].items()}
-                              for i, name in enumerate(self._param_names()) if name in adam}
+                              for i, name in enumerate(distributed.parameter_names(self.model)) if name in adam}
         self.optimizer.load_state_dict(optimizer)
         super().checkpoint()
 
