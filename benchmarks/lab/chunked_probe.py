@@ -96,8 +96,10 @@ def main(argv=None):
             def fla_step():
                 o, _ = chunk_gla(gq, gk, gv, gg)
                 o.float().sum().backward()
+            torch.cuda.reset_peak_memory_stats(device)
             ms = timed(fla_step, device, args.steps)
-            lines.append(f"{shape:>16} {'fla chunk_gla':>14} {ms:11.2f}")
+            peak = torch.cuda.max_memory_allocated(device) / 2**30
+            lines.append(f"{shape:>16} {'fla chunk_gla':>14} {ms:11.2f} {peak:9.2f}")
             print(lines[-1], flush=True)
 
 
