@@ -46,12 +46,18 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--backend", default="auto", help="gate_loop_scan backend")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--forms", default="chunked,materialized",
+                   help="comma list of chunked, chunked-compiled (torch.compile), materialized")
+    p.add_argument("--no-recompute", dest="recompute", action="store_false",
+                   help="keep the forward's tensors for backward instead of recomputing them")
+    p.add_argument("--profile", action="store_true",
+                   help="print torch.profiler's costliest device ops of each form (CUDA)")
     p.add_argument("--check-limit", type=int, default=2 ** 22,
                    help="compare with float64 only where B N H D D is at most this")
     args = p.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     lines = harness.header(harness.environment(device))
-    lines.append(f"{'shape':>16} {'form':>14} {'fwd+bwd ms':>11} {'peak GiB':>9} {'rel err':>9}")
+    lines.append(f"{'shape':>16} {'form':>16} {'fwd+bwd ms':>11} {'peak GiB':>9} {'rel err':>9}")
     print("\n".join(lines), flush=True)
     for shape in args.shapes.split(","):
         b, n, h, d = (int(s) for s in shape.split("x"))
@@ -63,10 +69,16 @@ def main(argv=None):
             with torch.no_grad():
                 want = _composed(qkv.double(), z.double(), None, h, 1.0, False, False, False, "torch",
                                  materialize=True)[0]
-        rows = [("chunked", False), ("materialized", True)]
-        for form, materialize in rows:
+        for form in args.forms.split(","):
+            materialize = form == "materialized"
+
+            def mixer(qkv, z, recompute=args.recompute, materialize=materialize):
+                return _composed(qkv, z, None, h, 1.0, False, False, recompute, args.backend,
+                                 materialize=materialize)[0]
+            fn = torch.compile(mixer) if form.endswith("-compiled") else mixer
+
             def step():
-                y, _ = _composed(qkv, z, None, h, 1.0, False, False, True, args.backend, materialize=materialize)
+                y = fn(qkv, z)
                 y.float().sum().backward()
                 return y
             try:
@@ -77,13 +89,19 @@ def main(argv=None):
                 err = "-"
                 if want is not None:
                     with torch.no_grad():
-                        y = _composed(qkv, z, None, h, 1.0, False, False, False, args.backend,
-                                      materialize=materialize)[0]
+                        y = mixer(qkv, z, recompute=False)
                     err = f"{float((y.double() - want).norm() / want.norm()):.1e}"
-                lines.append(f"{shape:>16} {form:>14} {ms:11.2f} {peak} {err:>9}")
+                lines.append(f"{shape:>16} {form:>16} {ms:11.2f} {peak} {err:>9}")
+                print(lines[-1], flush=True)
+                if args.profile and device.type == "cuda":
+                    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                        for _ in range(3):
+                            step()
+                        torch.cuda.synchronize(device)
+                    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70))
             except torch.OutOfMemoryError:
-                lines.append(f"{shape:>16} {form:>14} {'out of memory':>11}")
-            print(lines[-1], flush=True)
+                lines.append(f"{shape:>16} {form:>16} {'out of memory':>11}")
+                print(lines[-1], flush=True)
             qkv.grad = z.grad = None
         if device.type == "cuda":
             try:
@@ -99,7 +117,7 @@ def main(argv=None):
             torch.cuda.reset_peak_memory_stats(device)
             ms = timed(fla_step, device, args.steps)
             peak = torch.cuda.max_memory_allocated(device) / 2**30
-            lines.append(f"{shape:>16} {'fla chunk_gla':>14} {ms:11.2f} {peak:9.2f}")
+            lines.append(f"{shape:>16} {'fla chunk_gla':>16} {ms:11.2f} {peak:9.2f}")
             print(lines[-1], flush=True)
 
 
