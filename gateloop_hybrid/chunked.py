@@ -78,47 +78,44 @@ def chunked_heads(q: Tensor, k: Tensor, v: Tensor, log_mag: Tensor, phase: Tenso
     pad = -n % size
     c = (n + pad) // size
 
-    def blocks(t: Tensor) -> Tensor:           # (b, n, h, ...) -> (b, h, c, C, ...)
+    def blocks(t: Tensor) -> Tensor:           # (b, n, h, ...) -> (b, c, h, C, ...): the scan's layout
         if pad:
             t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
-        t = t.unflatten(1, (c, size))
-        return t.movedim(3, 1)
+        return t.unflatten(1, (c, size)).movedim(2, 3)
 
     with torch.autocast(q.device.type, enabled=False):   # the dtypes below are chosen, not cast
-        qb, kb, vb = blocks(q), blocks(k), blocks(v)      # (b, h, c, C, d)
-        L = blocks(log_mag.to(real)).cumsum(-1)           # (b, h, c, C), relative to the chunk start
+        qb, kb, vb = blocks(q), blocks(k), blocks(v)      # (b, c, h, C, d)
+        L = blocks(log_mag.to(real)).cumsum(-1)           # (b, c, h, C), relative to the chunk start
         T = blocks(phase.to(real)).cumsum(-1)
 
         # inside a chunk: (q k^T) weighted by Re(A_t / A_s) on s <= t, times v
         causal = torch.ones(size, size, dtype=torch.bool, device=q.device).tril()
-        diff = L.unsqueeze(-1) - L.unsqueeze(-2)          # (b, h, c, C, C): L_t - L_s
+        diff = L.unsqueeze(-1) - L.unsqueeze(-2)          # (b, c, h, C, C): L_t - L_s
         decay = torch.exp(diff.masked_fill(~causal, float("-inf")))
         weight = decay * torch.cos(T.unsqueeze(-1) - T.unsqueeze(-2))
         scores = (qb @ kb.transpose(-1, -2)).to(real) * weight
-        y = scores.to(q.dtype) @ vb                       # (b, h, c, C, d)
+        y = scores.to(q.dtype) @ vb                       # (b, c, h, C, d)
 
-        # each chunk's own contribution to the state at its end, and the chunk's total gate
+        # each chunk's own contribution to the state at its end, sum_s (A_C / A_s) k_s v_s^T, as
+        # one product whose columns interleave real and imaginary parts: a complex view, no copy
         to_end_mag = torch.exp(L[..., -1:] - L)           # |A_C / A_s| <= 1 for |a| <= 1
         to_end_arg = T[..., -1:] - T
+        to_end = torch.stack([to_end_mag * torch.cos(to_end_arg), to_end_mag * torch.sin(to_end_arg)], -1)
+        v_ri = (vb.unsqueeze(-1) * to_end.unsqueeze(-2)).to(q.dtype).flatten(-2)   # (b, c, h, C, 2d)
+        own = torch.view_as_complex((kb.transpose(-1, -2) @ v_ri).to(real).unflatten(-1, (d, 2)))
+        gate = torch.polar(torch.exp(L[..., -1]), T[..., -1])   # (b, c, h)
 
-        def weighted_kv(w):                               # sum_s w_s k_s v_s^T, a product in q's dtype
-            return ((kb * w.unsqueeze(-1)).to(q.dtype).transpose(-1, -2) @ vb).to(real)
-        own = torch.complex(weighted_kv(to_end_mag * torch.cos(to_end_arg)),
-                            weighted_kv(to_end_mag * torch.sin(to_end_arg)))   # (b, h, c, d, d)
-        gate = torch.polar(torch.exp(L[..., -1]), T[..., -1])   # (b, h, c)
-
-        # across chunks: S_j = gate_j S_{j-1} + own_j, time (chunks) on dim 1 for the scan
-        states, h_last = gate_loop_scan(gate.transpose(1, 2)[..., None, None], own.transpose(1, 2), h0,
-                                        backend=backend)  # (b, c, h, d, d)
+        # across chunks: S_j = gate_j S_{j-1} + own_j
+        states, h_last = gate_loop_scan(gate[..., None, None], own, h0, backend=backend)  # (b, c, h, d, d)
         first = torch.zeros_like(states[:, :1]) if h0 is None else h0.unsqueeze(1).to(states.dtype)
-        before = torch.cat([first, states[:, :-1]], dim=1).transpose(1, 2)   # (b, h, c, d, d): S_{j-1}
+        before = torch.view_as_real(torch.cat([first, states[:, :-1]], dim=1))   # S_{j-1}: (b, c, h, d, d, 2)
 
-        # the carried state's part: Re(A_t q_t^T S_{j-1})
-        q_re, q_im = ((qb @ part.to(q.dtype)).to(real) for part in (before.real, before.imag))
-        from_start = torch.exp(L)                         # |A_t| relative to the chunk start
-        carried = (from_start * torch.cos(T)).unsqueeze(-1) * q_re - (from_start * torch.sin(T)).unsqueeze(-1) * q_im
+        # the carried state's part: Re(A_t q_t^T S_{j-1}), one product over interleaved parts
+        q_ri = (qb @ before.to(q.dtype).flatten(-2)).to(real).unflatten(-1, (d, 2))   # (b, c, h, C, d, 2)
+        from_start = torch.exp(L).unsqueeze(-1)           # |A_t| relative to the chunk start
+        carried = from_start * (torch.cos(T).unsqueeze(-1) * q_ri[..., 0] - torch.sin(T).unsqueeze(-1) * q_ri[..., 1])
         y = (y.to(real) + carried).to(q.dtype)
 
-    y = y.movedim(1, 3).flatten(1, 2)                     # (b, c C, h, d)
+    y = y.movedim(3, 2).flatten(1, 2)                     # (b, c C, h, d)
     return y[:, :n], h_last
 
