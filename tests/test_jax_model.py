@@ -178,6 +178,29 @@ def test_simple_gate_loop_layer_matches_torch(x64, options):
     check_grads(gl, layer)
 
 
+def test_gates_at_zero_preactivation_have_torchs_finite_gradients(x64):
+    """Gate pre-activations of exactly 0 (bf16 projections produce them): the gate is sigmoid(0)
+    with phase 0 and every gradient finite and equal to torch's, where hypot and arctan2 alone
+    would give NaN."""
+    torch.manual_seed(0)
+    layer = th.GateLoopedAttention(DIM, scan_backend="torch").double()
+    with torch.no_grad():
+        proj = layer.to_a[0]                    # rows (head, re/im): some heads' z exactly 0
+        proj.weight.view(-1, 2, DIM)[::3].zero_()
+        proj.bias.view(-1, 2)[::3].zero_()
+    skeleton = eqx.filter_eval_shape(glj.GateLoopedAttention, DIM, key=jax.random.key(0))
+    jlayer = glj.load_state_dict(skeleton, layer.state_dict())
+    x = np.random.default_rng(4).standard_normal((BATCH, SEQ, DIM))
+    cot = np.random.default_rng(5).standard_normal((BATCH, SEQ, DIM))
+
+    gx, gl = jax.jit(jax.grad(lambda x, m: jnp.sum(m(x) * cot), argnums=(0, 1)))(jnp.asarray(x), jlayer)
+    tx = torch.from_numpy(x).requires_grad_()
+    (layer(tx) * torch.from_numpy(cot)).sum().backward()
+    assert np.isfinite(np.asarray(gx)).all()
+    assert_close(gx, tx.grad, what="grad of x")
+    check_grads(gl, layer)
+
+
 @pytest.mark.parametrize("options", [
     pytest.param(dict(gate_loop_heads=4), id="gateloop"),
     pytest.param(dict(use_gate_looped_attn=False, rotary_emb=True, data_dependent_rel_pos=True,

@@ -16,7 +16,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from .norms import Linear, check_features, check_sizes
+from .norms import Linear, check_features, check_sizes, polar_parts
 
 
 class RotaryEmbedding(eqx.Module):
@@ -117,7 +117,8 @@ class CausalFullAttention(eqx.Module):
         re, im = z[..., 0], z[..., 1]
         if ablate_complex:
             im = jnp.zeros_like(im)
-        r, phase = jax.nn.sigmoid(jnp.hypot(re, im)), jnp.arctan2(im, re)
+        magnitude, phase = polar_parts(re, im)
+        r = jax.nn.sigmoid(magnitude)
         a = jax.lax.complex(r * jnp.cos(phase), r * jnp.sin(phase))  # (b, h, n, d/2)
         a_cumprod = jnp.cumprod(a, axis=-1)[..., None]  # over the feature pairs, as the seed
         return jnp.maximum(a_cumprod.real, 1e-10)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from ..scan.jax_scan import scan_jax
-from .norms import LayerNorm, Linear, RMSNorm, check_features, check_sizes
+from .norms import LayerNorm, Linear, RMSNorm, check_features, check_sizes, polar_parts
 
 BACKENDS = ("auto", "jax", "pallas")
 
@@ -137,7 +137,7 @@ class GateLoopedAttention(eqx.Module):
         if ablate_complex:
             im = jnp.zeros_like(im)
         # sigmoid on the magnitude, identity on the phase
-        magnitude, phase = jnp.hypot(re, im), jnp.arctan2(im, re)
+        magnitude, phase = polar_parts(re, im)
         r = jax.nn.sigmoid(magnitude)
         return jax.lax.complex(r * jnp.cos(phase), r * jnp.sin(phase))
 

@@ -1,4 +1,5 @@
-"""Building blocks of the JAX model: Linear, Embedding, LayerNorm, RMSNorm, and the input checks.
+"""Building blocks of the JAX model: Linear, Embedding, LayerNorm, RMSNorm, the input checks, and
+|z| and arg z with torch's values and gradients at z = 0 (polar_parts).
 
 Each holds its weights in torch's layout under torch's names (``weight`` (out, in), ``bias``,
 ``gamma``), so that a state dict maps onto the module tree one to one, and initialises them
@@ -125,3 +126,11 @@ class RMSNorm(eqx.Module):
         norm = jnp.where(big, jnp.sqrt(jnp.where(big, sq, 1.0)), 1e-12)
         y = xf / norm * math.sqrt(self.dim) * self.gamma
         return y.astype(jnp.result_type(x.dtype, self.gamma.dtype))
+
+
+def polar_parts(re, im):
+    """|z| and arg z of z = re + i im, both 0 with zero gradient at z = 0 as torch's abs and angle
+    give (bf16 projections do produce z = 0; hypot and arctan2 alone give NaN gradients there)."""
+    nonzero = (re != 0) | (im != 0)
+    re, im = jnp.where(nonzero, re, 1.0), jnp.where(nonzero, im, 0.0)
+    return jnp.where(nonzero, jnp.hypot(re, im), 0.0), jnp.where(nonzero, jnp.arctan2(im, re), 0.0)
