@@ -23,7 +23,9 @@ def main():
         if not ends or not val:
             continue
         end, cfg = ends[-1], start["config"]
+        heads = cfg.get("gate_loop_heads") or cfg["dim"]
         name = ("attention (sdpa)" if cfg["attention"] else f"gateloop ({start['scan_backend']}"
+                + ("" if heads == cfg["dim"] else f", {heads} heads of {cfg['dim'] // heads}")
                 + ("" if cfg.get("checkpoint_scan", True) else ", no recompute") + ")")
         rows.append(f"| {name} | {cfg['seq_len']} | {start['params'] / 1e6:.2f}M | {end['step']} | "
                     f"{end['steady_tokens_per_s'] or float('nan'):,.0f} | "
