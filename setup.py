@@ -27,8 +27,8 @@ setup(
         # absl-py: Pallas's Mosaic GPU interpret mode, which runs the kernels' tests on CPU
         # the model in pure JAX (gateloop_hybrid.jax) and its training step (train.py --framework jax)
         "jax": ["equinox>=0.11", "optax>=0.2"],
-        "test": ["pytest>=7", "gateloop-transformer==0.2.5", "rotary-embedding-torch", "absl-py",
-                 "equinox>=0.11", "optax>=0.2"],
+        "test": ["pytest>=7", "pytest-xdist", "gateloop-transformer==0.2.5", "rotary-embedding-torch",
+                 "absl-py", "equinox>=0.11", "optax>=0.2"],
         "bench": ["tqdm", "matplotlib"],
         "train": ["tqdm"],
     },
