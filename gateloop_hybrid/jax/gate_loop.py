@@ -62,6 +62,62 @@ def _gate_looped_heads(q, k, v, a, h0, backend: str):
     return y, h_last
 
 
+CHUNK = 64
+
+
+def _chunked_heads(q, k, v, log_mag, phase, h0, backend: str, chunk: int = CHUNK):
+    """``_gate_looped_heads`` in chunked form (``gateloop_hybrid.chunked`` in JAX): the same y and
+    final state without forming a (d, e) state per token.
+
+    Inside a chunk of C steps, y_t = sum_{s<=t} exp(L_t - L_s) cos(T_t - T_s) (q_t . k_s) v_s, with
+    L and T the running sums of log|a| and arg a from the chunk's start; across chunks a (d, e)
+    complex state per head, scanned over the chunks. q, k, v: (b, n, h, d) real, products in their
+    dtype; log_mag, phase: (b, n, h), float32 or wider, for decays and states.
+    """
+    b, n, h, d = q.shape
+    real = log_mag.dtype
+    size = min(chunk, n)
+    pad = -n % size
+    c = (n + pad) // size
+
+    def blocks(t):  # (b, n, h, ...) -> (b, c, h, C, ...): the scan's layout
+        if pad:
+            t = jnp.pad(t, [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2))
+        return jnp.moveaxis(t.reshape(b, c, size, *t.shape[2:]), 2, 3)
+
+    qb, kb, vb = blocks(q), blocks(k), blocks(v)          # (b, c, h, C, d)
+    L = jnp.cumsum(blocks(log_mag), axis=-1)              # (b, c, h, C)
+    T = jnp.cumsum(blocks(phase), axis=-1)
+
+    causal = jnp.tril(jnp.ones((size, size), dtype=bool))
+    decay = jnp.exp(jnp.where(causal, L[..., :, None] - L[..., None, :], -jnp.inf))   # s <= t only
+    weight = decay * jnp.cos(T[..., :, None] - T[..., None, :])
+    scores = jnp.einsum("bchtd,bchsd->bchts", qb, kb).astype(real) * weight
+    y = jnp.einsum("bchts,bchsd->bchtd", scores.astype(q.dtype), vb)
+
+    to_end_mag = jnp.exp(L[..., -1:] - L)                 # |A_C / A_s| <= 1 for |a| <= 1
+    to_end_arg = T[..., -1:] - T
+
+    def weighted_kv(w):                                   # sum_s w_s k_s v_s^T
+        return jnp.einsum("bchsd,bchse->bchde", kb, (vb * w[..., None].astype(real)).astype(q.dtype)).astype(real)
+    own = jax.lax.complex(weighted_kv(to_end_mag * jnp.cos(to_end_arg)),
+                          weighted_kv(to_end_mag * jnp.sin(to_end_arg)))   # (b, c, h, d, e)
+    gate_mag = jnp.exp(L[..., -1])
+    gate = jax.lax.complex(gate_mag * jnp.cos(T[..., -1]), gate_mag * jnp.sin(T[..., -1]))   # (b, c, h)
+
+    states, h_last = scan(gate[..., None, None], own, h0, backend=backend)   # (b, c, h, d, e)
+    first = jnp.zeros_like(states[:, :1]) if h0 is None else h0[:, None].astype(states.dtype)
+    before = jnp.concatenate([first, states[:, :-1]], axis=1)   # the state at each chunk's start
+
+    q_re, q_im = (jnp.einsum("bchtd,bchde->bchte", qb, part.astype(q.dtype)).astype(real)
+                  for part in (before.real, before.imag))
+    from_start = jnp.exp(L)[..., None]                    # |A_t| relative to the chunk start
+    carried = from_start * (jnp.cos(T)[..., None] * q_re - jnp.sin(T)[..., None] * q_im)
+    y = (y.astype(real) + carried).astype(q.dtype)
+    y = jnp.moveaxis(y, 3, 2).reshape(b, c * size, h, d)
+    return y[:, :n], h_last
+
+
 class GateLoopedAttention(eqx.Module):
     """GateLoop as an attention replacement (Katsch 2023): ``gateloop_hybrid.GateLoopedAttention``
     in JAX.
@@ -123,8 +179,9 @@ class GateLoopedAttention(eqx.Module):
         needs_proj = dim_inner != dim or add_swish_gating
         self.to_out = Linear(dim_inner, dim, bias=False, key=ko) if needs_proj else None
 
-    def _gates(self, x, ablate_complex: bool, ablate_state_transition: bool):
-        """Complex state-transition gates, (b, n, h, 1, 1)."""
+    def _gates(self, x, ablate_complex: bool, ablate_state_transition: bool, log_polar: bool = False):
+        """Complex state-transition gates, (b, n, h, 1, 1); with ``log_polar``, (log|a|, arg a),
+        each (b, n, h) real, for the chunked form."""
         b, n, _ = x.shape
         frac = self.frac_gradient_state_transition
         z = self.to_a(x).reshape(b, n, self.heads, 1, 1, 2)
@@ -132,12 +189,17 @@ class GateLoopedAttention(eqx.Module):
         if jnp.finfo(z.dtype).bits < 32:
             z = z.astype(jnp.float32)  # complex needs float32 or wider
         if ablate_state_transition:
+            if log_polar:
+                zero = jnp.zeros(z.shape[:3], z.dtype)
+                return zero, zero
             return jnp.ones(z.shape[:-1], z.dtype) + 0j
         re, im = z[..., 0], z[..., 1]
         if ablate_complex:
             im = jnp.zeros_like(im)
         # sigmoid on the magnitude, identity on the phase
         magnitude, phase = polar_parts(re, im)
+        if log_polar:
+            return jax.nn.log_sigmoid(magnitude)[..., 0, 0], phase[..., 0, 0]
         r = jax.nn.sigmoid(magnitude)
         return jax.lax.complex(r * jnp.cos(phase), r * jnp.sin(phase))
 
@@ -160,7 +222,6 @@ class GateLoopedAttention(eqx.Module):
             raise ValueError(f"GateLoopedAttention: x has no time steps, shape {tuple(x.shape)}")
         q, k, v = jnp.split(self.to_qkv(x), 3, axis=-1)
         q, k, v = (t.reshape(b, n, self.heads, -1) for t in (q, k, v))  # each (b, n, h, d)
-        a = self._gates(x, ablate_complex, ablate_state_transition)  # (b, n, h, 1, 1)
         if cache is not None:
             d = q.shape[-1]
             if isinstance(cache, (tuple, list)) or not hasattr(cache, "shape"):
@@ -171,10 +232,15 @@ class GateLoopedAttention(eqx.Module):
                 raise ValueError(f"GateLoopedAttention: cache must be the state from return_cache=True, "
                                  f"shape (batch, heads, d, e) = {(b, self.heads, d, d)}, got {tuple(cache.shape)}")
 
-        fn = partial(_gate_looped_heads, backend=self.scan_backend)
+        if q.shape[-1] == 1:  # one feature per head: the states are per-token scalars
+            gates = (self._gates(x, ablate_complex, ablate_state_transition),)   # (b, n, h, 1, 1)
+            fn = partial(_gate_looped_heads, backend=self.scan_backend)
+        else:                 # wider heads: chunked, no (d, e) state per token
+            gates = self._gates(x, ablate_complex, ablate_state_transition, log_polar=True)
+            fn = partial(_chunked_heads, backend=self.scan_backend)
         if self.checkpoint_gate_looped_attn:
             fn = jax.checkpoint(fn)
-        y, h_last = fn(q, k, v, a, cache)
+        y, h_last = fn(q, k, v, *gates, cache)
 
         out = y.reshape(b, n, -1)  # (b, n, I)
         if self.sub_ln is not None:
