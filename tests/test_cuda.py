@@ -233,19 +233,27 @@ def test_fused_mixer_matches_float64_composition(B, N, H, dtype, recompute):
     h0 = torch.randn(B, H, 1, 1, generator=g, dtype=torch.complex128)
     leaves = [qkv.to(dtype).cuda().requires_grad_(), z.to(dtype).cuda().requires_grad_(),
               h0.to(torch.complex64).cuda().requires_grad_()]
-    y, last = gate_loop_mixer(*leaves, heads=H, frac_gradient=0.9, recompute=recompute)
+    errors = mixer_errors(leaves, lambda *t: gate_loop_mixer(*t, heads=H, frac_gradient=0.9, recompute=recompute),
+                          lambda *t: gate_loop_mixer(*t, heads=H, frac_gradient=0.9, backend="loop"), g)
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    assert max(errors.values()) < tol, errors
+
+
+def mixer_errors(leaves, mixer, reference, g):
+    """Relative errors of mixer(qkv, z, h0) on the GPU against reference(...) on float64/complex128
+    CPU copies of the same leaves: y, h_last and the gradients of a random linear loss."""
+    y, last = mixer(*leaves)
     wide = [t.detach().cpu().to(torch.complex128 if t.is_complex() else torch.float64).requires_grad_()
             for t in leaves]
-    y_ref, last_ref = gate_loop_mixer(*wide, heads=H, frac_gradient=0.9, backend="loop")
+    y_ref, last_ref = reference(*wide)
     cy = torch.randn(y_ref.shape, generator=g, dtype=torch.float64)
     cl = torch.randn(last_ref.shape, generator=g, dtype=torch.complex128)
-    loss = lambda y, hl: (y * cy.to(y).to(y.dtype)).sum() + (hl * cl.to(hl.device, hl.dtype).conj()).real.sum()
+    loss = lambda y, hl: (y * cy.to(y)).sum() + (hl * cl.to(hl.device, hl.dtype).conj()).real.sum()
     grads = torch.autograd.grad(loss(y, last), leaves)
     refs = torch.autograd.grad(loss(y_ref, last_ref), wide)
-    tol = 2e-5 if dtype == torch.float32 else 2e-2
     errors = {"y": rel(y, y_ref), "h_last": rel(last, last_ref)}
     errors.update({n: rel(a, b) for n, a, b in zip(("qkv", "z", "h0"), grads, refs)})
-    assert max(errors.values()) < tol, errors
+    return errors
 
 
 @hopper
@@ -302,18 +310,9 @@ def test_chunked_mixer_matches_float64_materialized(B, N, H, D, dtype):
     h0 = torch.randn(B, H, D, D, generator=g, dtype=torch.complex128)
     leaves = [qkv.to(dtype).cuda().requires_grad_(), z.float().cuda().requires_grad_(),
               h0.to(torch.complex64).cuda().requires_grad_()]
-    y, last = gate_loop_mixer(*leaves, heads=H, frac_gradient=0.9)
-    wide = [t.detach().cpu().to(torch.complex128 if t.is_complex() else torch.float64).requires_grad_()
-            for t in leaves]
-    y_ref, last_ref = _composed(*wide, H, 0.9, False, False, False, "torch", materialize=True)
-    cy = torch.randn(y_ref.shape, generator=g, dtype=torch.float64)
-    cl = torch.randn(last_ref.shape, generator=g, dtype=torch.complex128)
-    loss = lambda y, hl: (y * cy.to(y)).sum() + (hl * cl.to(hl.device, hl.dtype).conj()).real.sum()
-    grads = torch.autograd.grad(loss(y, last), leaves)
-    refs = torch.autograd.grad(loss(y_ref, last_ref), wide)
+    errors = mixer_errors(leaves, lambda *t: gate_loop_mixer(*t, heads=H, frac_gradient=0.9),
+                          lambda *t: _composed(*t, H, 0.9, False, False, False, "torch", materialize=True), g)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
-    errors = {"y": rel(y, y_ref), "h_last": rel(last, last_ref)}
-    errors.update({n: rel(a, b) for n, a, b in zip(("qkv", "z", "h0"), grads, refs)})
     assert max(errors.values()) < tol, errors
 
 
