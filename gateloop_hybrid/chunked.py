@@ -23,6 +23,7 @@ O(C^2 + d e) per head, against O(C d e) for the states of the materialized scan.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -32,6 +33,7 @@ from torch import Tensor
 from .scan import gate_loop_scan
 
 CHUNK = 64
+LOG_GATE_FLOOR = -math.log(2)   # log_gates' magnitudes are sigmoid(|z|) >= 1/2
 
 
 def gate_preactivation(z: Tensor, frac_gradient: float = 1.0, ablate_complex: bool = False) -> Tensor:
@@ -56,8 +58,8 @@ def log_gates(z: Tensor, frac_gradient: float = 1.0, ablate_complex: bool = Fals
 
 
 def chunked_heads(q: Tensor, k: Tensor, v: Tensor, log_mag: Tensor, phase: Tensor,
-                  h0: Optional[Tensor] = None, *, chunk: int = CHUNK,
-                  backend: str = "auto") -> tuple[Tensor, Tensor]:
+                  h0: Optional[Tensor] = None, *, chunk: int = CHUNK, backend: str = "auto",
+                  min_log_gate: Optional[float] = None) -> tuple[Tensor, Tensor]:
     """y_t = q_t . Re(h_t) with h_t = a_t h_{t-1} + k_t v_t^T, a_t = exp(log_mag_t + i phase_t).
 
     Args:
@@ -67,6 +69,10 @@ def chunked_heads(q: Tensor, k: Tensor, v: Tensor, log_mag: Tensor, phase: Tenso
         h0: (b, h, d, d) complex state to continue from, or None.
         chunk: the chunk length C (the last chunk is padded with a = 1, k = v = 0).
         backend: the ``gate_loop_scan`` backend for the recurrence across chunks.
+        min_log_gate: a lower bound on log_mag that the caller guarantees (the layer's gates,
+            sigmoid(|z|), have log|a| >= log 1/2). Where it keeps the decays of a chunk inside
+            q's dtype range, the decay-weighted scores are one matrix product of factored
+            operands; otherwise they are formed from differences L_t - L_s.
 
     Returns:
         y (b, n, h, d) in q's dtype and the final state (b, h, d, d), complex64 (complex128 for
@@ -88,13 +94,7 @@ def chunked_heads(q: Tensor, k: Tensor, v: Tensor, log_mag: Tensor, phase: Tenso
         L = blocks(log_mag.to(real)).cumsum(-1)           # (b, c, h, C), relative to the chunk start
         T = blocks(phase.to(real)).cumsum(-1)
 
-        # inside a chunk: (q k^T) weighted by Re(A_t / A_s) on s <= t, times v
-        causal = torch.ones(size, size, dtype=torch.bool, device=q.device).tril()
-        diff = L.unsqueeze(-1) - L.unsqueeze(-2)          # (b, c, h, C, C): L_t - L_s
-        decay = torch.exp(diff.masked_fill(~causal, float("-inf")))
-        weight = decay * torch.cos(T.unsqueeze(-1) - T.unsqueeze(-2))
-        scores = (qb @ kb.transpose(-1, -2)).to(real) * weight
-        y = scores.to(q.dtype) @ vb                       # (b, c, h, C, d)
+        y = _within_chunks(qb, kb, vb, L, T, factor=_factors(min_log_gate, size, q.dtype))
 
         # each chunk's own contribution to the state at its end, sum_s (A_C / A_s) k_s v_s^T, as
         # one product whose columns interleave real and imaginary parts: a complex view, no copy
@@ -114,8 +114,44 @@ def chunked_heads(q: Tensor, k: Tensor, v: Tensor, log_mag: Tensor, phase: Tenso
         q_ri = (qb @ before.to(q.dtype).flatten(-2)).to(real).unflatten(-1, (d, 2))   # (b, c, h, C, d, 2)
         from_start = torch.exp(L).unsqueeze(-1)           # |A_t| relative to the chunk start
         carried = from_start * (torch.cos(T).unsqueeze(-1) * q_ri[..., 0] - torch.sin(T).unsqueeze(-1) * q_ri[..., 1])
-        y = (y.to(real) + carried).to(q.dtype)
+        y = (y + carried).to(q.dtype)
 
     y = y.movedim(3, 2).flatten(1, 2)                     # (b, c C, h, d)
     return y[:, :n], h_last
+
+
+def _factors(min_log_gate: Optional[float], size: int, dtype: torch.dtype) -> bool:
+    """Whether the factored scores are safe: operands scaled by up to exp(R / 2), R = the chunk's
+    range of L, and masked products up to exp(R), stay well inside dtype's range."""
+    if min_log_gate is None or not math.isfinite(min_log_gate):
+        return False
+    half_range = (size - 1) * max(0.0, -min_log_gate) / 2
+    return half_range <= math.log(torch.finfo(dtype).max) / 3
+
+
+def _within_chunks(qb: Tensor, kb: Tensor, vb: Tensor, L: Tensor, T: Tensor, factor: bool) -> Tensor:
+    """sum_{s<=t in the chunk} Re(A_t / A_s) (q_t . k_s) v_s, with L and T relative to the chunk start.
+
+    Re(A_t / A_s) = exp(L_t - L_s) (cos T_t cos T_s + sin T_t sin T_s). Factored, each side carries
+    its half of the decay measured from the chunk's centre M, q_t exp(L_t - M) (cos T_t, sin T_t)
+    and k_s exp(M - L_s) (cos T_s, sin T_s), and the scores are one product over 2 d: no (C, C)
+    decay tensor. Otherwise the decays are formed from differences, exp(L_t - L_s) cos(T_t - T_s),
+    which never overflow for |a| <= 1 whatever the gates.
+    """
+    real = L.dtype
+    size = L.shape[-1]
+    if factor:
+        centre = ((L[..., :1] + L[..., -1:]) / 2).detach()   # y does not depend on it: a constant
+        cos_t, sin_t = torch.cos(T), torch.sin(T)
+        up, down = torch.exp(L - centre), torch.exp(centre - L)
+        q2 = torch.cat([qb * (up * cos_t).unsqueeze(-1), qb * (up * sin_t).unsqueeze(-1)], -1).to(qb.dtype)
+        k2 = torch.cat([kb * (down * cos_t).unsqueeze(-1), kb * (down * sin_t).unsqueeze(-1)], -1).to(qb.dtype)
+        scores = (q2 @ k2.transpose(-1, -2)).tril()       # (b, c, h, C, C); above the diagonal discarded
+        return (scores @ vb).to(real)
+    causal = torch.ones(size, size, dtype=torch.bool, device=L.device).tril()
+    diff = L.unsqueeze(-1) - L.unsqueeze(-2)              # (b, c, h, C, C): L_t - L_s
+    decay = torch.exp(diff.masked_fill(~causal, float("-inf")))
+    weight = decay * torch.cos(T.unsqueeze(-1) - T.unsqueeze(-2))
+    scores = (qb @ kb.transpose(-1, -2)).to(real) * weight
+    return (scores.to(qb.dtype) @ vb).to(real)
 
