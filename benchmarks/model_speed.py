@@ -52,6 +52,8 @@ def model_kwargs(kind: str, dim: int, depth: int, args) -> dict:
         kw.update(use_gate_looped_attn=True, checkpoint_gate_looped_attn=args.recompute)
         if args.gate_loop_heads is not None:
             kw.update(gate_loop_heads=args.gate_loop_heads)
+        if args.scan_backend != "auto" and not kind.startswith("seed-"):
+            kw.update(scan_backend=args.scan_backend)
     return kw
 
 
@@ -97,6 +99,8 @@ def run_case(kind, mode, dim, depth, seq, args, device) -> dict:
                precision="bf16" if bf16 else "fp32")
     if kind.endswith("gateloop"):
         row.update(recompute=args.recompute, heads=args.gate_loop_heads or dim)
+        if args.scan_backend != "auto":
+            row.update(scan_backend=args.scan_backend)
     if kind == "seed-gateloop" and bf16:
         row["error"] = "not run: its complex gates fail under bf16 autocast (view_as_complex on bf16)"
         return row
@@ -150,7 +154,8 @@ def run_case(kind, mode, dim, depth, seq, args, device) -> dict:
 
 def format_row(r: dict) -> str:
     wide = f" {r['heads']}h" if r.get("heads", r["dim"]) != r["dim"] else ""
-    name = f"{r['model']}{wide}{'' if r.get('recompute', True) else ' (store)'} [{r['mode']}]"
+    backend = f" ({r['scan_backend']} scan)" if "scan_backend" in r else ""
+    name = f"{r['model']}{wide}{backend}{'' if r.get('recompute', True) else ' (store)'} [{r['mode']}]"
     cfg = f"{r['dim']}x{r['depth']} seq {r['seq']} b{r['batch']} {r['precision']}"
     if "error" in r:
         return f"{name:>30} {cfg:>26}  {r['error']}"
@@ -226,6 +231,8 @@ def main(argv=None):
     p.add_argument("--gate-loop-heads", type=int, default=None,
                    help="GateLoop heads (default: dim, one feature per head); fewer heads are wider: "
                         "dim / heads features each, on the chunked form")
+    p.add_argument("--scan-backend", default="auto",
+                   help="GateLoop's scan_backend (auto, jax: through the XLA bridge, pallas, torch, ...)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--json", help="write the rows and the environment here")

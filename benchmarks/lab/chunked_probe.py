@@ -98,7 +98,7 @@ def main(argv=None):
                         for _ in range(3):
                             step()
                         torch.cuda.synchronize(device)
-                    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70))
+                    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=160))
             except torch.OutOfMemoryError:
                 lines.append(f"{shape:>16} {form:>16} {'out of memory':>11}")
                 print(lines[-1], flush=True)
