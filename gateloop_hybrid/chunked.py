@@ -102,13 +102,19 @@ def chunked_heads(q: Tensor, k: Tensor, v: Tensor, log_mag: Tensor, phase: Tenso
         to_end_arg = T[..., -1:] - T
         to_end = torch.stack([to_end_mag * torch.cos(to_end_arg), to_end_mag * torch.sin(to_end_arg)], -1)
         v_ri = (vb.unsqueeze(-1) * to_end.unsqueeze(-2)).to(q.dtype).flatten(-2)   # (b, c, h, C, 2d)
-        own = torch.view_as_complex((kb.transpose(-1, -2) @ v_ri).to(real).unflatten(-1, (d, 2)))
-        gate = torch.polar(torch.exp(L[..., -1]), T[..., -1])   # (b, c, h)
+        gate = torch.polar(torch.exp(L[..., -1]), T[..., -1])   # (b, c, h): A_C of each chunk
 
-        # across chunks: S_j = gate_j S_{j-1} + own_j
-        states, h_last = gate_loop_scan(gate[..., None, None], own, h0, backend=backend)  # (b, c, h, d, d)
-        first = torch.zeros_like(states[:, :1]) if h0 is None else h0.unsqueeze(1).to(states.dtype)
-        before = torch.view_as_real(torch.cat([first, states[:, :-1]], dim=1))   # S_{j-1}: (b, c, h, d, d, 2)
+        def own(k_blocks, v_blocks):                      # -> (..., d, d) complex
+            return torch.view_as_complex((k_blocks.transpose(-1, -2) @ v_blocks).to(real).unflatten(-1, (d, 2)))
+
+        # across chunks, the state at each chunk's start, S_{j-1} = gate_{j-1} S_{j-2} + own_{j-1}:
+        # the scan takes the previous chunk's gate and contribution (shifted k and v, not states)
+        shifted = lambda t: F.pad(t, (0, 0) * (t.dim() - 2) + (1, 0))[:, :c]   # chunk j gets j - 1's
+        gate_before = torch.cat([torch.ones_like(gate[:, :1]), gate[:, :-1]], 1)   # the first starts at h0
+        before, last_before = gate_loop_scan(gate_before[..., None, None], own(shifted(kb), shifted(v_ri)), h0,
+                                             backend=backend)   # (b, c, h, d, d)
+        h_last = gate[:, -1, :, None, None] * last_before + own(kb[:, -1], v_ri[:, -1])
+        before = torch.view_as_real(before)               # (b, c, h, d, d, 2)
 
         # the carried state's part: Re(A_t q_t^T S_{j-1}), one product over interleaved parts
         q_ri = (qb @ before.to(q.dtype).flatten(-2)).to(real).unflatten(-1, (d, 2))   # (b, c, h, C, d, 2)
