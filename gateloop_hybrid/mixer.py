@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .chunked import LOG_GATE_FLOOR, chunked_heads, gate_preactivation, log_gates
+from .chunked import chunked_heads, gate_preactivation, log_gates
 from .scan import gate_loop_scan, jax_available, mosaic_available
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -199,4 +199,4 @@ def _composed(qkv, z, h0, heads, frac, ablate_complex, ablate_state_transition, 
 
 
 def _heads_chunked(q, k, v, log_mag, phase, h0, backend):
-    return chunked_heads(q, k, v, log_mag, phase, h0, backend=backend, min_log_gate=LOG_GATE_FLOOR)
+    return chunked_heads(q, k, v, log_mag, phase, h0, backend=backend)

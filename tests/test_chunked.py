@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gateloop_hybrid import GateLoopedAttention, gate_loop_mixer
-from gateloop_hybrid.chunked import LOG_GATE_FLOOR, _factors, chunked_heads
+from gateloop_hybrid.chunked import chunked_heads
 from gateloop_hybrid.mixer import _composed, _heads_scan
 
 
@@ -16,9 +16,7 @@ def rel(got, want):
     if got is None or want is None:     # an input that does not reach the output (an ablation)
         return 0.0 if got is None and want is None else math.inf
     got, want = got.detach(), want.detach()
-    # a floor for gradients that are exactly zero in the reference (a gate that no output sees):
-    # the factored form leaves rounding noise there; every other quantity here is O(1)
-    return float((got - want).abs().norm() / want.abs().norm().clamp_min(1e-6))
+    return float((got - want).abs().norm() / want.abs().norm().clamp_min(1e-300))
 
 
 def inputs(b, n, h, d, dtype=torch.float64, seed=0, with_h0=True):
@@ -45,8 +43,7 @@ def values_and_grads(fn, leaves, seed=1):
 @pytest.mark.parametrize("b,n,h,d,chunk", [(2, 77, 3, 4, 16), (1, 5, 2, 3, 64), (2, 64, 2, 2, 64), (2, 1, 2, 3, 64),
                                            (1, 33, 1, 5, 1), (3, 130, 2, 2, 7)])
 @pytest.mark.parametrize("with_h0", [True, False])
-@pytest.mark.parametrize("min_log_gate", [None, LOG_GATE_FLOOR], ids=["differences", "factored"])
-def test_chunked_equals_the_materialized_scan_in_float64(b, n, h, d, chunk, with_h0, min_log_gate):
+def test_chunked_equals_the_materialized_scan_in_float64(b, n, h, d, chunk, with_h0):
     qkv, z, h0 = inputs(b, n, h, d, with_h0=with_h0)
     leaves = [qkv, z, h0]
     want = values_and_grads(lambda: _composed(qkv, z, h0, h, 0.9, False, False, False, "loop", materialize=True),
@@ -56,8 +53,7 @@ def test_chunked_equals_the_materialized_scan_in_float64(b, n, h, d, chunk, with
         q, k, v = (t.unflatten(-1, (h, -1)) for t in qkv.chunk(3, dim=-1))
         from gateloop_hybrid.chunked import log_gates
         log_mag, phase = log_gates(z.reshape(b, n, h, 2), 0.9)
-        y, h_last = chunked_heads(q, k, v, log_mag, phase, h0, chunk=chunk, backend="torch",
-                                  min_log_gate=min_log_gate)
+        y, h_last = chunked_heads(q, k, v, log_mag, phase, h0, chunk=chunk, backend="torch")
         return y.flatten(-2), h_last
     got = values_and_grads(chunked, leaves)
     for name, g, w in zip(["y", "h_last", "d qkv", "d z", "d h0"], got, want):
@@ -108,12 +104,9 @@ def _long_case(log_mag_range, n=4096, h=2, d=4, seed=0):
 
 @pytest.mark.parametrize("log_mag_range", [(-1e-4, 0.0), (math.log(1e-3), math.log(0.05)),
                                            (math.log(0.5), 0.0)], ids=["near-1", "near-0", "layer-range"])
-@pytest.mark.parametrize("bound", [False, True], ids=["no-bound", "bound-given"])
-def test_float32_at_4096_steps(log_mag_range, bound):
+def test_float32_at_4096_steps(log_mag_range):
     """Gates near 1 (the state carries across the whole sequence), near 0, and in the layer's range
-    [0.5, 1), with phases up to pi: float32 against the float64 materialized scan. Given the
-    gates' lower bound, chunks whose decays fit take the factored scores (near 1, layer range), the
-    others keep the differences (near 0)."""
+    [0.5, 1), with phases up to pi: float32 against the float64 materialized scan."""
     q, k, v, log_mag, phase, h0 = _long_case(log_mag_range)
     leaves64 = [t.clone().requires_grad_() for t in (q, k, v, log_mag, phase, h0)]
     leaves32 = [t.detach().to(torch.complex64 if t.is_complex() else torch.float32).requires_grad_()
@@ -124,9 +117,7 @@ def test_float32_at_4096_steps(log_mag_range, bound):
         a = torch.polar(lm.exp(), ph)[..., None, None]
         return _heads_scan(q_, k_, v_, a, s0, "torch")
     want = values_and_grads(materialized, leaves64)
-    floor = log_mag_range[0] if bound else None
-    assert _factors(floor, 64, torch.float32) == (bound and log_mag_range[0] >= math.log(0.5))
-    got = values_and_grads(lambda: chunked_heads(*leaves32, backend="torch", min_log_gate=floor), leaves32)
+    got = values_and_grads(lambda: chunked_heads(*leaves32, backend="torch"), leaves32)
     for name, g, w in zip(["y", "h_last", "dq", "dk", "dv", "d log|a|", "d arg a", "d h0"], got, want):
         assert g.dtype == (torch.complex64 if w.is_complex() else torch.float32), name
         assert torch.isfinite(torch.view_as_real(g) if g.is_complex() else g).all(), name
