@@ -122,6 +122,17 @@ def test_step_profile_runs_on_cpu():
         assert float(row[2]) > 0 and float(row[4]) > 0 and row[5].endswith("%")
 
 
+def test_compile_grads_runs_on_cpu():
+    """benchmarks/lab/compile_grads.py: eager and compiled gradients of wide heads (the chunked
+    form) agree on a CPU (a row with a relative error, not an exception)."""
+    cmd = [sys.executable, str(SCRIPT.parent / "lab" / "compile_grads.py"), "--device", "cpu", "--dim", "16",
+           "--depth", "1", "--seq", "20", "--heads", "2", "--backends", "torch", "--modes", "default"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [ln.split() for ln in proc.stdout.splitlines() if ln.split()[:2] == ["2", "torch"]]
+    assert len(rows) == 1 and float(rows[0][6]) < 1e-4, rows
+
+
 def test_model_speed_runs_on_cpu(tmp_path):
     """benchmarks/model_speed.py: every model that is installed steps in each mode asked for, with
     tokens/s, the GateLoop/attention ratio, and its JSON."""
