@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 _TORCH_API = {
     "gate_loop_scan": ".scan",
     "gate_loop_mixer": ".mixer",
+    "simple_gate_loop_mixer": ".mixer",
     "Transformer": ".transformer",
     "GateLoopedAttention": ".gate_loop",
     "SimpleGateLoopLayer": ".gate_loop",
@@ -29,7 +30,7 @@ __all__ = list(_TORCH_API)
 if TYPE_CHECKING:
     from .attention import CausalFullAttention  # noqa: F401
     from .gate_loop import GateLoopedAttention, SimpleGateLoopLayer  # noqa: F401
-    from .mixer import gate_loop_mixer  # noqa: F401
+    from .mixer import gate_loop_mixer, simple_gate_loop_mixer  # noqa: F401
     from .norms import RMSNorm  # noqa: F401
     from .scan import gate_loop_scan  # noqa: F401
     from .transformer import Transformer  # noqa: F401

@@ -14,8 +14,8 @@ from einops.layers.torch import Rearrange
 from torch import Tensor, nn
 
 from .norms import RMSNorm, check_features, check_sizes
-from .mixer import gate_loop_mixer
-from .scan import BACKENDS, gate_loop_scan
+from .mixer import gate_loop_mixer, simple_gate_loop_mixer
+from .scan import BACKENDS
 
 
 def _check_backend(scan_backend: str) -> str:
@@ -240,11 +240,10 @@ class SimpleGateLoopLayer(nn.Module):
             if cache.device != x.device:
                 raise ValueError(f"SimpleGateLoopLayer: cache is on {cache.device}, x on {x.device}")
         x = self.norm(x)
-        q, kv, a = self.to_qkva(x)  # each (b, n, D)
-        h, h_last = gate_loop_scan(
-            a.sigmoid(), kv, cache, reverse=self.reverse, backend=self.scan_backend
-        )
-        out = self.maybe_post_ln(q * h)
+        # to_qkva's Linear alone: q, kv and the gates' pre-activations side by side, (b, n, 3 D)
+        y, h_last = simple_gate_loop_mixer(self.to_qkva[0](x), cache, reverse=self.reverse,
+                                           backend=self.scan_backend)
+        out = self.maybe_post_ln(y)
         if not return_cache:
             return out
         return out, h_last

@@ -12,10 +12,13 @@ Linear layers wrote them (mosaic_mixer.py): the gates and the complex state neve
 except the states that backward reads when it does not recompute them. Elsewhere with d = 1 it is
 the composition of torch ops around ``gate_loop_scan``; with d > 1 it is the chunked form
 (chunked.py), which never forms a (d, e) state per token.
+
+simple_gate_loop_mixer is SimpleGateLoopLayer's: one real gate per feature, fused the same way.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -24,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .chunked import chunked_heads, gate_preactivation, log_gates
 from .scan import gate_loop_scan, jax_available, mosaic_available
+from .scan.dispatch import _warn_once, isolated
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -77,6 +81,64 @@ def gate_loop_mixer(
             return y, h_last.view(b, heads, 1, 1)
     return _composed(qkv, z, h0, heads, frac_gradient, ablate_complex, ablate_state_transition,
                      recompute, backend)
+
+
+def simple_gate_loop_mixer(
+    qkva: Tensor,
+    h0: Optional[Tensor] = None,
+    *,
+    reverse: bool = False,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """SimpleGateLoopLayer's mixer, per feature and real: a = sigmoid(za), h_t = a_t h_{t-1} + kv_t,
+    y_t = q_t h_t.
+
+    Args:
+        qkva: (b, n, 3 D), q, kv and the gate pre-activation za side by side (one Linear's output).
+        h0: (b, D) real state to continue from (a cache), or None.
+        reverse: run the recurrence from the last position to the first.
+        backend: the ``gate_loop_scan`` backend; "auto" and "pallas" take one fused forward and one
+            backward Mosaic GPU kernel where they run (CUDA, Hopper or newer, D a multiple of 128,
+            16- or 32-bit inputs, not reversed).
+
+    Returns:
+        y (b, n, D) and the final state (b, D), both in the dtype ``gate_loop_scan`` gives the
+        composition (qkva's, promoted with h0's). Differentiable in qkva and h0; the fused kernels
+        once only (a second derivative raises).
+    """
+    _check_simple(qkva, h0)
+    out_dtype = qkva.dtype if h0 is None else torch.promote_types(qkva.dtype, h0.dtype)
+    fused = (not reverse and backend in ("auto", "pallas") and qkva.is_cuda and out_dtype != torch.float64
+             and _simple_fused_runs_on(qkva.device.type, qkva.device.index))
+    if fused:
+        run = _simple_fused_untraced if torch.compiler.is_compiling() else _simple_fused
+        out = run(qkva) if h0 is None else run(qkva, h0)
+        if out is not None:
+            y, h_last = out
+            return y.to(out_dtype), h_last.to(out_dtype)
+    q, kv, za = qkva.chunk(3, dim=-1)
+    h, h_last = gate_loop_scan(za.sigmoid(), kv, h0, reverse=reverse, backend=backend)
+    return q * h, h_last
+
+
+def _check_simple(qkva, h0) -> None:
+    if not isinstance(qkva, Tensor):
+        raise TypeError(f"simple_gate_loop_mixer: qkva must be a torch.Tensor, got {type(qkva).__name__}")
+    if qkva.dtype not in _DTYPES:
+        raise TypeError(f"simple_gate_loop_mixer: qkva has dtype {qkva.dtype}; expected float16, bfloat16, "
+                        "float32 or float64")
+    if qkva.dim() != 3 or qkva.shape[-1] % 3 or qkva.shape[1] == 0:
+        raise ValueError(f"simple_gate_loop_mixer: qkva must be (batch, time >= 1, 3 * dim), got shape "
+                         f"{tuple(qkva.shape)}")
+    if h0 is not None:
+        b, dim = qkva.shape[0], qkva.shape[2] // 3
+        if not isinstance(h0, Tensor) or h0.dtype not in _DTYPES:
+            raise TypeError(f"simple_gate_loop_mixer: h0 must be a real float tensor (the state), got "
+                            f"{getattr(h0, 'dtype', type(h0).__name__)}")
+        if tuple(h0.shape) != (b, dim):
+            raise ValueError(f"simple_gate_loop_mixer: h0 must be (batch, dim) = {(b, dim)}, got {tuple(h0.shape)}")
+        if h0.device != qkva.device:
+            raise ValueError(f"simple_gate_loop_mixer: h0 is on {h0.device}, qkva on {qkva.device}")
 
 
 def _check(qkv, z, h0, heads) -> int:
@@ -148,6 +210,59 @@ def _untraced(fn):
 
 
 _fused_untraced = _untraced(_fused)
+
+
+@_assume_constant
+def _simple_fused_runs_on(device_type: str, index) -> bool:
+    return _simple_fused_runs(torch.device(device_type, index))
+
+
+@functools.cache
+def _simple_fused_runs(device: torch.device) -> bool:
+    """Whether the real-gate kernels run on ``device``: the Mosaic GPU kernels do, and these pass a
+    self-test there (once per device; a failure warns once and the composition takes over)."""
+    if not (jax_available() and mosaic_available(device)):
+        return False
+    problem = isolated(_simple_mixer_self_test, device)
+    if problem:
+        _warn_once(f"simple-mixer-{device}", f"simple_gate_loop_mixer: the fused kernels failed their "
+                   f"self-test on {device} ({problem}); SimpleGateLoopLayer uses gate_loop_scan instead.")
+    return not problem
+
+
+def _simple_mixer_self_test(device) -> Optional[str]:
+    """None if the real-gate kernels match the float64 composition on a small odd-length case with
+    h0 on ``device`` (values and gradients), else what went wrong."""
+    try:
+        from .scan.mosaic_op import try_simple_mixer_mosaic
+        g = torch.Generator().manual_seed(0)
+        qkva = torch.randn(2, 37, 3 * 128, generator=g)
+        h0 = torch.randn(2, 128, generator=g)
+        with torch.enable_grad():      # the first call may come under no_grad
+            leaves = [t.to(device).requires_grad_() for t in (qkva, h0)]
+            y, h_last = try_simple_mixer_mosaic(*leaves)
+            grads = torch.autograd.grad(y.square().sum() + h_last.sum(), leaves)
+            wide = [t.detach().cpu().double().requires_grad_() for t in leaves]
+            q, kv, za = wide[0].chunk(3, dim=-1)
+            h, last = gate_loop_scan(za.sigmoid(), kv, wide[1], backend="loop")
+            y_ref = q * h
+            refs = torch.autograd.grad(y_ref.square().sum() + last.sum(), wide)
+        for got, want in zip((y, h_last, *grads), (y_ref, last, *refs)):
+            if not torch.allclose(got.detach().cpu().double(), want, rtol=1e-4, atol=1e-4):
+                return "results differ from the float64 composition"
+    except Exception as e:     # any failure to compile or run means: do not pick it
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    return None
+
+
+def _simple_fused(qkva, h0=None):
+    if torch._C._are_functorch_transforms_active():
+        return None
+    from .scan.mosaic_op import try_simple_mixer_mosaic
+    return try_simple_mixer_mosaic(qkva, h0)
+
+
+_simple_fused_untraced = _untraced(_simple_fused)
 
 
 def gates(z: Tensor, frac_gradient: float = 1.0, ablate_complex: bool = False,

@@ -239,6 +239,57 @@ def test_fused_mixer_matches_float64_composition(B, N, H, dtype, recompute):
     assert max(errors.values()) < tol, errors
 
 
+@hopper
+@pytest.mark.parametrize("B,N,D,dtype", [
+    (2, 1000, 256, torch.float32),
+    (1, 3001, 128, torch.float32),     # cut into time chunks
+    (2, 777, 128, torch.bfloat16),
+])
+def test_simple_mixer_fused_matches_float64_composition(B, N, D, dtype):
+    """SimpleGateLoopLayer's real-gate kernels (auto takes them on CUDA) against the float64
+    composition on the CPU: y, h_last and the gradients of qkva and h0."""
+    from gateloop_hybrid.mixer import simple_gate_loop_mixer
+    from gateloop_hybrid.scan import mosaic_op
+    g = torch.Generator().manual_seed(0)
+    qkva = 2 * torch.randn(B, N, 3 * D, generator=g, dtype=torch.float64)
+    h0 = torch.randn(B, D, generator=g, dtype=torch.float64)
+    leaves = [qkva.to(dtype).cuda().requires_grad_(), h0.to(dtype).cuda().requires_grad_()]
+    plans = len(mosaic_op._SIMPLE_PLANS)
+    y, last = simple_gate_loop_mixer(*leaves)
+    assert len(mosaic_op._SIMPLE_PLANS) == plans + 1 and y.dtype == last.dtype == dtype   # the fused path
+    wide = [t.detach().cpu().double().requires_grad_() for t in leaves]
+    y_ref, last_ref = simple_gate_loop_mixer(*wide, backend="loop")
+    cy = torch.randn(y_ref.shape, generator=g, dtype=torch.float64)
+    cl = torch.randn(last_ref.shape, generator=g, dtype=torch.float64)
+    loss = lambda y, hl: (y * cy.to(y)).sum() + (hl * cl.to(hl)).sum()
+    grads = torch.autograd.grad(loss(y, last), leaves)
+    refs = torch.autograd.grad(loss(y_ref, last_ref), wide)
+    errors = {"y": rel(y, y_ref), "h_last": rel(last, last_ref), "qkva": rel(grads[0], refs[0]),
+              "h0": rel(grads[1], refs[1])}
+    assert max(errors.values()) < (2e-5 if dtype == torch.float32 else 2e-2), errors
+
+
+@hopper
+def test_simple_layer_fused_compiles_and_captures():
+    """SimpleGateLoopLayer(256) on the fused kernels: eager against torch.compile(fullgraph=True,
+    mode='reduce-overhead'), output and every gradient, third replay."""
+    from gateloop_hybrid import SimpleGateLoopLayer
+    torch.manual_seed(0)
+    layer = SimpleGateLoopLayer(256).cuda()
+    x = torch.randn(2, 301, 256, device="cuda")
+    compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+    results = {}
+    for name, fn in (("eager", layer), ("graphs", compiled)):
+        for _ in range(3):
+            torch.compiler.cudagraph_mark_step_begin()
+            out = fn(x)
+            grads = torch.autograd.grad(out.square().sum(), list(layer.parameters()))
+        results[name] = (out.detach().clone(), [g.clone() for g in grads])
+    assert rel(results["eager"][0], results["graphs"][0]) < 1e-5
+    for a, b in zip(results["eager"][1], results["graphs"][1]):
+        assert rel(a, b) < 1e-4
+
+
 def mixer_errors(leaves, mixer, reference, g):
     """Relative errors of mixer(qkv, z, h0) on the GPU against reference(...) on float64/complex128
     CPU copies of the same leaves: y, h_last and the gradients of a random linear loss."""

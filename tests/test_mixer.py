@@ -139,3 +139,105 @@ def test_mixer_argument_errors(kwargs, match):
     args.update(kwargs)
     with pytest.raises((ValueError, TypeError), match=match):
         gate_loop_mixer(args.pop("qkv"), args.pop("z"), args.pop("h0"), **args)
+
+
+# ---------------------------------------------------------------------------------------------
+# SimpleGateLoopLayer's mixer: real gates a = sigmoid(za), y = q h
+
+
+def compare_simple(B, N, D, h0=True, recompute=False, dtype=torch.float32, tol=2e-5, seed=0):
+    """The real-gate kernels (inputs in dtype) against the float64 composition: y, h_last, dqkva, dh0."""
+    pytest.importorskip("jax")
+    pytest.importorskip("absl")
+    from gateloop_hybrid.mixer import simple_gate_loop_mixer
+    from gateloop_hybrid.scan import mosaic_op
+
+    g = torch.Generator().manual_seed(seed)
+    qkva = 2 * torch.randn(B, N, 3 * D, generator=g, dtype=torch.float64)
+    state = torch.randn(B, D, generator=g, dtype=torch.float64) if h0 else None
+    leaves = [qkva.to(dtype).requires_grad_()] + ([state.float().requires_grad_()] if h0 else [])
+    y, h_last = mosaic_op.try_simple_mixer_mosaic(*leaves, *([None] if not h0 else []), recompute=recompute)
+    wide = [t.detach().double().requires_grad_() for t in leaves]
+    y_ref, last_ref = simple_gate_loop_mixer(*wide, backend="loop")
+    assert y.dtype == dtype and y.shape == y_ref.shape and h_last.dtype == torch.float32
+    cy = torch.randn(y_ref.shape, generator=g, dtype=torch.float64)
+    cl = torch.randn(last_ref.shape, generator=g, dtype=torch.float64)
+    loss = lambda y, hl: (y * cy.to(y.dtype)).sum() + (hl * cl.to(hl.dtype)).sum()
+    grads = torch.autograd.grad(loss(y, h_last), leaves)
+    refs = torch.autograd.grad(loss(y_ref, last_ref), wide)
+    rel = lambda got, want: ((got.detach().double() - want).norm() / want.norm()).item()
+    errors = {"y": rel(y, y_ref), "h_last": rel(h_last, last_ref)}
+    for name, got, want, leaf in zip(("qkva", "h0"), grads, refs, leaves):
+        assert got.shape == leaf.shape and got.dtype == leaf.dtype, name
+        errors[name] = rel(got, want)
+    assert max(errors.values()) < tol, errors
+    return errors
+
+
+@pytest.mark.parametrize("h0,recompute", [(True, False), (False, True)])
+def test_real_gate_kernels_match_the_composition(h0, recompute):
+    """Odd length, with and without h0, states stored or recomputed."""
+    compare_simple(2, 13, H, h0=h0, recompute=recompute)
+
+
+def test_real_gate_kernels_cut_into_time_chunks(monkeypatch):
+    from gateloop_hybrid.scan import mosaic_scan
+    monkeypatch.setattr(mosaic_scan, "choose_walk", lambda B, N, F, cplx, sms, backward: (3, 4))
+    compare_simple(1, 29, H, seed=2)
+
+
+def test_real_gate_kernels_take_bfloat16():
+    errors = compare_simple(1, 17, H, dtype=torch.bfloat16, tol=3e-2, seed=3)
+    assert errors["h_last"] < 1e-5       # the state is float32: only the inputs are rounded
+
+
+def test_simple_mixer_is_the_seed_layers_math():
+    """y = q h with h_t = sigmoid(za_t) h_{t-1} + kv_t, step by step, with a cache and reversed."""
+    from gateloop_hybrid.mixer import simple_gate_loop_mixer
+    g = torch.Generator().manual_seed(5)
+    qkva = torch.randn(2, 6, 9, generator=g, dtype=torch.float64)
+    h0 = torch.randn(2, 3, generator=g, dtype=torch.float64)
+    q, kv, za = qkva.chunk(3, dim=-1)
+    for reverse in (False, True):
+        y, h_last = simple_gate_loop_mixer(qkva, None if reverse else h0, reverse=reverse, backend="loop")
+        h = torch.zeros_like(h0) if reverse else h0
+        for t in (range(5, -1, -1) if reverse else range(6)):
+            h = za[:, t].sigmoid() * h + kv[:, t]
+            torch.testing.assert_close(y[:, t], q[:, t] * h, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(h_last, h, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("qkva,h0,match", [
+    (torch.zeros(2, 5, 10), None, r"qkva must be \(batch, time >= 1, 3 \* dim\), got shape \(2, 5, 10\)"),
+    (torch.zeros(2, 5, 6, dtype=torch.int32), None, "qkva has dtype torch.int32"),
+    (torch.zeros(2, 5, 6), torch.zeros(2, 3), r"h0 must be \(batch, dim\) = \(2, 2\), got \(2, 3\)"),
+    (torch.zeros(2, 5, 6), torch.zeros(2, 2, dtype=torch.complex64), "h0 must be a real float tensor"),
+])
+def test_simple_mixer_argument_errors(qkva, h0, match):
+    from gateloop_hybrid.mixer import simple_gate_loop_mixer
+    with pytest.raises((ValueError, TypeError), match=match):
+        simple_gate_loop_mixer(qkva, h0)
+
+
+def test_real_gate_self_test_passes_in_interpret_mode():
+    """The check that decides, once per GPU, whether SimpleGateLoopLayer takes the fused kernels
+    (here the kernels run interpreted on the CPU)."""
+    pytest.importorskip("jax")
+    pytest.importorskip("absl")
+    from gateloop_hybrid.mixer import _simple_mixer_self_test
+    assert _simple_mixer_self_test(torch.device("cpu")) is None
+
+
+def test_real_gate_self_test_failure_warns_and_composes(monkeypatch):
+    import gateloop_hybrid.mixer as mixer
+    from gateloop_hybrid.scan import dispatch
+    monkeypatch.setattr(mixer, "jax_available", lambda: True)
+    monkeypatch.setattr(mixer, "mosaic_available", lambda device: True)
+    monkeypatch.setattr(mixer, "_simple_mixer_self_test", lambda device: "ValueError: a broken kernel")
+    monkeypatch.setattr(dispatch, "_warned", set())
+    mixer._simple_fused_runs.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="failed their self-test on meta .*a broken kernel"):
+            assert not mixer._simple_fused_runs(torch.device("meta"))
+    finally:
+        mixer._simple_fused_runs.cache_clear()

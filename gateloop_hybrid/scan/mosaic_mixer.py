@@ -22,6 +22,14 @@ h (h too when backward is to read it). Backward walks the cotangent down the tim
 with u = z/|z|, s = sigmoid(|z|), s' = s (1 - s), c = s / |z| (dz_t = 0 where z_t = 0, as torch
 differentiates abs and angle there), and frac the fraction of the gate's gradient that the layer
 lets through. dq, dk, dv are written side by side, the gradient of qkv as it is laid out.
+
+With ``real=True`` the kernels are SimpleGateLoopLayer's mixer, one real gate per feature:
+
+    qkva   (B, N, 3D)      q, kv and the gate pre-activation side by side (one Linear's output)
+    a_t = sigmoid(za_t),   h_t = a_t h_{t-1} + kv_t,   y_t = q_t h_t      (all real)
+
+and backward G_t = dy_t q_t + a_{t+1} G_{t+1}, dq_t = dy_t h_t, dkv_t = G_t,
+dza_t = G_t h_{t-1} a_t (1 - a_t); h0, h_last, h float32.
 """
 
 from __future__ import annotations
@@ -53,12 +61,16 @@ class Mixer:
     chunks: int = 1
     block: int = 8
     interpret: bool = False
+    real: bool = False        # SimpleGateLoopLayer's real gates (see the module docstring)
 
     # what mosaic_scan's walk reads of its static description
-    cplx = True
-    complex_a = True
-    complex_init = True
     reverse = False
+
+    @property
+    def cplx(self) -> bool:
+        return not self.real
+
+    complex_a = complex_init = cplx
 
     def __post_init__(self):
         if self.H % W:
@@ -112,13 +124,21 @@ class _MixerBody(_Body):
                 z[self.b, t, pl.ds(self.f0, W), 1].astype(_F32))
 
     def gate(self, t):
+        if self.w.real:
+            return jax.nn.sigmoid(self.qkv(t, 2)), None
         return _gate(*self.z(t))[0]
 
     def unit_gate(self):
-        return (self.full(1.0), self.full(0.0))
+        return (self.full(1.0), None if self.w.real else self.full(0.0))
 
     def load_step(self, p):
         w, t = self.w, self.time(p)
+        if w.real:
+            if not w.backward:
+                return tuple(self.qkv(t, i) for i in range(3))      # q, kv, the gate's pre-activation
+            t_prev = jnp.maximum(t - 1, 0)     # t = 0 reads h0 instead (walk_chunk)
+            return (self.r["dy"][self.b, t, pl.ds(self.f0, W)].astype(_F32), self.qkv(t, 0), self.qkv(t, 2),
+                    self.row(self.r["h"], t, False)[0], self.row(self.r["h"], t_prev, False)[0])
         if not w.backward:
             return (*self.z(t), *(self.qkv(t, i) for i in range(3)))
         t_prev = jnp.maximum(t - 1, 0)     # t = 0 reads h0 instead (walk_chunk)
@@ -128,6 +148,8 @@ class _MixerBody(_Body):
 
     def step(self, p, loaded, state, carry_gate, write, h_before=None):
         w, t = self.w, self.time(p)
+        if w.real:
+            return self._real_step(t, loaded, state, carry_gate, write, h_before)
         if not w.backward:
             zr, zi, q, k, v = loaded
             gate, _ = _gate(zr, zi)
@@ -150,6 +172,29 @@ class _MixerBody(_Body):
             self.store(self.r["dz"], t, dz, True)
         return state, gate
 
+    def _real_step(self, t, loaded, state, carry_gate, write, h_before):
+        w = self.w
+        if not w.backward:
+            q, kv, za = loaded
+            gate = jax.nn.sigmoid(za)
+            state = (gate * state[0] + kv, None)
+            if write and w.write_y:
+                self.r["y"][self.b, t, pl.ds(self.f0, W)] = (q * state[0]).astype(self.r["y"].dtype)
+            if write and w.write_h:
+                self.store(self.r["h_out"], t, state, False)
+            return state, (gate, None)
+        dy, q, za, h, h_prev = loaded
+        gate = jax.nn.sigmoid(za)
+        state = (dy * q + carry_gate[0] * state[0], None)
+        if write:
+            dqkv, dt = self.r["dqkv"], self.r["dqkv"].dtype
+            if h_before is not None:
+                h_prev = h_before[0]
+            dqkv[self.b, t, pl.ds(self.f0, W)] = (dy * h).astype(dt)
+            dqkv[self.b, t, pl.ds(w.H + self.f0, W)] = state[0].astype(dt)
+            dqkv[self.b, t, pl.ds(2 * w.H + self.f0, W)] = (state[0] * h_prev * gate * (1.0 - gate)).astype(dt)
+        return state, (gate, None)
+
     def walk_chunk(self, state, write):
         w = self.w
         lo, n = self.chunk()
@@ -162,12 +207,12 @@ class _MixerBody(_Body):
 
         @pl.when(last_chunk)
         def _():
-            h_before = self.vec(self.r["h0"], True) if w.has_h0 else self.zero_state()
+            h_before = self.vec(self.r["h0"], w.cplx) if w.has_h0 else self.zero_state()
             p = jnp.asarray(w.N - 1, jnp.int32)
             loaded = self.load_step(p)
             last, gate0 = self.step(p, loaded, state, gate, True, h_before=h_before)
             if w.has_h0:    # dh0 = conj(a_0) G_0
-                self.store_vec(self.r["dh0"], _mul(_conj(gate0), last), True)
+                self.store_vec(self.r["dh0"], _mul(_conj(gate0), last), w.cplx)
         return state
 
     def run_summary(self):
@@ -180,17 +225,19 @@ class _MixerBody(_Body):
             return state, _mul(mult, prod), new_gate
         state, prod, _ = jax.lax.fori_loop(
             lo, lo + n, body, (self.zero_state(), self.unit_gate(), self.gate_before(lo)))
-        self.store_vec(self.r["sum_a"], prod, True, index=self.c)
-        self.store_vec(self.r["sum_x"], state, True, index=self.c)
+        self.store_vec(self.r["sum_a"], prod, self.w.cplx, index=self.c)
+        self.store_vec(self.r["sum_x"], state, self.w.cplx, index=self.c)
 
     def run_single(self):
         state = self.walk_chunk(self.initial(), write=True)
         if not self.w.backward:
-            self.store_vec(self.r["h_last"], state, True)
+            self.store_vec(self.r["h_last"], state, self.w.cplx)
 
     def initial(self):
         if not self.w.has_init:
             return self.zero_state()
+        if self.w.real:
+            return self.vec(self.r["init"], False)
         return _complexify(self.vec(self.r["init"], True), self.full(0.0))
 
 
@@ -199,23 +246,25 @@ def _refs(m: Mixer, stage: str, dtypes: dict):
     the inputs' dtypes (the outputs' dtypes follow them)."""
     B, N, H = m.B, m.N, m.H
     f32 = _F32
+    pair = () if m.real else (2,)          # complex values as (re, im) pairs
+    z = () if m.real else ("z",)
     if m.backward:
-        ins = ("z", "qkv", "h", "dy", *(("init",) if m.has_init else ()), *(("h0",) if m.has_h0 else ()))
-        outs = {"dz": jax.ShapeDtypeStruct((B, N, H, 2), dtypes["z"]),
-                "dqkv": jax.ShapeDtypeStruct((B, N, 3 * H), dtypes["qkv"])}
+        ins = (*z, "qkv", "h", "dy", *(("init",) if m.has_init else ()), *(("h0",) if m.has_h0 else ()))
+        outs = {} if m.real else {"dz": jax.ShapeDtypeStruct((B, N, H, 2), dtypes["z"])}
+        outs["dqkv"] = jax.ShapeDtypeStruct((B, N, 3 * H), dtypes["qkv"])
         if m.has_h0:
-            outs["dh0"] = jax.ShapeDtypeStruct((B, H, 2), f32)
+            outs["dh0"] = jax.ShapeDtypeStruct((B, H, *pair), f32)
     else:
-        ins = ("z", "qkv", *(("init",) if m.has_init else ()))
+        ins = (*z, "qkv", *(("init",) if m.has_init else ()))
         outs = {}
         if m.write_y:
             outs["y"] = jax.ShapeDtypeStruct((B, N, H), dtypes["qkv"])
-        outs["h_last"] = jax.ShapeDtypeStruct((B, H, 2), f32)
+        outs["h_last"] = jax.ShapeDtypeStruct((B, H, *pair), f32)
         if m.write_h:
-            outs["h_out"] = jax.ShapeDtypeStruct((B, N, H, 2), f32)
+            outs["h_out"] = jax.ShapeDtypeStruct((B, N, H, *pair), f32)
     if stage == "summary":
-        outs = {"sum_a": jax.ShapeDtypeStruct((B, m.chunks, H, 2), f32),
-                "sum_x": jax.ShapeDtypeStruct((B, m.chunks, H, 2), f32)}
+        outs = {"sum_a": jax.ShapeDtypeStruct((B, m.chunks, H, *pair), f32),
+                "sum_x": jax.ShapeDtypeStruct((B, m.chunks, H, *pair), f32)}
     elif stage == "finish":
         ins = (*ins, "sum_a", "sum_x")
     return ins, outs
@@ -227,11 +276,13 @@ def mixer_stage(*arrays, mixer: Mixer | tuple, stage: str):
 
     Forward inputs: z, qkv, [h0]; outputs [y], h_last, [h] (y if write_y, h if write_h).
     Backward inputs: z, qkv, h, dy, [g_last], [h0]; outputs dz, dqkv, [dh0].
+    With ``real``, no z and no dz (qkv is qkva).
     """
     m = mixer if isinstance(mixer, Mixer) else Mixer(*mixer)
     if (stage == "single") != (m.chunks == 1):
         raise ValueError(f"stage {stage!r} does not fit a mixer walk of {m.chunks} chunks")
-    ins, outs = _refs(m, stage, {"z": arrays[0].dtype, "qkv": arrays[1].dtype})
+    dtypes = {"qkv": arrays[0].dtype} if m.real else {"z": arrays[0].dtype, "qkv": arrays[1].dtype}
+    ins, outs = _refs(m, stage, dtypes)
     names = (*ins, *outs)
 
     def body(*refs):

@@ -262,19 +262,21 @@ _MIXER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class _MixerPlan:
-    """The mixer kernels for one call signature, bound once (see _Plan)."""
+    """The mixer kernels for one call signature, bound once (see _Plan). ``real``:
+    SimpleGateLoopLayer's mixer (z is None, qkv is qkva, states and h0 real)."""
 
-    def __init__(self, qkv, z, h0, frac, recompute, bind=True, blocks=None):
+    def __init__(self, qkv, z, h0, frac, recompute, bind=True, blocks=None, real=False):
         B, N, H = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         self.shape = (B, N, H)
+        self.real = real
         num_sms = _num_sms(qkv.device.index or 0) if qkv.is_cuda else 132
 
         def mixer(backward, **kw):
-            chunks, block = mosaic_scan.choose_walk(B, N, H, True, num_sms, backward)
+            chunks, block = mosaic_scan.choose_walk(B, N, H, not real, num_sms, backward)
             if blocks is not None:      # (forward, backward) block override, for tuning
                 block = blocks[backward]
             return mosaic_mixer.Mixer(B=B, N=N, H=H, frac=float(frac), backward=backward,
-                                      chunks=mosaic_scan.fit_chunks(N, chunks), block=block, **kw)
+                                      chunks=mosaic_scan.fit_chunks(N, chunks), block=block, real=real, **kw)
         init = h0 is not None
         self.infer = mixer(False, has_init=init, has_h0=False)
         # training: y, and every state when backward is to read them rather than recompute them
@@ -289,18 +291,23 @@ class _MixerPlan:
         m = getattr(self, name)
         return _run_stages(_MIXER_KERNEL, m.chunks, args, self.bound[name], mixer=dataclasses.astuple(m))
 
+    def _state(self, t):
+        """h0 or a cotangent of h_last as the kernels read it: (B, H) float32, or complex pairs."""
+        return t.float().contiguous() if self.real else _pairs(t.to(torch.complex64), self.shape[::2])
+
     def _args(self, qkv, z, h0):
         B, N, H = self.shape
-        args = [_pairs(z, (B, N, H, 2)), qkv if qkv.is_contiguous() else qkv.contiguous()]
+        args = [] if self.real else [_pairs(z, (B, N, H, 2))]
+        args.append(qkv if qkv.is_contiguous() else qkv.contiguous())
         if h0 is not None:
-            args.append(_pairs(h0, (B, H)))
+            args.append(self._state(h0))
         return args
 
     def forward(self, qkv, z, h0, train):
-        """(y, h_last as (B, H) complex, every state as (B, N, H, 2) pairs or None)."""
+        """(y, h_last as (B, H) complex (float32 if real), every state or None)."""
         outs = self._run("train" if train else "infer", self._args(qkv, z, h0))
         h = outs[2] if train and not self.recompute else None
-        return outs[0], torch.view_as_complex(outs[1]), h
+        return outs[0], outs[1] if self.real else torch.view_as_complex(outs[1]), h
 
     def backward(self, qkv, z, h0, h, dy, gl):
         B, N, H = self.shape
@@ -308,12 +315,15 @@ class _MixerPlan:
         if h is None:       # recompute the states from the inputs
             h = self._run("states", args)[1]
         dy = torch.zeros((B, N, H), dtype=qkv.dtype, device=qkv.device) if dy is None else dy
-        args = [*args[:2], h, dy.to(qkv.dtype).contiguous()]
+        inputs = 1 if self.real else 2      # (qkv) or (z, qkv)
+        args = [*args[:inputs], h, dy.to(qkv.dtype).contiguous()]
         if gl is not None:
-            args.append(_pairs(gl.to(torch.complex64), (B, H)))
+            args.append(self._state(gl))
         if h0 is not None:
-            args.append(_pairs(h0, (B, H)))
+            args.append(self._state(h0))
         outs = self._run("bwd_no_last" if gl is None else "bwd", args)
+        if self.real:
+            return outs[0], None, None if h0 is None else outs[1]
         dz = outs[0].view(B, N, 2 * H)
         dh0 = None if h0 is None else torch.view_as_complex(outs[2])
         return outs[1], dz, dh0
@@ -373,3 +383,61 @@ def try_mixer_mosaic(qkv: Tensor, z: Tensor, h0: Tensor | None, frac: float, rec
     if torch.is_grad_enabled() and (qkv.requires_grad or z.requires_grad or (h0 is not None and h0.requires_grad)):
         return _MosaicMixer.apply(qkv, z, h0, frac, recompute, plan)
     return plan.forward(qkv, z, h0, train=False)[:2]
+
+
+# ---------------------------------------------------------------------------------------------
+# SimpleGateLoopLayer's mixer: real gates sigmoid(za), h_t = a_t h_{t-1} + kv_t, y_t = q_t h_t
+
+
+class _MosaicSimpleMixer(torch.autograd.Function):
+    """As _MosaicMixer, without z: qkva holds the gates' pre-activations."""
+
+    @staticmethod
+    def forward(ctx, qkva, h0, recompute, plan):
+        if plan is None:
+            plan = _MixerPlan(qkva, None, h0, 1.0, recompute, bind=False, real=True)
+        y, h_last, h = plan.forward(qkva, None, h0, train=True)
+        ctx.save_for_backward(qkva, h0, h)
+        ctx.plan = plan
+        return y, h_last
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, gl):
+        qkva, h0, h = ctx.saved_tensors
+        dqkva, _, dh0 = ctx.plan.backward(qkva, None, h0, h, dy, gl)
+        return dqkva, dh0, None, None
+
+
+_SIMPLE_PLANS: dict = {}
+
+
+def simple_mixer_supported(qkva: Tensor, h0: Tensor | None) -> bool:
+    """Whether the real-gate mixer kernels take qkva (B, N, 3D) of 16 or 32 bits, D a multiple of
+    the kernels' tile, and h0 None or a real (B, D) float tensor."""
+    if qkva.dim() != 3 or qkva.shape[-1] % 3:
+        return False
+    B, D = qkva.shape[0], qkva.shape[2] // 3
+    return (D % mosaic_scan.W == 0 and qkva.dtype in _MIXER_DTYPES
+            and (h0 is None or (h0.dtype in _MIXER_DTYPES and tuple(h0.shape) == (B, D))))
+
+
+def try_simple_mixer_mosaic(qkva: Tensor, h0: Tensor | None, recompute: bool = False):
+    """(y (B, N, D) in qkva's dtype, h_last (B, D) float32) of SimpleGateLoopLayer's fused mixer,
+    or None where the kernels do not take these tensors."""
+    if tracing():
+        if not simple_mixer_supported(qkva, h0):
+            return None
+        return _MosaicSimpleMixer.apply(qkva, h0, recompute, None)
+    key = (qkva.shape, qkva.dtype, None if h0 is None else (h0.shape, h0.dtype), qkva.device, recompute)
+    plan = _SIMPLE_PLANS.get(key, _SIMPLE_PLANS)
+    if plan is _SIMPLE_PLANS:
+        if len(_SIMPLE_PLANS) >= _MAX_PLANS:
+            _SIMPLE_PLANS.clear()
+        plan = _SIMPLE_PLANS[key] = (_MixerPlan(qkva, None, h0, 1.0, recompute, real=True)
+                                     if simple_mixer_supported(qkva, h0) else None)
+    if plan is None:
+        return None
+    if torch.is_grad_enabled() and (qkva.requires_grad or (h0 is not None and h0.requires_grad)):
+        return _MosaicSimpleMixer.apply(qkva, h0, recompute, plan)
+    return plan.forward(qkva, None, h0, train=False)[:2]
