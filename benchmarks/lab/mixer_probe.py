@@ -6,7 +6,8 @@ For each (B, N, H) in bf16: forward and forward+backward of gate_loop_mixer on t
 (states stored, and recomputed in backward) and on the composition (torch ops around the pallas
 scan), against the memory floor of the fused forward (read qkv and z, write y) and backward
 (read qkv, z, dy and the states, write dqkv and dz). Then the fused kernels with other
-(forward, backward) block sizes.
+(forward, backward) block sizes. Then, for each (B, N, D) of --simple-shapes, SimpleGateLoopLayer's
+real-gate mixer (simple_gate_loop_mixer) fused against its composition (gate_loop_scan[pallas]).
 """
 
 import argparse
@@ -30,6 +31,8 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", default="4x4096x512,1x16384x512,4x4096x1024")
     p.add_argument("--blocks", default="8/8,16/8,16/16,32/16,8/4")
+    p.add_argument("--simple-shapes", default="1x65536x512,4x4096x512",
+                   help="(B, N, D) for the real-gate mixer; empty to skip")
     args = p.parse_args()
     print("\n".join(harness.header(harness.environment(torch.device("cuda")))))
     for shape in args.shapes.split(","):
@@ -76,6 +79,41 @@ def main():
                         return plan.forward(qkv, z, None, train=False)[0]
                 print(f"   blocks fwd {bf:>2} bwd {bb:>2} {'recompute' if recompute else 'stored':>9} "
                       f"(chunks {plan.infer.chunks}/{plan.bwd.chunks}): fwd {timed(f):.3f} ms, fwd+bwd {timed(fb):.3f} ms")
+    for shape in filter(None, args.simple_shapes.split(",")):
+        simple_rows(*map(int, shape.split("x")))
+
+
+def simple_rows(B, N, D):
+    from gateloop_hybrid import gate_loop_scan
+    from gateloop_hybrid.mixer import simple_gate_loop_mixer
+    g = torch.Generator(device="cuda").manual_seed(0)
+    qkva = torch.randn(B, N, 3 * D, device="cuda", generator=g).bfloat16().requires_grad_()
+    dy = torch.randn(B, N, D, device="cuda", generator=g).bfloat16()
+    el = B * N * D
+    print(f"\nreal gates B={B} N={N} D={D} bf16; floor fwd {el * 8 / HBM_TBPS / 1e9:.3f} ms "
+          f"(read qkva, write y), bwd {el * 18 / HBM_TBPS / 1e9:.3f} ms (read qkva, dy, states; write dqkva)")
+
+    def composed(qkva):
+        q, kv, za = qkva.chunk(3, dim=-1)
+        return q * gate_loop_scan(za.sigmoid(), kv, backend="pallas")[0]
+
+    def run(fused, grad):
+        def f():
+            with torch.set_grad_enabled(grad):
+                y = simple_gate_loop_mixer(qkva)[0] if fused else composed(qkva)
+            if grad:
+                torch.autograd.grad(y, qkva, dy)
+            return y
+        return f
+    y_fused, y_comp = run(True, False)(), run(False, False)()
+    if mosaic_op._SIMPLE_PLANS:
+        print("fused vs composition: rel err "
+              f"{((y_fused.float() - y_comp.float()).norm() / y_comp.float().norm()).item():.2e}")
+    else:
+        print("the fused kernels were not taken (see the self-test's warning)")
+    for name, fused in (("fused" if mosaic_op._SIMPLE_PLANS else "auto", True),
+                        ("composition, pallas scan", False)):
+        print(f"{name:>28}: fwd {timed(run(fused, False)):.3f} ms, fwd+bwd {timed(run(fused, True)):.3f} ms")
 
 
 def _composed(qkv, z, H, grad, dy=None):
