@@ -248,12 +248,13 @@ def test_fused_mixer_matches_float64_composition(B, N, H, dtype, recompute):
 def test_simple_mixer_fused_matches_float64_composition(B, N, D, dtype):
     """SimpleGateLoopLayer's real-gate kernels (auto takes them on CUDA) against the float64
     composition on the CPU: y, h_last and the gradients of qkva and h0."""
-    from gateloop_hybrid.mixer import simple_gate_loop_mixer
+    from gateloop_hybrid.mixer import _simple_fused_runs, simple_gate_loop_mixer
     from gateloop_hybrid.scan import mosaic_op
     g = torch.Generator().manual_seed(0)
     qkva = 2 * torch.randn(B, N, 3 * D, generator=g, dtype=torch.float64)
     h0 = torch.randn(B, D, generator=g, dtype=torch.float64)
     leaves = [qkva.to(dtype).cuda().requires_grad_(), h0.to(dtype).cuda().requires_grad_()]
+    assert _simple_fused_runs(leaves[0].device)        # its self-test (which makes a plan of its own) passes
     plans = len(mosaic_op._SIMPLE_PLANS)
     y, last = simple_gate_loop_mixer(*leaves)
     assert len(mosaic_op._SIMPLE_PLANS) == plans + 1 and y.dtype == last.dtype == dtype   # the fused path
