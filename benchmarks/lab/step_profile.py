@@ -7,7 +7,8 @@ runs a few optimizer steps (forward, backward over `--grad-accum` micro-batches,
 for each model: the step time (synchronized, median over --steps after two warm-up steps,
 benchmarks/harness.py); the time in
 the scan alone, measured by timing a step whose `gate_loop_scan` is replaced by a zero-cost stand-in
-(returns x and x[:, -1], which keeps the graph and shapes); and, with --trace, torch.profiler's
+(returns x and x[:, -1], which keeps the graph and shapes; it replaces the scan of the composed
+mixer, so the fused kernels, which have no separate scan, run unchanged); and, with --trace, torch.profiler's
 table of the most expensive device ops (CUPTI sees JAX's kernels too, under XLA's names).
 """
 
@@ -24,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # harness, when run as a script
 
-import gateloop_hybrid.gate_loop as gate_loop_mod  # noqa: E402
+import gateloop_hybrid.mixer as mixer_mod  # noqa: E402
 import harness  # noqa: E402
 from gateloop_hybrid import Transformer
 
@@ -43,16 +44,16 @@ def make_model(kind: str, args, device):
 @contextlib.contextmanager
 def scan_replaced():
     """gate_loop_scan -> a stand-in with the same outputs' shapes and no recurrence."""
-    original = gate_loop_mod.gate_loop_scan
+    original = mixer_mod.gate_loop_scan
 
     def standin(a, x, h0=None, *, reverse=False, backend="auto"):
         x = x * a.real if a.is_complex() else x * a        # keeps a in the graph
         return x, x[:, -1]
-    gate_loop_mod.gate_loop_scan = standin
+    mixer_mod.gate_loop_scan = standin
     try:
         yield
     finally:
-        gate_loop_mod.gate_loop_scan = original
+        mixer_mod.gate_loop_scan = original
 
 
 def step_times(model, args, device, steps, threaded_backward=True):
