@@ -224,6 +224,17 @@ _PLANS: dict = {}
 _MAX_PLANS = 256
 
 
+def _cached_plan(plans: dict, key, make):
+    """plans[key], made by make() on the signature's first call (None: the kernels do not take
+    it). A full cache is emptied rather than grown without bound."""
+    plan = plans.get(key, plans)
+    if plan is plans:
+        if len(plans) >= _MAX_PLANS:
+            plans.clear()
+        plan = plans[key] = make()
+    return plan
+
+
 def try_scan_mosaic(a: Tensor, x: Tensor, h0: Tensor | None = None, reverse: bool = False):
     """scan_mosaic, or None where the kernels do not take these shapes or dtypes. Whether they
     do is decided once per signature, with the rest of its plan."""
@@ -232,11 +243,7 @@ def try_scan_mosaic(a: Tensor, x: Tensor, h0: Tensor | None = None, reverse: boo
             return None
         return _MosaicScan.apply(a, x, h0, reverse, None)
     key = (a.shape, a.dtype, x.shape, x.dtype, None if h0 is None else (h0.shape, h0.dtype), x.device, reverse)
-    plan = _PLANS.get(key, _PLANS)
-    if plan is _PLANS:
-        if len(_PLANS) >= _MAX_PLANS:
-            _PLANS.clear()
-        plan = _PLANS[key] = _Plan(a, x, h0, reverse) if _takes(a, x, h0) else None
+    plan = _cached_plan(_PLANS, key, lambda: _Plan(a, x, h0, reverse) if _takes(a, x, h0) else None)
     if plan is None:
         return None
     if torch.is_grad_enabled() and (a.requires_grad or x.requires_grad or (h0 is not None and h0.requires_grad)):
@@ -372,12 +379,8 @@ def try_mixer_mosaic(qkv: Tensor, z: Tensor, h0: Tensor | None, frac: float, rec
         return _MosaicMixer.apply(qkv, z, h0, frac, recompute, None)
     key = (qkv.shape, qkv.dtype, z.shape, z.dtype, None if h0 is None else h0.shape, qkv.device,
            frac, recompute)
-    plan = _MIXER_PLANS.get(key, _MIXER_PLANS)
-    if plan is _MIXER_PLANS:
-        if len(_MIXER_PLANS) >= _MAX_PLANS:
-            _MIXER_PLANS.clear()
-        plan = _MIXER_PLANS[key] = (_MixerPlan(qkv, z, h0, frac, recompute)
-                                    if mixer_supported(qkv, z, h0) else None)
+    plan = _cached_plan(_MIXER_PLANS, key, lambda: _MixerPlan(qkv, z, h0, frac, recompute)
+                        if mixer_supported(qkv, z, h0) else None)
     if plan is None:
         return None
     if torch.is_grad_enabled() and (qkv.requires_grad or z.requires_grad or (h0 is not None and h0.requires_grad)):
@@ -430,12 +433,8 @@ def try_simple_mixer_mosaic(qkva: Tensor, h0: Tensor | None, recompute: bool = F
             return None
         return _MosaicSimpleMixer.apply(qkva, h0, recompute, None)
     key = (qkva.shape, qkva.dtype, None if h0 is None else (h0.shape, h0.dtype), qkva.device, recompute)
-    plan = _SIMPLE_PLANS.get(key, _SIMPLE_PLANS)
-    if plan is _SIMPLE_PLANS:
-        if len(_SIMPLE_PLANS) >= _MAX_PLANS:
-            _SIMPLE_PLANS.clear()
-        plan = _SIMPLE_PLANS[key] = (_MixerPlan(qkva, None, h0, 1.0, recompute, real=True)
-                                     if simple_mixer_supported(qkva, h0) else None)
+    plan = _cached_plan(_SIMPLE_PLANS, key, lambda: _MixerPlan(qkva, None, h0, 1.0, recompute, real=True)
+                        if simple_mixer_supported(qkva, h0) else None)
     if plan is None:
         return None
     if torch.is_grad_enabled() and (qkva.requires_grad or (h0 is not None and h0.requires_grad)):
