@@ -243,9 +243,7 @@ def _simple_mixer_self_test(device) -> Optional[str]:
             y, h_last = try_simple_mixer_mosaic(*leaves)
             grads = torch.autograd.grad(y.square().sum() + h_last.sum(), leaves)
             wide = [t.detach().cpu().double().requires_grad_() for t in leaves]
-            q, kv, za = wide[0].chunk(3, dim=-1)
-            h, last = gate_loop_scan(za.sigmoid(), kv, wide[1], backend="loop")
-            y_ref = q * h
+            y_ref, last = simple_gate_loop_mixer(*wide, backend="loop")      # the composition
             refs = torch.autograd.grad(y_ref.square().sum() + last.sum(), wide)
         for got, want in zip((y, h_last, *grads), (y_ref, last, *refs)):
             if not torch.allclose(got.detach().cpu().double(), want, rtol=1e-4, atol=1e-4):
