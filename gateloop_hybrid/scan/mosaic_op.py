@@ -269,13 +269,13 @@ _MIXER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class _MixerPlan:
-    """The mixer kernels for one call signature, bound once (see _Plan). ``real``:
-    SimpleGateLoopLayer's mixer (z is None, qkv is qkva, states and h0 real)."""
+    """The mixer kernels for one call signature, bound once (see _Plan). Without z, the real-gate
+    mixer of SimpleGateLoopLayer (qkv is qkva, states and h0 real)."""
 
-    def __init__(self, qkv, z, h0, frac, recompute, bind=True, blocks=None, real=False):
+    def __init__(self, qkv, z, h0, frac, recompute, bind=True, blocks=None):
         B, N, H = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         self.shape = (B, N, H)
-        self.real = real
+        self.real = real = z is None
         num_sms = _num_sms(qkv.device.index or 0) if qkv.is_cuda else 132
 
         def mixer(backward, **kw):
@@ -337,7 +337,8 @@ class _MixerPlan:
 
 
 class _MosaicMixer(torch.autograd.Function):
-    """Eager calls bring their signature's plan; under torch.compile it is made in the trace."""
+    """Eager calls bring their signature's plan; under torch.compile it is made in the trace.
+    z None: the real-gate mixer."""
 
     @staticmethod
     def forward(ctx, qkv, z, h0, frac, recompute, plan):
@@ -392,26 +393,6 @@ def try_mixer_mosaic(qkv: Tensor, z: Tensor, h0: Tensor | None, frac: float, rec
 # SimpleGateLoopLayer's mixer: real gates sigmoid(za), h_t = a_t h_{t-1} + kv_t, y_t = q_t h_t
 
 
-class _MosaicSimpleMixer(torch.autograd.Function):
-    """As _MosaicMixer, without z: qkva holds the gates' pre-activations."""
-
-    @staticmethod
-    def forward(ctx, qkva, h0, recompute, plan):
-        if plan is None:
-            plan = _MixerPlan(qkva, None, h0, 1.0, recompute, bind=False, real=True)
-        y, h_last, h = plan.forward(qkva, None, h0, train=True)
-        ctx.save_for_backward(qkva, h0, h)
-        ctx.plan = plan
-        return y, h_last
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy, gl):
-        qkva, h0, h = ctx.saved_tensors
-        dqkva, _, dh0 = ctx.plan.backward(qkva, None, h0, h, dy, gl)
-        return dqkva, dh0, None, None
-
-
 _SIMPLE_PLANS: dict = {}
 
 
@@ -431,12 +412,12 @@ def try_simple_mixer_mosaic(qkva: Tensor, h0: Tensor | None, recompute: bool = F
     if tracing():
         if not simple_mixer_supported(qkva, h0):
             return None
-        return _MosaicSimpleMixer.apply(qkva, h0, recompute, None)
+        return _MosaicMixer.apply(qkva, None, h0, 1.0, recompute, None)
     key = (qkva.shape, qkva.dtype, None if h0 is None else (h0.shape, h0.dtype), qkva.device, recompute)
-    plan = _cached_plan(_SIMPLE_PLANS, key, lambda: _MixerPlan(qkva, None, h0, 1.0, recompute, real=True)
+    plan = _cached_plan(_SIMPLE_PLANS, key, lambda: _MixerPlan(qkva, None, h0, 1.0, recompute)
                         if simple_mixer_supported(qkva, h0) else None)
     if plan is None:
         return None
     if torch.is_grad_enabled() and (qkva.requires_grad or (h0 is not None and h0.requires_grad)):
-        return _MosaicSimpleMixer.apply(qkva, h0, recompute, plan)
+        return _MosaicMixer.apply(qkva, None, h0, 1.0, recompute, plan)
     return plan.forward(qkva, None, h0, train=False)[:2]
