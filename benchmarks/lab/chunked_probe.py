@@ -47,7 +47,8 @@ def main(argv=None):
     p.add_argument("--backend", default="auto", help="gate_loop_scan backend")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--forms", default="chunked,materialized",
-                   help="comma list of chunked, chunked-compiled (torch.compile), materialized")
+                   help="comma list of chunked, chunked-compiled (torch.compile), materialized, fla "
+                        "(flash-linear-attention's chunk_gla, CUDA; its first call autotunes for minutes)")
     p.add_argument("--no-recompute", dest="recompute", action="store_false",
                    help="keep the forward's tensors for backward instead of recomputing them")
     p.add_argument("--profile", action="store_true",
@@ -69,7 +70,8 @@ def main(argv=None):
             with torch.no_grad():
                 want = _composed(qkv.double(), z.double(), None, h, 1.0, False, False, False, "torch",
                                  materialize=True)[0]
-        for form in args.forms.split(","):
+        forms = args.forms.split(",")
+        for form in (f for f in forms if f != "fla"):
             materialize = form == "materialized"
 
             def mixer(qkv, z, recompute=args.recompute, materialize=materialize):
@@ -103,10 +105,11 @@ def main(argv=None):
                 lines.append(f"{shape:>16} {form:>16} {'out of memory':>11}")
                 print(lines[-1], flush=True)
             qkv.grad = z.grad = None
-        if device.type == "cuda":
+        if "fla" in forms and device.type == "cuda":
             try:
                 from fla.ops.gla import chunk_gla
             except ImportError:
+                print("flash-linear-attention is not installed: no fla row")
                 continue
             gq, gk, gv = (torch.randn(b, n, h, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
             gg = torch.nn.functional.logsigmoid(torch.randn(b, n, h, d, device=device)).requires_grad_()
@@ -114,6 +117,9 @@ def main(argv=None):
             def fla_step():
                 o, _ = chunk_gla(gq, gk, gv, gg)
                 o.float().sum().backward()
+            t0 = time.perf_counter()
+            fla_step()                                   # autotunes
+            print(f"fla chunk_gla first call (autotune): {time.perf_counter() - t0:.0f} s", flush=True)
             torch.cuda.reset_peak_memory_stats(device)
             ms = timed(fla_step, device, args.steps)
             peak = torch.cuda.max_memory_allocated(device) / 2**30

@@ -1,5 +1,5 @@
 """Eager against torch.compile: the loss and every parameter's gradient of a Transformer, one row
-per (heads, scan backend, compile mode, precision), to find which setting a compiled step gets
+per (heads, scan backend, compile mode, precision, recompute), to find which setting a compiled step gets
 wrong.
 
     python benchmarks/lab/compile_grads.py --device cuda --heads 128,8 --backends auto,torch \
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -36,11 +37,11 @@ def loss_and_grads(fn, model, data, device, bf16: bool, replays: int):
     return float(loss.detach()), [g.detach().clone() for g in grads]
 
 
-def compare(args, heads: int, backend: str, mode: str, precision: str, device) -> str:
+def compare(args, heads: int, backend: str, mode: str, precision: str, recompute: str, device) -> str:
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = Transformer(dim=args.dim, num_tokens=64, depth=args.depth, gate_loop_heads=heads,
-                        scan_backend=backend).to(device)
+                        scan_backend=backend, checkpoint_gate_looped_attn=recompute == "on").to(device)
     data = torch.randint(0, 64, (args.batch, args.seq + 1), device=device)
     bf16 = precision == "bf16"
     replays = 3 if mode == "reduce-overhead" else 1
@@ -50,8 +51,16 @@ def compare(args, heads: int, backend: str, mode: str, precision: str, device) -
     errors = {name: float((c - e).norm() / e.norm().clamp_min(1e-30))
               for (name, _), e, c in zip(model.named_parameters(), grads_e, grads_c)}
     worst = max(errors, key=errors.get)
-    return (f"{heads:>6} {backend:>8} {mode:>16} {precision:>5} {loss_e:10.5f} {loss_c:10.5f} "
+    return (f"{heads:>6} {backend:>8} {mode:>16} {precision:>5} {recompute:>4} {loss_e:10.5f} {loss_c:10.5f} "
             f"{errors[worst]:9.1e}  {worst}")
+
+
+def _causes(e):
+    """The exceptions chained to e (Dynamo reports some errors as another, the first as cause)."""
+    seen = {id(e)}
+    while (e := e.__cause__ or e.__context__) is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
 
 
 def main(argv=None):
@@ -65,21 +74,30 @@ def main(argv=None):
     p.add_argument("--backends", default="auto", help="comma list of scan backends")
     p.add_argument("--modes", default="default,reduce-overhead", help="comma list of torch.compile modes")
     p.add_argument("--precisions", default="fp32", help="comma list of fp32, bf16 (autocast)")
+    p.add_argument("--recompute", default="on", help="comma list of on, off (checkpoint_gate_looped_attn)")
+    p.add_argument("--traceback", action="store_true", help="print a failing row's whole exception chain")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     lines = harness.header(harness.environment(device))
-    lines.append(f"{'heads':>6} {'backend':>8} {'mode':>16} {'prec':>5} {'eager loss':>10} {'comp loss':>10} "
+    lines.append(f"{'heads':>6} {'backend':>8} {'mode':>16} {'prec':>5} {'rec':>4} {'eager loss':>10} {'comp loss':>10} "
                  f"{'max rel':>9}  worst parameter")
     print("\n".join(lines), flush=True)
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]
-    for heads, backend, mode, precision in itertools.product(
-            [int(h) for h in split(args.heads)], split(args.backends), split(args.modes), split(args.precisions)):
+    for heads, backend, mode, precision, recompute in itertools.product(
+            [int(h) for h in split(args.heads)], split(args.backends), split(args.modes), split(args.precisions),
+            split(args.recompute)):
         if mode == "reduce-overhead" and device.type != "cuda":
             continue
         try:
-            lines.append(compare(args, heads, backend, mode, precision, device))
+            lines.append(compare(args, heads, backend, mode, precision, recompute, device))
         except Exception as e:  # noqa: BLE001 - one failing case is a row, not the end
-            lines.append(f"{heads:>6} {backend:>8} {mode:>16} {precision:>5}  {type(e).__name__}: {str(e)[:120]}")
+            if args.traceback:
+                traceback.print_exception(e)
+                for cause in _causes(e):
+                    print("--- caused by:", flush=True)
+                    traceback.print_exception(cause)
+            lines.append(f"{heads:>6} {backend:>8} {mode:>16} {precision:>5} {recompute:>4}  "
+                         f"{type(e).__name__}: {str(e)[:120]}")
         print(lines[-1], flush=True)
 
 

@@ -7,7 +7,8 @@ For each (B, N, H) in bf16: forward and forward+backward of gate_loop_mixer on t
 scan), against the memory floor of the fused forward (read qkv and z, write y) and backward
 (read qkv, z, dy and the states, write dqkv and dz). Then the fused kernels with other
 (forward, backward) block sizes. Then, for each (B, N, D) of --simple-shapes, SimpleGateLoopLayer's
-real-gate mixer (simple_gate_loop_mixer) fused against its composition (gate_loop_scan[pallas]).
+real-gate mixer (simple_gate_loop_mixer) fused against its composition (gate_loop_scan[pallas]),
+and the whole SimpleGateLoopLayer against the seed's.
 """
 
 import argparse
@@ -35,7 +36,7 @@ def main():
                    help="(B, N, D) for the real-gate mixer; empty to skip")
     args = p.parse_args()
     print("\n".join(harness.header(harness.environment(torch.device("cuda")))))
-    for shape in args.shapes.split(","):
+    for shape in filter(None, args.shapes.split(",")):
         B, N, H = map(int, shape.split("x"))
         g = torch.Generator(device="cuda").manual_seed(0)
         qkv = torch.randn(B, N, 3 * H, device="cuda", generator=g).bfloat16().requires_grad_()
@@ -65,7 +66,7 @@ def main():
                  lambda: _composed(qkv, z, H, True, dy)))
         for name, fwd, fb in rows:
             print(f"{name:>28}: fwd {timed(fwd):.3f} ms, fwd+bwd {timed(fb):.3f} ms")
-        for blocks in args.blocks.split(","):
+        for blocks in filter(None, args.blocks.split(",")):
             bf, bb = map(int, blocks.split("/"))
             for recompute in (False, True):
                 plan = mosaic_op._MixerPlan(qkv, z, None, 0.9, recompute, blocks={False: bf, True: bb})
@@ -81,6 +82,8 @@ def main():
                       f"(chunks {plan.infer.chunks}/{plan.bwd.chunks}): fwd {timed(f):.3f} ms, fwd+bwd {timed(fb):.3f} ms")
     for shape in filter(None, args.simple_shapes.split(",")):
         simple_rows(*map(int, shape.split("x")))
+    for shape in filter(None, args.simple_shapes.split(",")):
+        simple_layer_rows(*map(int, shape.split("x")))
 
 
 def simple_rows(B, N, D):
@@ -114,6 +117,41 @@ def simple_rows(B, N, D):
         print("the fused kernels were not taken (see the self-test's warning)")
     for name, which in (("fused" if fused else "auto (composition)", True), ("composition, pallas scan", False)):
         print(f"{name:>28}: fwd {timed(run(which, False)):.3f} ms, fwd+bwd {timed(run(which, True)):.3f} ms")
+
+
+def simple_layer_rows(B, N, D):
+    """SimpleGateLoopLayer(D), forward+backward (input and weights), against the seed's layer
+    (gateloop-transformer, where installed) with the same weights; float32 and bf16 autocast."""
+    from gateloop_hybrid import SimpleGateLoopLayer
+    ours = SimpleGateLoopLayer(D).cuda()
+    layers = {"ours": ours}
+    try:
+        from gateloop_transformer import SimpleGateLoopLayer as SeedLayer
+        seed = SeedLayer(D).cuda()
+        seed.load_state_dict(ours.state_dict())
+        layers["seed"] = seed
+    except ImportError:
+        print("gateloop-transformer is not installed: no seed row")
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(B, N, D, device="cuda", generator=g).requires_grad_()
+    dy = torch.randn(B, N, D, device="cuda", generator=g)
+    print(f"\nSimpleGateLoopLayer({D}) on ({B}, {N}, {D}), forward+backward")
+    for precision in ("fp32", "bf16"):
+        outs = {}
+        for name, layer in layers.items():
+            def f(layer=layer):
+                with torch.autocast("cuda", torch.bfloat16, enabled=precision == "bf16"):
+                    y = layer(x)
+                torch.autograd.grad(y, [x, *layer.parameters()], dy.to(y.dtype))
+                return y
+            try:
+                outs[name] = f().float()
+                print(f"{precision} {name:>5}: fwd+bwd {timed(f):.3f} ms")
+            except Exception as e:     # the seed's scan may not run in bf16
+                print(f"{precision} {name:>5}: fails, {type(e).__name__}: {str(e)[:120]}")
+        if len(outs) == 2:
+            err = ((outs["ours"] - outs["seed"]).norm() / outs["seed"].norm()).item()
+            print(f"{precision} ours vs seed: rel err {err:.2e}")
 
 
 def _composed(qkv, z, H, grad, dy=None):
