@@ -375,10 +375,11 @@ def tracing() -> bool:
 
 def _constant(v):
     """A static value as a plain constant while Dynamo traces. After a recompile Dynamo turns int
-    and float arguments into symbols (automatic dynamic), but a kernel is compiled for one value:
-    guard_scalar specializes on it (a guard on the value, so a new value recompiles)."""
+    and float arguments, and sizes taken from dynamic shapes, into symbols (automatic dynamic), but
+    a kernel is compiled for one value: guard_scalar specializes on it (a guard on the value, so a
+    new value recompiles)."""
     kind = type(v)
-    if kind is int or kind is float:
+    if kind in (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool):
         return guard_scalar(v)
     if kind is tuple:
         return tuple(_constant(x) for x in v)

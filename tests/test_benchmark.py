@@ -130,7 +130,7 @@ def test_compile_grads_runs_on_cpu():
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [ln.split() for ln in proc.stdout.splitlines() if ln.split()[:2] == ["2", "torch"]]
-    assert len(rows) == 1 and float(rows[0][6]) < 1e-4, rows
+    assert len(rows) == 1 and rows[0][4] == "on" and float(rows[0][7]) < 1e-4, rows
 
 
 def test_model_speed_runs_on_cpu(tmp_path):

@@ -267,6 +267,20 @@ def test_compile_static_arguments():
     assert k.cache_info().compiles == 4
 
 
+def test_compile_static_arguments_from_dynamic_shapes():
+    """A static value computed from a dynamic shape (a SymInt) in code that Dynamo leaves to
+    AOTAutograd (nonstrict_trace, as gate_loop_scan's call) is specialized like an int: one kernel
+    per value, a guard on it."""
+    k = MosaicKernel(_tagged_fn, name="axpy_tagged_shape", interpret_fn=_tagged_interpret)
+    call = torch._dynamo.nonstrict_trace(lambda x: k(x, a=2.0, tag=(x.shape[0], None, "s"))[0])
+    torch._dynamo.reset()
+    f = torch.compile(call, fullgraph=True, backend="aot_eager", dynamic=True)
+    for b in (2, 3, 2):
+        x = x_of((b, 3, 128))
+        torch.testing.assert_close(f(x), 2.0 * x + 1)
+    assert k.cache_info().compiles == 2
+
+
 _axpy_for_grad = {}
 
 

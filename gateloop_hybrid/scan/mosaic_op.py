@@ -110,9 +110,15 @@ def _run_stages(kernel, chunks, args, bound, **static):
     return outs
 
 
+def _fields(static) -> tuple:
+    """A kernel description's fields as a plain tuple, what an opaque op takes. Not
+    dataclasses.astuple, which deep-copies: under dynamic shapes the sizes are SymInts, whose copy
+    reaches the fake tensors (the launcher specializes each value instead)."""
+    return tuple(getattr(static, f.name) for f in dataclasses.fields(static))
+
+
 def _launch(walk, args, out_dtypes, bound=None):
-    # plain values for the walk: what torch.compile hands an opaque op
-    return _run_stages(_KERNEL, walk.chunks, args, bound, walk=dataclasses.astuple(walk), out_dtypes=out_dtypes)
+    return _run_stages(_KERNEL, walk.chunks, args, bound, walk=_fields(walk), out_dtypes=out_dtypes)
 
 
 def _real_dtype(dtype: torch.dtype) -> str:
@@ -296,7 +302,7 @@ class _MixerPlan:
 
     def _run(self, name, args):
         m = getattr(self, name)
-        return _run_stages(_MIXER_KERNEL, m.chunks, args, self.bound[name], mixer=dataclasses.astuple(m))
+        return _run_stages(_MIXER_KERNEL, m.chunks, args, self.bound[name], mixer=_fields(m))
 
     def _state(self, t):
         """h0 or a cotangent of h_last as the kernels read it: (B, H) float32, or complex pairs."""
