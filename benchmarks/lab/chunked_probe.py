@@ -5,8 +5,9 @@ when installed) flash-linear-attention's chunk_gla on the same shapes with real 
     python benchmarks/lab/chunked_probe.py --device cuda --shapes 4x4096x8x64 --dtype bfloat16
 
 Shapes are BxNxHxD (D features per head, the state D x D). Each row: forward+backward
-milliseconds (median of --steps after one warm-up, synchronized), peak memory on CUDA, and the
-relative error of y against the float64 materialized scan where that fits (--check-limit).
+milliseconds (median of --steps after one warm-up, synchronized: host time included), peak memory
+on CUDA, the relative error of y against the float64 materialized scan where that fits
+(--check-limit), and on CUDA the device time of one forward+backward (its kernels, summed).
 """
 
 from __future__ import annotations
@@ -39,6 +40,18 @@ def timed(fn, device, steps):
     return 1e3 * statistics.median(times)
 
 
+def gpu_ms(fn, device, steps=3):
+    """Device time of one call: the kernels' own time under torch.profiler, summed, per call (host
+    time excluded, unlike ``timed``)."""
+    torch.cuda.synchronize(device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize(device)
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.self_device_time_total for e in events) / 1e3 / steps
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -58,7 +71,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     lines = harness.header(harness.environment(device))
-    lines.append(f"{'shape':>16} {'form':>16} {'fwd+bwd ms':>11} {'peak GiB':>9} {'rel err':>9}")
+    lines.append(f"{'shape':>16} {'form':>16} {'fwd+bwd ms':>11} {'peak GiB':>9} {'rel err':>9} {'GPU ms':>7}")
     print("\n".join(lines), flush=True)
     for shape in args.shapes.split(","):
         b, n, h, d = (int(s) for s in shape.split("x"))
@@ -93,7 +106,8 @@ def main(argv=None):
                     with torch.no_grad():
                         y = mixer(qkv, z, recompute=False)
                     err = f"{float((y.double() - want).norm() / want.norm()):.1e}"
-                lines.append(f"{shape:>16} {form:>16} {ms:11.2f} {peak} {err:>9}")
+                gpu = f"{gpu_ms(step, device):7.3f}" if device.type == "cuda" else f"{'-':>7}"
+                lines.append(f"{shape:>16} {form:>16} {ms:11.2f} {peak} {err:>9} {gpu}")
                 print(lines[-1], flush=True)
                 if args.profile and device.type == "cuda":
                     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -123,7 +137,7 @@ def main(argv=None):
             torch.cuda.reset_peak_memory_stats(device)
             ms = timed(fla_step, device, args.steps)
             peak = torch.cuda.max_memory_allocated(device) / 2**30
-            lines.append(f"{shape:>16} {'fla chunk_gla':>16} {ms:11.2f} {peak:9.2f}")
+            lines.append(f"{shape:>16} {'fla chunk_gla':>16} {ms:11.2f} {peak:9.2f} {'-':>9} {gpu_ms(fla_step, device):7.3f}")
             print(lines[-1], flush=True)
 
 
