@@ -41,15 +41,15 @@ def timed(fn, device, steps):
 
 
 def gpu_ms(fn, device, steps=3):
-    """Device time of one call: the kernels' own time under torch.profiler, summed, per call (host
-    time excluded, unlike ``timed``)."""
+    """(device time of one call, the profile): the kernels' own time under torch.profiler, summed,
+    per call (host time excluded, unlike ``timed``)."""
     torch.cuda.synchronize(device)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             fn()
         torch.cuda.synchronize(device)
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return sum(e.self_device_time_total for e in events) / 1e3 / steps
+    return sum(e.self_device_time_total for e in events) / 1e3 / steps, prof
 
 
 def main(argv=None):
@@ -106,14 +106,11 @@ def main(argv=None):
                     with torch.no_grad():
                         y = mixer(qkv, z, recompute=False)
                     err = f"{float((y.double() - want).norm() / want.norm()):.1e}"
-                gpu = f"{gpu_ms(step, device):7.3f}" if device.type == "cuda" else f"{'-':>7}"
-                lines.append(f"{shape:>16} {form:>16} {ms:11.2f} {peak} {err:>9} {gpu}")
+                gpu, prof = gpu_ms(step, device) if device.type == "cuda" else (None, None)
+                lines.append(f"{shape:>16} {form:>16} {ms:11.2f} {peak} {err:>9} "
+                             + (f"{'-':>7}" if gpu is None else f"{gpu:7.3f}"))
                 print(lines[-1], flush=True)
-                if args.profile and device.type == "cuda":
-                    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                        for _ in range(3):
-                            step()
-                        torch.cuda.synchronize(device)
+                if args.profile and prof is not None:   # the same three passes the device time came from
                     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=160))
             except torch.OutOfMemoryError:
                 lines.append(f"{shape:>16} {form:>16} {'out of memory':>11}")
@@ -137,7 +134,7 @@ def main(argv=None):
             torch.cuda.reset_peak_memory_stats(device)
             ms = timed(fla_step, device, args.steps)
             peak = torch.cuda.max_memory_allocated(device) / 2**30
-            lines.append(f"{shape:>16} {'fla chunk_gla':>16} {ms:11.2f} {peak:9.2f} {'-':>9} {gpu_ms(fla_step, device):7.3f}")
+            lines.append(f"{shape:>16} {'fla chunk_gla':>16} {ms:11.2f} {peak:9.2f} {'-':>9} {gpu_ms(fla_step, device)[0]:7.3f}")
             print(lines[-1], flush=True)
 
 
