@@ -5,120 +5,21 @@
 
 Prints the prompt and its continuation (control characters as U+FFFD) on stdout, and the time it
 took on stderr. Every problem (a missing or damaged checkpoint, a bad flag) is one line on stderr,
-with exit code 2 for a bad flag and 1 otherwise. `python train.py sample ...` runs this too.
+with exit code 2 for a bad flag and 1 otherwise. `python train.py sample ...` and, installed,
+`gateloop-sample` run this too; the code is gateloop_hybrid.training.cli.
 """
 
 from __future__ import annotations
 
-import argparse
-import math
-import os
 import sys
-import time
-from pathlib import Path
 
-import torch
+from gateloop_hybrid.training.cli import build_sample_parser, check_sample_args, sample, sample_main
 
-import train
-from train import ConfigError, TrainConfig, TrainError
+build_parser = build_sample_parser
+check_args = check_sample_args
+main = sample_main
 
-
-def build_parser() -> train.OneLineParser:
-    p = train.OneLineParser(
-        prog="sample.py",
-        description="Load a checkpoint written by train.py and continue a prompt, one cached decoding "
-                    "step per new byte. Prints the prompt and its continuation.",
-    )
-    p.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint.pt written by train.py")
-    p.add_argument("--prompt", required=True, metavar="TEXT", help="text to continue (encoded as UTF-8 bytes)")
-    p.add_argument("--length", type=int, default=256, metavar="N", help="bytes to generate (default: 256)")
-    p.add_argument("--temperature", type=float, default=1.0, metavar="X",
-                   help="sampling temperature; 0 is greedy (default: 1.0)")
-    p.add_argument("--top-k", type=train._none_or(int), default=None, metavar="N",
-                   help="sample from the k most likely bytes only")
-    p.add_argument("--seed", type=int, default=0, metavar="N", help="sampling seed (default: 0)")
-    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ... (default: auto)")
-    p.add_argument("--scan-backend", default=None, metavar="NAME",
-                   help="override the checkpoint's scan backend (e.g. torch where jax is missing)")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: on for CUDA)")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="CPU threads for torch (default: as train.py, the cores not busy now)")
-    return p
-
-
-def check_args(args) -> None:
-    """ConfigError, naming the flag, for a value out of range."""
-    if args.length < 0:
-        raise ConfigError(f"--length {args.length}: must be an integer >= 0")
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise ConfigError(f"--temperature {args.temperature}: must be a finite number >= 0")
-    if args.top_k is not None and args.top_k < 1:
-        raise ConfigError(f"--top-k {args.top_k}: must be an integer >= 1 (or none)")
-    if not 0 <= args.seed < 2**63:
-        raise ConfigError(f"--seed {args.seed}: must be an integer in [0, 2**63)")
-    if args.threads is not None and args.threads < 1:
-        raise ConfigError(f"--threads {args.threads}: must be an integer >= 1")
-    if not args.prompt:
-        raise ConfigError("--prompt must not be empty")
-    if not Path(args.checkpoint).exists():
-        raise ConfigError(f"--checkpoint {args.checkpoint}: no such file")
-
-
-def sample(args) -> str:
-    """Load the checkpoint, continue the prompt, print and return prompt + continuation."""
-    check_args(args)
-    device = train.check_device(args.device)
-    state = train.load_checkpoint(args.checkpoint)
-    fields = {f.name for f in train.dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in state["config"].items() if k in fields})
-    cfg.threads = args.threads
-    if args.scan_backend is not None:
-        cfg.scan_backend = args.scan_backend
-    train.set_threads(cfg, device)
-    train.resolved_scan_backend(cfg, device)
-    try:
-        model = train.build_model(cfg.model_kwargs())
-        model.load_state_dict(state["model"])
-    except (RuntimeError, ValueError, TypeError, KeyError) as e:
-        raise train.CheckpointError(f"{args.checkpoint}: its weights do not fit the model its config describes "
-                                    f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
-    model.to(device).eval()
-    prompt = args.prompt.encode("utf-8", errors="surrogateescape")
-    ids = torch.tensor(list(prompt), dtype=torch.long, device=device)[None]
-    t0 = time.perf_counter()
-    with train._seeded_rng(device, args.seed), train._autocast(device, args.bf16):
-        try:
-            out = model.generate(ids, args.length, temperature=args.temperature, top_k=args.top_k)
-        except ValueError as e:  # non-finite logits: weights saved from a diverged run
-            raise TrainError(f"{args.checkpoint}: {e}") from None
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - t0
-    text = train.printable(train.decode(list(prompt) + out[0].tolist()))
-    print(text)
-    print(f"sample.py: {args.length} bytes after a {len(prompt)}-byte prompt in {seconds:.2f} s "
-          f"(step {state['step']} of {args.checkpoint}, {device})", file=sys.stderr)
-    return text
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        sample(args)
-    except TrainError as e:
-        print(f"sample.py: {e}", file=sys.stderr)
-        return e.exit_code
-    except OSError as e:  # outside the files sample.py checks: e.g. no usable temporary folder for torch
-        print(f"sample.py: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:  # stdout closed early (| head): not an error of ours
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    return 0
-
+__all__ = ["build_parser", "check_args", "sample", "main"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,7 +1,7 @@
 """train.py under torchrun on the CPU (gloo): ranks share each batch, so N ranks of --batch-size B
 train as one process of --batch-size N x B; checkpoints are full and resume on another number of
 ranks, with DistributedDataParallel or FSDP2; rank 0 alone writes. Plus the pure pieces of
-gateloop_hybrid.distributed.
+gateloop_hybrid.training.distributed.
 
 The tiny model and data of tests/test_train.py; two ranks of one thread each.
 """
@@ -21,9 +21,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import sample  # noqa: E402
-import train  # noqa: E402
-from gateloop_hybrid import distributed  # noqa: E402
+import gateloop_hybrid.training as training  # noqa: E402
+from gateloop_hybrid.training import cli, distributed, resume  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -38,7 +37,7 @@ ROUNDING = dict(rel=2e-5)
 
 
 def one_process(out: Path, *extra: str) -> dict:
-    return train.train(*train.parse_train_args(["--out-dir", str(out), *TINY, *extra]))
+    return training.train(*training.parse_train_args(["--out-dir", str(out), *TINY, *extra]))
 
 
 def torchrun(ranks: int, out: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -62,13 +61,13 @@ def losses(out: Path) -> dict:
 
 
 def checkpoint(out: Path) -> dict:
-    return train.load_checkpoint(out / "checkpoint.pt")
+    return training.load_checkpoint(out / "checkpoint.pt")
 
 
 def sample_text(out: Path) -> str:
     args = ["--checkpoint", str(out / "checkpoint.pt"), "--prompt", "ABSURDITY, n. ", "--length", "12",
             "--device", "cpu", "--seed", "1"]
-    return sample.sample(sample.build_parser().parse_args(args))
+    return cli.sample(cli.build_sample_parser().parse_args(args))
 
 
 @pytest.fixture(scope="module")
@@ -191,8 +190,8 @@ def test_a_resume_that_would_change_the_data_stream_stops_every_rank_with_one_li
 
 def test_ranks_take_their_rows_of_one_global_batch():
     data = torch.arange(5000, dtype=torch.int64).to(torch.uint8)
-    whole = train.Sampler(data, seq_len=16, batch_size=6, seed=3)
-    ranks = [train.Sampler(data, seq_len=16, batch_size=2, seed=3, rank=r, world_size=3) for r in range(3)]
+    whole = training.Sampler(data, seq_len=16, batch_size=6, seed=3)
+    ranks = [training.Sampler(data, seq_len=16, batch_size=2, seed=3, rank=r, world_size=3) for r in range(3)]
     for _ in range(3):
         assert torch.equal(torch.cat([s.next() for s in ranks]), whole.next())
     assert all(torch.equal(s.state(), whole.state()) for s in ranks)
@@ -206,19 +205,19 @@ def test_ranks_take_their_rows_of_one_global_batch():
                    "pass --batch-size 4"),
 ])
 def test_resume_on_other_ranks_keeps_batch_size_times_ranks(saved, ranks, typed, want):
-    cfg = train.TrainConfig(batch_size=typed if typed is not None else 4)
+    cfg = training.TrainConfig(batch_size=typed if typed is not None else 4)
     given = {"batch_size"} if typed is not None else set()
     args = (cfg, given, dict(batch_size=saved[0]), saved[1], ranks)
     if isinstance(want, int):
-        assert train._resume_batch_size(*args) == want
+        assert resume.resume_batch_size(*args) == want
     else:
-        with pytest.raises(train.ConfigError, match=want.replace("(", r"\(").replace(")", r"\)")):
-            train._resume_batch_size(*args)
+        with pytest.raises(training.ConfigError, match=want.replace("(", r"\(").replace(")", r"\)")):
+            resume.resume_batch_size(*args)
 
 
 def test_fsdp_outside_torchrun_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    code = train.main(["--out-dir", str(tmp_path / "run"), *TINY, "--fsdp"])
+    code = cli.train_main(["--out-dir", str(tmp_path / "run"), *TINY, "--fsdp"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("train.py: --fsdp shards the model across the ranks of a torchrun") \
         and len(err.splitlines()) == 1, err

@@ -8,6 +8,7 @@ warm-up) to keep the suite fast; the backends themselves are tested elsewhere.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import gzip
 import json
@@ -16,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import zipfile
 from pathlib import Path
@@ -26,8 +28,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import sample  # noqa: E402
-import train  # noqa: E402
+import gateloop_hybrid.training as training  # noqa: E402
+from gateloop_hybrid.training import checkpoints, cli  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -46,8 +48,8 @@ SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8")
 def run_train(tmp_path: Path, *extra: str, name: str = "run") -> dict:
     out = tmp_path / name
     argv = ["--data", str(TEXT), "--out-dir", str(out), *TINY, *extra]
-    cfg, given = train.parse_train_args(argv)
-    return train.train(cfg, given)
+    cfg, given = training.parse_train_args(argv)
+    return training.train(cfg, given)
 
 
 def read_metrics(path: Path, kind: str) -> list[dict]:
@@ -65,9 +67,9 @@ def test_read_bytes_raw_gz_zip_agree(tmp_path):
     zp = tmp_path / "text.zip"
     with zipfile.ZipFile(zp, "w", compression=zipfile.ZIP_DEFLATED) as z:
         z.writestr("enwik8", raw)
-    assert train.read_bytes(TEXT) == (raw, TEXT.name)
-    assert train.read_bytes(gz) == (raw, "text")
-    assert train.read_bytes(zp) == (raw, "enwik8")  # the member's name, which picks the split
+    assert training.read_bytes(TEXT) == (raw, TEXT.name)
+    assert training.read_bytes(gz) == (raw, "text")
+    assert training.read_bytes(zp) == (raw, "enwik8")  # the member's name, which picks the split
 
 
 def test_zip_with_several_members_is_refused(tmp_path):
@@ -75,23 +77,23 @@ def test_zip_with_several_members_is_refused(tmp_path):
     with zipfile.ZipFile(zp, "w") as z:
         z.writestr("a", b"x")
         z.writestr("b", b"y")
-    with pytest.raises(train.DataError, match="exactly one"):
-        train.read_bytes(zp)
+    with pytest.raises(training.DataError, match="exactly one"):
+        training.read_bytes(zp)
 
 
 def test_split_enwik8_and_proportional():
     enwik8 = bytes(100_000_000)  # the size of the real thing; zeros are enough here
-    tr, va = train.split_data(enwik8, "enwik8")
+    tr, va = training.split_data(enwik8, "enwik8")
     assert (len(tr), len(va)) == (90_000_000, 5_000_000)
     del enwik8, tr, va
-    tr, va = train.split_data(bytes(range(256)) * 4, "other.txt")
+    tr, va = training.split_data(bytes(range(256)) * 4, "other.txt")
     assert len(tr) == 1024 * 90 // 95 and len(tr) + len(va) == 1024
     assert tr.dtype == torch.uint8 and int(va[0]) == len(tr) % 256  # contiguous, in order
 
 
 def test_missing_data_names_enwik8_and_downloads_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # no data/enwik8.gz here
-    assert train.main(["--out-dir", str(tmp_path / "run"), "--device", "cpu", "--threads", "1"]) == 2
+    assert cli.train_main(["--out-dir", str(tmp_path / "run"), "--device", "cpu", "--threads", "1"]) == 2
     msg = capsys.readouterr().err
     assert "http://mattmahoney.net/dc/enwik8.zip" in msg and "--data PATH" in msg
     assert "Hutter" in msg and "never downloads" in msg
@@ -100,8 +102,8 @@ def test_missing_data_names_enwik8_and_downloads_nothing(tmp_path, monkeypatch, 
 
 def test_sampler_windows_come_from_the_data_and_follow_the_seed():
     data = torch.arange(1000, dtype=torch.int64).to(torch.uint8)
-    a = train.Sampler(data, seq_len=16, batch_size=3, seed=5)
-    b = train.Sampler(data, seq_len=16, batch_size=3, seed=5)
+    a = training.Sampler(data, seq_len=16, batch_size=3, seed=5)
+    b = training.Sampler(data, seq_len=16, batch_size=3, seed=5)
     x = a.next()
     assert x.shape == (3, 17) and x.dtype == torch.int64
     assert torch.equal((x[:, 1:] - x[:, :-1]) % 256, torch.ones(3, 16, dtype=torch.int64))
@@ -140,21 +142,21 @@ def test_loss_falls_and_metrics_are_written(tmp_path):
     end, = read_metrics(metrics, "end")
     assert end["reason"] == "max_steps" and end["step"] == 30
     # the final checkpoint is written even with --ckpt-every 0
-    assert train.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 30
+    assert training.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 30
 
 
 def test_time_budget_stops_early(tmp_path):
     summary = run_train(tmp_path, "--max-steps", "100000", "--time-budget", "0.5",
                         "--val-every", "0", "--sample-every", "0")
     assert summary["reason"] == "time_budget" and 0 < summary["step"] < 100000
-    assert train.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == summary["step"]
+    assert training.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == summary["step"]
 
 
 def test_attention_baseline_trains(tmp_path):
     summary = run_train(tmp_path, "--attention", "--heads", "2", "--dim-head", "16", "--max-steps", "3",
                         "--val-every", "0", "--sample-every", "3")
     assert summary["step"] == 3
-    cfg = train.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["config"]
+    cfg = training.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["config"]
     assert cfg["attention"] is True
 
 
@@ -168,8 +170,8 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
     assert [second["losses"][s] for s in range(6, 11)] == [full["losses"][s] for s in range(6, 11)]  # exact
     assert second["val"][9] == full["val"][9]
 
-    a = train.load_checkpoint(tmp_path / "full" / "checkpoint.pt")
-    b = train.load_checkpoint(tmp_path / "split" / "checkpoint.pt")
+    a = training.load_checkpoint(tmp_path / "full" / "checkpoint.pt")
+    b = training.load_checkpoint(tmp_path / "split" / "checkpoint.pt")
     assert a["step"] == b["step"] == 10
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
@@ -191,8 +193,8 @@ def test_no_checkpoint_scan_trains_the_same_model(tmp_path):
     start = read_metrics(tmp_path / "stored" / "metrics.jsonl", "start")[0]
     assert start["config"]["checkpoint_scan"] is False
     for flag, expected in (("--checkpoint-scan", True), ("--no-checkpoint-scan", False)):
-        cfg, _ = train.parse_train_args([*TINY, flag])
-        model = train.build_model(cfg.model_kwargs())
+        cfg, _ = training.parse_train_args([*TINY, flag])
+        model = training.build_model(cfg.model_kwargs())
         mixers = [m for m in model.modules() if hasattr(m, "checkpoint_gate_looped_attn")]
         assert mixers and all(m.checkpoint_gate_looped_attn is expected for m in mixers)
 
@@ -205,9 +207,9 @@ def test_compile_trains_the_same_model(tmp_path):
     compiled = run_train(tmp_path, *common, "--compile", "default", name="compiled")
     assert [compiled["losses"][s] for s in range(1, 4)] == pytest.approx(
         [eager["losses"][s] for s in range(1, 4)], rel=1e-4)
-    with pytest.raises(train.ConfigError, match="--compile reduce-overhead: CUDA graphs need a CUDA device"):
+    with pytest.raises(training.ConfigError, match="--compile reduce-overhead: CUDA graphs need a CUDA device"):
         run_train(tmp_path, *common, "--compile", "reduce-overhead", name="graphs")
-    with pytest.raises(train.ConfigError, match="--compile fast: unknown mode"):
+    with pytest.raises(training.ConfigError, match="--compile fast: unknown mode"):
         run_train(tmp_path, *common, "--compile", "fast", name="bad")
 
 
@@ -234,13 +236,13 @@ def test_main_thread_backward_trains_the_same_and_restores_torchs_setting(tmp_pa
 
 def test_resume_refuses_a_different_model_and_fresh_run_refuses_to_overwrite(tmp_path):
     run_train(tmp_path, "--max-steps", "1", "--val-every", "0", "--sample-every", "0")
-    with pytest.raises(train.ConfigError, match="--resume to continue"):
+    with pytest.raises(training.ConfigError, match="--resume to continue"):
         run_train(tmp_path, "--max-steps", "2")
-    with pytest.raises(train.ConfigError, match="--dim 48 differs"):
+    with pytest.raises(training.ConfigError, match="--dim 48 differs"):
         run_train(tmp_path, "--max-steps", "2", "--resume", "--dim", "48")
-    with pytest.raises(train.ConfigError, match="no checkpoint"):
+    with pytest.raises(training.ConfigError, match="no checkpoint"):
         run_train(tmp_path, "--resume", name="nothing-here")
-    with pytest.raises(train.ConfigError, match="--scan-backend nope: .*unknown backend"):
+    with pytest.raises(training.ConfigError, match="--scan-backend nope: .*unknown backend"):
         run_train(tmp_path, "--scan-backend", "nope", name="bad-backend")
 
 
@@ -259,10 +261,9 @@ def test_checkpoint_opens_with_weights_only(tmp_path):
 DYING_DRIVER = textwrap.dedent("""
     import io, os, signal, sys
     sys.path.insert(0, {repo!r})
-    import torch
-    import train
+    from gateloop_hybrid.training import checkpoints, cli
 
-    real_write = train._write_all
+    real_write = checkpoints.write_all
     calls = 0
 
     def write_then_die_halfway(f, data):
@@ -276,8 +277,8 @@ DYING_DRIVER = textwrap.dedent("""
         os.fsync(f.fileno())
         os.kill(os.getpid(), signal.SIGKILL)
 
-    train._write_all = write_then_die_halfway
-    sys.exit(train.main(sys.argv[1:]))
+    checkpoints.write_all = write_then_die_halfway
+    sys.exit(cli.train_main(sys.argv[1:]))
 """)
 
 
@@ -293,17 +294,17 @@ def test_killed_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path):
     assert proc.returncode == -9, proc.stderr[-2000:]
     partial = out / ".checkpoint.pt.partial"
     assert partial.exists() and partial.stat().st_size > 0  # it really died mid-write
-    state = train.load_checkpoint(out / "checkpoint.pt")
+    state = training.load_checkpoint(out / "checkpoint.pt")
     assert state["step"] == 2  # the first checkpoint, whole
     # and the run resumes from it
     summary = run_train(tmp_path, "--max-steps", "6", "--resume")
     assert sorted(summary["losses"]) == [3, 4, 5, 6]
-    assert train.load_checkpoint(out / "checkpoint.pt")["step"] == 6
+    assert training.load_checkpoint(out / "checkpoint.pt")["step"] == 6
     assert not partial.exists()
 
 
 def test_ctrl_c_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path, monkeypatch, capsys):
-    real_write = train._write_all
+    real_write = checkpoints.write_all
     calls = []
 
     def write_then_interrupt(f, data):
@@ -313,13 +314,13 @@ def test_ctrl_c_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path, mon
         f.write(b"half a checkpoint")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "_write_all", write_then_interrupt)
+    monkeypatch.setattr(checkpoints, "write_all", write_then_interrupt)
     out = tmp_path / "run"
-    code = train.main(["--data", str(TEXT), "--out-dir", str(out), *TINY, "--max-steps", "6",
+    code = cli.train_main(["--data", str(TEXT), "--out-dir", str(out), *TINY, "--max-steps", "6",
                        "--ckpt-every", "2", "--val-every", "0", "--sample-every", "0"])
     assert code == 130
     assert "interrupted at step 4" in capsys.readouterr().err
-    assert train.load_checkpoint(out / "checkpoint.pt")["step"] == 2
+    assert training.load_checkpoint(out / "checkpoint.pt")["step"] == 2
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.jsonl"]  # no leftovers
 
 
@@ -329,22 +330,22 @@ def test_ctrl_c_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path, mon
 
 def test_optional_loggers_fail_clearly_when_missing(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard -> ImportError
-    with pytest.raises(train.ConfigError, match="--tensorboard needs the tensorboard package"):
+    with pytest.raises(training.ConfigError, match="--tensorboard needs the tensorboard package"):
         run_train(tmp_path, "--max-steps", "1", "--tensorboard")
     monkeypatch.setitem(sys.modules, "wandb", None)
-    with pytest.raises(train.ConfigError, match="--wandb needs the wandb package"):
+    with pytest.raises(training.ConfigError, match="--wandb needs the wandb package"):
         run_train(tmp_path, "--max-steps", "1", "--wandb", name="run2")
 
 
 def test_help_documents_every_flag(capsys):
     with pytest.raises(SystemExit) as e:
-        train.main(["--help"])
+        cli.train_main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for f in train.dataclasses.fields(train.TrainConfig):
+    for f in dataclasses.fields(training.TrainConfig):
         assert "--" + f.name.replace("_", "-") in text, f.name
     assert "enwik8.zip" in text and "sample.py" in text and "--preset" in text
-    for entry in (lambda: train.main(["sample", "--help"]), lambda: sample.main(["--help"])):
+    for entry in (lambda: cli.train_main(["sample", "--help"]), lambda: cli.sample_main(["--help"])):
         with pytest.raises(SystemExit) as e:
             entry()
         assert e.value.code == 0
@@ -366,8 +367,8 @@ def test_sampling_from_a_checkpoint_works_from_the_command_line(tmp_path):
     assert text.startswith(prompt) and len(proc.stdout) > len(prompt) + 20
     assert b"40 bytes after a 15-byte prompt" in proc.stderr
     # the same seed gives the same text, in-process too, and through train.py sample
-    assert sample.sample(sample.build_parser().parse_args(args)) + "\n" == text
-    assert train.main(["sample", *args]) == 0
+    assert cli.sample(cli.build_sample_parser().parse_args(args)) + "\n" == text
+    assert cli.train_main(["sample", *args]) == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,7 +388,7 @@ def test_resume_checks_the_merged_config_not_the_defaults(tmp_path, capsys):
     run_train(tmp_path, "--max-steps", "1", "--val-every", "0", "--sample-every", "0")
     out = tmp_path / "run"
     base = ["--data", str(TEXT), "--out-dir", str(out), "--device", "cpu", "--threads", "1"]
-    assert train.main([*base, "--resume", "--max-steps", "2", "--dim", "32"]) == 0
+    assert cli.train_main([*base, "--resume", "--max-steps", "2", "--dim", "32"]) == 0
     code, err = main_err(capsys, [*base, "--resume", "--max-steps", "3", "--lr", "nan"])
     assert code == 2 and err.splitlines()[-1] == "train.py: --lr nan: must be a finite number > 0", err
 
@@ -405,44 +406,44 @@ def test_resume_of_a_finished_run_says_so_and_changes_nothing(tmp_path, capsys):
 
 
 def test_preset_demo_fills_in_flags_that_were_not_typed(tmp_path):
-    cfg, given = train.parse_train_args(["--preset", "demo", "--max-steps", "3", "--dim", "64"])
-    cfg = train.apply_preset(cfg, given)
-    demo = train.PRESETS["demo"]
+    cfg, given = training.parse_train_args(["--preset", "demo", "--max-steps", "3", "--dim", "64"])
+    cfg = training.apply_preset(cfg, given)
+    demo = training.PRESETS["demo"]
     assert cfg.max_steps == 3 and cfg.dim == 64  # typed flags win
     assert cfg.depth == demo["depth"] and cfg.seq_len == demo["seq_len"] and cfg.device == "cpu"
-    assert Path(cfg.data) == train.DEMO_TEXT and train.DEMO_TEXT.is_file()
-    train.check_config(cfg)
-    with pytest.raises(train.ConfigError, match="--preset nope: unknown"):
-        train.apply_preset(train.parse_train_args(["--preset", "nope"])[0], set())
+    assert Path(cfg.data) == training.DEMO_TEXT and training.DEMO_TEXT.is_file()
+    training.check_config(cfg)
+    with pytest.raises(training.ConfigError, match="--preset nope: unknown"):
+        training.apply_preset(training.parse_train_args(["--preset", "nope"])[0], set())
 
 
 def test_preset_demo_trains_and_samples(tmp_path, capsys):
     out = tmp_path / "demo"
-    summary = train.train(*train.parse_train_args(
+    summary = training.train(*training.parse_train_args(
         ["--preset", "demo", "--out-dir", str(out), "--max-steps", "2", "--val-every", "0", "--sample-every", "2",
          "--gen-len", "16", "--threads", "1"]))
     assert summary["step"] == 2
     assert "--- step 2 sample ---" in capsys.readouterr().out
-    assert train.load_checkpoint(out / "checkpoint.pt")["config"]["preset"] == "demo"
+    assert training.load_checkpoint(out / "checkpoint.pt")["config"]["preset"] == "demo"
 
 
 def test_default_threads_leave_busy_cores_alone(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     monkeypatch.setattr(os, "getloadavg", lambda: (3.2, 0.0, 0.0))
-    assert train.default_threads() == 1
+    assert training.default_threads() == 1
     monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.0, 0.0))
-    assert train.default_threads() == 4
+    assert training.default_threads() == 4
     monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 0.0, 0.0))
-    assert train.default_threads() == 1
+    assert training.default_threads() == 1
     before = torch.get_num_threads()
     try:
-        cfg = train.TrainConfig(threads=3)
-        assert train.set_threads(cfg, torch.device("cpu")) == 3
+        cfg = training.TrainConfig(threads=3)
+        assert training.set_threads(cfg, torch.device("cpu")) == 3
         monkeypatch.setenv("OMP_NUM_THREADS", "2")
         torch.set_num_threads(2)
-        assert train.set_threads(train.TrainConfig(), torch.device("cpu")) == 2  # the environment wins
+        assert training.set_threads(training.TrainConfig(), torch.device("cpu")) == 2  # the environment wins
         monkeypatch.delenv("OMP_NUM_THREADS")
-        assert train.set_threads(train.TrainConfig(), torch.device("cpu")) == 1  # load 9 on 4 cores
+        assert training.set_threads(training.TrainConfig(), torch.device("cpu")) == 1  # load 9 on 4 cores
     finally:
         torch.set_num_threads(before)
 
@@ -452,7 +453,7 @@ def test_default_threads_leave_busy_cores_alone(monkeypatch):
 
 
 def main_err(capsys, argv) -> tuple[int, str]:
-    code = train.main(argv)
+    code = cli.train_main(argv)
     return code, capsys.readouterr().err.strip()
 
 
@@ -477,7 +478,7 @@ def test_bad_flags_stop_in_one_line_with_exit_code_2(tmp_path, capsys, flag, val
 
 def test_unparseable_flag_is_one_line_not_the_whole_usage(capsys):
     with pytest.raises(SystemExit) as e:
-        train.main(["--batch-size", "many"])
+        cli.train_main(["--batch-size", "many"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--batch-size" in err and "'many'" in err
@@ -511,16 +512,16 @@ def test_output_folder_that_cannot_be_written_is_refused_before_training(tmp_pat
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
-    monkeypatch.setattr(train.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
     steps = []
-    monkeypatch.setattr(train._Run, "train_step", lambda self: steps.append(1))
+    monkeypatch.setattr(training.Run, "train_step", lambda self: steps.append(1))
     code, err = main_err(capsys, ["--data", str(TEXT), "--out-dir", str(tmp_path / "ro"), *TINY])
     assert code == 1 and "read-only file system" in err and not steps, err
 
 
 def test_too_little_disk_for_two_checkpoints_is_refused_before_training(tmp_path, capsys, monkeypatch):
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(train.shutil, "disk_usage", lambda p: usage._replace(free=100_000))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=100_000))
     out = tmp_path / "run"
     code, err = main_err(capsys, ["--data", str(TEXT), "--out-dir", str(out), *TINY])
     assert code == 1 and len(err.splitlines()) == 1 and "MiB free" in err and "--out-dir" in err, err
@@ -528,7 +529,7 @@ def test_too_little_disk_for_two_checkpoints_is_refused_before_training(tmp_path
 
 
 def test_full_disk_while_checkpointing_says_so_and_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
-    real_write = train._write_all
+    real_write = checkpoints.write_all
     calls = []
 
     def fill_the_disk(f, data):
@@ -538,7 +539,7 @@ def test_full_disk_while_checkpointing_says_so_and_keeps_the_previous_checkpoint
         f.write(bytes(data[:1000]))
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(train, "_write_all", fill_the_disk)
+    monkeypatch.setattr(checkpoints, "write_all", fill_the_disk)
     out = tmp_path / "run"
     code, err = main_err(capsys, ["--data", str(TEXT), "--out-dir", str(out), *TINY, "--max-steps", "6",
                                   "--ckpt-every", "2", "--val-every", "0", "--sample-every", "0"])
@@ -546,10 +547,10 @@ def test_full_disk_while_checkpointing_says_so_and_keeps_the_previous_checkpoint
     assert code == 1 and last.startswith("train.py: step 4: cannot write the checkpoint") and "disk full" in last, err
     assert "still holds step 2, whole" in last
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.jsonl"]  # no partial file left
-    assert train.load_checkpoint(out / "checkpoint.pt")["step"] == 2
+    assert training.load_checkpoint(out / "checkpoint.pt")["step"] == 2
     end = read_metrics(out / "metrics.jsonl", "end")[-1]
     assert end["reason"] == "CheckpointError" and end["step"] == 4
-    monkeypatch.setattr(train, "_write_all", real_write)  # space again: the run resumes
+    monkeypatch.setattr(checkpoints, "write_all", real_write)  # space again: the run resumes
     assert run_train(tmp_path, "--max-steps", "6", "--resume")["step"] == 6
 
 
@@ -579,14 +580,14 @@ def test_a_real_failed_write_ends_the_process_with_one_line(tmp_path):
 def test_diverged_training_stops_without_overwriting_the_checkpoint(tmp_path, capsys, monkeypatch):
     run_train(tmp_path, "--max-steps", "2", "--val-every", "0", "--sample-every", "0")
     good = (tmp_path / "run" / "checkpoint.pt").read_bytes()
-    real_step = train._Run.train_step
+    real_step = training.Run.train_step
 
     def poisoned_step(self):
         loss, tps = real_step(self)
         with torch.no_grad():
             next(self.model.parameters()).fill_(float("nan"))
         return loss, tps
-    monkeypatch.setattr(train._Run, "train_step", poisoned_step)
+    monkeypatch.setattr(training.Run, "train_step", poisoned_step)
     code, err = main_err(capsys, ["--data", str(TEXT), "--out-dir", str(tmp_path / "run"), *TINY, "--resume",
                                   "--max-steps", "5", "--ckpt-every", "1"])
     assert code == 1 and "no longer finite at step 3" in err.splitlines()[-1] and "holds step 2" in err, err
@@ -671,28 +672,28 @@ def test_a_flipped_bit_in_a_checkpoint_is_refused(tmp_path, where):
     path, state = _a_checkpoint(tmp_path)
     tensor = state["model"]["token_emb.weight"] if where == "weight" else state["optimizer"]["state"][0]["exp_avg"]
     _flip_inside(path, tensor)
-    with pytest.raises(train.CheckpointError, match="do not match the checksum") as e:
-        train.load_checkpoint(path)
+    with pytest.raises(training.CheckpointError, match="do not match the checksum") as e:
+        training.load_checkpoint(path)
     assert str(path) in str(e.value) and "weights_only" not in str(e.value)
-    with pytest.raises(train.CheckpointError):
+    with pytest.raises(training.CheckpointError):
         run_train(tmp_path, "--max-steps", "3", "--resume")
 
 
 def test_flipped_bytes_anywhere_are_refused_or_harmless(tmp_path):
     path, state = _a_checkpoint(tmp_path)
     raw = path.read_bytes()
-    expected = train.content_checksum(state)
+    expected = training.content_checksum(state)
     damaged = tmp_path / "damaged.pt"
     for offset in range(0, len(raw), max(1, len(raw) // 60)):
         flipped = bytearray(raw)
         flipped[offset] ^= 0xFF
         damaged.write_bytes(bytes(flipped))
         try:
-            loaded = train.load_checkpoint(damaged)
-        except train.CheckpointError as e:
+            loaded = training.load_checkpoint(damaged)
+        except training.CheckpointError as e:
             assert str(damaged) in str(e) and "weights_only" not in str(e) and "\n" not in str(e)
             continue
-        assert train.content_checksum(loaded) == expected, offset  # a byte the contents never depended on
+        assert training.content_checksum(loaded) == expected, offset  # a byte the contents never depended on
 
 
 def test_truncated_and_foreign_checkpoints_are_refused_in_one_line(tmp_path, capsys):
@@ -702,17 +703,17 @@ def test_truncated_and_foreign_checkpoints_are_refused_in_one_line(tmp_path, cap
     for name, content in cases.items():
         bad = tmp_path / f"{name}.pt"
         bad.write_bytes(content)
-        with pytest.raises(train.CheckpointError, match="damaged or is not a checkpoint") as e:
-            train.load_checkpoint(bad)
+        with pytest.raises(training.CheckpointError, match="damaged or is not a checkpoint") as e:
+            training.load_checkpoint(bad)
         assert "weights_only" not in str(e.value)
     pickled = tmp_path / "pickled.pt"
-    torch.save({"format": train.CHECKPOINT_FORMAT, "x": NotATensor()}, pickled)  # a class: code to run
-    with pytest.raises(train.CheckpointError, match="does not read as tensors and plain values") as e:
-        train.load_checkpoint(pickled)
+    torch.save({"format": training.CHECKPOINT_FORMAT, "x": NotATensor()}, pickled)  # a class: code to run
+    with pytest.raises(training.CheckpointError, match="does not read as tensors and plain values") as e:
+        training.load_checkpoint(pickled)
     assert "weights_only" not in str(e.value)
     # from the command line: one line, naming the file
     capsys.readouterr()
-    assert sample.main(["--checkpoint", str(tmp_path / "half.pt"), "--prompt", "x", "--device", "cpu"]) == 1
+    assert cli.sample_main(["--checkpoint", str(tmp_path / "half.pt"), "--prompt", "x", "--device", "cpu"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "half.pt" in err
 
@@ -727,10 +728,10 @@ def test_sample_with_a_missing_checkpoint_or_bad_flags_is_one_line(tmp_path, cap
         (["--checkpoint", str(TEXT), "--prompt", "x", "--device", "cuda:99"], "--device cuda:99"),
     ]
     for argv, named in cases:
-        assert sample.main([*argv, "--device", "cpu"] if "--device" not in argv else argv) == 2, argv
+        assert cli.sample_main([*argv, "--device", "cpu"] if "--device" not in argv else argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("sample.py: ") and named in err, (argv, err)
-    assert sample.main(["--checkpoint", str(TEXT), "--prompt", "x", "--device", "cpu"]) == 1  # not a checkpoint
+    assert cli.sample_main(["--checkpoint", str(TEXT), "--prompt", "x", "--device", "cpu"]) == 1  # not a checkpoint
     assert "damaged or is not a checkpoint" in capsys.readouterr().err
 
 
@@ -738,8 +739,8 @@ def test_sample_with_a_tiny_temperature_is_greedy(tmp_path):
     run_train(tmp_path, "--max-steps", "2", "--val-every", "0", "--sample-every", "0")
     base = ["--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--prompt", "The ", "--length", "12",
             "--device", "cpu", "--threads", "1"]
-    greedy = sample.sample(sample.build_parser().parse_args([*base, "--temperature", "0"]))
-    tiny = sample.sample(sample.build_parser().parse_args([*base, "--temperature", "1e-45"]))
+    greedy = cli.sample(cli.build_sample_parser().parse_args([*base, "--temperature", "0"]))
+    tiny = cli.sample(cli.build_sample_parser().parse_args([*base, "--temperature", "1e-45"]))
     assert tiny == greedy
 
 
@@ -770,12 +771,12 @@ def test_jax_trains_the_torch_model_and_its_checkpoint_loads_in_torch(tmp_path):
     assert read_metrics(tmp_path / "jax" / "metrics.jsonl", "start")[0]["device"] == "jax:cpu:0"
     assert len(read_metrics(tmp_path / "jax" / "metrics.jsonl", "sample")[0]["text"]) > 0
 
-    state = train.load_checkpoint(tmp_path / "jax" / "checkpoint.pt")
-    assert state["format"] == train.CHECKPOINT_FORMAT and state["step"] == 6
-    cfg = train.TrainConfig(**state["config"])
-    model = train.build_model(cfg.model_kwargs())
+    state = training.load_checkpoint(tmp_path / "jax" / "checkpoint.pt")
+    assert state["format"] == training.CHECKPOINT_FORMAT and state["step"] == 6
+    cfg = training.TrainConfig(**state["config"])
+    model = training.build_model(cfg.model_kwargs())
     model.load_state_dict(state["model"], strict=True)
-    batch = train.Sampler(train.split_data(TEXT.read_bytes(), TEXT.name)[1], cfg.seq_len, 3, seed=7).next()
+    batch = training.Sampler(training.split_data(TEXT.read_bytes(), TEXT.name)[1], cfg.seq_len, 3, seed=7).next()
     with torch.no_grad():
         torch_loss = model(batch, return_loss=True).item()
     jax_model = glj.from_torch_state_dict(state["model"], **cfg.model_kwargs())
@@ -783,7 +784,7 @@ def test_jax_trains_the_torch_model_and_its_checkpoint_loads_in_torch(tmp_path):
 
     args = ["--checkpoint", str(tmp_path / "jax" / "checkpoint.pt"), "--prompt", "ABASEMENT", "--length", "12",
             "--device", "cpu"]
-    assert sample.sample(sample.build_parser().parse_args(args)).startswith("ABASEMENT")
+    assert cli.sample(cli.build_sample_parser().parse_args(args)).startswith("ABASEMENT")
 
 
 def test_jax_resume_continues_exactly_and_takes_a_torch_checkpoint(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Training on several processes (torchrun): the torch.distributed pieces train.py uses, in one place.
+"""Training on several processes (torchrun): the torch.distributed pieces of a run, in one place.
 
     torchrun --nproc_per_node N train.py ...           # DistributedDataParallel, one GPU per rank
     torchrun --nproc_per_node N train.py --fsdp ...    # FSDP2 (torch.distributed.fsdp.fully_shard)
@@ -14,7 +14,7 @@ that form (with FSDP2 through ``torch.distributed.checkpoint.state_dict``, onto 
 and ``load_full_state`` scatters it back.
 
 Every rank runs the same collectives in the same order: the functions below that communicate
-(``mean``, ``any_rank``, ``from_main``, ``barrier``) are called on every rank or on none.
+(``mean``, ``any_rank``, ``from_main``, ``gather``, ``barrier``) are called on every rank or on none.
 """
 
 from __future__ import annotations
@@ -53,6 +53,26 @@ def launched(env: Mapping[str, str] = os.environ) -> bool:
     return "WORLD_SIZE" in env
 
 
+RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT")  # what torch.distributed's env:// start needs besides the ranks
+
+
+def check_launch_env(env: Mapping[str, str] = os.environ) -> None:
+    """ValueError, naming the variables and their values, when the environment is not one torchrun
+    sets up: a rank without WORLD_SIZE, ranks out of range, or no rendezvous address."""
+    if not launched(env):
+        stray = [f"{name}={env[name]}" for name in ("RANK", "LOCAL_RANK") if name in env]
+        if stray:
+            raise ValueError(f"{' and '.join(stray)} {'is' if len(stray) == 1 else 'are'} set but WORLD_SIZE is not: "
+                             "start the ranks with torchrun (which sets all of them), or unset "
+                             f"{' and '.join(s.split('=')[0] for s in stray)} to train in one process")
+        return
+    rank, _, size, _ = ranks_from_env(env)
+    missing = [name for name in RENDEZVOUS if not env.get(name)]
+    if missing:
+        raise ValueError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set (WORLD_SIZE={size}, "
+                         f"RANK={rank}): the ranks cannot find each other; start them with torchrun")
+
+
 def ranks_from_env(env: Mapping[str, str] = os.environ) -> tuple[int, int, int, int]:
     """(rank, local_rank, world_size, local_world_size) from torchrun's environment; ValueError
     naming the variable when one is missing or out of range."""
@@ -70,7 +90,9 @@ def ranks_from_env(env: Mapping[str, str] = os.environ) -> tuple[int, int, int, 
             raise ValueError(f"{name}={text!r} is not an integer") from None
     size, rank, local_rank = values["WORLD_SIZE"], values["RANK"], values["LOCAL_RANK"]
     local_size = values["LOCAL_WORLD_SIZE"] or size
-    if size < 1 or not 0 <= rank < size:
+    if size < 1:
+        raise ValueError(f"WORLD_SIZE={size}: need at least 1")
+    if not 0 <= rank < size:
         raise ValueError(f"RANK={rank} and WORLD_SIZE={size}: need 0 <= RANK < WORLD_SIZE")
     if not 0 <= local_rank < local_size:
         raise ValueError(f"LOCAL_RANK={local_rank} and LOCAL_WORLD_SIZE={local_size}: need 0 <= LOCAL_RANK < "
@@ -115,12 +137,16 @@ def start(device: torch.device, env: Mapping[str, str] = os.environ) -> tuple[Wo
     return World(rank, local_rank, size, local_size, backend), device
 
 
-def stop(world: World) -> None:
-    """Leave the process group. No barrier: a rank that stops on an error of its own leaves at once,
-    and torchrun then stops the others (a barrier would wait for ranks that never come)."""
+def stop(world: World, finished: bool = False) -> None:
+    """Leave the process group. ``finished``: every rank ended the run normally, and they wait for
+    each other before leaving, so that none tears the group down while another still uses it.
+    Otherwise no barrier: a rank that stops on an error of its own leaves at once, and torchrun then
+    stops the others (a barrier would wait for ranks that never come)."""
     import torch.distributed as dist
 
     if world.distributed and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -291,6 +317,17 @@ def from_main(world: World, obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather(world: World, obj) -> list:
+    """Every rank's ``obj`` (any picklable value), in rank order, on every rank."""
+    if not world.distributed:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * world.size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier(world: World) -> None:
