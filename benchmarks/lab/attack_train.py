@@ -48,6 +48,7 @@ import torch  # noqa: E402
 
 import sample  # noqa: E402
 import train  # noqa: E402
+from gateloop_hybrid.training import checkpoints  # noqa: E402
 from gateloop_hybrid import (  # noqa: E402
     CausalFullAttention, GateLoopedAttention, RMSNorm, SimpleGateLoopLayer, Transformer,
 )
@@ -448,8 +449,9 @@ def attack_kill_in_write(tmp: Path, attempts: int, rng: random.Random) -> None:
         import os, signal, sys
         sys.path.insert(0, {str(REPO)!r})
         import train
+        from gateloop_hybrid.training import checkpoints
         nth, fraction = int(sys.argv[1]), float(sys.argv[2])
-        real, calls = train._write_all, []
+        real, calls = checkpoints.write_all, []
         def die_in_write(f, data):
             calls.append(1)
             if len(calls) < nth:
@@ -458,7 +460,7 @@ def attack_kill_in_write(tmp: Path, attempts: int, rng: random.Random) -> None:
             f.flush()
             os.fsync(f.fileno())
             os.kill(os.getpid(), signal.SIGKILL)
-        train._write_all = die_in_write
+        checkpoints.write_all = die_in_write
         sys.exit(train.main(sys.argv[3:]))
     """))
     for i in range(attempts):
@@ -564,7 +566,7 @@ def judge_failed_write(code, err, out: Path, held_step) -> tuple[str, str]:
 def attack_disk(tmp: Path, mount_ok: bool, rng: random.Random) -> None:
     size = ckpt_size()
     # simulated ENOSPC/EDQUOT/EIO at the n-th checkpoint write, in-process
-    real = train._write_all
+    real = checkpoints.write_all
     for nth in (1, 2, 3, 5):
         for err_no in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS):
             calls = []
@@ -575,14 +577,14 @@ def attack_disk(tmp: Path, mount_ok: bool, rng: random.Random) -> None:
                     return real(f, data)
                 f.write(bytes(data[: len(data) // 3]))
                 raise OSError(err_no, os.strerror(err_no))
-            train._write_all = failing
+            checkpoints.write_all = failing
             out = tmp / f"enospc{nth}-{err_no}"
             shutil.rmtree(out, ignore_errors=True)
             try:
                 code, err = run_main(train.main, ["--data", str(TEXT), "--out-dir", str(out), *TINY,
                                                   "--max-steps", "6", "--ckpt-every", "1"])
             finally:
-                train._write_all = real
+                checkpoints.write_all = real
             outcome, detail = judge_failed_write(code, err, out, nth - 1 if nth > 1 else None)
             if outcome == "clear" and (out / ".checkpoint.pt.partial").exists():
                 outcome, detail = "unclear", "a partial file was left behind"
@@ -688,7 +690,8 @@ def attack_readonly(tmp: Path, mount_ok: bool) -> None:
                 import subprocess, sys
                 sys.path.insert(0, {str(REPO)!r})
                 import train
-                real = train.save_checkpoint
+                from gateloop_hybrid.training import checkpoints
+                real = checkpoints.save_checkpoint
                 calls = []
                 def save_then_remount(*args, **kwargs):
                     calls.append(1)
@@ -696,7 +699,7 @@ def attack_readonly(tmp: Path, mount_ok: bool) -> None:
                         subprocess.run(["mount", "--bind", {str(fs)!r}, {str(fs)!r}], check=True)
                         subprocess.run(["mount", "-o", "remount,bind,ro", {str(fs)!r}], check=True)
                     return real(*args, **kwargs)
-                train.save_checkpoint = save_then_remount
+                checkpoints.save_checkpoint = save_then_remount
                 sys.exit(train.main(sys.argv[1:]))
             """))
             proc = subprocess.run([sys.executable, str(driver), "--data", str(TEXT), "--out-dir", str(out), *TINY,
