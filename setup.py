@@ -18,18 +18,24 @@ setup(
         "jaxlib>=0.7",
         "einops>=0.7",
         "numpy",
+        "absl-py",             # Pallas's Mosaic GPU interpret mode: bridge.MosaicKernel on CPU tensors
     ],
     extras_require={
         # JAX with its CUDA 13 plugin, for CUDA tensors (the jax and pallas scan backends on GPU);
-        # Mosaic GPU (the launcher, Hopper and newer) needs jaxlib >= 0.11.1 and absl-py.
-        "cuda": ["jax[cuda13]>=0.7", "absl-py"],
-        "cuda12": ["jax[cuda12]>=0.7", "absl-py"],
-        # absl-py: Pallas's Mosaic GPU interpret mode, which runs the kernels' tests on CPU
+        # Mosaic GPU (the launcher, Hopper and newer) needs jaxlib >= 0.11.1.
+        "cuda": ["jax[cuda13]>=0.7"],
+        "cuda12": ["jax[cuda12]>=0.7"],
         # the model in pure JAX (gateloop_hybrid.jax) and its training step (train.py --framework jax)
         "jax": ["equinox>=0.11", "optax>=0.2"],
         "test": ["pytest>=7", "pytest-xdist", "gateloop-transformer==0.2.5", "rotary-embedding-torch",
-                 "absl-py", "equinox>=0.11", "optax>=0.2"],
+                 "equinox>=0.11", "optax>=0.2"],
         "bench": ["tqdm", "matplotlib"],
         "train": ["tqdm"],
+    },
+    entry_points={
+        "console_scripts": [
+            "gateloop-train = gateloop_hybrid.training.cli:train_main",    # python train.py
+            "gateloop-sample = gateloop_hybrid.training.cli:sample_main",  # python sample.py
+        ],
     },
 )
