@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 import harness
+import plots
 from gateloop_hybrid import Transformer
 
 MODELS = ("gateloop", "attention", "seed-gateloop", "seed-attention")
@@ -184,34 +185,6 @@ def summary(rows: list[dict]) -> list[str]:
     return out
 
 
-def plot(rows: list[dict], env: dict, path: str):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ok = [r for r in rows if "error" not in r]
-    groups = sorted({(r["dim"], r["depth"], r["seq"], r["precision"]) for r in ok})
-    series = sorted({(r["model"], r["mode"]) for r in ok}, key=lambda s: (MODELS.index(s[0]), MODES.index(s[1])))
-    if not groups or not series:
-        return
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups) * max(1, len(series)) / 3), 4.5))
-    width = 0.8 / len(series)
-    for i, (model, mode) in enumerate(series):
-        ys = []
-        for g in groups:
-            match = [r for r in ok if (r["dim"], r["depth"], r["seq"], r["precision"]) == g
-                     and (r["model"], r["mode"]) == (model, mode)]
-            ys.append(match[0]["tokens_per_s"] / 1e3 if match else 0)
-        ax.bar([j + i * width for j in range(len(groups))], ys, width, label=f"{model} [{mode}]")
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
-    ax.set_xticklabels([f"{d}x{L}\nseq {s}\n{p}" for d, L, s, p in groups])
-    ax.set_ylabel("training tokens/s (thousands)")
-    ax.set_title(f"{env['device_name']}, {env['date'][:10]}", fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -272,13 +245,13 @@ def main(argv=None):
                     lines.append(format_row(row))
                     print(lines[-1], flush=True)
                     if args.json:
-                        Path(args.json).write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+                        Path(args.json).write_text(json.dumps({"env": env, "rows": rows}, separators=(",", ":")))
     lines += ["", "fastest mode per model:", *summary(rows)]
     print("\n".join(lines[-len(summary(rows)) - 2:]))
     if args.text:
         Path(args.text).write_text("\n".join(lines) + "\n")
     if args.plot:
-        plot(rows, env, args.plot)
+        plots.model_speed(rows, env, args.plot)
     return rows
 
 

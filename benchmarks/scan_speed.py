@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 import harness
+import plots
 import scan_impls
 from gateloop_hybrid.scan.reference import scan_reference, scan_reference_vjp
 from scan_impls import Case
@@ -339,56 +340,6 @@ def table(meta, rows) -> str:
     return "\n".join(lines)
 
 
-def plot(meta, rows, path):
-    """Time against N, log-log: one panel per dtype and pass, one line per implementation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    # the N sweep: the (B, D) pair with the most sequence lengths
-    counts: dict = {}
-    for r in rows:
-        counts.setdefault((r["B"], r["D"]), set()).add(r["N"])
-    (B, D), ns = max(counts.items(), key=lambda kv: (len(kv[1]), kv[0]))
-    ns = sorted(ns)
-    dtypes = [d for d in DTYPES if any(r["dtype"] == d for r in rows)]
-    names = list(dict.fromkeys(r["impl"] for r in rows))
-    cmap = plt.get_cmap("tab10")
-    style = {n: dict(color=cmap(i % 10), marker="osD^v<>ph*"[i % 10], ms=4,
-                     ls="-" if i < 10 else "-.") for i, n in enumerate(names)}
-    fig, axes = plt.subplots(2, len(dtypes), figsize=(6 * len(dtypes), 8.5), squeeze=False)
-    handles = {}
-    for j, dt in enumerate(dtypes):
-        c_bytes = {n: Case(B, n, D, dt).tensor_bytes for n in ns}
-        for i, (which, k) in enumerate((("fwd", 3), ("fwdbwd", 8))):
-            ax = axes[i][j]
-            for name in names:
-                pts = sorted((r["N"], r[which]["median_ms"]) for r in rows
-                             if r["impl"] == name and r["dtype"] == dt and r["B"] == B
-                             and r["D"] == D and r.get(which) and "median_ms" in r[which])
-                if pts:
-                    handles[name], = ax.plot(*zip(*pts), label=name, **style[name])
-            handles["floor"], = ax.plot(ns, [k * c_bytes[n] / meta["bandwidth"] * 1e3 for n in ns],
-                                        "k--", lw=2, label="memory floor (3x / 8x one tensor's "
-                                        f"bytes at {meta['bandwidth_GBps']:.0f} GB/s)")
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("sequence length N")
-            ax.set_ylabel("ms (median)")
-            ax.set_title(f"{dt}, {'forward' if which == 'fwd' else 'forward+backward'}, "
-                         f"B={B}, D={D}", fontsize=10)
-            ax.grid(True, which="both", alpha=0.3)
-    fig.legend(handles.values(), [h.get_label() for h in handles.values()], loc="lower center", ncol=3, fontsize=8,
-               frameon=False)
-    fig.suptitle(f"GateLoop scan h_t = a_t h_(t-1) + x_t: {meta['device_name']}, {meta['date'][:10]}",
-                 fontsize=10)
-    rows_of_legend = -(-len(handles) // 3)
-    fig.tight_layout(rect=(0, 0.025 * rows_of_legend + 0.02, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 # --------------------------------------------------------------------------------------------
 
 
@@ -649,12 +600,12 @@ def main(argv=None):
     if args.from_json:
         data = merge_runs([json.loads(Path(f).read_text()) for f in args.from_json.split(",") if f])
         if args.json:
-            Path(args.json).write_text(json.dumps(data, indent=1))
+            Path(args.json).write_text(json.dumps(data, separators=(",", ":")))
         print(table(data["meta"], data["results"]))
         if data["meta"].get("host"):
             print(host_table(data["meta"]["host"]))
         if args.plot:
-            plot(data["meta"], data["results"], args.plot)
+            plots.scan_speed(data["meta"], data["results"], args.plot)
         return 0
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -709,7 +660,7 @@ def main(argv=None):
     def save():
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+            Path(args.json).write_text(json.dumps({"meta": meta, "results": rows}, separators=(",", ":")))
 
     def on_term(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
@@ -759,7 +710,7 @@ def main(argv=None):
             print(host_table(meta["host"]), flush=True)
         if args.plot and rows:
             try:
-                plot(meta, rows, args.plot)
+                plots.scan_speed(meta, rows, args.plot)
             except Exception as e:
                 print(f"# plot failed: {type(e).__name__}: {e}", file=sys.stderr)
     return 0
