@@ -142,7 +142,7 @@ def size_and_hash(fp: dict) -> str:
 
 def describe_fingerprint(fp: dict) -> str:
     """A fingerprint in a few words: path, size and the start of its hash."""
-    return f"{fp.get('path')}, {size_and_hash(fp)}"
+    return f"{fp.get('path')} ({size_and_hash(fp)})"
 
 
 class Sampler:

@@ -85,7 +85,9 @@ def train(cfg: TrainConfig, given: set[str] = frozenset()) -> dict:
     """
     try:
         cfg = apply_preset(cfg, given)
-        if not cfg.resume:  # a resumed config is checked once merged with the checkpoint's
+        # a resumed config is checked once merged with the checkpoint's; ranks check theirs together,
+        # once they can talk, so that a flag out of range on one rank stops all of them
+        if not cfg.resume and not distributed.launched():
             check_config(cfg)
         world, device = start_world(cfg)
     except ConfigError as e:  # the same flags on every rank
@@ -110,6 +112,8 @@ def run_training(cfg: TrainConfig, given: set[str], world, device: torch.device)
     error = facts = state = data_fp = None
     notes = []
     try:
+        if world.distributed and not cfg.resume:
+            check_config(cfg)
         cfg, state = resolve_config(cfg, given, world.size)
         data_fp = fingerprint(resolve_data_path(cfg.data))
         if state is not None:

@@ -89,8 +89,8 @@ def check_resumed_data(cfg: TrainConfig, state: dict, fp: dict, ckpt_path: Path)
         what = (f"--data {name} has changed since {ckpt_path} was trained on it (then {size_and_hash(saved)}, "
                 f"now {size_and_hash(fp)})")
     else:
-        what = (f"--data {name} ({size_and_hash(fp)}) is not the data {ckpt_path} was trained on "
-                f"({describe_fingerprint(saved)})")
+        what = (f"--data {name} ({size_and_hash(fp)}) is not the data {ckpt_path} was trained on, "
+                f"{describe_fingerprint(saved)}")
     if not cfg.allow_data_change:
         raise DataError(f"--resume: {what}; pass --allow-data-change to train on it anyway")
     return f"--allow-data-change: {what}; training goes on with it"
