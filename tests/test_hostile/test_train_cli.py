@@ -1,31 +1,25 @@
-"""Attack train.py, sample.py and the torch layers, and count how each attempt ends.
+"""Hostile inputs to train.py, sample.py and the torch layers: bad flags, damaged data and
+checkpoints, kill -9, full and read-only disks, bad generate and layer calls. Every attempt must
+give the right result or stop with one clear error; each ends in one of hostile_tally's outcomes:
 
-Every attempt ends in one of four ways:
-    right   the result is right (a run that should train trains, with the value asked for; a
-            damaged checkpoint whose damage changed nothing loads with the original contents)
-    clear   it stops with one clear error: a named exception (or, on the command line, one line on
-            stderr and a nonzero exit code), whose message names the argument or file
-    silent  a wrong result without an error (the count that must be zero)
-    unclear any other failure: a traceback, a message that names nothing, a hang (must be zero)
+    right            the result is right (a run that should train trains, with the value asked for;
+                     a damaged checkpoint whose damage changed nothing loads with the original contents)
+    refused clearly  one clear error: a named exception or, on the command line, one line on stderr
+                     and a nonzero exit code, whose message names the argument or file
+    silent wrong     a wrong result without an error
+    unclear          any other failure: a traceback, a message that names nothing, a hang
 
-    python benchmarks/lab/attack_train.py                 # everything this machine allows
-    python benchmarks/lab/attack_train.py --only flags,checkpoint --json attack.json
-
-Categories: flags (train.py), data, checkpoint (flipped bytes at many offsets, truncation, foreign
-files), kill (SIGKILL during training and checkpointing, then resume), disk (a full tmpfs, a
-file-size limit, simulated ENOSPC), readonly (read-only mounts, also remounted mid-run), sample
-(sample.py flags), generate (Transformer.generate arguments), layers (inputs and caches).
-The tmpfs attacks need root (mount); without it they are reported as skipped.
+The command lines run through `train.main(argv)` / `sample.main(argv)` in this process (their
+exit code and stderr, as a shell sees them), or as processes where the attack needs one (kills,
+file-size limits, exit codes). The tmpfs attacks need root (mount); without it they are skipped.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import gzip
 import io
-import json
 import os
 import random
 import shutil
@@ -37,14 +31,17 @@ import textwrap
 import time
 import traceback
 import zipfile
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
+
+import hostile_tally  # noqa: E402
 
 import sample  # noqa: E402
 import train  # noqa: E402
@@ -53,28 +50,18 @@ from gateloop_hybrid import (  # noqa: E402
     CausalFullAttention, GateLoopedAttention, RMSNorm, SimpleGateLoopLayer, Transformer,
 )
 
-torch.set_num_threads(1)
 TEXT = REPO / "tests" / "data" / "devils_dictionary.txt"
 TINY = ["--dim", "32", "--depth", "2", "--gate-loop-heads", "8", "--scan-backend", "torch", "--seq-len", "32",
         "--batch-size", "4", "--grad-accum", "1", "--lr", "3e-3", "--val-batches", "2", "--prime-len", "16",
         "--gen-len", "8", "--device", "cpu", "--threads", "1", "--val-every", "0", "--sample-every", "0"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8")
 
-RESULTS: dict[str, Counter] = defaultdict(Counter)
-FAILURES: list[dict] = []
-
-
-VERBOSE = False
+pytestmark = [pytest.mark.hostile, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def record(category: str, outcome: str, what: str, detail: str = "") -> None:
     assert outcome in ("right", "clear", "silent", "unclear"), outcome
-    RESULTS[category][outcome] += 1
-    if VERBOSE:
-        print(f"  {category}: {outcome}: {what}: {detail.strip()[-300:]}", flush=True)
-    if outcome in ("silent", "unclear"):
-        FAILURES.append(dict(category=category, outcome=outcome, what=what, detail=detail[-1500:]))
-        print(f"  !! {category}: {outcome}: {what}\n     {detail[-600:]}", flush=True)
+    hostile_tally.record(f"{category}: {what}", outcome, detail if outcome in ("silent", "unclear") else "")
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -611,7 +598,6 @@ def attack_disk(tmp: Path, mount_ok: bool, rng: random.Random) -> None:
             outcome, detail = judge_failed_write(proc.returncode, proc.stderr, out, None)
         record("disk", outcome, f"RLIMIT_FSIZE {limit}", detail)
     if not mount_ok:
-        print("  (tmpfs attacks skipped: mount needs root)")
         return
     # a real full disk: too small from the start, or filled up by another writer during the run
     for fs_size in (64 << 10, size // 2, size + 4096, 2 * size - 4096):
@@ -960,53 +946,40 @@ def attack_layers(rng: random.Random, n: int) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-CATEGORIES = ("flags", "data", "checkpoint", "kill", "disk", "readonly", "sample", "generate", "layers")
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("attack-train")
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", default=",".join(CATEGORIES), help="comma-separated categories")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kills", type=int, default=10, help="SIGKILL attempts")
-    p.add_argument("--json", metavar="PATH", help="write the counts and failures here")
-    p.add_argument("-v", "--verbose", action="store_true", help="print every attempt and its message")
-    args = p.parse_args(argv)
-    global VERBOSE
-    VERBOSE = args.verbose
-    rng = random.Random(args.seed)
-    only = args.only.split(",")
-    mount_ok = can_mount()
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="attack-train-") as tmp:
-        tmp = Path(tmp)
-        steps = dict(
-            flags=lambda: attack_flags(60, rng, tmp), data=lambda: attack_data(tmp),
-            checkpoint=lambda: attack_checkpoint(tmp, 120, rng), kill=lambda: (attack_kill(tmp, args.kills, rng), attack_kill_in_write(tmp, args.kills, rng)),
-            disk=lambda: attack_disk(tmp, mount_ok, rng), readonly=lambda: attack_readonly(tmp, mount_ok),
-            sample=lambda: attack_sample(tmp), generate=lambda: attack_generate(rng, 150),
-            layers=lambda: attack_layers(rng, 120),
-        )
-        for name in CATEGORIES:
-            if name in only:
-                t0 = time.perf_counter()
-                print(f"{name} ...", flush=True)
-                steps[name]()
-                print(f"{name}: {dict(RESULTS[name])} in {time.perf_counter() - t0:.0f} s", flush=True)
-    total = Counter()
-    print(f"\n{'category':<12}{'attempts':>9}{'right':>7}{'clear':>7}{'silent':>8}{'unclear':>9}")
-    for name in CATEGORIES:
-        if name in RESULTS:
-            c = RESULTS[name]
-            total.update(c)
-            print(f"{name:<12}{sum(c.values()):>9}{c['right']:>7}{c['clear']:>7}{c['silent']:>8}{c['unclear']:>9}")
-    print(f"{'all':<12}{sum(total.values()):>9}{total['right']:>7}{total['clear']:>7}{total['silent']:>8}"
-          f"{total['unclear']:>9}")
-    print(f"({time.perf_counter() - started:.0f} s; tmpfs attacks {'run' if mount_ok else 'skipped: needs root'})")
-    if args.json:
-        Path(args.json).write_text(json.dumps(dict(counts={k: dict(v) for k, v in RESULTS.items()},
-                                                   total=dict(total), failures=FAILURES), indent=1))
-    return 1 if total["silent"] or total["unclear"] else 0
+@pytest.fixture(scope="module")
+def rng() -> random.Random:
+    return random.Random(0)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+MOUNT_OK = None
+
+
+def mount_ok() -> bool:
+    global MOUNT_OK
+    if MOUNT_OK is None:
+        MOUNT_OK = can_mount()
+    return MOUNT_OK
+
+
+CATEGORIES = {
+    "flags": lambda tmp, rng: attack_flags(60, rng, tmp),
+    "data": lambda tmp, rng: attack_data(tmp),
+    "checkpoint": lambda tmp, rng: attack_checkpoint(tmp, 120, rng),
+    "kill": lambda tmp, rng: (attack_kill(tmp, 4, rng), attack_kill_in_write(tmp, 4, rng)),
+    "disk": lambda tmp, rng: attack_disk(tmp, mount_ok(), rng),
+    "readonly": lambda tmp, rng: attack_readonly(tmp, mount_ok()),
+    "sample": lambda tmp, rng: attack_sample(tmp),
+    "generate": lambda tmp, rng: attack_generate(rng, 150),
+    "layers": lambda tmp, rng: attack_layers(rng, 120),
+}
+
+
+@pytest.mark.parametrize("category", list(CATEGORIES))
+def test_attack(category, tmp, rng, batch):
+    CATEGORIES[category](tmp, rng)
+    batch.check()

@@ -1,38 +1,33 @@
-"""Hostile-input attack on gate_loop_scan and the bridge: every attempt must give the right result
-or stop with one clear error.
+"""Hostile inputs to gate_loop_scan and the bridge: every attempt must give the right result or
+stop with one clear error.
 
-    python benchmarks/lab/attack_bridge.py [--quick] [--verbose]
+Each attempt ends in one of the outcomes of hostile_tally:
+    right            the result matches the float64 sequential loop (or torch's own computation);
+                     "documented" where it differs in a way the docstrings state (the "heinsen"
+                     backend's NaN after inputs near the edge of the floating range)
+    refused clearly  an exception of a named type (TypeError, ValueError, NotImplementedError,
+                     RuntimeError or ImportError, or a subclass) whose message contains what the
+                     attempt expects: the function or argument name and what was wrong
+    silent wrong     a result that differs from the reference, or a result where an error was due
+    unclear          any other exception (AttributeError, KeyError, an internal error, a message
+                     that does not name the argument)
 
-Each attempt ends in one of five outcomes:
-    ok            the result matches the float64 sequential loop (or torch's own computation)
-    clear error   an exception of a named type (TypeError, ValueError, NotImplementedError,
-                  RuntimeError or ImportError, or a subclass) whose message contains what the
-                  attempt expects: the function or argument name and what was wrong
-    documented    a result that differs from the reference in a way the docstrings state (the
-                  "heinsen" backend's NaN after inputs near the edge of the floating range)
-    silent wrong  a result that differs from the reference, or a result where an error was due
-    unclear       any other exception (AttributeError, KeyError, an internal error, a message
-                  that does not name the argument)
-
-Kinds of attack: shapes, dtypes, devices and layouts, values (inf, NaN, zero and large gates),
-gradients (first and second order, gradcheck), torch.compile (cold, fullgraph), torch.vmap and
-torch.func, threads, and the generic bridge (failing traces, statics, aliasing, in-place edits).
-Counts per kind and in total are printed at the end; the exit status is 1 if any attempt was
-silent wrong or unclear. CPU only (CUDA tensors are used where a GPU is present).
+Kinds of attack, one test each: shapes, dtypes, devices and layouts, values (inf, NaN, zero and
+large gates), gradients (first and second order, gradcheck), torch.compile (cold, fullgraph),
+torch.vmap and torch.func, threads, and the generic bridge (failing traces, statics, aliasing,
+in-place edits). CPU (CUDA tensors too where a GPU is present).
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import itertools
 import math
 import sys
 import threading
-import traceback
 import warnings
-from collections import Counter, defaultdict
 
+import pytest
 import torch
 
 import bridge
@@ -41,8 +36,14 @@ import gateloop_hybrid.scan.dispatch as scan_mod
 from gateloop_hybrid.scan import gate_loop_scan
 import jax.numpy as jnp
 
+import hostile_tally
+
+pytestmark = pytest.mark.hostile
+
+QUICK = False      # fewer combinations (for a quick look while editing)
 CLEAR_TYPES = (TypeError, ValueError, NotImplementedError, RuntimeError, ImportError)
-UNCLEAR_TYPES = (AttributeError, KeyError, IndexError, AssertionError, StopIteration, NameError)
+UNQUICK = False      # fewer combinations (for a quick look while editing)
+CLEAR_TYPES = (AttributeError, KeyError, IndexError, AssertionError, StopIteration, NameError)
 BACKENDS = ["loop", "torch", "heinsen", "jax"]
 TOL = {torch.float64: 1e-10, torch.complex128: 1e-10, torch.float32: 2e-5, torch.complex64: 2e-5,
        torch.float16: 2e-2, torch.bfloat16: 2e-2}
@@ -56,14 +57,11 @@ class Documented(Exception):
     """Raised by a check when a result is wrong in a way the code's documentation states."""
 
 
-RESULTS: dict = defaultdict(Counter)
-FAILURES: list = []
-
-
 def attempt(kind: str, label: str, fn, expect_error: tuple | None = None, error_type=CLEAR_TYPES):
-    """Run one attack. ``fn`` returns None when its own checks passed (it raises SilentWrong
+    """Run one attempt. ``fn`` returns None when its own checks passed (it raises SilentWrong
     otherwise). ``expect_error``: substrings the error message must all contain; the attempt
     then must raise."""
+    detail = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -79,19 +77,15 @@ def attempt(kind: str, label: str, fn, expect_error: tuple | None = None, error_
         elif expect_error is None:
             outcome, detail = "unclear", "unexpected error: " + msg[:400]
         elif all(s.lower() in str(e).lower() for s in expect_error):
-            outcome, detail = "clear error", None
+            outcome = "refused clearly"
         else:
             outcome, detail = "unclear", f"message lacks {expect_error}: {msg[:400]}"
     else:
         if expect_error is not None:
             outcome, detail = "silent wrong", f"no error, expected one mentioning {expect_error}"
         else:
-            outcome, detail = "ok", None
-    RESULTS[kind][outcome] += 1
-    if detail is not None:
-        FAILURES.append((kind, label, outcome, detail))
-    if ARGS.verbose:
-        print(f"  [{outcome:12s}] {kind}: {label}" + (f" -- {detail}" if detail else ""))
+            outcome = "right"
+    hostile_tally.record(f"{kind}: {label}", outcome, detail or "")
 
 
 # ---- references and checks --------------------------------------------------------------------
@@ -169,7 +163,7 @@ def attack_shapes():
             ((2, 5, 3, 4), (2, 5, 3, 1)), ((2, 5, 3, 4), (2, 5, 1, 4)), ((2, 6, 2, 2, 2, 2), None),
             ((2, 5), None), ((0, 5, 3), None), ((2, 5, 0), None), ((1, 1000, 1), None)]
     for (shape, a_shape), backend, h0, rev in itertools.product(good, BACKENDS, (False, True), (False, True)):
-        if ARGS.quick and (h0 != rev):
+        if QUICK and (h0 != rev):
             continue
         a, x, hz = rand_inputs(shape, a_shape=a_shape, h0=h0)
         attempt("shapes", f"{backend} x{shape} a{a_shape} h0={h0} rev={rev}",
@@ -208,7 +202,7 @@ def attack_shapes():
 def attack_dtypes():
     floats = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128]
     for da, dx, backend in itertools.product(floats, floats, BACKENDS):
-        if ARGS.quick and da != dx and backend != "jax":
+        if QUICK and da != dx and backend != "jax":
             continue
         g = torch.Generator().manual_seed(1)
         a = (torch.rand(2, 9, 3, generator=g, dtype=torch.float64) * 0.5 + 0.4).to(da)
@@ -225,7 +219,7 @@ def attack_dtypes():
     bad = [torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool, torch.complex32,
            torch.float8_e4m3fn, torch.float8_e5m2]
     for dt, which, backend in itertools.product(bad, ("a", "x", "h0"), BACKENDS):
-        if ARGS.quick and backend not in ("jax", "loop"):
+        if QUICK and backend not in ("jax", "loop"):
             continue
         t = {"a": torch.rand(2, 5, 3), "x": torch.randn(2, 5, 3), "h0": torch.randn(2, 3)}
         t[which] = torch.ones_like(t[which]).to(dt)
@@ -332,7 +326,7 @@ def attack_gradients():
 
     configs = list(itertools.product([1, 2, 5, 17], [False, True], [False, True], [False, True]))
     for (n, cplx, h0, rev), backend in itertools.product(configs, BACKENDS[1:]):
-        if ARGS.quick and n == 17:
+        if QUICK and n == 17:
             continue
         a, x, hz = rand_inputs((2, n, 3), complex_=cplx, h0=h0, seed=n)
         tol = 1e-8 if backend == "heinsen" else 1e-11
@@ -415,7 +409,7 @@ def attack_compile():
             close(g, r, 1e-10, "grad")
     configs = [("auto", False, False, False), ("jax", True, True, True), ("loop", False, True, False),
                ("torch", True, False, True), ("heinsen", False, True, True), ("auto", True, True, False)]
-    for cfg in configs[:3] if ARGS.quick else configs:
+    for cfg in configs[:3] if QUICK else configs:
         attempt("compile", f"cold fullgraph {cfg}", lambda: cold(*cfg))
 
     def new_reverse():
@@ -482,7 +476,7 @@ def attack_compile():
         leaf = a.detach().requires_grad_()
         (r,) = torch.autograd.grad(gate_loop_scan(leaf, x, backend="loop")[0].sin().sum(), leaf)
         close(g, r, 1e-5, "inductor grad")
-    if not ARGS.quick:
+    if not QUICK:
         attempt("compile", "inductor cold fullgraph (auto backend)", inductor)
     attempt("compile", "compiled torch.vmap over the jax backend", lambda: compiled_transform("vmap"))
     attempt("compile", "compiled torch.func.grad over the jax backend", lambda: compiled_transform("grad"))
@@ -808,35 +802,11 @@ def attack_bridge():
     attempt("bridge", "to_torch non-array", lambda: bridge.to_torch(torch.ones(2)), expect_error=("jax.Array",))
 
 
-def main():
-    attacks = [attack_shapes, attack_dtypes, attack_devices_and_layouts, attack_values, attack_gradients,
-               attack_compile, attack_transforms, attack_threads, attack_bridge]
-    for attack in attacks:
-        print(f"{attack.__name__} ...", flush=True)
-        try:
-            attack()
-        except Exception:   # a crash of the harness itself counts as unclear
-            RESULTS[attack.__name__]["unclear"] += 1
-            FAILURES.append((attack.__name__, "harness", "unclear", traceback.format_exc()[-1500:]))
-    print()
-    for kind, label, outcome, detail in FAILURES:
-        print(f"{outcome.upper()}: {kind}: {label}\n    {detail}")
-    print(f"\n{'kind':12s} {'attempts':>8s} {'ok':>6s} {'clear error':>12s} {'documented':>11s} "
-          f"{'silent wrong':>13s} {'unclear':>8s}")
-    total = Counter()
-    for kind, c in [*RESULTS.items(), ("total", None)]:
-        if c is None:
-            c = total
-        else:
-            total.update(c)
-        print(f"{kind:12s} {sum(c.values()):8d} {c['ok']:6d} {c['clear error']:12d} {c['documented']:11d} "
-              f"{c['silent wrong']:13d} {c['unclear']:8d}")
-    return 1 if total["silent wrong"] or total["unclear"] else 0
+ATTACKS = [attack_shapes, attack_dtypes, attack_devices_and_layouts, attack_values, attack_gradients,
+           attack_compile, attack_transforms, attack_threads, attack_bridge]
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer combinations")
-    parser.add_argument("--verbose", action="store_true", help="one line per attempt")
-    ARGS = parser.parse_args()
-    sys.exit(main())
+@pytest.mark.parametrize("attack", ATTACKS, ids=[a.__name__[len("attack_"):] for a in ATTACKS])
+def test_attack(attack, batch):
+    attack()
+    batch.check()
