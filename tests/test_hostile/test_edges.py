@@ -435,13 +435,13 @@ def test_crafted_checkpoints(batch, trained):
     batch.check()
 
 
-LAUNCH_ENVS = [
-    (dict(RANK="2", WORLD_SIZE="2", LOCAL_RANK="0"), ("RANK=2", "WORLD_SIZE=2")),
-    (dict(RANK="0", LOCAL_RANK="0"), ("RANK=0", "WORLD_SIZE")),
-    (dict(RANK="-1", WORLD_SIZE="2", LOCAL_RANK="0"), ("RANK=-1",)),
-    (dict(RANK="0", WORLD_SIZE="0", LOCAL_RANK="0"), ("WORLD_SIZE=0",)),
-    (dict(RANK="0", WORLD_SIZE="two", LOCAL_RANK="0"), ("WORLD_SIZE=two",)),
-    (dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="5", LOCAL_WORLD_SIZE="2"), ("LOCAL_RANK=5",)),
+LAUNCH_ENVS = [   # (environment, what the line must name: the variables and the bad values)
+    (dict(RANK="2", WORLD_SIZE="2", LOCAL_RANK="0"), ("RANK", "WORLD_SIZE", "2")),
+    (dict(RANK="0", LOCAL_RANK="0"), ("RANK", "WORLD_SIZE")),
+    (dict(RANK="-1", WORLD_SIZE="2", LOCAL_RANK="0"), ("RANK", "-1")),
+    (dict(RANK="0", WORLD_SIZE="0", LOCAL_RANK="0"), ("WORLD_SIZE", "0")),
+    (dict(RANK="0", WORLD_SIZE="two", LOCAL_RANK="0"), ("WORLD_SIZE", "two")),
+    (dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="5", LOCAL_WORLD_SIZE="2"), ("LOCAL_RANK", "5")),
 ]
 
 
