@@ -201,8 +201,9 @@ def test_no_checkpoint_scan_trains_the_same_model(tmp_path):
 
 def test_compile_trains_the_same_model(tmp_path):
     """--compile default: the training forward and backward through torch.compile, the same
-    losses as eager; CUDA graphs are refused on the CPU by name."""
-    common = ["--max-steps", "3", "--log-every", "1", "--val-every", "0", "--sample-every", "0"]
+    losses as eager; CUDA graphs are refused on the CPU by name. One layer: compiling on the CPU
+    takes most of this module's time, in proportion to the depth."""
+    common = ["--max-steps", "3", "--log-every", "1", "--val-every", "0", "--sample-every", "0", "--depth", "1"]
     eager = run_train(tmp_path, *common, name="eager")
     compiled = run_train(tmp_path, *common, "--compile", "default", name="compiled")
     assert [compiled["losses"][s] for s in range(1, 4)] == pytest.approx(
@@ -406,10 +407,10 @@ def test_resume_of_a_finished_run_says_so_and_changes_nothing(tmp_path, capsys):
 
 
 def test_preset_demo_fills_in_flags_that_were_not_typed(tmp_path):
-    cfg, given = training.parse_train_args(["--preset", "demo", "--max-steps", "3", "--dim", "64"])
+    cfg, given = training.parse_train_args(["--preset", "demo", "--max-steps", "3", "--dim", "48"])
     cfg = training.apply_preset(cfg, given)
     demo = training.PRESETS["demo"]
-    assert cfg.max_steps == 3 and cfg.dim == 64  # typed flags win
+    assert cfg.max_steps == 3 and cfg.dim == 48  # typed flags win
     assert cfg.depth == demo["depth"] and cfg.seq_len == demo["seq_len"] and cfg.device == "cpu"
     assert Path(cfg.data) == training.DEMO_TEXT and training.DEMO_TEXT.is_file()
     training.check_config(cfg)
@@ -749,29 +750,65 @@ def test_sample_with_a_tiny_temperature_is_greedy(tmp_path):
 
 
 JAX = ["--framework", "jax", "--scan-backend", "jax"]
+JAX_COMMON = ["--log-every", "2", "--val-every", "3", "--sample-every", "6"]
 
 
-def test_jax_trains_the_torch_model_and_its_checkpoint_loads_in_torch(tmp_path):
+@pytest.fixture(scope="module")
+def jax_cache(tmp_path_factory):
+    """JAX's persistent compilation cache, in a folder of this module's own: every JAX run here
+    compiles the same few functions (a step, a loss, a sample), and the runs after the first load
+    them instead of compiling again (about 25 s less a run on 2 busy cores). JAX's settings are put
+    back afterwards."""
+    pytest.importorskip("optax", reason="the jax extra: pip install 'gateloop-hybrid[jax]'")
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    settings = dict(jax_persistent_cache_min_compile_time_secs=0, jax_persistent_cache_min_entry_size_bytes=-1)
+    before = {name: getattr(jax.config, name) for name in [*settings, "jax_compilation_cache_dir"]}
+    for name, value in settings.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+    compilation_cache.set_cache_dir(str(tmp_path_factory.mktemp("jax-cache")))
+    yield
+    for name, value in before.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def jax_and_torch(tmp_path_factory, jax_cache) -> dict:
+    """The same 6 steps in JAX and in torch (each stopped at step 3 and resumed, which gives the
+    losses of one run: tested for torch above), with copies of both at step 3."""
+    root = tmp_path_factory.mktemp("jax")
+    runs = {}
+    for name, flags in (("jax", JAX), ("torch", [])):
+        out = root / name
+        argv = ["--data", str(TEXT), "--out-dir", str(out), *TINY, *JAX_COMMON, *flags]
+        first = training.train(*training.parse_train_args([*argv, "--max-steps", "3"]))
+        shutil.copytree(out, root / f"{name}-at3")
+        second = training.train(*training.parse_train_args([*argv, "--max-steps", "6", "--resume"]))
+        runs[name] = dict(losses={**first["losses"], **second["losses"]}, val={**first["val"], **second["val"]})
+    return dict(root=root, **runs)
+
+
+def test_jax_trains_the_torch_model_and_its_checkpoint_loads_in_torch(jax_and_torch, tmp_path):
     """Same initial weights, data and optimiser as torch: the losses agree to float32 rounding
     (they fall); the checkpoint loads in the torch model, gives the JAX loss, and samples."""
-    pytest.importorskip("optax", reason="the jax extra: pip install 'gateloop-hybrid[jax]'")
     import gateloop_hybrid.jax as glj
     import jax.numpy as jnp
 
-    common = ["--max-steps", "6", "--log-every", "2", "--val-every", "3", "--sample-every", "6"]
-    ran = run_train(tmp_path, *common, *JAX, name="jax")
-    torch_ran = run_train(tmp_path, *common, name="torch")
+    ran, torch_ran, root = jax_and_torch["jax"], jax_and_torch["torch"], jax_and_torch["root"]
     losses = [ran["losses"][s] for s in range(1, 7)]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 0.5, losses
     for s in range(1, 7):
         assert ran["losses"][s] == pytest.approx(torch_ran["losses"][s], rel=1e-4), s
     assert ran["val"][6] == pytest.approx(torch_ran["val"][6], rel=1e-4)
-    records = read_metrics(tmp_path / "jax" / "metrics.jsonl", "train")
+    records = read_metrics(root / "jax" / "metrics.jsonl", "train")
     assert [r["step"] for r in records] == [2, 4, 6]
-    assert read_metrics(tmp_path / "jax" / "metrics.jsonl", "start")[0]["device"] == "jax:cpu:0"
-    assert len(read_metrics(tmp_path / "jax" / "metrics.jsonl", "sample")[0]["text"]) > 0
+    assert read_metrics(root / "jax" / "metrics.jsonl", "start")[0]["device"] == "jax:cpu:0"
+    assert len(read_metrics(root / "jax" / "metrics.jsonl", "sample")[0]["text"]) > 0
 
-    state = training.load_checkpoint(tmp_path / "jax" / "checkpoint.pt")
+    state = training.load_checkpoint(root / "jax" / "checkpoint.pt")
     assert state["format"] == training.CHECKPOINT_FORMAT and state["step"] == 6
     cfg = training.TrainConfig(**state["config"])
     model = training.build_model(cfg.model_kwargs())
@@ -782,23 +819,21 @@ def test_jax_trains_the_torch_model_and_its_checkpoint_loads_in_torch(tmp_path):
     jax_model = glj.from_torch_state_dict(state["model"], **cfg.model_kwargs())
     assert float(jax_model(jnp.asarray(batch.numpy()), return_loss=True)) == pytest.approx(torch_loss, rel=2e-6)
 
-    args = ["--checkpoint", str(tmp_path / "jax" / "checkpoint.pt"), "--prompt", "ABASEMENT", "--length", "12",
+    args = ["--checkpoint", str(root / "jax" / "checkpoint.pt"), "--prompt", "ABASEMENT", "--length", "12",
             "--device", "cpu"]
     assert cli.sample(cli.build_sample_parser().parse_args(args)).startswith("ABASEMENT")
 
 
-def test_jax_resume_continues_exactly_and_takes_a_torch_checkpoint(tmp_path, capsys):
-    pytest.importorskip("optax", reason="the jax extra: pip install 'gateloop-hybrid[jax]'")
-    common = ["--log-every", "1", "--val-every", "0", "--sample-every", "0"]
-    full = run_train(tmp_path, "--max-steps", "6", *common, *JAX, name="full")
-    run_train(tmp_path, "--max-steps", "3", *common, *JAX, name="split")
+def test_jax_resume_continues_exactly_and_takes_a_torch_checkpoint(jax_and_torch, tmp_path, capsys):
+    full, root = jax_and_torch["jax"], jax_and_torch["root"]
+    shutil.copytree(root / "jax-at3", tmp_path / "split")
     capsys.readouterr()
     # no --framework: the checkpoint's config says jax (TINY's --scan-backend torch is overridden)
     second = run_train(tmp_path, "--max-steps", "6", "--resume", "--scan-backend", "jax", name="split")
     assert "in jax" in capsys.readouterr().err
     assert [second["losses"][s] for s in range(4, 7)] == [full["losses"][s] for s in range(4, 7)]  # exact
     # a torch run's checkpoint (weights and Adam's moments) continues in JAX
-    run_train(tmp_path, "--max-steps", "3", *common, name="from-torch")
+    shutil.copytree(root / "torch-at3", tmp_path / "from-torch")
     crossed = run_train(tmp_path, "--max-steps", "6", "--resume", *JAX, name="from-torch")
     for s in range(4, 7):
         assert crossed["losses"][s] == pytest.approx(full["losses"][s], rel=1e-4), s

@@ -99,9 +99,11 @@ class MemorizingWatch:
 
     ``see(step, val_bpc, train_bpc)`` at each validation, with the mean training loss (in bits
     per character) since the previous one; it returns a line to print the first time validation
-    went up while training went down, and None otherwise. A model that does this is learning its
+    went up (by more than RISE) while training went down, and None otherwise. A model that does this is learning its
     training text by heart rather than the language: more data, a smaller model or fewer steps help.
     """
+
+    RISE = 0.02  # a relative rise of validation that is more than the noise of its few batches
 
     def __init__(self, train_bytes: int):
         self.train_bytes = train_bytes
@@ -112,7 +114,7 @@ class MemorizingWatch:
         last, self.last = self.last, (val_bpc, train_bpc)
         if self.said or last is None or train_bpc is None or last[1] is None:
             return None
-        if val_bpc > last[0] and train_bpc < last[1]:
+        if val_bpc > last[0] * (1 + self.RISE) and train_bpc < last[1]:
             self.said = True
             return (f"step {step}: validation rising while training loss falls ({last[0]:.2f} -> {val_bpc:.2f} "
                     f"against {last[1]:.2f} -> {train_bpc:.2f} bits per character): the model is memorizing its "
