@@ -17,37 +17,32 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from ..scan.jax_scan import scan_jax
+from .. import routing
+from ..kernels.jax_scan import scan_jax
+from ..routing import CHUNK
 from .norms import LayerNorm, Linear, RMSNorm, check_features, check_sizes, polar_parts
 
-BACKENDS = ("auto", "jax", "pallas")
+BACKENDS = routing.JAX_BACKENDS
 
 
 def check_backend(scan_backend: str) -> str:
-    if scan_backend not in BACKENDS:
-        extra = (" (a torch scan; the JAX layers run JAX's)"
-                 if scan_backend in ("torch", "heinsen", "loop") else "")
-        raise ValueError(f"unknown scan_backend {scan_backend!r}{extra}; choose one of {BACKENDS}")
-    return scan_backend
+    return routing.check_backend(scan_backend, where="scan_backend", framework="jax")
 
 
 def scan(a, x, h0=None, *, reverse: bool = False, backend: str = "auto"):
     """h_t = a_t * h_{t-1} + x_t along axis 1 -> (h, h_last), as ``gateloop_hybrid.scan``'s contract.
 
-    "auto" and "jax": ``jax.lax.associative_scan`` with a reverse-scan backward (any device, any
-    float dtype). "pallas": the Pallas GPU kernels (a GPU, 32 bits or fewer).
+    The path is ``routing.route``'s: "auto" and "jax" run ``jax.lax.associative_scan`` with a
+    reverse-scan backward (any device, any float dtype); "pallas" the Triton-lowered Pallas
+    kernels (a GPU, 32 bits or fewer).
     """
-    if backend == "pallas":
-        from ..scan import pallas_scan
-        if not _pallas_runs_here():
-            raise ValueError(f"scan_backend='pallas' runs on a GPU; JAX's default backend here is "
-                             f"{jax.default_backend()!r} (use 'jax' or 'auto')")
+    if not isinstance(reverse, bool):
+        raise TypeError(f"scan: reverse must be a bool, got {type(reverse).__name__} {reverse!r}")
+    path = routing.route("scan", backend, device=jax.default_backend(), framework="jax").path
+    if path == "triton":
+        from ..kernels import pallas_scan
         return pallas_scan.scan_pallas(a, x, h0, reverse=reverse)
     return scan_jax(a, x, h0, reverse=reverse)
-
-
-def _pallas_runs_here() -> bool:
-    return jax.default_backend() == "gpu"
 
 
 def _gate_looped_heads(q, k, v, a, h0, backend: str):
@@ -60,9 +55,6 @@ def _gate_looped_heads(q, k, v, a, h0, backend: str):
     h, h_last = scan(a, kv, h0, backend=backend)  # (b, n, h, d, e) complex
     y = jnp.einsum("bnhd,bnhde->bnhe", q, h.real.astype(q.dtype))
     return y, h_last
-
-
-CHUNK = 64
 
 
 def _chunked_heads(q, k, v, log_mag, phase, h0, backend: str, chunk: int = CHUNK):
@@ -89,10 +81,11 @@ def _chunked_heads(q, k, v, log_mag, phase, h0, backend: str, chunk: int = CHUNK
     L = jnp.cumsum(blocks(log_mag), axis=-1)              # (b, c, h, C)
     T = jnp.cumsum(blocks(phase), axis=-1)
 
+    # the causal mask selects, never multiplies: a later key's q . k may overflow (0 * inf = nan)
     causal = jnp.tril(jnp.ones((size, size), dtype=bool))
     decay = jnp.exp(jnp.where(causal, L[..., :, None] - L[..., None, :], -jnp.inf))   # s <= t only
     weight = decay * jnp.cos(T[..., :, None] - T[..., None, :])
-    scores = jnp.einsum("bchtd,bchsd->bchts", qb, kb).astype(real) * weight
+    scores = jnp.where(causal, jnp.einsum("bchtd,bchsd->bchts", qb, kb).astype(real) * weight, 0.0)
     y = jnp.einsum("bchts,bchsd->bchtd", scores.astype(q.dtype), vb)
 
     to_end_mag = jnp.exp(L[..., -1:] - L)                 # |A_C / A_s| <= 1 for |a| <= 1
@@ -231,13 +224,18 @@ class GateLoopedAttention(eqx.Module):
             if tuple(cache.shape) != (b, self.heads, d, d):
                 raise ValueError(f"GateLoopedAttention: cache must be the state from return_cache=True, "
                                  f"shape (batch, heads, d, e) = {(b, self.heads, d, d)}, got {tuple(cache.shape)}")
+            if not jnp.iscomplexobj(cache):
+                raise TypeError(f"GateLoopedAttention: cache must be the complex state from "
+                                f"return_cache=True, got a real array of dtype {cache.dtype}")
 
-        if q.shape[-1] == 1:  # one feature per head: the states are per-token scalars
-            gates = (self._gates(x, ablate_complex, ablate_state_transition),)   # (b, n, h, 1, 1)
-            fn = partial(_gate_looped_heads, backend=self.scan_backend)
-        else:                 # wider heads: chunked, no (d, e) state per token
+        form = routing.route("mixer", self.scan_backend, device=jax.default_backend(), heads=self.heads,
+                             width=q.shape[-1], framework="jax").path
+        if form == "chunked":   # wider heads: no (d, e) state per token
             gates = self._gates(x, ablate_complex, ablate_state_transition, log_polar=True)
             fn = partial(_chunked_heads, backend=self.scan_backend)
+        else:                   # one feature per head: the states are per-token scalars
+            gates = (self._gates(x, ablate_complex, ablate_state_transition),)   # (b, n, h, 1, 1)
+            fn = partial(_gate_looped_heads, backend=self.scan_backend)
         if self.checkpoint_gate_looped_attn:
             fn = jax.checkpoint(fn)
         y, h_last = fn(q, k, v, *gates, cache)
