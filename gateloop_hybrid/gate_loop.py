@@ -20,7 +20,7 @@ from .norms import RMSNorm, check_features, check_sizes
 
 
 def _check_backend(scan_backend: str) -> str:
-    return routing.check_backend(scan_backend, where="scan_backend")
+    return routing.check_backend(scan_backend)
 
 
 class GateLoopedAttention(nn.Module):

@@ -57,13 +57,15 @@ class Route(NamedTuple):
     why: str
 
 
-def check_backend(backend, *, where: str = "scan_backend", framework: str = "torch") -> str:
-    """``backend`` if it names a backend ``framework`` runs, else one clear error."""
+def check_backend(backend, *, name: str = "scan_backend", where: str = "", framework: str = "torch") -> str:
+    """``backend`` if it names a backend ``framework`` runs, else one clear error naming the
+    argument (``name``) and, if given, the function (``where``)."""
     allowed = JAX_BACKENDS if framework == "jax" else BACKENDS
     if not isinstance(backend, str) or backend not in allowed:
         extra = (" (a torch backend; the JAX model runs 'auto', 'jax' or 'pallas')"
                  if framework == "jax" and backend in TORCH_ONLY else "")
-        raise ValueError(f"{where}: unknown backend {backend!r}{extra}; choose one of {allowed}")
+        raise ValueError(f"{where + ': ' if where else ''}unknown {name} {backend!r}{extra}; "
+                         f"choose one of {allowed}")
     return backend
 
 
@@ -91,6 +93,13 @@ def route(op: str, backend: str = "auto", *, device: str = "cpu", dtype: str = "
     return _route(*key)
 
 
+def resolve_backend(backend: str, device="cpu", dtype="float32") -> str:
+    """The backend (a name in BACKENDS) that ``backend`` resolves to for a scan of ``dtype`` on
+    ``device``, as ``route`` decides ("pallas" for either kind of Pallas kernel)."""
+    path = route("scan", backend, device=str(device), dtype=str(dtype)).path
+    return "pallas" if path in ("mosaic", "triton") else path
+
+
 def explain(op: str, backend: str = "auto", **facts) -> str:
     """Why ``route`` takes the path it takes for these facts, in one line."""
     path, why = route(op, backend, **facts)
@@ -103,7 +112,7 @@ def _route(op, backend, device, dtype, heads, width, reverse, ablation, kernel_t
     if op not in OPS:
         raise ValueError(f"route: unknown op {op!r}; choose one of {OPS}")
     where = {"scan": "gate_loop_scan", "mixer": "gate_loop_mixer", "simple_mixer": "simple_gate_loop_mixer"}[op]
-    check_backend(backend, where=f"{where}: backend", framework=framework)
+    check_backend(backend, name="backend", where=where, framework=framework)
     device_type, _, index = device.partition(":")
     index = int(index) if index else 0
     if op == "mixer" and width > 1:

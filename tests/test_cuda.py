@@ -118,8 +118,12 @@ hopper = pytest.mark.skipif(not _hopper(), reason="needs a GPU of compute capabi
 
 @hopper
 def test_pallas_backend_runs_the_mosaic_kernels_on_hopper():
-    from gateloop_hybrid.scan import mosaic_available
-    assert mosaic_available(torch.device("cuda", torch.cuda.current_device()))
+    from gateloop_hybrid import routing
+    index = torch.cuda.current_device()
+    for available in (routing.mosaic_available, routing.fused_mixer_available, routing.simple_mixer_available):
+        assert available("cuda", index) is None, available.__name__
+    assert routing.route("scan", "pallas", device=f"cuda:{index}").path == "mosaic"
+    assert routing.route("mixer", device=f"cuda:{index}", dtype="bfloat16", heads=512).path == "fused"
 
 
 @hopper
@@ -248,16 +252,17 @@ def test_fused_mixer_matches_float64_composition(B, N, H, dtype, recompute):
 def test_simple_mixer_fused_matches_float64_composition(B, N, D, dtype):
     """SimpleGateLoopLayer's real-gate kernels (auto takes them on CUDA) against the float64
     composition on the CPU: y, h_last and the gradients of qkva and h0."""
-    from gateloop_hybrid.mixer import _simple_fused_runs, simple_gate_loop_mixer
-    from gateloop_hybrid.scan import mosaic_op
+    from gateloop_hybrid import routing
+    from gateloop_hybrid.mixer import simple_gate_loop_mixer
+    from gateloop_hybrid.ops import mosaic as mosaic_op
     g = torch.Generator().manual_seed(0)
     qkva = 2 * torch.randn(B, N, 3 * D, generator=g, dtype=torch.float64)
     h0 = torch.randn(B, D, generator=g, dtype=torch.float64)
     leaves = [qkva.to(dtype).cuda().requires_grad_(), h0.to(dtype).cuda().requires_grad_()]
-    assert _simple_fused_runs(leaves[0].device)        # its self-test (which makes a plan of its own) passes
-    plans = len(mosaic_op._SIMPLE_PLANS)
+    assert routing.simple_mixer_available("cuda", leaves[0].device.index) is None   # its self-test passes
+    plans = len(mosaic_op._PLANS)
     y, last = simple_gate_loop_mixer(*leaves)
-    assert len(mosaic_op._SIMPLE_PLANS) == plans + 1 and y.dtype == last.dtype == dtype   # the fused path
+    assert len(mosaic_op._PLANS) == plans + 1 and y.dtype == last.dtype == dtype   # the fused path
     wide = [t.detach().cpu().double().requires_grad_() for t in leaves]
     y_ref, last_ref = simple_gate_loop_mixer(*wide, backend="loop")
     cy = torch.randn(y_ref.shape, generator=g, dtype=torch.float64)
@@ -355,7 +360,7 @@ def assert_graphs_replay_like_eager(model, data, rtol, atol):
 def test_chunked_mixer_matches_float64_materialized(B, N, H, D, dtype):
     """Wide heads on CUDA (the chunked form, auto backend for the scan across chunks) against the
     float64 materialized scan on the CPU: values, h_last and every gradient, with h0."""
-    from gateloop_hybrid.mixer import _composed, gate_loop_mixer
+    from gateloop_hybrid.mixer import composed_mixer, gate_loop_mixer
     g = torch.Generator().manual_seed(D)
     qkv = torch.randn(B, N, 3 * H * D, generator=g, dtype=torch.float64) / D ** 0.25
     z = 2 * torch.randn(B, N, 2 * H, generator=g, dtype=torch.float64)
@@ -363,7 +368,7 @@ def test_chunked_mixer_matches_float64_materialized(B, N, H, D, dtype):
     leaves = [qkv.to(dtype).cuda().requires_grad_(), z.float().cuda().requires_grad_(),
               h0.to(torch.complex64).cuda().requires_grad_()]
     errors = mixer_errors(leaves, lambda *t: gate_loop_mixer(*t, heads=H, frac_gradient=0.9),
-                          lambda *t: _composed(*t, H, 0.9, False, False, False, "torch", materialize=True), g)
+                          lambda *t: composed_mixer(*t, heads=H, frac=0.9, backend="torch"), g)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     assert max(errors.values()) < tol, errors
 

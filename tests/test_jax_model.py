@@ -363,7 +363,7 @@ def test_pallas_backend_matches_jax_in_interpret_mode(monkeypatch):
     import functools
 
     import gateloop_hybrid.jax.gate_loop as gate_loop
-    import gateloop_hybrid.scan.pallas_scan as pallas_scan
+    import gateloop_hybrid.kernels.pallas_scan as pallas_scan
 
     options = dict(dim=DIM, num_tokens=VOCAB, depth=1, gate_loop_heads=4)
     model = glj.Transformer(**options, key=jax.random.key(0))

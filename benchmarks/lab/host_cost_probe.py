@@ -2,7 +2,8 @@
 torch ops, in one process. Usage: python benchmarks/lab/host_cost_probe.py"""
 import time
 import torch
-from gateloop_hybrid.scan import gate_loop_scan, mosaic_available
+from gateloop_hybrid import explain
+from gateloop_hybrid.scan import gate_loop_scan
 
 
 def per_call_us(fn, k=3000):
@@ -17,7 +18,7 @@ def per_call_us(fn, k=3000):
 
 
 dev = torch.device("cuda")
-print("mosaic available:", mosaic_available(dev))
+print(explain("scan", "pallas", device=str(dev)))
 for F in (16, 128):
     a = torch.rand(1, 16, F, device=dev) * 0.5 + 0.5
     x = torch.randn(1, 16, F, device=dev)

@@ -26,7 +26,7 @@ BACKENDS = routing.JAX_BACKENDS
 
 
 def check_backend(scan_backend: str) -> str:
-    return routing.check_backend(scan_backend, where="scan_backend", framework="jax")
+    return routing.check_backend(scan_backend, framework="jax")
 
 
 def scan(a, x, h0=None, *, reverse: bool = False, backend: str = "auto"):

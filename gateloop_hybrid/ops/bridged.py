@@ -36,7 +36,8 @@ def _make(name: str, static: tuple):
     else:
         from ..kernels.pallas_scan import scan_pallas_ri as fn
     # The Pallas backward kernels have no derivative rules: a gradient of a gradient raises.
-    return jax2torch(functools.partial(fn, **dict(static)), name=f"gate_loop_scan_{name}",
+    backend = "pallas" if name == "triton" else name       # the name users asked for
+    return jax2torch(functools.partial(fn, **dict(static)), name=f"gate_loop_scan_{backend}",
                      double_backward=name != "triton")
 
 
@@ -49,4 +50,6 @@ def bridged(name: str, **static):
     return _BRIDGED[key]
 
 
-bridged.cache_clear = _BRIDGED.clear
+def cache_clear() -> None:
+    """Forget every bridged function (each is rebuilt on its next call)."""
+    _BRIDGED.clear()

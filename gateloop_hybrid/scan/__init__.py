@@ -8,7 +8,7 @@ plain-torch backends (``torch_scan``) and the float64 reference every kernel is 
 ``gateloop_hybrid.ops``.
 """
 
-from ..routing import BACKENDS
+from ..routing import BACKENDS, resolve_backend
 from .api import gate_loop_scan
 
-__all__ = ["BACKENDS", "gate_loop_scan"]
+__all__ = ["BACKENDS", "gate_loop_scan", "resolve_backend"]
