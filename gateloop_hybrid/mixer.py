@@ -75,7 +75,8 @@ def gate_loop_mixer(
                    ablate_state_transition=ablate_state_transition, recompute=recompute)
     path = _route("mixer", backend, qkv.device.type, qkv.device.index,
                   str(torch.promote_types(qkv.dtype, z.dtype)), heads, d, False,
-                  ablate_complex or ablate_state_transition, h0 is None or h0.dtype == torch.complex64)
+                  ablate_complex or ablate_state_transition,
+                  qkv.shape[0] > 0 and (h0 is None or h0.dtype == torch.complex64))
     if path == "fused":
         b, n = qkv.shape[:2]
         h0_flat = None if h0 is None else h0.reshape(b, heads)
@@ -115,7 +116,7 @@ def simple_gate_loop_mixer(
     check_options("simple_gate_loop_mixer", reverse=reverse)
     out_dtype = qkva.dtype if h0 is None else torch.promote_types(qkva.dtype, h0.dtype)
     path = _route("simple_mixer", backend, qkva.device.type, qkva.device.index, str(out_dtype),
-                  qkva.shape[-1] // 3, 1, reverse, False, True)
+                  qkva.shape[-1] // 3, 1, reverse, False, qkva.shape[0] > 0)
     if path == "fused":
         run = _simple_fused_untraced if torch.compiler.is_compiling() else _simple_fused
         y, h_last = run(qkva) if h0 is None else run(qkva, h0)

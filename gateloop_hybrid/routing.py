@@ -146,7 +146,7 @@ def _mixer_route(op, backend, device_type, index, dtype, heads, width, reverse, 
     if reverse:
         blockers.append("the fused kernels run forward in time only")
     if not kernel_takes:
-        blockers.append("the kernels do not take this state (h0) dtype or shape")
+        blockers.append("the kernels do not take these tensors (an empty batch, or h0's dtype)")
     if transforms:
         blockers.append("a torch.func transform is active (the fused ops have no vmap rule)")
     if not blockers:

@@ -18,9 +18,10 @@ import jax
 import jax.numpy as jnp
 
 from .. import routing
+from ..checks import check_options
 from ..kernels.jax_scan import scan_jax
 from ..routing import CHUNK
-from .norms import LayerNorm, Linear, RMSNorm, check_features, check_sizes, polar_parts
+from .norms import LayerNorm, Linear, RMSNorm, check_features, check_sizes, polar_parts, refuse_torch
 
 BACKENDS = routing.JAX_BACKENDS
 
@@ -156,6 +157,9 @@ class GateLoopedAttention(eqx.Module):
         key,
     ):
         check_sizes("GateLoopedAttention", dim=dim, heads=heads, dim_inner=dim_inner)
+        check_options("GateLoopedAttention", checkpoint_gate_looped_attn=checkpoint_gate_looped_attn,
+                      add_swish_gating=add_swish_gating, sub_ln=sub_ln,
+                      frac_gradient_state_transition=frac_gradient_state_transition)
         dim_inner = dim if dim_inner is None else dim_inner
         heads = dim_inner if heads is None else heads
         if dim_inner % heads:
@@ -210,6 +214,8 @@ class GateLoopedAttention(eqx.Module):
         positions only.
         """
         check_features(x, self.dim, "GateLoopedAttention")
+        check_options("GateLoopedAttention", ablate_complex=ablate_complex,
+                      ablate_state_transition=ablate_state_transition, return_cache=return_cache)
         b, n, _ = x.shape
         if n == 0:
             raise ValueError(f"GateLoopedAttention: x has no time steps, shape {tuple(x.shape)}")
@@ -217,6 +223,7 @@ class GateLoopedAttention(eqx.Module):
         q, k, v = (t.reshape(b, n, self.heads, -1) for t in (q, k, v))  # each (b, n, h, d)
         if cache is not None:
             d = q.shape[-1]
+            refuse_torch(cache, "GateLoopedAttention", "cache")
             if isinstance(cache, (tuple, list)) or not hasattr(cache, "shape"):
                 raise TypeError(f"GateLoopedAttention: cache must be the state array returned with "
                                 f"return_cache=True, got {type(cache).__name__} (an attention layer's "
@@ -300,6 +307,8 @@ class SimpleGateLoopLayer(eqx.Module):
         key,
     ):
         check_sizes("SimpleGateLoopLayer", dim=dim)
+        check_options("SimpleGateLoopLayer", prenorm=prenorm, use_heinsen=use_heinsen,
+                      use_jax_associative_scan=use_jax_associative_scan, post_ln=post_ln, reverse=reverse)
         self.dim, self.reverse = dim, reverse
         self.scan_backend = _resolve_simple_backend(scan_backend, use_heinsen, use_jax_associative_scan)
         self.norm = RMSNorm(dim) if prenorm else None
@@ -311,6 +320,7 @@ class SimpleGateLoopLayer(eqx.Module):
 
         ``cache`` is the state (b, D) after the previous chunk.
         """
+        check_options("SimpleGateLoopLayer", return_cache=return_cache)
         if self.reverse and (cache is not None or return_cache):
             raise ValueError("SimpleGateLoopLayer(reverse=True) cannot continue from or return a cache: "
                              "a reversed scan needs the whole sequence")

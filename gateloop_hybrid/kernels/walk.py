@@ -90,7 +90,7 @@ def choose_walk(B: int, N: int, F: int, cplx: bool, num_sms: int = 132,
     real and 16 complex). Otherwise chunks for about eight CTAs per multiprocessor, with blocks of
     16 steps (32 for real backward walks) or 8 complex: more, shorter chunks hide the summary
     pass's extra read better than fewer, longer ones."""
-    ctas = B * (F // W)
+    ctas = max(1, B * (F // W))
     if ctas * 10 >= num_sms * 9:
         return 1, 16 if (cplx and backward) else 32
     block = 8 if cplx else 32 if backward else 16

@@ -55,7 +55,7 @@ def gate_layout(a_shape, x_shape) -> tuple[int, int] | None:
 def supported(a: Tensor, x: Tensor) -> bool:
     """Whether the kernels take these shapes and dtypes (else the caller picks another path)."""
     layout = gate_layout(a.shape, x.shape)
-    return (layout is not None and mosaic_scan.supported(math.prod(x.shape[2:]), *layout)
+    return (x.shape[0] > 0 and layout is not None and mosaic_scan.supported(math.prod(x.shape[2:]), *layout)
             and all(t.dtype in _JAX_DTYPES for t in (a, x)))
 
 
@@ -219,7 +219,7 @@ def scan_mosaic(a: Tensor, x: Tensor, h0: Tensor | None = None, reverse: bool = 
     if out is None:
         raise ValueError(f"scan_mosaic: the Mosaic GPU kernels do not take a {tuple(a.shape)} {a.dtype}, "
                          f"x {tuple(x.shape)} {x.dtype}" + ("" if h0 is None else f", h0 {h0.dtype}")
-                         + f" (features a multiple of {walks.W}, gates one per step, per head or per "
+                         + f" (a batch of at least one row, features a multiple of {walks.W}, gates one per step, per head or per "
                          "feature block; float32, bfloat16, float16 or complex64)")
     return out
 
@@ -376,7 +376,7 @@ def mixer_supported(qkv: Tensor, z: Tensor, h0: Tensor | None) -> bool:
     if qkv.dim() != 3 or z.dim() != 3 or qkv.shape[-1] % 3:
         return False
     B, N, H = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
-    return (H % walks.W == 0 and tuple(z.shape) == (B, N, 2 * H)
+    return (B > 0 and H % walks.W == 0 and tuple(z.shape) == (B, N, 2 * H)
             and qkv.dtype in _MIXER_DTYPES and z.dtype in _MIXER_DTYPES
             and (h0 is None or (h0.dtype == torch.complex64 and tuple(h0.shape) == (B, H))))
 
@@ -403,7 +403,7 @@ def simple_mixer_supported(qkva: Tensor, h0: Tensor | None) -> bool:
     if qkva.dim() != 3 or qkva.shape[-1] % 3:
         return False
     B, D = qkva.shape[0], qkva.shape[2] // 3
-    return (D % walks.W == 0 and qkva.dtype in _MIXER_DTYPES
+    return (B > 0 and D % walks.W == 0 and qkva.dtype in _MIXER_DTYPES
             and (h0 is None or (h0.dtype in _MIXER_DTYPES and tuple(h0.shape) == (B, D))))
 
 
