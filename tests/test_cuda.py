@@ -547,3 +547,54 @@ def test_train_py_on_two_gpus_trains_as_one_gpu_with_twice_the_batch(tmp_path, p
     # the two-GPU checkpoint goes on on one GPU
     _torchrun(["--nproc_per_node", "1", str(repo / "train.py"), "--out-dir", str(tmp_path / "two"), "--resume",
                "--max-steps", "8", "--data", tiny[1]])
+
+
+# --- a later position never reaches the past, on the GPU paths ------------------------------
+
+
+@hopper
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads,d", [(128, 1), (8, 16), (4, 64)])
+def test_an_overflow_at_t_leaves_earlier_outputs_bit_identical_on_cuda(dtype, heads, d):
+    """gate_loop_mixer on CUDA (the fused kernels with one feature per head, the chunked form
+    with the Mosaic scan across chunks for wider heads): k at t the largest finite value, so that
+    q_s . k_t and k_t v_t overflow; every output before t equals a clean run bit for bit."""
+    from gateloop_hybrid import explain
+    from gateloop_hybrid.mixer import gate_loop_mixer
+    n, t = 200, 137
+    g = torch.Generator().manual_seed(d)
+    qkv = torch.randn(2, n, 3 * heads * d, generator=g).to(dtype).cuda()
+    z = torch.randn(2, n, 2 * heads, generator=g).to(dtype).cuda()
+    bad = qkv.clone()
+    bad[:, t, heads * d:2 * heads * d] = torch.finfo(dtype).max
+    clean, _ = gate_loop_mixer(qkv, z, heads=heads)
+    y, _ = gate_loop_mixer(bad, z, heads=heads)
+    assert not torch.isfinite(y[:, t:]).all(), explain("mixer", device="cuda:0", dtype=str(dtype), heads=heads, width=d)
+    assert torch.equal(y[:, :t], clean[:, :t])
+
+
+@hopper
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_step_leaves_earlier_states_unchanged_on_the_mosaic_scan(bad):
+    from gateloop_hybrid.ops.mosaic import scan_mosaic
+    g = torch.Generator().manual_seed(7)
+    n, t = 3001, 2000                                  # long enough to be cut into time chunks
+    a = torch.polar(0.5 + 0.5 * torch.rand(1, n, 128, generator=g), torch.rand(1, n, 128, generator=g)).cuda()
+    x = torch.randn(1, n, 128, generator=g, dtype=torch.complex64).cuda()
+    clean, _ = scan_mosaic(a, x)
+    x_bad = x.clone()
+    x_bad[:, t] = bad
+    h, _ = scan_mosaic(a, x_bad)
+    assert torch.equal(h[:, :t], clean[:, :t])
+
+
+@hopper
+def test_the_real_gate_kernels_are_causal_under_overflow():
+    from gateloop_hybrid.mixer import simple_gate_loop_mixer
+    g = torch.Generator().manual_seed(8)
+    qkva = torch.randn(2, 300, 3 * 128, generator=g).half().cuda()
+    bad = qkva.clone()
+    bad[:, 200, :256] = torch.finfo(torch.float16).max     # q and kv: q h overflows float16
+    clean, _ = simple_gate_loop_mixer(qkva)
+    y, _ = simple_gate_loop_mixer(bad)
+    assert torch.equal(y[:, :200], clean[:, :200])

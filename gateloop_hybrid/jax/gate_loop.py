@@ -39,7 +39,7 @@ def scan(a, x, h0=None, *, reverse: bool = False, backend: str = "auto"):
     """
     if not isinstance(reverse, bool):
         raise TypeError(f"scan: reverse must be a bool, got {type(reverse).__name__} {reverse!r}")
-    path = routing.route("scan", backend, device=jax.default_backend(), framework="jax").path
+    path = routing.route("scan", backend, device=_default_backend(), framework="jax").path
     if path == "triton":
         from ..kernels import pallas_scan
         return pallas_scan.scan_pallas(a, x, h0, reverse=reverse)
@@ -56,6 +56,11 @@ def _gate_looped_heads(q, k, v, a, h0, backend: str):
     h, h_last = scan(a, kv, h0, backend=backend)  # (b, n, h, d, e) complex
     y = jnp.einsum("bnhd,bnhde->bnhe", q, h.real.astype(q.dtype))
     return y, h_last
+
+
+def _default_backend() -> str:
+    """JAX's default backend ("cpu", "gpu"): the device fact the routing function gets."""
+    return jax.default_backend()
 
 
 def _chunked_heads(q, k, v, log_mag, phase, h0, backend: str, chunk: int = CHUNK):
@@ -235,7 +240,7 @@ class GateLoopedAttention(eqx.Module):
                 raise TypeError(f"GateLoopedAttention: cache must be the complex state from "
                                 f"return_cache=True, got a real array of dtype {cache.dtype}")
 
-        form = routing.route("mixer", self.scan_backend, device=jax.default_backend(), heads=self.heads,
+        form = routing.route("mixer", self.scan_backend, device=_default_backend(), heads=self.heads,
                              width=q.shape[-1], framework="jax").path
         if form == "chunked":   # wider heads: no (d, e) state per token
             gates = self._gates(x, ablate_complex, ablate_state_transition, log_polar=True)
