@@ -15,7 +15,7 @@ Dimension letters: B batch, N sequence length (time), D features; C = D in accel
 
 Groups:
     gate_loop_scan  each backend of gateloop_hybrid.scan.gate_loop_scan, called from torch
-    native          jitted JAX on JAX arrays: gateloop_hybrid.scan.jax_scan, and plain
+    native          jitted JAX on JAX arrays: gateloop_hybrid.kernels.jax_scan, and plain
                     jax.lax.associative_scan with JAX's own autodiff backward
     baseline        a plain torch Python loop (the design's baseline)
     peer            accelerated-scan and flash-linear-attention's HGRN kernels, when installed
@@ -218,7 +218,7 @@ class JaxNative(Impl):
         # gate_loop_scan[pallas] / [jax] is the bridge's cost (and, for pallas, view_as_real's pairing).
         module, fn = ("pallas_scan", "scan_pallas") if pallas else ("jax_scan", "scan_jax")
         self.name = f"{'pallas' if pallas else 'jax'} native ({module}.{fn}, jit)"
-        mod, self._err = _import(f"gateloop_hybrid.scan.{module}")
+        mod, self._err = _import(f"gateloop_hybrid.kernels.{module}")
         if mod is not None:
             self._scan = getattr(mod, fn)
 

@@ -32,8 +32,8 @@ def _jax_gpu_started_with_preallocation() -> bool:
     if "jax" not in sys.modules or _user_choice is not None:
         return False
     try:
-        from jax._src import xla_bridge
-        backends = getattr(xla_bridge, "_backends", None) or {}
+        from ._jax_private import started_backends
+        backends = started_backends()
     except Exception:   # private API moved: say nothing rather than guess
         return False
     return any(name in ("cuda", "gpu", "rocm") for name in backends)
@@ -85,8 +85,8 @@ def restrict_gpus() -> None:
         value = visible_gpus(os.environ, gpus)
         if value is None:
             return
-        from jax._src import xla_bridge
-        started = getattr(xla_bridge, "_backends", None) or {}
+        from ._jax_private import started_backends
+        started = started_backends()
     except (AttributeError, ImportError):   # the flag or the private module moved: keep JAX's default
         return
     if started:     # JAX starts all its backends at once: too late to choose
@@ -116,8 +116,8 @@ def cpu_dispatch() -> None:
         return
     try:
         import jax
-        from jax._src import xla_bridge
-        if "cpu" in (getattr(xla_bridge, "_backends", None) or {}):
+        from ._jax_private import started_backends
+        if "cpu" in started_backends():
             return      # too late: the CPU client was created with the user's setting
         jax.config.update("jax_cpu_enable_async_dispatch", False)
     except Exception:   # the flag or the private module moved: keep JAX's default

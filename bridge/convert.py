@@ -170,12 +170,12 @@ class _DeviceLink:
     on CUDA, that stream as a torch stream plus one reusable event to order it after torch's."""
 
     def __init__(self, dl_type: int, dl_id: int):
-        from jax._src import xla_bridge
+        from ._jax_private import xla_backend
         self.dl_type, self.dl_id = dl_type, dl_id
         self.cuda = dl_type == _DL_CUDA
         platform = "cuda" if self.cuda else "cpu"
         try:
-            backend = xla_bridge.get_backend(platform)
+            backend = xla_backend(platform)
         except RuntimeError as e:
             raise ValueError(
                 f"a {platform} tensor was passed, but JAX has no {platform} backend ({e}). "
@@ -202,18 +202,8 @@ class _DeviceLink:
 
 
 def _find_fast_paths():
-    try:
-        from jax._src.lib import _jax, jaxlib_extension_version
-        import_raw = _jax.dlpack_managed_tensor_to_buffer
-        export_raw = _jax.buffer_to_dlpack_managed_tensor
-    except (ImportError, AttributeError):
-        return False
-    if jaxlib_extension_version >= 467:
-        import_fn = lambda capsule, device, stream, dl_type: import_raw(capsule, device, stream, False, dl_type)
-    else:
-        import_fn = lambda capsule, device, stream, dl_type: import_raw(capsule, device, stream, False)
-    export_fn = lambda array, stream: export_raw(array, stream=stream)
-    return import_fn, export_fn
+    from ._jax_private import dlpack_raw
+    return dlpack_raw() or False
 
 
 _to_dlpack = getattr(torch._C, "_to_dlpack", torch.utils.dlpack.to_dlpack)

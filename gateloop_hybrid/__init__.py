@@ -2,7 +2,8 @@
 
 Drop-in for lucidrains/gateloop-transformer 0.2.5: same constructor and forward arguments,
 same state-dict keys, plus ``scan_backend``. ``gateloop_hybrid.jax`` is the same model in pure
-JAX (equinox), with weight conversion both ways.
+JAX (equinox), with weight conversion both ways. ``explain(op, backend, **facts)`` says which path
+computes a call and why (``gateloop_hybrid.routing``).
 
 The torch layers below are imported on first use, so that ``import gateloop_hybrid.jax`` does
 not import torch.
@@ -25,7 +26,9 @@ _TORCH_API = {
     "RMSNorm": ".norms",
 }
 
-__all__ = list(_TORCH_API)
+__all__ = [*_TORCH_API, "explain", "route", "BACKENDS"]
+
+from .routing import BACKENDS, explain, route  # noqa: E402  (imports neither torch nor JAX)
 
 if TYPE_CHECKING:
     from .attention import CausalFullAttention  # noqa: F401

@@ -17,6 +17,11 @@ the chunks (a gate and a state per chunk, not per token). L and T are taken rela
 chunk's start, and the decays exp(L_t - L_s) are formed from differences (s <= t), so nothing
 overflows for gates of magnitude at most 1 and nothing is lost to cancellation across chunks.
 
+Causality holds whatever the values: the causal mask selects rather than multiplies, so a later
+position's overflowing q . k never reaches an earlier output, and a non-finite input reaches no
+output of an earlier chunk. Inside its own chunk a non-finite v_s can still make earlier rows nan,
+through the product (scores @ v) that holds it with weight zero (docs/limits.md).
+
 Backward is torch's autograd through these ops and ``gate_loop_scan``. What it keeps per chunk is
 O(C^2 + d e) per head, against O(C d e) for the states of the materialized scan.
 """
@@ -29,30 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .routing import CHUNK
 from .scan import gate_loop_scan
-
-CHUNK = 64
-
-
-def gate_preactivation(z: Tensor, frac_gradient: float = 1.0, ablate_complex: bool = False) -> Tensor:
-    """(..., 2) gate pre-activations as (...) complex (float32 or wider), with only frac_gradient
-    of their gradient passed back (the values unchanged) and, with ablate_complex, no imaginary part."""
-    z = z * frac_gradient + z.detach() * (1 - frac_gradient)
-    if z.dtype in (torch.float16, torch.bfloat16):
-        z = z.float()  # complex needs float32 or wider
-    z = torch.view_as_complex(z)
-    return z.real + 0.0j if ablate_complex else z
-
-
-def log_gates(z: Tensor, frac_gradient: float = 1.0, ablate_complex: bool = False,
-              ablate_state_transition: bool = False) -> tuple[Tensor, Tensor]:
-    """log|a| and arg a of the gates a = sigmoid(|z|) exp(i arg z), from (..., 2) pre-activations
-    (as ``mixer.gates``, which returns a itself); float32 or wider."""
-    z = gate_preactivation(z, frac_gradient, ablate_complex)
-    if ablate_state_transition:
-        zero = torch.zeros_like(z.real)
-        return zero, zero
-    return F.logsigmoid(z.abs()), z.angle()
 
 
 def chunked_heads(q: Tensor, k: Tensor, v: Tensor, log_mag: Tensor, phase: Tensor,
@@ -88,12 +71,13 @@ def chunked_heads(q: Tensor, k: Tensor, v: Tensor, log_mag: Tensor, phase: Tenso
         L = blocks(log_mag.to(real)).cumsum(-1)           # (b, c, h, C), relative to the chunk start
         T = blocks(phase.to(real)).cumsum(-1)
 
-        # inside a chunk: (q k^T) weighted by Re(A_t / A_s) on s <= t, times v
+        # inside a chunk: (q k^T) weighted by Re(A_t / A_s) on s <= t, times v. The mask selects
+        # (where), never multiplies: a later key's q . k may overflow, and 0 * inf is nan.
         causal = torch.ones(size, size, dtype=torch.bool, device=q.device).tril()
         diff = L.unsqueeze(-1) - L.unsqueeze(-2)          # (b, c, h, C, C): L_t - L_s
         decay = torch.exp(diff.masked_fill(~causal, float("-inf")))
         weight = decay * torch.cos(T.unsqueeze(-1) - T.unsqueeze(-2))
-        scores = (qb @ kb.transpose(-1, -2)).to(real) * weight
+        scores = torch.where(causal, (qb @ kb.transpose(-1, -2)).to(real) * weight, 0.0)
         y = scores.to(q.dtype) @ vb                       # (b, c, h, C, d)
 
         # each chunk's own contribution to the state at its end, sum_s (A_C / A_s) k_s v_s^T, as

@@ -13,15 +13,14 @@ import torch
 from einops.layers.torch import Rearrange
 from torch import Tensor, nn
 
-from .norms import RMSNorm, check_features, check_sizes
+from . import routing
+from .checks import check_options
 from .mixer import gate_loop_mixer, simple_gate_loop_mixer
-from .scan import BACKENDS
+from .norms import RMSNorm, check_features, check_sizes
 
 
 def _check_backend(scan_backend: str) -> str:
-    if scan_backend not in BACKENDS:
-        raise ValueError(f"unknown scan_backend {scan_backend!r}; choose one of {BACKENDS}")
-    return scan_backend
+    return routing.check_backend(scan_backend)
 
 
 class GateLoopedAttention(nn.Module):
@@ -63,6 +62,9 @@ class GateLoopedAttention(nn.Module):
     ):
         super().__init__()
         check_sizes("GateLoopedAttention", dim=dim, heads=heads, dim_inner=dim_inner)
+        check_options("GateLoopedAttention", checkpoint_gate_looped_attn=checkpoint_gate_looped_attn,
+                      add_swish_gating=add_swish_gating, sub_ln=sub_ln,
+                      frac_gradient_state_transition=frac_gradient_state_transition)
         dim_inner = dim if dim_inner is None else dim_inner
         heads = dim_inner if heads is None else heads
         self.dim = dim
@@ -76,13 +78,11 @@ class GateLoopedAttention(nn.Module):
         self.scan_backend = _check_backend(scan_backend)
 
         # module structure (and so state-dict keys) follows the seed
-        self.split_heads = Rearrange("b n (h d) -> b n h d", h=heads)
         self.to_qkv = nn.Linear(dim, dim_inner * 3, bias=False)
         self.to_a = nn.Sequential(
             nn.Linear(dim, heads * 2),
             Rearrange("b n (h c) -> b n h 1 1 c", h=heads, c=2),
         )
-        self.merge_heads = Rearrange("b n h d -> b n (h d)", h=heads)
         self.maybe_sub_ln = nn.LayerNorm(dim_inner) if sub_ln else nn.Identity()
         self.to_gates = None
         if add_swish_gating:
@@ -111,6 +111,7 @@ class GateLoopedAttention(nn.Module):
             (b, n, D), or ``(out, state)`` when ``return_cache``.
         """
         check_features(x, self.dim, "GateLoopedAttention")
+        check_options("GateLoopedAttention", return_cache=return_cache)
         if x.shape[1] == 0:
             raise ValueError(f"GateLoopedAttention: x has no time steps, shape {tuple(x.shape)}")
         if cache is not None and not isinstance(cache, Tensor):
@@ -197,11 +198,11 @@ class SimpleGateLoopLayer(nn.Module):
     ):
         super().__init__()
         check_sizes("SimpleGateLoopLayer", dim=dim)
+        check_options("SimpleGateLoopLayer", prenorm=prenorm, use_heinsen=use_heinsen,
+                      use_jax_associative_scan=use_jax_associative_scan, post_ln=post_ln, reverse=reverse)
         self.dim = dim
         self.reverse = reverse
         self.scan_backend = _resolve_simple_backend(scan_backend, use_heinsen, use_jax_associative_scan)
-        self.use_heinsen = self.scan_backend == "heinsen"
-        self.use_jax = self.scan_backend == "jax"
 
         # module structure (and so state-dict keys) follows the seed
         self.norm = RMSNorm(dim) if prenorm else nn.Identity()
@@ -228,6 +229,7 @@ class SimpleGateLoopLayer(nn.Module):
                 "a reversed scan needs the whole sequence"
             )
         check_features(x, self.dim, "SimpleGateLoopLayer")
+        check_options("SimpleGateLoopLayer", return_cache=return_cache)
         if x.shape[1] == 0:
             raise ValueError(f"SimpleGateLoopLayer: x has no time steps, shape {tuple(x.shape)}")
         if cache is not None:

@@ -6,28 +6,32 @@ Dimension letters: b batch, n time, h heads, d head dimension (d = e), I inner d
     h_t = a_t h_{t-1} + k_t v_t^T                (h, d, e) complex state
     y_t = q_t . Re(h_t)
 
-With one feature per head (d = 1, GateLoop's default) on a GPU that runs the Mosaic GPU kernels,
-all of it is one forward kernel and one backward kernel that read the projections as the layer's
-Linear layers wrote them (mosaic_mixer.py): the gates and the complex state never go to memory,
-except the states that backward reads when it does not recompute them. Elsewhere with d = 1 it is
-the composition of torch ops around ``gate_loop_scan``; with d > 1 it is the chunked form
-(chunked.py), which never forms a (d, e) state per token.
+Which form computes a call is ``routing.route("mixer", ...)``'s choice:
+
+    "fused"     one feature per head (d = 1, GateLoop's default) on a GPU that runs the Mosaic GPU
+                kernels: one forward and one backward kernel that read the projections as the
+                layer's Linear layers wrote them (kernels/mosaic_mixer.py); the gates and the
+                complex state never go to memory, except the states that backward reads when it
+                does not recompute them
+    "composed"  torch ops around ``gate_loop_scan`` (composed_mixer), the fused kernels' reference
+    "chunked"   heads wider than one feature: chunked.py, which never forms a (d, e) state per token
 
 simple_gate_loop_mixer is SimpleGateLoopLayer's: one real gate per feature, fused the same way.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .chunked import chunked_heads, gate_preactivation, log_gates
-from .scan import gate_loop_scan, jax_available, mosaic_available
-from .scan.dispatch import _warn_once, isolated
+from . import _private, routing
+from .checks import check_options
+from .chunked import chunked_heads
+from .gates import gates, log_gates
+from .scan import gate_loop_scan
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -67,20 +71,22 @@ def gate_loop_mixer(
         second derivative raises).
     """
     d = _check(qkv, z, h0, heads)
-    fused = (d == 1 and backend in ("auto", "pallas") and not (ablate_complex or ablate_state_transition)
-             and qkv.is_cuda and qkv.dtype != torch.float64 and z.dtype != torch.float64
-             and (h0 is None or h0.dtype == torch.complex64) and _mosaic_runs(qkv.device))
-    if fused:
+    check_options("gate_loop_mixer", frac_gradient=frac_gradient, ablate_complex=ablate_complex,
+                   ablate_state_transition=ablate_state_transition, recompute=recompute)
+    path = _route("mixer", backend, qkv.device.type, qkv.device.index,
+                  str(torch.promote_types(qkv.dtype, z.dtype)), heads, d, False,
+                  ablate_complex or ablate_state_transition,
+                  qkv.shape[0] > 0 and (h0 is None or h0.dtype == torch.complex64))
+    if path == "fused":
         b, n = qkv.shape[:2]
         h0_flat = None if h0 is None else h0.reshape(b, heads)
         args = (qkv, z) if h0_flat is None else (qkv, z, h0_flat)
         run = _fused_untraced if torch.compiler.is_compiling() else _fused
-        out = run(float(frac_gradient), bool(recompute), *args)
-        if out is not None:
-            y, h_last = out
-            return y, h_last.view(b, heads, 1, 1)
-    return _composed(qkv, z, h0, heads, frac_gradient, ablate_complex, ablate_state_transition,
-                     recompute, backend)
+        y, h_last = run(float(frac_gradient), bool(recompute), *args)
+        return y, h_last.view(b, heads, 1, 1)
+    return composed_mixer(qkv, z, h0, heads=heads, frac=frac_gradient, ablate_complex=ablate_complex,
+                          ablate_state_transition=ablate_state_transition, recompute=recompute,
+                          backend=backend, chunked=path == "chunked")
 
 
 def simple_gate_loop_mixer(
@@ -107,15 +113,20 @@ def simple_gate_loop_mixer(
         once only (a second derivative raises).
     """
     _check_simple(qkva, h0)
+    check_options("simple_gate_loop_mixer", reverse=reverse)
     out_dtype = qkva.dtype if h0 is None else torch.promote_types(qkva.dtype, h0.dtype)
-    fused = (not reverse and backend in ("auto", "pallas") and qkva.is_cuda and out_dtype != torch.float64
-             and _simple_fused_runs_on(qkva.device.type, qkva.device.index))
-    if fused:
+    path = _route("simple_mixer", backend, qkva.device.type, qkva.device.index, str(out_dtype),
+                  qkva.shape[-1] // 3, 1, reverse, False, qkva.shape[0] > 0)
+    if path == "fused":
         run = _simple_fused_untraced if torch.compiler.is_compiling() else _simple_fused
-        out = run(qkva) if h0 is None else run(qkva, h0)
-        if out is not None:
-            y, h_last = out
-            return y.to(out_dtype), h_last.to(out_dtype)
+        y, h_last = run(qkva) if h0 is None else run(qkva, h0)
+        return y.to(out_dtype), h_last.to(out_dtype)
+    return composed_simple_mixer(qkva, h0, reverse=reverse, backend=backend)
+
+
+def composed_simple_mixer(qkva: Tensor, h0: Optional[Tensor] = None, *, reverse: bool = False,
+                          backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """simple_gate_loop_mixer as torch ops around gate_loop_scan (the fused kernels' reference)."""
     q, kv, za = qkva.chunk(3, dim=-1)
     h, h_last = gate_loop_scan(za.sigmoid(), kv, h0, reverse=reverse, backend=backend)
     return q * h, h_last
@@ -177,101 +188,30 @@ def _check(qkv, z, h0, heads) -> int:
     return d
 
 
-def _mosaic_runs(device) -> bool:
-    return _mosaic_runs_on(device.type, device.index)
-
-
-def _assume_constant(fn):
-    """Under torch.compile, run at trace time as plain Python and keep the result as a constant
-    (the choice is made once per device; its self-test is not traceable)."""
-    import torch._dynamo
-    return torch._dynamo.assume_constant_result(fn)
-
-
-@_assume_constant
-def _mosaic_runs_on(device_type: str, index) -> bool:
-    return jax_available() and mosaic_available(torch.device(device_type, index))
+@_private.trace_time_constant
+def _route(op, backend, device_type, index, dtype, heads, width, reverse, ablation, kernel_takes) -> str:
+    """routing.route's path for a mixer call, from plain values: under torch.compile it runs once at
+    trace time and the path is kept as a constant (the self-tests behind it are not traceable)."""
+    device = device_type if index is None else f"{device_type}:{index}"
+    return routing.route(op, backend, device=device, dtype=dtype, heads=heads, width=width, reverse=reverse,
+                         ablation=ablation, kernel_takes=kernel_takes,
+                         transforms=_private.functorch_active()).path
 
 
 def _fused(frac, recompute, qkv, z, h0=None):
-    if torch._C._are_functorch_transforms_active():    # the Mosaic ops have no vmap rule
-        return None
-    from .scan.mosaic_op import try_mixer_mosaic
+    from .ops.mosaic import try_mixer_mosaic
     return try_mixer_mosaic(qkv, z, h0, frac, recompute)
 
 
-def _untraced(fn):
-    """Run by AOTAutograd but not traced by Dynamo (the kernels' plans and launches are plain
-    Python, as gate_loop_scan's are)."""
-    if not jax_available():
-        return fn
-    import torch._dynamo
-    return torch._dynamo.nonstrict_trace(fn)
-
-
-_fused_untraced = _untraced(_fused)
-
-
-@_assume_constant
-def _simple_fused_runs_on(device_type: str, index) -> bool:
-    return _simple_fused_runs(torch.device(device_type, index))
-
-
-@functools.cache
-def _simple_fused_runs(device: torch.device) -> bool:
-    """Whether the real-gate kernels run on ``device``: the Mosaic GPU kernels do, and these pass a
-    self-test there (once per device; a failure warns once and the composition takes over)."""
-    if not (jax_available() and mosaic_available(device)):
-        return False
-    problem = isolated(_simple_mixer_self_test, device)
-    if problem:
-        _warn_once(f"simple-mixer-{device}", f"simple_gate_loop_mixer: the fused kernels failed their "
-                   f"self-test on {device} ({problem}); SimpleGateLoopLayer uses gate_loop_scan instead.")
-    return not problem
-
-
-def _simple_mixer_self_test(device) -> Optional[str]:
-    """None if the real-gate kernels match the float64 composition on a small odd-length case with
-    h0 on ``device`` (values and gradients), else what went wrong."""
-    try:
-        from .scan.mosaic_op import try_simple_mixer_mosaic
-        g = torch.Generator().manual_seed(0)
-        qkva = torch.randn(2, 37, 3 * 128, generator=g)
-        h0 = torch.randn(2, 128, generator=g)
-        with torch.enable_grad():      # the first call may come under no_grad
-            leaves = [t.to(device).requires_grad_() for t in (qkva, h0)]
-            y, h_last = try_simple_mixer_mosaic(*leaves)
-            grads = torch.autograd.grad(y.square().sum() + h_last.sum(), leaves)
-            wide = [t.detach().cpu().double().requires_grad_() for t in leaves]
-            y_ref, last = simple_gate_loop_mixer(*wide, backend="loop")      # the composition
-            refs = torch.autograd.grad(y_ref.square().sum() + last.sum(), wide)
-        for got, want in zip((y, h_last, *grads), (y_ref, last, *refs)):
-            if not torch.allclose(got.detach().cpu().double(), want, rtol=1e-4, atol=1e-4):
-                return "results differ from the float64 composition"
-    except Exception as e:     # any failure to compile or run means: do not pick it
-        return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-    return None
-
-
 def _simple_fused(qkva, h0=None):
-    if torch._C._are_functorch_transforms_active():
-        return None
-    from .scan.mosaic_op import try_simple_mixer_mosaic
+    from .ops.mosaic import try_simple_mixer_mosaic
     return try_simple_mixer_mosaic(qkva, h0)
 
 
-_simple_fused_untraced = _untraced(_simple_fused)
-
-
-def gates(z: Tensor, frac_gradient: float = 1.0, ablate_complex: bool = False,
-          ablate_state_transition: bool = False) -> Tensor:
-    """Complex gates a = sigmoid(|z|) exp(i arg z) from (..., 2) pre-activations, as (...) complex
-    (float32 or wider)."""
-    z = gate_preactivation(z, frac_gradient, ablate_complex)
-    if ablate_state_transition:
-        return torch.ones_like(z.real) + 0.0j
-    # sigmoid on the magnitude, identity on the phase
-    return torch.polar(z.abs().sigmoid(), z.angle())
+# Run by AOTAutograd but not traced by Dynamo: the kernels' plans and launches are plain Python,
+# as gate_loop_scan's are.
+_fused_untraced = _private.untraced(_fused) if routing.jax_available() else _fused
+_simple_fused_untraced = _private.untraced(_simple_fused) if routing.jax_available() else _simple_fused
 
 
 def _heads_scan(q: Tensor, k: Tensor, v: Tensor, a: Tensor, h0: Optional[Tensor], backend: str):
@@ -288,20 +228,19 @@ def _heads_scan(q: Tensor, k: Tensor, v: Tensor, a: Tensor, h0: Optional[Tensor]
     return y, h_last
 
 
-def _composed(qkv, z, h0, heads, frac, ablate_complex, ablate_state_transition, recompute, backend,
-              materialize=None):
-    """The mixer as torch ops around gate_loop_scan: the scan of every k v^T with one feature per
-    head, the chunked form (chunked.py) with more, unless ``materialize`` says otherwise."""
+def composed_mixer(qkv: Tensor, z: Tensor, h0: Optional[Tensor], *, heads: int, frac: float = 1.0,
+                   ablate_complex: bool = False, ablate_state_transition: bool = False, recompute: bool = False,
+                   backend: str = "auto", chunked: bool = False) -> tuple[Tensor, Tensor]:
+    """The mixer as torch ops around gate_loop_scan (the fused kernels' reference): the scan of
+    every k v^T, or with ``chunked`` the chunked form (chunked.py)."""
     b, n = qkv.shape[:2]
     q, k, v = (t.unflatten(-1, (heads, -1)) for t in qkv.chunk(3, dim=-1))  # each (b, n, h, d)
-    if materialize is None:
-        materialize = q.shape[-1] == 1
-    if materialize:
-        a = gates(z.reshape(b, n, heads, 1, 1, 2), frac, ablate_complex, ablate_state_transition)
-        fn, args = _heads_scan, (q, k, v, a, h0, backend)
-    else:
+    if chunked:
         log_mag, phase = log_gates(z.reshape(b, n, heads, 2), frac, ablate_complex, ablate_state_transition)
         fn, args = _heads_chunked, (q, k, v, log_mag, phase, h0, backend)
+    else:
+        a = gates(z.reshape(b, n, heads, 1, 1, 2), frac, ablate_complex, ablate_state_transition)
+        fn, args = _heads_scan, (q, k, v, a, h0, backend)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (qkv, z, h0))
     if needs_grad and recompute:

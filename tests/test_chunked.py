@@ -9,7 +9,7 @@ import torch
 
 from gateloop_hybrid import GateLoopedAttention, gate_loop_mixer
 from gateloop_hybrid.chunked import chunked_heads
-from gateloop_hybrid.mixer import _composed, _heads_scan
+from gateloop_hybrid.mixer import _heads_scan, composed_mixer
 
 
 def rel(got, want):
@@ -46,12 +46,12 @@ def values_and_grads(fn, leaves, seed=1):
 def test_chunked_equals_the_materialized_scan_in_float64(b, n, h, d, chunk, with_h0):
     qkv, z, h0 = inputs(b, n, h, d, with_h0=with_h0)
     leaves = [qkv, z, h0]
-    want = values_and_grads(lambda: _composed(qkv, z, h0, h, 0.9, False, False, False, "loop", materialize=True),
+    want = values_and_grads(lambda: composed_mixer(qkv, z, h0, heads=h, frac=0.9, backend="loop"),
                             leaves)
 
     def chunked():
         q, k, v = (t.unflatten(-1, (h, -1)) for t in qkv.chunk(3, dim=-1))
-        from gateloop_hybrid.chunked import log_gates
+        from gateloop_hybrid.gates import log_gates
         log_mag, phase = log_gates(z.reshape(b, n, h, 2), 0.9)
         y, h_last = chunked_heads(q, k, v, log_mag, phase, h0, chunk=chunk, backend="torch")
         return y.flatten(-2), h_last
@@ -70,8 +70,9 @@ def test_gate_loop_mixer_with_wide_heads_keeps_the_seeds_options(ablate_complex,
     b, n, h, d = 2, 45, 2, 3
     qkv, z, h0 = inputs(b, n, h, d)
     leaves = [qkv, z, h0]
-    want = values_and_grads(lambda: _composed(qkv, z, h0, h, frac, ablate_complex, ablate_state_transition,
-                                              False, "loop", materialize=True), leaves)
+    want = values_and_grads(lambda: composed_mixer(
+        qkv, z, h0, heads=h, frac=frac, ablate_complex=ablate_complex,
+        ablate_state_transition=ablate_state_transition, backend="loop"), leaves)
     got = values_and_grads(lambda: gate_loop_mixer(
         qkv, z, h0, heads=h, frac_gradient=frac, ablate_complex=ablate_complex,
         ablate_state_transition=ablate_state_transition, recompute=recompute, backend="torch"), leaves)
@@ -128,7 +129,7 @@ def test_bfloat16_projections():
     """bf16 q, k, v (as under autocast): products in bf16, gates, decays and states in float32."""
     b, n, h, d = 2, 300, 2, 8
     qkv, z, _ = inputs(b, n, h, d, with_h0=False)
-    want = _composed(qkv, z, None, h, 1.0, False, False, False, "torch", materialize=True)[0]
+    want = composed_mixer(qkv, z, None, heads=h, backend="torch")[0]
     y, h_last = gate_loop_mixer(qkv.detach().bfloat16(), z.detach().float(), heads=h, backend="torch")
     assert y.dtype == torch.bfloat16 and h_last.dtype == torch.complex64
     assert rel(y.double(), want) < 2e-2
@@ -148,7 +149,7 @@ def test_no_per_token_state_is_kept_for_backward():
             sizes.append(t.numel())
             return t
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            _composed(qkv, z, h0, h, 1.0, False, False, False, "torch", materialize=materialize)
+            composed_mixer(qkv, z, h0, heads=h, backend="torch", chunked=not materialize)
         return max(sizes)
     assert largest_saved(True) >= per_token_state
     assert largest_saved(False) <= per_token_state // 4
@@ -176,8 +177,8 @@ def test_layer_with_wide_heads_matches_the_materialized_layer(monkeypatch):
         return [out, cache] + [p.grad.clone() for p in layer.parameters()]
     got = run()
     import gateloop_hybrid.mixer as mixer
-    original = mixer._composed
-    monkeypatch.setattr(mixer, "_composed", lambda *args: original(*args, materialize=True))
+    original = mixer.composed_mixer
+    monkeypatch.setattr(mixer, "composed_mixer", lambda *args, **kw: original(*args, **{**kw, "chunked": False}))
     want = run()
     for g, w in zip(got, want):
         assert rel(g, w) < 1e-9

@@ -118,8 +118,12 @@ hopper = pytest.mark.skipif(not _hopper(), reason="needs a GPU of compute capabi
 
 @hopper
 def test_pallas_backend_runs_the_mosaic_kernels_on_hopper():
-    from gateloop_hybrid.scan import mosaic_available
-    assert mosaic_available(torch.device("cuda", torch.cuda.current_device()))
+    from gateloop_hybrid import routing
+    index = torch.cuda.current_device()
+    for available in (routing.mosaic_available, routing.fused_mixer_available, routing.simple_mixer_available):
+        assert available("cuda", index) is None, available.__name__
+    assert routing.route("scan", "pallas", device=f"cuda:{index}").path == "mosaic"
+    assert routing.route("mixer", device=f"cuda:{index}", dtype="bfloat16", heads=512).path == "fused"
 
 
 @hopper
@@ -248,16 +252,17 @@ def test_fused_mixer_matches_float64_composition(B, N, H, dtype, recompute):
 def test_simple_mixer_fused_matches_float64_composition(B, N, D, dtype):
     """SimpleGateLoopLayer's real-gate kernels (auto takes them on CUDA) against the float64
     composition on the CPU: y, h_last and the gradients of qkva and h0."""
-    from gateloop_hybrid.mixer import _simple_fused_runs, simple_gate_loop_mixer
-    from gateloop_hybrid.scan import mosaic_op
+    from gateloop_hybrid import routing
+    from gateloop_hybrid.mixer import simple_gate_loop_mixer
+    from gateloop_hybrid.ops import mosaic as mosaic_op
     g = torch.Generator().manual_seed(0)
     qkva = 2 * torch.randn(B, N, 3 * D, generator=g, dtype=torch.float64)
     h0 = torch.randn(B, D, generator=g, dtype=torch.float64)
     leaves = [qkva.to(dtype).cuda().requires_grad_(), h0.to(dtype).cuda().requires_grad_()]
-    assert _simple_fused_runs(leaves[0].device)        # its self-test (which makes a plan of its own) passes
-    plans = len(mosaic_op._SIMPLE_PLANS)
+    assert routing.simple_mixer_available("cuda", leaves[0].device.index) is None   # its self-test passes
+    plans = len(mosaic_op._PLANS)
     y, last = simple_gate_loop_mixer(*leaves)
-    assert len(mosaic_op._SIMPLE_PLANS) == plans + 1 and y.dtype == last.dtype == dtype   # the fused path
+    assert len(mosaic_op._PLANS) == plans + 1 and y.dtype == last.dtype == dtype   # the fused path
     wide = [t.detach().cpu().double().requires_grad_() for t in leaves]
     y_ref, last_ref = simple_gate_loop_mixer(*wide, backend="loop")
     cy = torch.randn(y_ref.shape, generator=g, dtype=torch.float64)
@@ -355,7 +360,7 @@ def assert_graphs_replay_like_eager(model, data, rtol, atol):
 def test_chunked_mixer_matches_float64_materialized(B, N, H, D, dtype):
     """Wide heads on CUDA (the chunked form, auto backend for the scan across chunks) against the
     float64 materialized scan on the CPU: values, h_last and every gradient, with h0."""
-    from gateloop_hybrid.mixer import _composed, gate_loop_mixer
+    from gateloop_hybrid.mixer import composed_mixer, gate_loop_mixer
     g = torch.Generator().manual_seed(D)
     qkv = torch.randn(B, N, 3 * H * D, generator=g, dtype=torch.float64) / D ** 0.25
     z = 2 * torch.randn(B, N, 2 * H, generator=g, dtype=torch.float64)
@@ -363,7 +368,7 @@ def test_chunked_mixer_matches_float64_materialized(B, N, H, D, dtype):
     leaves = [qkv.to(dtype).cuda().requires_grad_(), z.float().cuda().requires_grad_(),
               h0.to(torch.complex64).cuda().requires_grad_()]
     errors = mixer_errors(leaves, lambda *t: gate_loop_mixer(*t, heads=H, frac_gradient=0.9),
-                          lambda *t: _composed(*t, H, 0.9, False, False, False, "torch", materialize=True), g)
+                          lambda *t: composed_mixer(*t, heads=H, frac=0.9, backend="torch"), g)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     assert max(errors.values()) < tol, errors
 
@@ -542,3 +547,54 @@ def test_train_py_on_two_gpus_trains_as_one_gpu_with_twice_the_batch(tmp_path, p
     # the two-GPU checkpoint goes on on one GPU
     _torchrun(["--nproc_per_node", "1", str(repo / "train.py"), "--out-dir", str(tmp_path / "two"), "--resume",
                "--max-steps", "8", "--data", tiny[1]])
+
+
+# --- a later position never reaches the past, on the GPU paths ------------------------------
+
+
+@hopper
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads,d", [(128, 1), (8, 16), (4, 64)])
+def test_an_overflow_at_t_leaves_earlier_outputs_bit_identical_on_cuda(dtype, heads, d):
+    """gate_loop_mixer on CUDA (the fused kernels with one feature per head, the chunked form
+    with the Mosaic scan across chunks for wider heads): k at t the largest finite value, so that
+    q_s . k_t and k_t v_t overflow; every output before t equals a clean run bit for bit."""
+    from gateloop_hybrid import explain
+    from gateloop_hybrid.mixer import gate_loop_mixer
+    n, t = 200, 137
+    g = torch.Generator().manual_seed(d)
+    qkv = torch.randn(2, n, 3 * heads * d, generator=g).to(dtype).cuda()
+    z = torch.randn(2, n, 2 * heads, generator=g).to(dtype).cuda()
+    bad = qkv.clone()
+    bad[:, t, heads * d:2 * heads * d] = torch.finfo(dtype).max
+    clean, _ = gate_loop_mixer(qkv, z, heads=heads)
+    y, _ = gate_loop_mixer(bad, z, heads=heads)
+    assert not torch.isfinite(y[:, t:]).all(), explain("mixer", device="cuda:0", dtype=str(dtype), heads=heads, width=d)
+    assert torch.equal(y[:, :t], clean[:, :t])
+
+
+@hopper
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_step_leaves_earlier_states_unchanged_on_the_mosaic_scan(bad):
+    from gateloop_hybrid.ops.mosaic import scan_mosaic
+    g = torch.Generator().manual_seed(7)
+    n, t = 3001, 2000                                  # long enough to be cut into time chunks
+    a = torch.polar(0.5 + 0.5 * torch.rand(1, n, 128, generator=g), torch.rand(1, n, 128, generator=g)).cuda()
+    x = torch.randn(1, n, 128, generator=g, dtype=torch.complex64).cuda()
+    clean, _ = scan_mosaic(a, x)
+    x_bad = x.clone()
+    x_bad[:, t] = bad
+    h, _ = scan_mosaic(a, x_bad)
+    assert torch.equal(h[:, :t], clean[:, :t])
+
+
+@hopper
+def test_the_real_gate_kernels_are_causal_under_overflow():
+    from gateloop_hybrid.mixer import simple_gate_loop_mixer
+    g = torch.Generator().manual_seed(8)
+    qkva = torch.randn(2, 300, 3 * 128, generator=g).half().cuda()
+    bad = qkva.clone()
+    bad[:, 200, :256] = torch.finfo(torch.float16).max     # q and kv: q h overflows float16
+    clean, _ = simple_gate_loop_mixer(qkva)
+    y, _ = simple_gate_loop_mixer(bad)
+    assert torch.equal(y[:, :200], clean[:, :200])

@@ -346,7 +346,7 @@ def test_bad_input_is_named():
         glj.from_torch_state_dict(sd, **dict(options, depth=2))
     with pytest.raises(ValueError, match=r"shape differs: layers.0.0.fn.to_a.0.weight"):
         glj.from_torch_state_dict(sd, **dict(options, gate_loop_heads=2))
-    with pytest.raises(ValueError, match="a torch scan"):
+    with pytest.raises(ValueError, match="a torch backend"):
         glj.from_torch_state_dict(sd, **options, scan_backend="torch")
     jm = glj.from_torch_state_dict(sd, **options)
     with pytest.raises(ValueError, match=r"token ids in \[0, 40\]"):
@@ -363,7 +363,7 @@ def test_pallas_backend_matches_jax_in_interpret_mode(monkeypatch):
     import functools
 
     import gateloop_hybrid.jax.gate_loop as gate_loop
-    import gateloop_hybrid.scan.pallas_scan as pallas_scan
+    import gateloop_hybrid.kernels.pallas_scan as pallas_scan
 
     options = dict(dim=DIM, num_tokens=VOCAB, depth=1, gate_loop_heads=4)
     model = glj.Transformer(**options, key=jax.random.key(0))
@@ -372,7 +372,7 @@ def test_pallas_backend_matches_jax_in_interpret_mode(monkeypatch):
     ids = jnp.asarray(random_ids(12))
     with pytest.raises(ValueError, match="runs on a GPU"):
         on_pallas(ids)
-    monkeypatch.setattr(gate_loop, "_pallas_runs_here", lambda: True)
+    monkeypatch.setattr(gate_loop, "_default_backend", lambda: "gpu")
     monkeypatch.setattr(pallas_scan, "scan_pallas", functools.partial(pallas_scan.scan_pallas, interpret=True))
     loss_and_grads = eqx.filter_jit(eqx.filter_value_and_grad(lambda m, ids: m(ids, return_loss=True)))
     (want, want_grads), (got, got_grads) = loss_and_grads(model, ids), loss_and_grads(on_pallas, ids)

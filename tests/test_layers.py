@@ -18,7 +18,7 @@ from gateloop_hybrid import (
     SimpleGateLoopLayer,
     Transformer,
 )
-from gateloop_hybrid.scan import BACKENDS, resolve_backend
+from gateloop_hybrid.routing import BACKENDS, route
 
 F64 = torch.float64
 VOCAB = 29
@@ -31,7 +31,7 @@ def rel_err(actual, expected):
 def backend_or_skip(name, device="cpu"):
     """Skip, with the reason, a backend this machine cannot run (e.g. pallas without CUDA)."""
     try:
-        resolve_backend(name, device)
+        route("scan", name, device=device)
     except (ImportError, ValueError) as e:
         pytest.skip(str(e))
     return name

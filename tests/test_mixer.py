@@ -28,7 +28,7 @@ def compare(qkv, z, h0, frac=0.9, recompute=False, dtype=torch.float32, tol=2e-5
     """Kernels (inputs in dtype) against the float64 composition: y, h_last and every gradient."""
     pytest.importorskip("jax")
     pytest.importorskip("absl")          # Mosaic GPU's Python side needs absl-py
-    from gateloop_hybrid.scan import mosaic_op
+    from gateloop_hybrid.ops import mosaic as mosaic_op
 
     B, N = qkv.shape[:2]
     heads = z.shape[-1] // 2
@@ -66,8 +66,8 @@ def test_fused_kernels_match_the_composition(recompute):
 def test_fused_kernels_cut_into_time_chunks(monkeypatch, chunks, n, h0):
     """Forward and backward through the summary and finishing kernels (9 steps in 4 chunks run
     as 3 of 3), and the first chunk's carry from h0 or from zero."""
-    from gateloop_hybrid.scan import mosaic_scan
-    monkeypatch.setattr(mosaic_scan, "choose_walk", lambda B, N, F, cplx, sms, backward: (chunks, 4))
+    from gateloop_hybrid.kernels import walk
+    monkeypatch.setattr(walk, "choose_walk", lambda B, N, F, cplx, sms, backward: (chunks, 4))
     compare(*make(1, n, H, seed=2, h0=h0), frac=0.5)
 
 
@@ -78,7 +78,7 @@ def test_fused_kernels_take_bfloat16_and_accumulate_in_float32():
 
 def test_fused_kernels_second_derivative_raises():
     pytest.importorskip("absl")
-    from gateloop_hybrid.scan import mosaic_op
+    from gateloop_hybrid.ops import mosaic as mosaic_op
     qkv, z, _ = make(1, 5, H)
     qkv, z = qkv.float().requires_grad_(), z.float().requires_grad_()
     y, _ = mosaic_op.try_mixer_mosaic(qkv, z, None, 1.0, False)
@@ -89,7 +89,7 @@ def test_fused_kernels_second_derivative_raises():
 
 def test_mixer_supported_shapes():
     pytest.importorskip("jax")
-    from gateloop_hybrid.scan import mosaic_op
+    from gateloop_hybrid.ops import mosaic as mosaic_op
     t = lambda *s, dt=torch.float32: torch.empty(*s, dtype=dt)
     assert mosaic_op.mixer_supported(t(2, 5, 3 * 256), t(2, 5, 512), None)
     assert not mosaic_op.mixer_supported(t(2, 5, 3 * 96), t(2, 5, 192), None)          # not a tile of heads
@@ -150,7 +150,7 @@ def compare_simple(B, N, D, h0=True, recompute=False, dtype=torch.float32, tol=2
     pytest.importorskip("jax")
     pytest.importorskip("absl")
     from gateloop_hybrid.mixer import simple_gate_loop_mixer
-    from gateloop_hybrid.scan import mosaic_op
+    from gateloop_hybrid.ops import mosaic as mosaic_op
 
     g = torch.Generator().manual_seed(seed)
     qkva = 2 * torch.randn(B, N, 3 * D, generator=g, dtype=torch.float64)
@@ -181,8 +181,8 @@ def test_real_gate_kernels_match_the_composition(h0, recompute):
 
 
 def test_real_gate_kernels_cut_into_time_chunks(monkeypatch):
-    from gateloop_hybrid.scan import mosaic_scan
-    monkeypatch.setattr(mosaic_scan, "choose_walk", lambda B, N, F, cplx, sms, backward: (3, 4))
+    from gateloop_hybrid.kernels import walk
+    monkeypatch.setattr(walk, "choose_walk", lambda B, N, F, cplx, sms, backward: (3, 4))
     compare_simple(1, 29, H, seed=2)
 
 
@@ -224,23 +224,35 @@ def test_real_gate_self_test_passes_in_interpret_mode():
     (here the kernels run interpreted on the CPU)."""
     pytest.importorskip("jax")
     pytest.importorskip("absl")
-    from gateloop_hybrid.mixer import _simple_mixer_self_test
-    assert _simple_mixer_self_test(torch.device("cpu")) is None
+    from gateloop_hybrid.ops import selftest
+    assert selftest.simple_mixer(torch.device("cpu")) is None
 
 
-def test_real_gate_self_test_failure_warns_and_composes(monkeypatch):
-    import gateloop_hybrid.mixer as mixer
-    from gateloop_hybrid.scan import dispatch
-    monkeypatch.setattr(mixer, "jax_available", lambda: True)
-    monkeypatch.setattr(mixer, "mosaic_available", lambda device: True)
-    monkeypatch.setattr(mixer, "_simple_mixer_self_test", lambda device: "ValueError: a broken kernel")
-    monkeypatch.setattr(dispatch, "_warned", set())
-    mixer._simple_fused_runs.cache_clear()
+def test_fused_mixer_self_test_passes_in_interpret_mode():
+    """The check that admits the fused mixer on a GPU (its own kernels, not the scan's)."""
+    pytest.importorskip("jax")
+    pytest.importorskip("absl")
+    from gateloop_hybrid.ops import selftest
+    assert selftest.fused_mixer(torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("op,test", [("simple_mixer", "simple_mixer"), ("mixer", "fused_mixer")])
+def test_a_failing_self_test_warns_and_composes(monkeypatch, op, test):
+    from gateloop_hybrid import routing
+    from gateloop_hybrid.ops import selftest
+    monkeypatch.setattr(routing, "_device_problem", lambda device_type, index: None)
+    monkeypatch.setattr(selftest, test, lambda device: "ValueError: a broken kernel")
+    monkeypatch.setattr(routing, "_warned", set())
+    check = routing.fused_mixer_available if op == "mixer" else routing.simple_mixer_available
+    check.cache_clear()
+    routing._route.cache_clear()
     try:
-        with pytest.warns(RuntimeWarning, match="failed their self-test on meta .*a broken kernel"):
-            assert not mixer._simple_fused_runs(torch.device("meta"))
+        with pytest.warns(RuntimeWarning, match="failed their self-test on cuda:0 .*a broken kernel"):
+            route = routing.route(op, device="cuda:0", heads=128)
+        assert route.path == "composed" and "a broken kernel" in route.why
     finally:
-        mixer._simple_fused_runs.cache_clear()
+        check.cache_clear()
+        routing._route.cache_clear()
 
 
 @pytest.mark.parametrize("real", [False, True])

@@ -13,7 +13,8 @@ import torch
 pytest.importorskip("jax")
 pytest.importorskip("absl")      # Mosaic GPU's Python side needs absl-py
 
-from gateloop_hybrid.scan import mosaic_op, mosaic_scan  # noqa: E402
+from gateloop_hybrid.kernels import mosaic_scan, walk  # noqa: E402
+from gateloop_hybrid.ops import mosaic as mosaic_op  # noqa: E402
 from gateloop_hybrid.scan.reference import scan_reference  # noqa: E402
 
 
@@ -68,14 +69,14 @@ def test_values_and_gradients(name):
 def test_walk_cut_into_time_chunks(monkeypatch, complex_, n, chunks):
     """Forward and backward through the summary and finishing kernels, chunks of unequal length
     (9 steps asked in 4 chunks run as 3 of 3)."""
-    monkeypatch.setattr(mosaic_scan, "choose_walk", lambda B, N, F, cplx, sms, backward: (chunks, 4))
+    monkeypatch.setattr(walk, "choose_walk", lambda B, N, F, cplx, sms, backward: (chunks, 4))
     check(*make(1, n, (128,), (128,), complex_, complex_, complex_, True), complex_, 2e-5)
 
 
 def test_chunks_cover_the_walk():
     for n in range(1, 60):
         for asked in range(1, 70):
-            c = mosaic_scan.fit_chunks(n, asked)
+            c = walk.fit_chunks(n, asked)
             span = -(-n // c)
             assert 1 <= c <= n and (c - 1) * span < n <= c * span
     with pytest.raises(ValueError, match="cover"):
@@ -122,15 +123,15 @@ def test_supported_shapes():
 
 def test_walk_choice():
     # one pass when B * F / 128 CTAs nearly fill 132 multiprocessors; chunks otherwise
-    assert mosaic_scan.choose_walk(16, 1024, 1024, False, 132) == (1, 32)
-    assert mosaic_scan.choose_walk(16, 1024, 1024, True, 132, backward=True) == (1, 16)
-    chunks, block = mosaic_scan.choose_walk(1, 65536, 512, True, 132)
+    assert walk.choose_walk(16, 1024, 1024, False, 132) == (1, 32)
+    assert walk.choose_walk(16, 1024, 1024, True, 132, backward=True) == (1, 16)
+    chunks, block = walk.choose_walk(1, 65536, 512, True, 132)
     assert chunks == 264 and block == 8
-    assert mosaic_scan.choose_walk(4, 4096, 1024, False, 132, backward=True) == (33, 32)
-    assert mosaic_scan.choose_walk(1, 8, 128, False, 132)[0] == 1    # too short to cut
-    assert mosaic_scan.choose_walk(1, 4097, 128, True, 132) == (64, 8)    # at most N // 64 chunks
-    assert dataclasses.replace(mosaic_scan.Walk(1, 2, 128, 1, 128, False, False, False, False, False,
-                                                False, False, False), chunks=2).span == 1
+    assert walk.choose_walk(4, 4096, 1024, False, 132, backward=True) == (33, 32)
+    assert walk.choose_walk(1, 8, 128, False, 132)[0] == 1    # too short to cut
+    assert walk.choose_walk(1, 4097, 128, True, 132) == (64, 8)    # at most N // 64 chunks
+    assert walk.span(dataclasses.replace(mosaic_scan.Walk(1, 2, 128, 1, 128, False, False, False, False, False,
+                                                          False, False, False), chunks=2)) == 1
 
 
 @pytest.mark.parametrize("used", ["h", "h_last"])
@@ -151,7 +152,7 @@ def test_gradient_through_one_output_only(used):
 def test_self_test_runs_apart_from_the_callers_thread_state():
     """The first gate_loop_scan call on a GPU runs the kernels' self-test; it often comes from
     inside a checkpointed layer or under no_grad, whose state must not reach it."""
-    from gateloop_hybrid.scan import isolated
+    from gateloop_hybrid.routing import isolated
 
     def state():
         x = torch.ones(2, requires_grad=True)
@@ -169,12 +170,12 @@ def test_compiled_with_dynamic_shapes(monkeypatch):
     walk's sizes arrive as SymInts and are specialized (as after a recompile at a new shape);
     values and gradients equal eager's. Complex gates per head against a (d, e) state, the chunked
     mixer's call."""
-    from gateloop_hybrid.scan import dispatch
-    monkeypatch.setattr(dispatch, "resolve_backend", lambda backend, device="cpu", dtype=None: "pallas")
-    monkeypatch.setattr(dispatch, "mosaic_available", lambda device: True)
+    from gateloop_hybrid import routing
+    from gateloop_hybrid.scan import gate_loop_scan
+    monkeypatch.setattr(routing, "route", lambda *args, **kwargs: routing.Route("mosaic", "forced by a test"))
 
     def f(a, x):
-        h, h_last = dispatch.gate_loop_scan(a, x)
+        h, h_last = gate_loop_scan(a, x)
         return h.abs().sum() + h_last.real.sum()
 
     torch._dynamo.reset()

@@ -20,7 +20,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import torch  # noqa: E402
 
-from gateloop_hybrid.scan import pallas_scan as ps  # noqa: E402
+from gateloop_hybrid.kernels import pallas_scan as ps  # noqa: E402
 from gateloop_hybrid.scan.reference import scan_reference, scan_reference_vjp  # noqa: E402
 
 

@@ -7,7 +7,9 @@ import warnings
 import pytest
 import torch
 
-import gateloop_hybrid.scan.dispatch as scan_mod
+import gateloop_hybrid
+import gateloop_hybrid.routing as routing
+from gateloop_hybrid.ops import bridged, selftest
 from gateloop_hybrid.scan import gate_loop_scan
 from gateloop_hybrid.scan.reference import scan_reference
 
@@ -173,20 +175,39 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_without_jax_auto_falls_back_once_and_jax_raises(monkeypatch):
-    monkeypatch.setattr(scan_mod, "jax_available", lambda: False)
-    monkeypatch.setattr(scan_mod, "jax_has_device", lambda device_type: False)
-    monkeypatch.setattr(scan_mod, "_warned", set())
-    with pytest.warns(RuntimeWarning, match="uses 'torch'.*JAX is not installed"):
-        assert scan_mod.resolve_backend("auto", "cpu") == "torch"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert scan_mod.resolve_backend("auto", "cpu") == "torch"      # said once only
-    with pytest.raises(ImportError, match="pip install"):
-        scan_mod.resolve_backend("jax", "cpu")
+    monkeypatch.setattr(routing, "jax_available", lambda: False)
+    monkeypatch.setattr(routing, "jax_has_device", lambda device_type: False)
+    monkeypatch.setattr(routing, "_warned", set())
+    routing._route.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="uses 'torch'.*JAX is not installed"):
+            assert routing.route("scan", "auto", device="cpu").path == "torch"
+        routing._route.cache_clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert routing.route("scan", "auto", device="cpu").path == "torch"      # said once only
+        with pytest.raises(ImportError, match="pip install"):
+            routing.route("scan", "jax", device="cpu")
+    finally:
+        routing._route.cache_clear()
 
 
 def test_auto_picks_jax_on_cpu_when_installed():
-    assert scan_mod.resolve_backend("auto", "cpu") == "jax"
+    assert routing.route("scan", "auto", device="cpu").path == "jax"
+
+
+def test_explain_says_which_path_and_why():
+    assert "'jax'" in gateloop_hybrid.explain("scan", device="cpu")
+    assert "'chunked'" in gateloop_hybrid.explain("mixer", device="cpu", heads=8, width=64)
+    why = gateloop_hybrid.explain("mixer", device="cpu", heads=512, width=1)
+    assert "'composed'" in why and "CUDA" in why
+    with pytest.raises(ValueError, match="unknown backend"):
+        gateloop_hybrid.explain("scan", "cuda")
+
+
+def force_path(monkeypatch, path):
+    """Every route takes ``path`` (to run a GPU path's torch side on the CPU)."""
+    monkeypatch.setattr(routing, "route", lambda *args, **kwargs: routing.Route(path, "forced by a test"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -212,13 +233,13 @@ def test_pallas_backend_adapter_in_interpret_mode(monkeypatch, request, case):
     """The torch side of the "pallas" backend (complex tensors as (re, im) pairs through the
     bridge, gradients back through the same views), with the kernels in Pallas interpret mode."""
     import functools
-    import gateloop_hybrid.scan.pallas_scan as pallas_scan
-    # The real adapter and _bridged (static flags bound, tensors only), kernels interpreted.
+    import gateloop_hybrid.kernels.pallas_scan as pallas_scan
+    # The real adapter and the bridged function (static flags bound, tensors only), kernels interpreted.
     monkeypatch.setattr(pallas_scan, "scan_pallas_ri",
                         functools.partial(pallas_scan.scan_pallas_ri, interpret=True))
-    monkeypatch.setattr(scan_mod, "resolve_backend", lambda backend, device, dtype: backend)
-    scan_mod._bridged.cache_clear()
-    request.addfinalizer(scan_mod._bridged.cache_clear)     # no interpreted kernels left behind
+    force_path(monkeypatch, "triton")
+    bridged.cache_clear()
+    request.addfinalizer(bridged.cache_clear)     # no interpreted kernels left behind
     (a, x, h0, cot_h, cot_last), (h_ref, last_ref, g_ref) = reference(*case)
     f32 = lambda t: None if t is None else t.to(torch.complex64 if t.is_complex() else torch.float32)
     h, h_last, grads = run("pallas", f32(a), f32(x), f32(h0), case[1], f32(cot_h), f32(cot_last))
@@ -230,17 +251,17 @@ def test_pallas_backend_adapter_in_interpret_mode(monkeypatch, request, case):
 def test_pallas_self_test_passes_in_interpret_mode():
     """The check behind "auto" choosing pallas on a GPU, run here through the interpreter."""
     import jax
-    assert scan_mod.pallas_self_test(jax.devices("cpu")[0], interpret=True) is None
+    assert selftest.triton_scan(jax.devices("cpu")[0], interpret=True) is None
 
 
 def test_pallas_self_test_reports_a_failure(monkeypatch):
     import jax
-    import gateloop_hybrid.scan.pallas_scan as pallas_scan
+    import gateloop_hybrid.kernels.pallas_scan as pallas_scan
 
     def broken(a, x, *args, **kwargs):
         raise RuntimeError("no kernel for you")
     monkeypatch.setattr(pallas_scan, "scan_pallas", broken)
-    assert "no kernel for you" in scan_mod.pallas_self_test(jax.devices("cpu")[0], interpret=True)
+    assert "no kernel for you" in selftest.triton_scan(jax.devices("cpu")[0], interpret=True)
 
 
 def test_pallas_self_test_sets_the_gpu_memory_policy_first():
@@ -250,10 +271,10 @@ def test_pallas_self_test_sets_the_gpu_memory_policy_first():
     import sys
     code = ("import os, sys\n"
             "os.environ.pop('XLA_PYTHON_CLIENT_PREALLOCATE', None)\n"
-            "from gateloop_hybrid.scan import pallas_self_test\n"
+            "from gateloop_hybrid.ops.selftest import triton_scan\n"
             "assert 'jax' not in sys.modules or 'bridge' in sys.modules\n"
             "import jax\n"
-            "assert pallas_self_test(jax.devices('cpu')[0], interpret=True) is None\n"
+            "assert triton_scan(jax.devices('cpu')[0], interpret=True) is None\n"
             "print(os.environ.get('XLA_PYTHON_CLIENT_PREALLOCATE'), 'bridge' in sys.modules)\n")
     env = {k: v for k, v in __import__("os").environ.items() if k != "XLA_PYTHON_CLIENT_PREALLOCATE"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
@@ -318,13 +339,13 @@ def test_gradgradcheck_jax_backend():
 
 
 def test_pallas_double_backward_raises_in_interpret_mode(monkeypatch, request):
-    import gateloop_hybrid.scan.pallas_scan as pallas_scan
+    import gateloop_hybrid.kernels.pallas_scan as pallas_scan
     from bridge import DoubleBackwardError
     monkeypatch.setattr(pallas_scan, "scan_pallas_ri",
                         functools.partial(pallas_scan.scan_pallas_ri, interpret=True))
-    monkeypatch.setattr(scan_mod, "resolve_backend", lambda backend, device, dtype: backend)
-    scan_mod._bridged.cache_clear()
-    request.addfinalizer(scan_mod._bridged.cache_clear)
+    force_path(monkeypatch, "triton")
+    bridged.cache_clear()
+    request.addfinalizer(bridged.cache_clear)
     a = torch.rand(2, 5, 3, requires_grad=True)
     x = torch.randn(2, 5, 3, requires_grad=True)
     h, _ = gate_loop_scan(a, x, backend="pallas")
@@ -381,7 +402,7 @@ def test_vmap_and_func_grad_over_every_backend(backend):
 def test_cold_compile_fullgraph_first_call(monkeypatch):
     """A first call (nothing built, JAX's devices not yet asked) and a new reverse= value under
     torch.compile(fullgraph=True), with no eager warm-up."""
-    for memo in (scan_mod._bridged, scan_mod.jax_has_device, scan_mod.jax_available):
+    for memo in (bridged, routing.jax_has_device, routing.jax_available, routing._route):
         memo.cache_clear()
     torch._dynamo.reset()
     a, x, h0 = make_inputs(9, complex_=True, broadcast=True, with_h0=True)
@@ -404,7 +425,7 @@ def test_cold_compile_of_the_default_transformer_with_checkpointed_scan():
     """The default GateLoop Transformer (checkpoint_gate_looped_attn on) compiled cold with
     fullgraph=True: same loss and gradients as eager."""
     from gateloop_hybrid.transformer import Transformer
-    scan_mod._bridged.cache_clear()
+    bridged.cache_clear()
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = Transformer(16, num_tokens=20, depth=1, dim_head=8, heads=2)

@@ -61,7 +61,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from bridge.convert import _find_fast_paths, exchange, prepare  # noqa: E402
 from bridge.function import _saved_residuals  # noqa: E402
-from gateloop_hybrid.scan.jax_scan import scan_jax as jax_scan  # noqa: E402
+from gateloop_hybrid.kernels.jax_scan import scan_jax as jax_scan  # noqa: E402
 
 
 # ---- pieces ---------------------------------------------------------------------------------

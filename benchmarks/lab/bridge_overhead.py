@@ -25,7 +25,7 @@ import bridge  # noqa: E402  (sets JAX's GPU memory policy first)
 import jax  # noqa: E402
 
 
-from gateloop_hybrid.scan.jax_scan import scan_jax as jax_scan  # noqa: E402
+from gateloop_hybrid.kernels.jax_scan import scan_jax as jax_scan  # noqa: E402
 
 
 def sync(device, *arrays):

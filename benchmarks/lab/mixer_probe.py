@@ -17,7 +17,7 @@ import torch
 
 import harness
 from gateloop_hybrid.mixer import gate_loop_mixer
-from gateloop_hybrid.scan import mosaic_op
+from gateloop_hybrid.ops import mosaic as mosaic_op
 
 HBM_TBPS = 4.2      # measured copy bandwidth on the H200 (docs/results.md)
 

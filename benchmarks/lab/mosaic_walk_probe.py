@@ -5,7 +5,7 @@ import json, sys, time
 import numpy as np
 import jax, jax.numpy as jnp
 import torch
-from gateloop_hybrid.scan import mosaic_scan as ms
+from gateloop_hybrid.kernels import mosaic_scan as ms, walk
 from gateloop_hybrid.scan.reference import scan_reference, scan_reference_vjp
 
 rng = np.random.default_rng(0)
@@ -80,8 +80,8 @@ for (B, N, F) in [(4, 4096, 1024), (1, 65536, 512), (16, 1024, 1024)]:
         floor_fwd = 3 * B * N * F * (8 if cplx else 4) / 4.2e12 * 1e3
         a = jnp.asarray(rng.uniform(0.5, 0.99, (B, N, F, 2) if cplx else (B, N, F)), jnp.float32)
         x = jnp.asarray(rng.normal(size=a.shape), jnp.float32)
-        auto, auto_block = ms.choose_walk(B, N, F, cplx)
-        variants = {(auto, auto_block), (auto, 2 * auto_block), (ms.fit_chunks(N, 2 * auto), auto_block)}
+        auto, auto_block = walk.choose_walk(B, N, F, cplx)
+        variants = {(auto, auto_block), (auto, 2 * auto_block), (walk.fit_chunks(N, 2 * auto), auto_block)}
         for chunks, block in sorted(variants):
             fw, bw = walks(B, N, F, F, 1, cplx, cplx, False, False, chunks, block)
             row = {"B": B, "N": N, "F": F, "complex": cplx, "chunks": chunks, "block": block,

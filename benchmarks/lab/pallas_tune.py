@@ -40,8 +40,8 @@ import torch
 import bridge  # noqa: F401  (JAX's GPU memory policy, before JAX starts)
 import jax
 import jax.numpy as jnp
-from gateloop_hybrid.scan import jax_scan as js
-from gateloop_hybrid.scan import pallas_scan as ps
+from gateloop_hybrid.kernels import jax_scan as js
+from gateloop_hybrid.kernels import pallas_scan as ps
 from gateloop_hybrid.scan.reference import scan_reference, scan_reference_vjp
 
 KC = ps.KernelConfig

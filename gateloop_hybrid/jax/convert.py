@@ -81,6 +81,10 @@ def load_state_dict(module, state_dict):
         raise ValueError(f"the state dict does not fit this {type(module).__name__} ({'; '.join(parts)})")
     # copies: a training step donates these buffers, which must not be the caller's memory
     leaves = [jnp.array(_to_numpy(state_dict[k], k)) for k in wanted]
+    cplx = [f"{k} ({leaf.dtype})" for k, leaf in zip(wanted, leaves) if jnp.iscomplexobj(leaf)]
+    if cplx:
+        raise TypeError(f"the state dict holds complex weights ({', '.join(cplx[:4])}"
+                        f"{', ...' if len(cplx) > 4 else ''}); every weight of a {type(module).__name__} is real")
     return eqx.tree_at(lambda m: list(named_parameters(m).values()), module, replace=leaves)
 
 

@@ -17,37 +17,33 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from ..scan.jax_scan import scan_jax
-from .norms import LayerNorm, Linear, RMSNorm, check_features, check_sizes, polar_parts
+from .. import routing
+from ..checks import check_options
+from ..kernels.jax_scan import scan_jax
+from ..routing import CHUNK
+from .norms import LayerNorm, Linear, RMSNorm, check_features, check_sizes, polar_parts, refuse_torch
 
-BACKENDS = ("auto", "jax", "pallas")
+BACKENDS = routing.JAX_BACKENDS
 
 
 def check_backend(scan_backend: str) -> str:
-    if scan_backend not in BACKENDS:
-        extra = (" (a torch scan; the JAX layers run JAX's)"
-                 if scan_backend in ("torch", "heinsen", "loop") else "")
-        raise ValueError(f"unknown scan_backend {scan_backend!r}{extra}; choose one of {BACKENDS}")
-    return scan_backend
+    return routing.check_backend(scan_backend, framework="jax")
 
 
 def scan(a, x, h0=None, *, reverse: bool = False, backend: str = "auto"):
     """h_t = a_t * h_{t-1} + x_t along axis 1 -> (h, h_last), as ``gateloop_hybrid.scan``'s contract.
 
-    "auto" and "jax": ``jax.lax.associative_scan`` with a reverse-scan backward (any device, any
-    float dtype). "pallas": the Pallas GPU kernels (a GPU, 32 bits or fewer).
+    The path is ``routing.route``'s: "auto" and "jax" run ``jax.lax.associative_scan`` with a
+    reverse-scan backward (any device, any float dtype); "pallas" the Triton-lowered Pallas
+    kernels (a GPU, 32 bits or fewer).
     """
-    if backend == "pallas":
-        from ..scan import pallas_scan
-        if not _pallas_runs_here():
-            raise ValueError(f"scan_backend='pallas' runs on a GPU; JAX's default backend here is "
-                             f"{jax.default_backend()!r} (use 'jax' or 'auto')")
+    if not isinstance(reverse, bool):
+        raise TypeError(f"scan: reverse must be a bool, got {type(reverse).__name__} {reverse!r}")
+    path = routing.route("scan", backend, device=_default_backend(), framework="jax").path
+    if path == "triton":
+        from ..kernels import pallas_scan
         return pallas_scan.scan_pallas(a, x, h0, reverse=reverse)
     return scan_jax(a, x, h0, reverse=reverse)
-
-
-def _pallas_runs_here() -> bool:
-    return jax.default_backend() == "gpu"
 
 
 def _gate_looped_heads(q, k, v, a, h0, backend: str):
@@ -62,7 +58,9 @@ def _gate_looped_heads(q, k, v, a, h0, backend: str):
     return y, h_last
 
 
-CHUNK = 64
+def _default_backend() -> str:
+    """JAX's default backend ("cpu", "gpu"): the device fact the routing function gets."""
+    return jax.default_backend()
 
 
 def _chunked_heads(q, k, v, log_mag, phase, h0, backend: str, chunk: int = CHUNK):
@@ -89,10 +87,11 @@ def _chunked_heads(q, k, v, log_mag, phase, h0, backend: str, chunk: int = CHUNK
     L = jnp.cumsum(blocks(log_mag), axis=-1)              # (b, c, h, C)
     T = jnp.cumsum(blocks(phase), axis=-1)
 
+    # the causal mask selects, never multiplies: a later key's q . k may overflow (0 * inf = nan)
     causal = jnp.tril(jnp.ones((size, size), dtype=bool))
     decay = jnp.exp(jnp.where(causal, L[..., :, None] - L[..., None, :], -jnp.inf))   # s <= t only
     weight = decay * jnp.cos(T[..., :, None] - T[..., None, :])
-    scores = jnp.einsum("bchtd,bchsd->bchts", qb, kb).astype(real) * weight
+    scores = jnp.where(causal, jnp.einsum("bchtd,bchsd->bchts", qb, kb).astype(real) * weight, 0.0)
     y = jnp.einsum("bchts,bchsd->bchtd", scores.astype(q.dtype), vb)
 
     to_end_mag = jnp.exp(L[..., -1:] - L)                 # |A_C / A_s| <= 1 for |a| <= 1
@@ -163,6 +162,9 @@ class GateLoopedAttention(eqx.Module):
         key,
     ):
         check_sizes("GateLoopedAttention", dim=dim, heads=heads, dim_inner=dim_inner)
+        check_options("GateLoopedAttention", checkpoint_gate_looped_attn=checkpoint_gate_looped_attn,
+                      add_swish_gating=add_swish_gating, sub_ln=sub_ln,
+                      frac_gradient_state_transition=frac_gradient_state_transition)
         dim_inner = dim if dim_inner is None else dim_inner
         heads = dim_inner if heads is None else heads
         if dim_inner % heads:
@@ -217,6 +219,8 @@ class GateLoopedAttention(eqx.Module):
         positions only.
         """
         check_features(x, self.dim, "GateLoopedAttention")
+        check_options("GateLoopedAttention", ablate_complex=ablate_complex,
+                      ablate_state_transition=ablate_state_transition, return_cache=return_cache)
         b, n, _ = x.shape
         if n == 0:
             raise ValueError(f"GateLoopedAttention: x has no time steps, shape {tuple(x.shape)}")
@@ -224,6 +228,7 @@ class GateLoopedAttention(eqx.Module):
         q, k, v = (t.reshape(b, n, self.heads, -1) for t in (q, k, v))  # each (b, n, h, d)
         if cache is not None:
             d = q.shape[-1]
+            refuse_torch(cache, "GateLoopedAttention", "cache")
             if isinstance(cache, (tuple, list)) or not hasattr(cache, "shape"):
                 raise TypeError(f"GateLoopedAttention: cache must be the state array returned with "
                                 f"return_cache=True, got {type(cache).__name__} (an attention layer's "
@@ -231,13 +236,18 @@ class GateLoopedAttention(eqx.Module):
             if tuple(cache.shape) != (b, self.heads, d, d):
                 raise ValueError(f"GateLoopedAttention: cache must be the state from return_cache=True, "
                                  f"shape (batch, heads, d, e) = {(b, self.heads, d, d)}, got {tuple(cache.shape)}")
+            if not jnp.iscomplexobj(cache):
+                raise TypeError(f"GateLoopedAttention: cache must be the complex state from "
+                                f"return_cache=True, got a real array of dtype {cache.dtype}")
 
-        if q.shape[-1] == 1:  # one feature per head: the states are per-token scalars
-            gates = (self._gates(x, ablate_complex, ablate_state_transition),)   # (b, n, h, 1, 1)
-            fn = partial(_gate_looped_heads, backend=self.scan_backend)
-        else:                 # wider heads: chunked, no (d, e) state per token
+        form = routing.route("mixer", self.scan_backend, device=_default_backend(), heads=self.heads,
+                             width=q.shape[-1], framework="jax").path
+        if form == "chunked":   # wider heads: no (d, e) state per token
             gates = self._gates(x, ablate_complex, ablate_state_transition, log_polar=True)
             fn = partial(_chunked_heads, backend=self.scan_backend)
+        else:                   # one feature per head: the states are per-token scalars
+            gates = (self._gates(x, ablate_complex, ablate_state_transition),)   # (b, n, h, 1, 1)
+            fn = partial(_gate_looped_heads, backend=self.scan_backend)
         if self.checkpoint_gate_looped_attn:
             fn = jax.checkpoint(fn)
         y, h_last = fn(q, k, v, *gates, cache)
@@ -302,6 +312,8 @@ class SimpleGateLoopLayer(eqx.Module):
         key,
     ):
         check_sizes("SimpleGateLoopLayer", dim=dim)
+        check_options("SimpleGateLoopLayer", prenorm=prenorm, use_heinsen=use_heinsen,
+                      use_jax_associative_scan=use_jax_associative_scan, post_ln=post_ln, reverse=reverse)
         self.dim, self.reverse = dim, reverse
         self.scan_backend = _resolve_simple_backend(scan_backend, use_heinsen, use_jax_associative_scan)
         self.norm = RMSNorm(dim) if prenorm else None
@@ -313,6 +325,7 @@ class SimpleGateLoopLayer(eqx.Module):
 
         ``cache`` is the state (b, D) after the previous chunk.
         """
+        check_options("SimpleGateLoopLayer", return_cache=return_cache)
         if self.reverse and (cache is not None or return_cache):
             raise ValueError("SimpleGateLoopLayer(reverse=True) cannot continue from or return a cache: "
                              "a reversed scan needs the whole sequence")

@@ -19,8 +19,17 @@ import jax
 import jax.numpy as jnp
 
 
+def refuse_torch(x, who: str, name: str) -> None:
+    """A torch tensor given to the JAX model gets one error naming it (JAX would fail deep inside,
+    e.g. "Cannot interpret 'torch.int64' as a data type")."""
+    if type(x).__module__.split(".")[0] == "torch":
+        raise TypeError(f"{who}: {name} is a torch.Tensor ({x.dtype}, shape {tuple(x.shape)}); the JAX model "
+                        "takes JAX or NumPy arrays (convert with bridge.to_jax(t) or jnp.asarray(t.numpy()))")
+
+
 def check_features(x, dim: int, who: str, *, sequence: bool = True) -> None:
     """Raise ValueError unless x is a floating array (b, n, dim) (``sequence``) or (..., dim)."""
+    refuse_torch(x, who, "x")
     shape = getattr(x, "shape", None)
     if shape is None or not hasattr(x, "dtype"):
         raise TypeError(f"{who}: x must be a JAX array, got {type(x).__name__}")

@@ -21,7 +21,7 @@ import numpy as np
 
 from .attention import CausalFullAttention
 from .gate_loop import GateLoopedAttention, check_backend
-from .norms import Embedding, LayerNorm, Linear, RMSNorm, check_sizes
+from .norms import Embedding, LayerNorm, Linear, RMSNorm, check_sizes, refuse_torch
 
 
 class FeedForward(eqx.Module):
@@ -240,6 +240,7 @@ class Transformer(eqx.Module):
     def _check_ids(self, x, name: str) -> None:
         """Refuse anything but integer token ids (b, n), n >= 1; and, for concrete arrays (not
         under a transformation), ids outside [0, num_tokens), which JAX would clamp silently."""
+        refuse_torch(x, "Transformer", name)
         if not hasattr(x, "shape") or not hasattr(x, "dtype"):
             raise TypeError(f"{name} must be an array of token ids, got {type(x).__name__}")
         if x.ndim != 2 or x.shape[1] < 1:

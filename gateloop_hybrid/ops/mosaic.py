@@ -1,6 +1,11 @@
 """Torch ops on the Mosaic GPU kernels, launched on torch tensors by ``bridge.MosaicKernel`` (no
-XLA, PJRT or DLPack per call), differentiable by torch: gate_loop_scan on mosaic_scan.py's walks,
-and the fused GateLoop mixer on mosaic_mixer.py's.
+XLA, PJRT or DLPack per call), differentiable by torch: the scan on kernels/mosaic_scan.py's walks,
+and the fused mixers on kernels/mosaic_mixer.py's.
+
+Each op works the same way: a call signature (shapes, dtypes, device, static options) gets a
+*plan* once, kept in one bounded cache (``_plan``); the plan holds the walk keys and, in eager
+mode, the kernels bound to their compiled launches, so a later call costs the launches and a few
+views. Under torch.compile no plan is cached: each launch is the launcher's opaque op.
 
 Complex tensors go in and out as ``view_as_real`` pairs (no copy, no planar split). Gates keep
 their broadcast shape: ``a`` (B, N, *Fa) against ``x`` (B, N, *F) becomes (B, N, G) with feature
@@ -20,7 +25,7 @@ from torch import Tensor
 
 from bridge.mosaic import MosaicKernel, tracing
 
-from . import mosaic_mixer, mosaic_scan
+from ..kernels import mosaic_mixer, mosaic_scan, walk as walks
 
 _JAX_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
                torch.complex64: "float32"}
@@ -50,7 +55,7 @@ def gate_layout(a_shape, x_shape) -> tuple[int, int] | None:
 def supported(a: Tensor, x: Tensor) -> bool:
     """Whether the kernels take these shapes and dtypes (else the caller picks another path)."""
     layout = gate_layout(a.shape, x.shape)
-    return (layout is not None and mosaic_scan.supported(math.prod(x.shape[2:]), *layout)
+    return (x.shape[0] > 0 and layout is not None and mosaic_scan.supported(math.prod(x.shape[2:]), *layout)
             and all(t.dtype in _JAX_DTYPES for t in (a, x)))
 
 
@@ -84,8 +89,8 @@ def _from_pairs(t: Tensor, cplx: bool, shape) -> Tensor:
 def _walk(a, x, h0, reverse, backward, B, N, F, G, R):
     cplx = a.is_complex() or x.is_complex() or (h0 is not None and h0.is_complex())
     num_sms = _num_sms(x.device.index or 0) if x.is_cuda else 132
-    chunks, block = mosaic_scan.choose_walk(B, N, F, cplx, num_sms, backward)
-    chunks = mosaic_scan.fit_chunks(N, chunks)
+    chunks, block = walks.choose_walk(B, N, F, cplx, num_sms, backward)
+    chunks = walks.fit_chunks(N, chunks)
     h0c = h0 is not None and h0.is_complex()
     return mosaic_scan.Walk(
         B=B, N=N, F=F, G=G, R=R, complex_a=a.is_complex(), complex_x=x.is_complex(),
@@ -110,15 +115,8 @@ def _run_stages(kernel, chunks, args, bound, **static):
     return outs
 
 
-def _fields(static) -> tuple:
-    """A kernel description's fields as a plain tuple, what an opaque op takes. Not
-    dataclasses.astuple, which deep-copies: under dynamic shapes the sizes are SymInts, whose copy
-    reaches the fake tensors (the launcher specializes each value instead)."""
-    return tuple(getattr(static, f.name) for f in dataclasses.fields(static))
-
-
 def _launch(walk, args, out_dtypes, bound=None):
-    return _run_stages(_KERNEL, walk.chunks, args, bound, walk=_fields(walk), out_dtypes=out_dtypes)
+    return _run_stages(_KERNEL, walk.chunks, args, bound, walk=walks.key_fields(walk), out_dtypes=out_dtypes)
 
 
 def _real_dtype(dtype: torch.dtype) -> str:
@@ -221,7 +219,7 @@ def scan_mosaic(a: Tensor, x: Tensor, h0: Tensor | None = None, reverse: bool = 
     if out is None:
         raise ValueError(f"scan_mosaic: the Mosaic GPU kernels do not take a {tuple(a.shape)} {a.dtype}, "
                          f"x {tuple(x.shape)} {x.dtype}" + ("" if h0 is None else f", h0 {h0.dtype}")
-                         + f" (features a multiple of {mosaic_scan.W}, gates one per step, per head or per "
+                         + f" (a batch of at least one row, features a multiple of {walks.W}, gates one per step, per head or per "
                          "feature block; float32, bfloat16, float16 or complex64)")
     return out
 
@@ -230,34 +228,42 @@ _PLANS: dict = {}
 _MAX_PLANS = 256
 
 
-def _cached_plan(plans: dict, key, make):
-    """plans[key], made by make() on the signature's first call (None: the kernels do not take
-    it). A full cache is emptied rather than grown without bound."""
-    plan = plans.get(key, plans)
-    if plan is plans:
-        if len(plans) >= _MAX_PLANS:
-            plans.clear()
-        plan = plans[key] = make()
+def _plan(key, make):
+    """The plan of a call signature, made by make() on its first call (None: the kernels do not
+    take it). One cache for every op; a full cache is emptied rather than grown without bound."""
+    plan = _PLANS.get(key, _PLANS)
+    if plan is _PLANS:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = make()
     return plan
+
+
+def _call(op, key, fits, make, inputs, infer, apply):
+    """One op call: ``apply(plan)`` (the autograd Function) when a gradient is wanted, else
+    ``infer(plan)``; None where ``fits()`` says the kernels do not take the tensors. Under
+    torch.compile the plan is made in the trace (plan None), never cached."""
+    if tracing():
+        return apply(None) if fits() else None
+    plan = _plan((op, *key), lambda: make() if fits() else None)
+    if plan is None:
+        return None
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        return apply(plan)
+    return infer(plan)
 
 
 def try_scan_mosaic(a: Tensor, x: Tensor, h0: Tensor | None = None, reverse: bool = False):
     """scan_mosaic, or None where the kernels do not take these shapes or dtypes. Whether they
     do is decided once per signature, with the rest of its plan."""
-    if tracing():       # torch.compile: the launcher's opaque op, no bound launches
-        if not _takes(a, x, h0):
-            return None
-        return _MosaicScan.apply(a, x, h0, reverse, None)
     key = (a.shape, a.dtype, x.shape, x.dtype, None if h0 is None else (h0.shape, h0.dtype), x.device, reverse)
-    plan = _cached_plan(_PLANS, key, lambda: _Plan(a, x, h0, reverse) if _takes(a, x, h0) else None)
-    if plan is None:
-        return None
-    if torch.is_grad_enabled() and (a.requires_grad or x.requires_grad or (h0 is not None and h0.requires_grad)):
-        return _MosaicScan.apply(a, x, h0, reverse, plan)
-    return plan.forward(a, x, h0)[:2]
+    return _call("scan", key, lambda: takes(a, x, h0), lambda: _Plan(a, x, h0, reverse), (a, x, h0),
+                 lambda plan: plan.forward(a, x, h0)[:2],
+                 lambda plan: _MosaicScan.apply(a, x, h0, reverse, plan))
 
 
-def _takes(a, x, h0) -> bool:
+def takes(a, x, h0) -> bool:
+    """Whether the scan kernels take a, x and h0 (shapes and dtypes)."""
     return supported(a, x) and (h0 is None or h0.dtype in _JAX_DTYPES)
 
 
@@ -285,11 +291,11 @@ class _MixerPlan:
         num_sms = _num_sms(qkv.device.index or 0) if qkv.is_cuda else 132
 
         def mixer(backward, **kw):
-            chunks, block = mosaic_scan.choose_walk(B, N, H, not real, num_sms, backward)
+            chunks, block = walks.choose_walk(B, N, H, not real, num_sms, backward)
             if blocks is not None:      # (forward, backward) block override, for tuning
                 block = blocks[backward]
             return mosaic_mixer.Mixer(B=B, N=N, H=H, frac=float(frac), backward=backward,
-                                      chunks=mosaic_scan.fit_chunks(N, chunks), block=block, real=real, **kw)
+                                      chunks=walks.fit_chunks(N, chunks), block=block, real=real, **kw)
         init = h0 is not None
         self.infer = mixer(False, has_init=init, has_h0=False)
         # training: y, and every state when backward is to read them rather than recompute them
@@ -302,7 +308,7 @@ class _MixerPlan:
 
     def _run(self, name, args):
         m = getattr(self, name)
-        return _run_stages(_MIXER_KERNEL, m.chunks, args, self.bound[name], mixer=_fields(m))
+        return _run_stages(_MIXER_KERNEL, m.chunks, args, self.bound[name], mixer=walks.key_fields(m))
 
     def _state(self, t):
         """h0 or a cotangent of h_last as the kernels read it: (B, H) float32, or complex pairs."""
@@ -362,7 +368,6 @@ class _MosaicMixer(torch.autograd.Function):
         return (*ctx.plan.backward(qkv, z, h0, h, dy, gl), None, None, None)
 
 
-_MIXER_PLANS: dict = {}
 
 
 def mixer_supported(qkv: Tensor, z: Tensor, h0: Tensor | None) -> bool:
@@ -371,7 +376,7 @@ def mixer_supported(qkv: Tensor, z: Tensor, h0: Tensor | None) -> bool:
     if qkv.dim() != 3 or z.dim() != 3 or qkv.shape[-1] % 3:
         return False
     B, N, H = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
-    return (H % mosaic_scan.W == 0 and tuple(z.shape) == (B, N, 2 * H)
+    return (B > 0 and H % walks.W == 0 and tuple(z.shape) == (B, N, 2 * H)
             and qkv.dtype in _MIXER_DTYPES and z.dtype in _MIXER_DTYPES
             and (h0 is None or (h0.dtype == torch.complex64 and tuple(h0.shape) == (B, H))))
 
@@ -380,26 +385,16 @@ def try_mixer_mosaic(qkv: Tensor, z: Tensor, h0: Tensor | None, frac: float, rec
     """(y (B, N, H), h_last (B, H) complex64) of the fused mixer, or None where the kernels do not
     take these tensors. ``recompute``: backward recomputes the states instead of the forward
     storing them."""
-    if tracing():
-        if not mixer_supported(qkv, z, h0):
-            return None
-        return _MosaicMixer.apply(qkv, z, h0, frac, recompute, None)
     key = (qkv.shape, qkv.dtype, z.shape, z.dtype, None if h0 is None else h0.shape, qkv.device,
            frac, recompute)
-    plan = _cached_plan(_MIXER_PLANS, key, lambda: _MixerPlan(qkv, z, h0, frac, recompute)
-                        if mixer_supported(qkv, z, h0) else None)
-    if plan is None:
-        return None
-    if torch.is_grad_enabled() and (qkv.requires_grad or z.requires_grad or (h0 is not None and h0.requires_grad)):
-        return _MosaicMixer.apply(qkv, z, h0, frac, recompute, plan)
-    return plan.forward(qkv, z, h0, train=False)[:2]
+    return _call("mixer", key, lambda: mixer_supported(qkv, z, h0),
+                 lambda: _MixerPlan(qkv, z, h0, frac, recompute), (qkv, z, h0),
+                 lambda plan: plan.forward(qkv, z, h0, train=False)[:2],
+                 lambda plan: _MosaicMixer.apply(qkv, z, h0, frac, recompute, plan))
 
 
 # ---------------------------------------------------------------------------------------------
 # SimpleGateLoopLayer's mixer: real gates sigmoid(za), h_t = a_t h_{t-1} + kv_t, y_t = q_t h_t
-
-
-_SIMPLE_PLANS: dict = {}
 
 
 def simple_mixer_supported(qkva: Tensor, h0: Tensor | None) -> bool:
@@ -408,22 +403,15 @@ def simple_mixer_supported(qkva: Tensor, h0: Tensor | None) -> bool:
     if qkva.dim() != 3 or qkva.shape[-1] % 3:
         return False
     B, D = qkva.shape[0], qkva.shape[2] // 3
-    return (D % mosaic_scan.W == 0 and qkva.dtype in _MIXER_DTYPES
+    return (B > 0 and D % walks.W == 0 and qkva.dtype in _MIXER_DTYPES
             and (h0 is None or (h0.dtype in _MIXER_DTYPES and tuple(h0.shape) == (B, D))))
 
 
 def try_simple_mixer_mosaic(qkva: Tensor, h0: Tensor | None, recompute: bool = False):
     """(y (B, N, D) in qkva's dtype, h_last (B, D) float32) of SimpleGateLoopLayer's fused mixer,
     or None where the kernels do not take these tensors."""
-    if tracing():
-        if not simple_mixer_supported(qkva, h0):
-            return None
-        return _MosaicMixer.apply(qkva, None, h0, 1.0, recompute, None)
     key = (qkva.shape, qkva.dtype, None if h0 is None else (h0.shape, h0.dtype), qkva.device, recompute)
-    plan = _cached_plan(_SIMPLE_PLANS, key, lambda: _MixerPlan(qkva, None, h0, 1.0, recompute)
-                        if simple_mixer_supported(qkva, h0) else None)
-    if plan is None:
-        return None
-    if torch.is_grad_enabled() and (qkva.requires_grad or (h0 is not None and h0.requires_grad)):
-        return _MosaicMixer.apply(qkva, None, h0, 1.0, recompute, plan)
-    return plan.forward(qkva, None, h0, train=False)[:2]
+    return _call("simple_mixer", key, lambda: simple_mixer_supported(qkva, h0),
+                 lambda: _MixerPlan(qkva, None, h0, 1.0, recompute), (qkva, h0),
+                 lambda plan: plan.forward(qkva, None, h0, train=False)[:2],
+                 lambda plan: _MosaicMixer.apply(qkva, None, h0, 1.0, recompute, plan))

@@ -39,15 +39,16 @@ per multiprocessor, else looks back):
 ``KernelConfig.column_per_lane`` > 0 lays a tile out with one column (or a few) per lane and all
 of the tile's time steps in the lane, so that the tile scan is sequential in registers. Defaults
 (``resolve_config``) differ between the forward and the backward kernel and between real and
-complex data; they are the fastest variants measured on an H200 (notes/pallas.md).
+complex data; they are the fastest variants measured on an H200 (docs/kernels.md).
 
 Legend: B batch, N time steps, F feature dims, D = prod(F) columns, T tile rows (time), BD tile
 columns, P planes (1 real, 2 complex), C = ceil(N / T) time tiles, W look-back window.
 
 The Triton lowering of Pallas has no general associative scan; ``_tile_scan_p`` adds one (a
 ``tt.scan`` over the tile's time axis with the linear-recurrence combine). Kernels use Pallas's
-Triton lowering (deprecated in JAX 0.11 in favour of Mosaic GPU, but working); Mosaic GPU was not
-tried (see notes/pallas.md).
+Triton lowering (deprecated in JAX 0.11 in favour of Mosaic GPU, but working). On Hopper and newer
+the Mosaic GPU kernels (mosaic_scan.py) take the scan's common shapes instead; these kernels serve
+older GPUs, the gate layouts the Mosaic kernels do not read, and the JAX model.
 """
 
 from __future__ import annotations
@@ -66,12 +67,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jax.interpreters import mlir
 
-try:  # the Triton lowering is only needed (and only importable on some builds) for GPU runs
-    from jax._src.lib.mlir import ir as _ir
-    from jax._src.lib.triton import dialect as _tt
-    from jax._src.pallas.triton import lowering as _triton_lowering
-except ImportError:  # pragma: no cover - CPU-only builds without the Triton dialect
-    _triton_lowering = None
+from .._private import triton_lowering
+
+# the Triton lowering is only needed (and only importable on some builds) for GPU runs
+_ir, _tt, _triton_lowering, _registration = triton_lowering() or (None, None, None, None)
 
 __all__ = ["KernelConfig", "scan_fwd", "scan_bwd", "scan_pallas", "scan_pallas_ri"]
 
@@ -190,7 +189,7 @@ def _annotate_loops(module):
 
 
 def _install_pipeline_hook():
-    from jax._src.pallas.triton import pallas_call_registration as registration
+    registration = _registration
     lower = registration.lowering.lower_jaxpr_to_triton_module
     if getattr(lower, "_gateloop_pipeline_hook", False):
         return
@@ -264,8 +263,8 @@ class KernelConfig:
     publish_atomic: bool | None = None
 
 
-# Defaults, from benchmarks/pallas_tune.py on an H200 (benchmarks/results/pallas_*.txt and
-# notes/pallas.md). "many": at least _MANY_COLUMNS columns (B * D) in all.
+# Defaults, from benchmarks/lab/pallas_tune.py on an H200 (docs/kernels.md, with the command and
+# its results). "many": at least _MANY_COLUMNS columns (B * D) in all.
 _MANY_COLUMNS = 8192
 _WALK_PER_SM = 24        # "auto" walks when B * D >= this many columns per multiprocessor
 

@@ -39,11 +39,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .mosaic_scan import W, _add, _Body, _complexify, _conj, _mul
-
-_F32 = jnp.float32
+from . import walk as walks
+from .walk import F32, W, WalkBody, add, conj, mul
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,30 +61,26 @@ class Mixer:
     interpret: bool = False
     real: bool = False        # SimpleGateLoopLayer's real gates (see the module docstring)
 
-    # what mosaic_scan's walk reads of its static description
-    reverse = False
-
     @property
     def cplx(self) -> bool:
         return not self.real
 
     complex_a = complex_init = cplx
 
+    @property
+    def width(self) -> int:
+        return self.H
+
     def __post_init__(self):
         if self.H % W:
             raise ValueError(f"the mixer kernels take a multiple of {W} heads, got H={self.H}")
-        if not 1 <= self.chunks <= self.N or -(-self.N // self.span) != self.chunks:
-            raise ValueError(f"{self.chunks} time chunks of {self.span} steps do not cover N={self.N}")
+        walks.check_chunks(self)
         if not self.backward and not (self.write_y or self.write_h):
             raise ValueError("a forward mixer kernel writes y, h or both")
 
     @property
     def walk_down(self) -> bool:
         return self.backward
-
-    @property
-    def span(self) -> int:
-        return -(-self.N // self.chunks)
 
     def gate_mode(self) -> str:
         return "row"
@@ -112,16 +106,16 @@ def _gate_grad(zr, zi, da, frac):
             frac * jnp.where(nonzero, c * da[1] + radial * ui, zero))
 
 
-class _MixerBody(_Body):
-    """One CTA's walk over W heads of one batch row (see mosaic_scan._Body)."""
+class _MixerBody(WalkBody):
+    """One CTA's walk over W heads of one batch row."""
 
     def qkv(self, t, which):
-        return self.r["qkv"][self.b, t, pl.ds(which * self.w.H + self.f0, W)].astype(_F32)
+        return self.r["qkv"][self.b, t, pl.ds(which * self.w.H + self.f0, W)].astype(F32)
 
     def z(self, t):
         z = self.r["z"]
-        return (z[self.b, t, pl.ds(self.f0, W), 0].astype(_F32),
-                z[self.b, t, pl.ds(self.f0, W), 1].astype(_F32))
+        return (z[self.b, t, pl.ds(self.f0, W), 0].astype(F32),
+                z[self.b, t, pl.ds(self.f0, W), 1].astype(F32))
 
     def gate(self, t):
         if self.w.real:
@@ -137,12 +131,12 @@ class _MixerBody(_Body):
             if not w.backward:
                 return tuple(self.qkv(t, i) for i in range(3))      # q, kv, the gate's pre-activation
             t_prev = jnp.maximum(t - 1, 0)     # t = 0 reads h0 instead (walk_chunk)
-            return (self.r["dy"][self.b, t, pl.ds(self.f0, W)].astype(_F32), self.qkv(t, 0), self.qkv(t, 2),
+            return (self.r["dy"][self.b, t, pl.ds(self.f0, W)].astype(F32), self.qkv(t, 0), self.qkv(t, 2),
                     self.row(self.r["h"], t, False)[0], self.row(self.r["h"], t_prev, False)[0])
         if not w.backward:
             return (*self.z(t), *(self.qkv(t, i) for i in range(3)))
         t_prev = jnp.maximum(t - 1, 0)     # t = 0 reads h0 instead (walk_chunk)
-        return (self.r["dy"][self.b, t, pl.ds(self.f0, W)].astype(_F32),
+        return (self.r["dy"][self.b, t, pl.ds(self.f0, W)].astype(F32),
                 *(self.qkv(t, i) for i in range(3)), *self.z(t),
                 *self.row(self.r["h"], t, True), *self.row(self.r["h"], t_prev, True))
 
@@ -153,7 +147,7 @@ class _MixerBody(_Body):
         if not w.backward:
             zr, zi, q, k, v = loaded
             gate, _ = _gate(zr, zi)
-            state = _add(_mul(gate, state), (k * v, None))
+            state = add(mul(gate, state), (k * v, None))
             if write and w.write_y:
                 self.r["y"][self.b, t, pl.ds(self.f0, W)] = (q * state[0]).astype(self.r["y"].dtype)
             if write and w.write_h:
@@ -161,14 +155,14 @@ class _MixerBody(_Body):
             return state, gate
         dy, q, k, v, zr, zi, hr, hi, pr, pi = loaded
         gate, _ = _gate(zr, zi)
-        state = _add((dy * q, None), _mul(_conj(carry_gate), state))
+        state = add((dy * q, None), mul(conj(carry_gate), state))
         if write:
             dqkv, dt = self.r["dqkv"], self.r["dqkv"].dtype
             dqkv[self.b, t, pl.ds(self.f0, W)] = (dy * hr).astype(dt)
             dqkv[self.b, t, pl.ds(w.H + self.f0, W)] = (state[0] * v).astype(dt)
             dqkv[self.b, t, pl.ds(2 * w.H + self.f0, W)] = (state[0] * k).astype(dt)
             h_prev = (pr, pi) if h_before is None else h_before
-            dz = _gate_grad(zr, zi, _mul(state, _conj(h_prev)), w.frac)
+            dz = _gate_grad(zr, zi, mul(state, conj(h_prev)), w.frac)
             self.store(self.r["dz"], t, dz, True)
         return state, gate
 
@@ -195,57 +189,21 @@ class _MixerBody(_Body):
             dqkv[self.b, t, pl.ds(2 * w.H + self.f0, W)] = (state[0] * h_prev * gate * (1.0 - gate)).astype(dt)
         return state, (gate, None)
 
-    def walk_chunk(self, state, write):
+    def first_step_backward(self, state, gate):
+        """The step at t = 0, whose h_{t-1} is h0 (or zero); dh0 = conj(a_0) G_0."""
         w = self.w
-        lo, n = self.chunk()
-        gate = self.gate_before(lo)
-        if not (w.backward and write):
-            return self.walk(lo, n, state, gate, write)[0]
-        # the chunk holding t = 0 ends with the step whose h_{t-1} is h0 (or zero)
-        last_chunk = lo + n == w.N
-        state, gate = self.walk(lo, n - last_chunk.astype(n.dtype), state, gate, write)
-
-        @pl.when(last_chunk)
-        def _():
-            h_before = self.vec(self.r["h0"], w.cplx) if w.has_h0 else self.zero_state()
-            p = jnp.asarray(w.N - 1, jnp.int32)
-            loaded = self.load_step(p)
-            last, gate0 = self.step(p, loaded, state, gate, True, h_before=h_before)
-            if w.has_h0:    # dh0 = conj(a_0) G_0
-                self.store_vec(self.r["dh0"], _mul(_conj(gate0), last), w.cplx)
-        return state
-
-    def run_summary(self):
-        lo, n = self.chunk()
-
-        def body(p, carry):
-            state, prod, gate = carry
-            state, new_gate = self.step(p, self.load_step(p), state, gate, False)
-            mult = _conj(gate) if self.w.backward else new_gate
-            return state, _mul(mult, prod), new_gate
-        state, prod, _ = jax.lax.fori_loop(
-            lo, lo + n, body, (self.zero_state(), self.unit_gate(), self.gate_before(lo)))
-        self.store_vec(self.r["sum_a"], prod, self.w.cplx, index=self.c)
-        self.store_vec(self.r["sum_x"], state, self.w.cplx, index=self.c)
-
-    def run_single(self):
-        state = self.walk_chunk(self.initial(), write=True)
-        if not self.w.backward:
-            self.store_vec(self.r["h_last"], state, self.w.cplx)
-
-    def initial(self):
-        if not self.w.has_init:
-            return self.zero_state()
-        if self.w.real:
-            return self.vec(self.r["init"], False)
-        return _complexify(self.vec(self.r["init"], True), self.full(0.0))
+        h_before = self.vec(self.r["h0"], w.cplx) if w.has_h0 else self.zero_state()
+        p = jnp.asarray(w.N - 1, jnp.int32)
+        last, gate0 = self.step(p, self.load_step(p), state, gate, True, h_before=h_before)
+        if w.has_h0:
+            self.store_vec(self.r["dh0"], mul(conj(gate0), last), w.cplx)
 
 
 def _refs(m: Mixer, stage: str, dtypes: dict):
     """Names of a stage's input refs, and its outputs' types; dtypes maps "qkv" and "z" to
     the inputs' dtypes (the outputs' dtypes follow them)."""
     B, N, H = m.B, m.N, m.H
-    f32 = _F32
+    f32 = F32
     pair = () if m.real else (2,)          # complex values as (re, im) pairs
     z = () if m.real else ("z",)
     if m.backward:
@@ -278,30 +236,7 @@ def mixer_stage(*arrays, mixer: Mixer | tuple, stage: str):
     Backward inputs: z, qkv, h, dy, [g_last], [h0]; outputs dz, dqkv, [dh0].
     With ``real``, no z and no dz (qkv is qkva).
     """
-    m = mixer if isinstance(mixer, Mixer) else Mixer(*mixer)
-    if (stage == "single") != (m.chunks == 1):
-        raise ValueError(f"stage {stage!r} does not fit a mixer walk of {m.chunks} chunks")
+    m = walks.as_key(Mixer, mixer)
     dtypes = {"qkv": arrays[0].dtype} if m.real else {"z": arrays[0].dtype, "qkv": arrays[1].dtype}
     ins, outs = _refs(m, stage, dtypes)
-    names = (*ins, *outs)
-
-    def body(*refs):
-        getattr(_MixerBody(m, dict(zip(names, refs))), f"run_{stage}")()
-    kw = {}
-    if m.interpret:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-        kw["interpret"] = InterpretGPUParams()
-    return plgpu.kernel(body, out_type=tuple(outs.values()),
-                        grid=(m.H // W, m.B, m.chunks if stage != "single" else 1),
-                        grid_names=("d", "b", "c"), **kw)(*arrays)
-
-
-def mixer_walk(m: Mixer):
-    """The whole forward or backward as one JAX function of the stage's inputs."""
-    if m.chunks == 1:
-        return lambda *args: mixer_stage(*args, mixer=m, stage="single")
-
-    def chunked(*args):
-        sums = mixer_stage(*args, mixer=m, stage="summary")
-        return mixer_stage(*args, *sums, mixer=m, stage="finish")
-    return chunked
+    return walks.build(_MixerBody, m, stage, ins, outs)(*arrays)
