@@ -197,8 +197,16 @@ def malformed_entries(state: dict) -> list[str]:
 
 
 def short(value) -> str:
-    """A value in at most 40 characters, for an error message."""
-    text = repr(value) if not isinstance(value, torch.Tensor) else f"tensor{tuple(value.shape)}"
+    """A value in at most 40 characters, for an error message (a container of many or large
+    entries by its kind and length, without printing them)."""
+    plain = (int, float, str, bool, type(None))
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, (list, tuple, dict)):
+        entries = list(value.values()) if isinstance(value, dict) else list(value)
+        if len(entries) > 8 or not all(isinstance(v, plain) for v in entries):
+            return f"a {type(value).__name__} of {len(entries)} entries"
+    text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
 

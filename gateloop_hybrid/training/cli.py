@@ -52,17 +52,20 @@ def train_main(argv=None) -> int:
 
 
 def error_line(e: TrainError) -> str | None:
-    """The line train.py prints for an error, or None on a rank that leaves it to rank 0.
+    """The line train.py prints for an error, or None on a rank that leaves it to others.
 
-    An error every rank met alike (``every_rank``) is printed by rank 0 alone, naming the rank it
-    came from when another; any other error by the rank that met it, naming it when not rank 0.
-    ``e.rank`` is this process's rank (None when torchrun's environment itself is in doubt: then
-    every process prints); before the ranks are up, RANK from the environment stands for it."""
+    An error every rank met alike (``every_rank``) is printed by rank 0, and by the rank it came
+    from when another (naming it); ranks that disagree on their flags or data each print that;
+    any other error is printed by the rank that met it, naming it when not rank 0. ``e.rank`` is
+    this process's rank (None when torchrun's environment itself is in doubt: then every process
+    prints); before the ranks are up, RANK from the environment stands for it."""
     rank = e.rank if hasattr(e, "rank") else env_rank()
+    if getattr(e, "said_by_each_rank", False):
+        return f"train.py: {e}"
     if getattr(e, "every_rank", False):
-        if rank not in (None, 0):
-            return None
         origin = getattr(e, "origin", 0)
+        if rank not in (None, 0, origin):
+            return None
         return f"train.py: {e}" if origin == 0 else f"train.py [rank {origin}]: {e}"
     return f"train.py: {e}" if rank in (None, 0) else f"train.py [rank {rank}]: {e}"
 

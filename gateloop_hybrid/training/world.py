@@ -108,8 +108,9 @@ def show(key: str, value) -> str:
 
 def agree(world, error: TrainError | None, facts: dict | None) -> None:
     """Before the first step, on every rank: share each rank's error (or None) and facts
-    (``run_facts``). The first rank's error, or a disagreement, is raised on every rank alike,
-    so that all exit together, one line printed; one process raises its own error."""
+    (``run_facts``). The first rank's error, or a disagreement, is raised on every rank alike, so
+    that all exit together: a rank's error printed by it and by rank 0, a disagreement by every
+    rank. One process raises its own error."""
     if not world.distributed:
         if error is not None:
             raise error
@@ -120,4 +121,7 @@ def agree(world, error: TrainError | None, facts: dict | None) -> None:
             raise every_rank(e, origin=rank) from None
     message = disagreement([f for _, f in shared])
     if message is not None:
-        raise every_rank(ConfigError(message))
+        # every rank prints it: ranks launched apart (on several machines) each log why they stopped
+        error = every_rank(ConfigError(message))
+        error.said_by_each_rank = True
+        raise error
