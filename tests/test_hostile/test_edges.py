@@ -63,8 +63,8 @@ def call(label: str, fn, expect: tuple[type, ...] | None = None, names: tuple[st
 
 
 def _chunk() -> int:
-    from gateloop_hybrid import chunked
-    return chunked.CHUNK
+    from gateloop_hybrid import routing
+    return routing.CHUNK
 
 
 def _differs(got: torch.Tensor, want: torch.Tensor, upto: int) -> str | None:
@@ -260,7 +260,7 @@ def test_mosaic_empty_batch(batch):
     """The Mosaic GPU scan (interpret mode on a CPU) on an empty batch: an empty result of the
     right shapes, or a ValueError naming the batch."""
     pytest.importorskip("absl")
-    from gateloop_hybrid.scan import mosaic_op
+    from gateloop_hybrid.ops import mosaic as mosaic_op
     for shape, cplx in [((0, 8, 128), False), ((0, 8, 128), True), ((0, 1, 2, 128), False)]:
         label = f"Mosaic scan (interpret mode) on an empty batch {shape} complex={cplx}"
         a, x = torch.rand(shape) * 0.5 + 0.4, torch.randn(shape)

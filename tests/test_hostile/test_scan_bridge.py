@@ -31,7 +31,8 @@ import torch
 
 import bridge
 from bridge import DoubleBackwardError, jax2torch
-import gateloop_hybrid.scan.dispatch as scan_mod
+from gateloop_hybrid import routing
+from gateloop_hybrid.ops import bridged as bridged_ops
 from gateloop_hybrid.scan import gate_loop_scan
 import jax.numpy as jnp
 
@@ -309,7 +310,10 @@ def attack_values():
 def attack_gradients():
     def grads(backend, a, x, h0, reverse, create_graph=False):
         leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (a, x, h0)]
-        h, h_last = gate_loop_scan(*leaves, reverse=reverse, backend=backend)
+        if backend == "pallas":     # the Triton-lowered kernels in interpret mode, through the bridge
+            h, h_last = bridged_ops.scan("triton", *leaves, reverse)
+        else:
+            h, h_last = gate_loop_scan(*leaves, reverse=reverse, backend=backend)
         g = torch.Generator().manual_seed(3)
         ct = torch.randn(h.shape, generator=g, dtype=h.dtype)
         loss = (h * ct.conj()).real.sum() + h_last.abs().pow(2).sum()
@@ -362,11 +366,10 @@ def attack_gradients():
                 raise SilentWrong("gradgradcheck failed")
         attempt("gradients", f"jax gradgradcheck cplx={cplx} real h0={h0_real}", ggc)
     # pallas (interpret mode): first order right, second order refused by name
-    import gateloop_hybrid.scan.pallas_scan as pallas_scan
-    orig_ri, orig_resolve = pallas_scan.scan_pallas_ri, scan_mod.resolve_backend
+    import gateloop_hybrid.kernels.pallas_scan as pallas_scan
+    orig_ri = pallas_scan.scan_pallas_ri
     pallas_scan.scan_pallas_ri = functools.partial(orig_ri, interpret=True)
-    scan_mod.resolve_backend = lambda backend, device, dtype: backend
-    scan_mod._bridged.cache_clear()
+    bridged_ops.cache_clear()
     try:
         for cplx in (False, True):
             a, x, hz = rand_inputs((2, 5, 3), complex_=cplx, dtype=torch.float32, h0=True)
@@ -376,8 +379,8 @@ def attack_gradients():
                     lambda: grads("pallas", a, x, hz, False, True),
                     expect_error=("gate_loop_scan_pallas", "gradient of its gradient"))
     finally:
-        pallas_scan.scan_pallas_ri, scan_mod.resolve_backend = orig_ri, orig_resolve
-        scan_mod._bridged.cache_clear()
+        pallas_scan.scan_pallas_ri = orig_ri
+        bridged_ops.cache_clear()
     # torch's own rules still apply: backward twice without retain_graph, grad of a non-leaf
     for backend in BACKENDS[1:]:
         def twice(backend=backend):
@@ -391,7 +394,7 @@ def attack_gradients():
 
 def attack_compile():
     def cold(backend, reverse, h0, cplx):
-        for memo in (scan_mod._bridged, scan_mod.jax_has_device, scan_mod.jax_available):
+        for memo in (bridged_ops, routing.jax_has_device, routing.jax_available, routing._route):
             memo.cache_clear()
         torch._dynamo.reset()
         a, x, hz = rand_inputs((2, 6, 3), complex_=cplx, h0=h0)
@@ -421,7 +424,7 @@ def attack_compile():
 
     def transformer():
         from gateloop_hybrid.transformer import Transformer
-        scan_mod._bridged.cache_clear()
+        bridged_ops.cache_clear()
         torch._dynamo.reset()
         torch.manual_seed(0)
         m = Transformer(16, num_tokens=20, depth=1, dim_head=8, heads=2)
@@ -464,7 +467,7 @@ def attack_compile():
                "grad": lambda A, X: torch.func.grad(lambda a: gate_loop_scan(a, X[0], backend="loop")[0].pow(2).sum())(A[0])}[kind]
         close(torch.compile(fn, fullgraph=True, backend="aot_eager")(A, X), ref(A, X), 1e-10, kind)
     def inductor():
-        for memo in (scan_mod._bridged, scan_mod.jax_has_device):
+        for memo in (bridged_ops, routing.jax_has_device, routing._route):
             memo.cache_clear()
         torch._dynamo.reset()
         a, x, _ = rand_inputs((2, 5, 3), dtype=torch.float32)
@@ -585,7 +588,7 @@ def attack_threads():
         if errors:
             raise errors[0]
     for backend, n_threads in itertools.product(BACKENDS[1:], (2, 4, 8)):
-        scan_mod._bridged.cache_clear()          # first calls race too
+        bridged_ops.cache_clear()          # first calls race too
         attempt("threads", f"{backend} {n_threads} threads", lambda: run_threads(backend, n_threads, 4))
 
     def bridge_threads():
