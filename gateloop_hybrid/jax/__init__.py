@@ -8,7 +8,7 @@
 
 The layers take the torch layers' constructor and forward arguments (plus a PRNG ``key``), act
 on whole batches (b, n, D) as those do, keep the same caches, and hold their weights under the
-torch state dict's names. The recurrence runs through ``gateloop_hybrid.scan.jax_scan`` ("jax")
+torch state dict's names. The recurrence runs through ``gateloop_hybrid.kernels.jax_scan`` ("jax")
 or the Pallas GPU kernels ("pallas"). Imports no torch (``to_torch_state_dict`` does, when
 called). Training: ``gateloop_hybrid.jax.training``.
 """
