@@ -20,8 +20,15 @@ def batch(request):
     hostile_tally.CURRENT.remove(b)
 
 
-def pytest_sessionfinish(session):
-    out = getattr(session.config, "workeroutput", None)       # an xdist worker: hand the counts over
+_config = []
+
+
+def pytest_configure(config):
+    _config.append(config)
+
+
+def pytest_sessionfinish():
+    out = getattr(_config[-1], "workeroutput", None)           # an xdist worker: hand the counts over
     if out is not None:
         out["hostile_tally"] = json.dumps(dict(hostile_tally.COUNTS))
 

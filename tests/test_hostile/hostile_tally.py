@@ -43,7 +43,7 @@ class Batch:
             pytest.fail(f"{len(self.failures)} of {self.n} attempts failed:\n" + "\n".join(lines), pytrace=False)
 
 
-CURRENT: list = []           # the running test's Batch (the attack helpers record into it)
+CURRENT: list = []           # the running test's Batch (the attack functions record into it)
 
 
 def record(label: str, outcome: str, detail: str = "") -> str:
