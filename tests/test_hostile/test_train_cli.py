@@ -416,13 +416,18 @@ def attack_kill(tmp: Path, attempts: int, rng: random.Random) -> None:
             what += " (before the first checkpoint)"
             shutil.rmtree(out, ignore_errors=True)
             code, err = run_main(train.main, ["--data", str(TEXT), "--out-dir", str(out), *args])
-        if code != 0:
-            record("kill", "unclear", what, f"resume failed: exit {code}: {err[-800:]}")
-            continue
-        got = final_weights(ck)
-        same = all(torch.equal(got[k], reference[k]) for k in reference)
-        record("kill", "right" if same else "silent", what,
-               "" if same else "resumed weights differ from a run never killed")
+        record_resumed(code, err, what, ck, reference)
+
+
+def record_resumed(code, err, what, ck, reference) -> None:
+    """A killed run resumed: right when its final weights equal a run never killed."""
+    if code != 0:
+        record("kill", "unclear", what, f"resume failed: exit {code}: {err[-800:]}")
+        return
+    got = final_weights(ck)
+    same = all(torch.equal(got[k], reference[k]) for k in reference)
+    record("kill", "right" if same else "silent", what,
+           "" if same else "resumed weights differ from a run never killed")
 
 
 def attack_kill_in_write(tmp: Path, attempts: int, rng: random.Random) -> None:
@@ -475,13 +480,7 @@ def attack_kill_in_write(tmp: Path, attempts: int, rng: random.Random) -> None:
         if not resume:
             shutil.rmtree(out, ignore_errors=True)
         code, err = run_main(train.main, ["--data", str(TEXT), "--out-dir", str(out), *args, *resume])
-        if code != 0:
-            record("kill", "unclear", what, f"resume failed: exit {code}: {err[-800:]}")
-            continue
-        got = final_weights(ck)
-        same = all(torch.equal(got[k], reference[k]) for k in reference)
-        record("kill", "right" if same else "silent", what,
-               "" if same else "resumed weights differ from a run never killed")
+        record_resumed(code, err, what, ck, reference)
 
 
 # ---------------------------------------------------------------------------------------------
