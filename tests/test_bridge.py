@@ -223,35 +223,51 @@ def test_cuda_outputs_on_input_device_and_mixed_devices_refused():
         f(x, x.cpu())
 
 
-# ---- 7. JAX's GPU memory ----------------------------------------------------------------------
+# ---- 7. JAX's process-wide settings: GPU memory, CPU dispatch ---------------------------------
 
 
-def test_bridge_turns_off_preallocation_unless_user_chose():
-    code = "import os, bridge; print(os.environ['XLA_PYTHON_CLIENT_PREALLOCATE'])"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_PYTHON_CLIENT_PREALLOCATE"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "false"
-    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "true"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "true"
+# Each case needs a fresh interpreter (the settings are per process): one subprocess per case.
+FRESH_PROCESS_REPORT = ("import os\n"
+                        "from jax._src import xla_bridge\n"
+                        "print(os.environ['XLA_PYTHON_CLIENT_PREALLOCATE'], xla_bridge._CPU_ENABLE_ASYNC_DISPATCH.value)\n")
+JAX_ENV = ("XLA_PYTHON_CLIENT_PREALLOCATE", "GATELOOP_HYBRID_JAX_CPU_ASYNC")
 
 
-def test_bridge_makes_jax_cpu_dispatch_inline_unless_too_late_or_opted_out():
-    """Bridged CPU calls wait for their result anyway; JAX's worker-thread hand-off is latency."""
-    code = ("import jax, sys\n"
-            "if sys.argv[1] == 'jax-first': jax.numpy.ones(1).block_until_ready()\n"
-            "import bridge\n"
-            "from jax._src import xla_bridge\n"
-            "print(xla_bridge._CPU_ENABLE_ASYNC_DISPATCH.value)\n")
-    env = {k: v for k, v in os.environ.items() if k != "GATELOOP_HYBRID_JAX_CPU_ASYNC"}
+def run_fresh(code, **env):
+    env = {k: v for k, v in os.environ.items() if k not in JAX_ENV} | env
+    return subprocess.run([sys.executable, "-c", code + FRESH_PROCESS_REPORT], env=env, capture_output=True,
+                          text=True, check=True).stdout.split()
 
-    def run(arg, **extra):
-        out = subprocess.run([sys.executable, "-c", code, arg], env={**env, **extra},
-                             capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-    assert run("bridge-first") == "False"
-    assert run("jax-first") == "True"          # JAX's CPU client existed: left as the user had it
-    assert run("bridge-first", GATELOOP_HYBRID_JAX_CPU_ASYNC="1") == "True"
+
+def test_bridge_imported_first_turns_off_preallocation_and_makes_jax_cpu_dispatch_inline():
+    """JAX would reserve 75% of GPU memory; bridged CPU calls wait for their result anyway, so
+    JAX's worker-thread hand-off is latency."""
+    assert run_fresh("import bridge\n") == ["false", "False"]
+
+
+def test_bridge_keeps_the_users_preallocation_and_cpu_dispatch_choices():
+    assert run_fresh("import bridge\n", XLA_PYTHON_CLIENT_PREALLOCATE="true",
+                     GATELOOP_HYBRID_JAX_CPU_ASYNC="1") == ["true", "True"]
+
+
+def test_bridge_imported_after_jax_started_warns_once_of_gpu_memory_and_leaves_cpu_dispatch():
+    """JAX's GPU backend started before the bridge (simulated: CI has no GPU) -> one warning; its
+    CPU client exists already, so its dispatch stays as the user had it."""
+    code = (
+        "import warnings, jax\n"
+        "from jax._src import xla_bridge\n"
+        "jax.numpy.ones(1).block_until_ready()\n"
+        "xla_bridge._backends['cuda'] = xla_bridge._backends['cpu']\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import bridge\n"
+        "print(len(caught), caught[0].category.__name__ if caught else '-', repr(str(caught[0].message) if caught else ''))\n"
+    )
+    out = run_fresh(code)
+    count, category, *message, _, async_dispatch = out
+    assert count == "1" and category == "RuntimeWarning", out
+    assert "XLA_PYTHON_CLIENT_PREALLOCATE" in " ".join(message)
+    assert async_dispatch == "True"     # JAX's CPU client existed: left as the user had it
 
 
 # ---- 8. torch.compile ---------------------------------------------------------------------------
@@ -284,25 +300,6 @@ def test_opcheck_custom_op():
     spec, tensors = f._spec((a, b), {})
     torch.library.opcheck(_op_call, (tensors, spec.key, True))
     torch.library.opcheck(_op_call, ([a.detach(), b.detach()], spec.key, False))
-
-
-def test_warns_once_if_jax_already_took_the_gpu():
-    """JAX's GPU backend started before the bridge (simulated: CI has no GPU) -> one warning."""
-    code = (
-        "import warnings, jax\n"
-        "from jax._src import xla_bridge\n"
-        "jax.devices()\n"
-        "xla_bridge._backends['cuda'] = xla_bridge._backends['cpu']\n"
-        "with warnings.catch_warnings(record=True) as caught:\n"
-        "    warnings.simplefilter('always')\n"
-        "    import bridge\n"
-        "print(len(caught), caught[0].category.__name__ if caught else '', caught[0].message if caught else '')\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "XLA_PYTHON_CLIENT_PREALLOCATE"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    count, category, message = out.stdout.strip().split(" ", 2)
-    assert count == "1" and category == "RuntimeWarning"
-    assert "XLA_PYTHON_CLIENT_PREALLOCATE" in message
 
 
 class FakeJaxGpu:
