@@ -105,16 +105,19 @@ def rotated_heads(q: Tensor, k: Tensor, v: Tensor, log_mag: Tensor, phase: Tenso
         scores = torch.where(before_t, (qr @ kr.mT).to(real) * decay, same)
         y = scores.to(q.dtype) @ vb                       # (b, c, h, C, e)
 
-        # each chunk's own part of the state at its end, transposed: (e^{-iT_C} own_j)^T as
-        # (e, d, re/im) from one real product, read as complex and turned by e^{iT_C}
-        to_end = torch.exp(L[..., -1:] - L).unsqueeze(-1)   # |A_C / A_s| <= 1 for |a| <= 1
-        own = torch.view_as_complex(((vb * to_end).to(q.dtype).mT @ kr).to(real).unflatten(-1, (d, 2)))
-        spin = torch.polar(torch.ones_like(T[..., -1]), T[..., -1])[..., None, None]   # e^{iT_C}
-        gate = spin * torch.exp(L[..., -1])[..., None, None]                          # (b, c, h, 1, 1)
+        # each chunk's own part of the state at its end, transposed: own_j^T as (e, d, re/im) from
+        # one real product, with the keys turned to the chunk's end, k_s e^{i(T_C - T_s)}, and
+        # weighted by exp(L_C - L_s) <= 1 (s = C turns by exactly 0: no gradient to cancel there)
+        back = T[..., -1:] - T
+        to_end = torch.exp(L[..., -1:] - L)
+        turn_end = torch.stack([to_end * torch.cos(back), to_end * torch.sin(back)], -1).unsqueeze(-2)
+        k_end = (kb.unsqueeze(-1) * turn_end).flatten(-2).to(q.dtype)                # (b, c, h, C, 2d)
+        own = torch.view_as_complex((vb.mT @ k_end).to(real).unflatten(-1, (d, 2)))  # (b, c, h, e, d)
+        gate = torch.polar(torch.exp(L[..., -1]), T[..., -1])[..., None, None]       # (b, c, h, 1, 1)
 
         # across chunks: h_j = gate_j h_{j-1} + own_j, on the transposed states (b, c, h, e, d)
         h0t = None if h0 is None else h0.mT
-        states, h_last = gate_loop_scan(gate, own * spin, h0t, backend=backend)
+        states, h_last = gate_loop_scan(gate, own, h0t, backend=backend)
 
         # the carried state's part: exp(L_t) q'_t . h_{j-1}, h_{j-1} as interleaved rows (2d, e)
         before = torch.view_as_real(states[:, :-1]).flatten(-2)              # (b, c - 1, h, e, 2d)
