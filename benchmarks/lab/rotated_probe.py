@@ -65,8 +65,11 @@ def main(argv=None):
     p.add_argument("--shape", default="2x1024x4x32", help="BxNxHxD")
     p.add_argument("--backend", default="torch", help="gate_loop_scan backend across chunks")
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--threads", type=int, default=0, help="torch's intra-op threads (0: as set)")
     p.add_argument("--verbose", action="store_true", help="each form's compute ops by name")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     b, n, h, d = (int(s) for s in args.shape.split("x"))
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(b, n, h, d, generator=g) for _ in range(3))
