@@ -89,9 +89,9 @@ def rotated_heads(q: Tensor, k: Tensor, v: Tensor, log_mag: Tensor, phase: Tenso
         T = blocks(phase.to(real)).cumsum(-1)
 
         # q' = [q cos T, -q sin T] and k' likewise: each feature turned by e^{-iT}, (b, c, h, C, 2d)
-        cos, sin = torch.cos(T).unsqueeze(-1), torch.sin(T).unsqueeze(-1)
-        qr = torch.cat([qb * cos, qb * -sin], -1).to(q.dtype)
-        kr = torch.cat([kb * cos, kb * -sin], -1).to(q.dtype)
+        cos, minus_sin = torch.cos(T).unsqueeze(-1), -torch.sin(T).unsqueeze(-1)
+        qr = torch.cat([qb * cos, qb * minus_sin], -1).to(q.dtype)
+        kr = torch.cat([kb * cos, kb * minus_sin], -1).to(q.dtype)
 
         # inside a chunk: q' k'^T weighted by exp(L_t - L_s) on s < t, times v. The mask selects
         # (where), never multiplies: a later key's q' . k' may overflow, and 0 * inf is nan.
