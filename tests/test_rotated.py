@@ -135,3 +135,35 @@ def test_second_derivatives():
         y, h_last = rotated_mixer(qkv, z, h0, 2, chunk=4, backend="torch")
         return y.square().sum() + h_last.abs().square().sum()
     assert torch.autograd.gradgradcheck(f, (qkv, z, h0))
+
+
+def test_the_real_state_is_the_complex_state_turned_by_the_running_phase():
+    """S_t = sum_{s<=t} exp(L_t - L_s) k'_s v_s^T equals [Re(e^{-iT_t} h_t); Im(e^{-iT_t} h_t)], decays
+    by |a_t| alone (S_t = |a_t| S_{t-1} + k'_t v_t^T), and y_t = q'_t . S_t; from T = T_C back to
+    T = 0 the state turns by e^{iT_C}."""
+    from gateloop_hybrid.scan import gate_loop_scan
+    g = torch.Generator().manual_seed(5)
+    n, d = 23, 3
+    q, k, v = (torch.randn(n, d, generator=g, dtype=torch.float64) for _ in range(3))
+    log_mag = -torch.rand(n, generator=g, dtype=torch.float64)
+    phase = math.pi * (2 * torch.rand(n, generator=g, dtype=torch.float64) - 1)
+    h, _ = gate_loop_scan(torch.polar(log_mag.exp(), phase)[None, :, None, None],
+                          (k[:, :, None] * v[:, None, :])[None], backend="loop")
+    h = h[0]                                                    # (n, d, e) complex
+    L, T = log_mag.cumsum(0), phase.cumsum(0)
+
+    def turned(x, angle):                                       # x (.., d) as [x cos, -x sin]
+        return torch.cat([x * torch.cos(angle)[..., None], -x * torch.sin(angle)[..., None]], -1)
+    qr, kr = turned(q, T), turned(k, T)
+    w = torch.exp(L[:, None] - L[None, :]).tril()               # exp(L_t - L_s) on s <= t
+    S = torch.einsum("ts,sd,se->tde", w, kr, v)                 # (n, 2d, e)
+    turned_h = torch.exp(-1j * T)[:, None, None] * h
+    assert torch.allclose(S, torch.cat([turned_h.real, turned_h.imag], 1), atol=1e-12)
+    assert torch.allclose(S[1:], log_mag[1:].exp()[:, None, None] * S[:-1]
+                          + kr[1:, :, None] * v[1:, None, :], atol=1e-12)
+    assert torch.allclose(torch.einsum("td,tde->te", qr, S), torch.einsum("td,tde->te", q, h.real), atol=1e-12)
+    t = 11                                                      # a chunk ending at t restarts T at 0
+    c, s = torch.cos(T[t]), torch.sin(T[t])
+    re, im = S[t, :d], S[t, d:]
+    assert torch.allclose(torch.cat([c * re - s * im, s * re + c * im]),
+                          torch.cat([h[t].real, h[t].imag]), atol=1e-12)
