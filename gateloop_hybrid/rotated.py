@@ -102,7 +102,7 @@ def rotated_heads(q: Tensor, k: Tensor, v: Tensor, log_mag: Tensor, phase: Tenso
         decay = torch.exp((L.unsqueeze(-1) - L.unsqueeze(-2)).masked_fill(~earlier, float("-inf")))
         scores = torch.where(earlier, (qr @ kr.mT).to(real) * decay, 0.0)
         y = scores.to(q.dtype) @ vb                                  # (b, c, h, C, e)
-        same = (qb * kb).to(real).sum(-1, keepdim=True) * vb         # (q_t . k_t) v_t
+        same = (qb.to(real) * kb).sum(-1, keepdim=True) * vb         # (q_t . k_t) v_t
 
         # each chunk's own part of the state at its end, [Re own_j; Im own_j] as (2d, e) from one
         # real product, with the keys turned to the chunk's end by e^{i(T_C - T_s)}
