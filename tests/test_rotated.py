@@ -161,7 +161,8 @@ def test_the_real_state_is_the_complex_state_turned_by_the_running_phase():
     assert torch.allclose(S, torch.cat([turned_h.real, turned_h.imag], 1), atol=1e-12)
     assert torch.allclose(S[1:], log_mag[1:].exp()[:, None, None] * S[:-1]
                           + kr[1:, :, None] * v[1:, None, :], atol=1e-12)
-    assert torch.allclose(torch.einsum("td,tde->te", qr, S), torch.einsum("td,tde->te", q, h.real), atol=1e-12)
+    y = torch.einsum("td,tde->te", q, h.real)
+    assert torch.allclose(torch.einsum("td,tde->te", qr, S), y, atol=1e-12)
     t = 11                                                      # a chunk ending at t restarts T at 0
     c, s = torch.cos(T[t]), torch.sin(T[t])
     re, im = S[t, :d], S[t, d:]

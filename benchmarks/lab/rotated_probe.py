@@ -1,12 +1,12 @@
 """The wide-head mixer's two forms, chunked (chunked.py) and rotated (rotated.py), on one shape:
 aten ops in one forward+backward (all; those that compute, not views; those with a complex operand
 or result, which TorchInductor cannot generate code for), matrix-product FLOPs, and
-forward+backward milliseconds (median and fastest of --steps, the forms alternating). The row "scan" is the
-scan over chunks alone (gate_loop_scan forward+backward on the states both forms scan), which both
-forms' counts include.
+forward+backward milliseconds (median and fastest of --steps, the forms alternating, synchronized
+on CUDA). The row "scan" is the scan over chunks alone (gate_loop_scan forward+backward on the
+states both forms scan), which both forms' counts include.
 
-    python benchmarks/lab/rotated_probe.py                       # b=2, n=1024, h=4, d=32, float32, CPU
-    python benchmarks/lab/rotated_probe.py --shape 2x1024x4x32 --backend torch --steps 10
+    python benchmarks/lab/rotated_probe.py --threads 1              # b=2, n=1024, h=4, d=32, float32
+    python benchmarks/lab/rotated_probe.py --device cuda --shape 4x4096x8x64 --backend auto
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ class OpCounter(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
         self.ops[name] += 1
-        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
         if any(isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs
                for t in tree_leaves(out)):
             self.compute_ops[name] += 1
@@ -53,16 +54,21 @@ class OpCounter(TorchDispatchMode):
 def step(fn, leaves, backend):
     y, h_last = fn(*leaves, backend=backend)
     (y.square().sum() + h_last.abs().square().sum()).backward()
+    if y.is_cuda:
+        torch.cuda.synchronize(y.device)
 
 
 def scan_step(gate, own, h0, backend):
     states, h_last = gate_loop_scan(gate, own, h0, backend=backend)
     (states.abs().square().sum() + h_last.abs().square().sum()).backward()
+    if states.is_cuda:
+        torch.cuda.synchronize(states.device)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="2x1024x4x32", help="BxNxHxD")
+    p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default="torch", help="gate_loop_scan backend across chunks")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=0, help="torch's intra-op threads (0: as set)")
@@ -76,12 +82,14 @@ def main(argv=None):
     log_mag = torch.nn.functional.logsigmoid(torch.randn(b, n, h, generator=g).abs())
     phase = torch.randn(b, n, h, generator=g)
     h0 = torch.randn(b, h, d, d, generator=g, dtype=torch.complex64)
-    leaves = [t.requires_grad_() for t in (q, k, v, log_mag, phase, h0)]
-    print(f"shape {args.shape} float32, scan backend {args.backend!r}, torch {torch.__version__}, "
+    leaves = [t.to(args.device).requires_grad_() for t in (q, k, v, log_mag, phase, h0)]
+    print(f"shape {args.shape} float32 on {args.device}, scan backend {args.backend!r}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     c = -(-n // CHUNK)
-    gate = torch.polar(log_mag[:, :c].exp(), phase[:, :c]).detach()[..., None, None].requires_grad_()
-    own = torch.randn(b, c, h, d, d, generator=g, dtype=torch.complex64).requires_grad_()
+    gate = torch.polar(log_mag[:, :c].exp(), phase[:, :c]).detach()[..., None, None]
+    own = torch.randn(b, c, h, d, d, generator=g, dtype=torch.complex64)
+    gate, own = (t.to(args.device).requires_grad_() for t in (gate, own))
+    h0 = leaves[-1]
     runs = {name: (lambda fn=fn: step(fn, leaves, args.backend)) for name, fn in FORMS.items()}
     runs["scan"] = lambda: scan_step(gate, own, h0, args.backend)
     times = {name: [] for name in runs}
@@ -92,7 +100,8 @@ def main(argv=None):
             t0 = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - t0)
-    print(f"{'form':>8} {'aten ops':>9} {'compute':>8} {'complex':>8} {'matmul GFLOP':>13} {'fwd+bwd ms':>11} {'min ms':>7}")
+    print(f"{'form':>8} {'aten ops':>9} {'compute':>8} {'complex':>8} {'matmul GFLOP':>13} "
+          f"{'fwd+bwd ms':>11} {'min ms':>7}")
     for name, run in runs.items():
         with OpCounter() as counter:
             run()
@@ -103,6 +112,7 @@ def main(argv=None):
               f"{1e3 * statistics.median(times[name]):>11.1f} {1e3 * min(times[name]):>7.1f}")
         if args.verbose:
             print(f"{'':>8} compute: {dict(counter.compute_ops.most_common())}")
+
 
 if __name__ == "__main__":
     main()
