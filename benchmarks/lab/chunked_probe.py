@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # harness, when ru
 import torch  # noqa: E402
 
 import harness  # noqa: E402
-from gateloop_hybrid.mixer import _composed  # noqa: E402
+from gateloop_hybrid.mixer import composed_mixer  # noqa: E402
 
 
 def timed(fn, device, steps):
@@ -81,15 +81,14 @@ def main(argv=None):
         want = None
         if b * n * h * d * d <= args.check_limit:
             with torch.no_grad():
-                want = _composed(qkv.double(), z.double(), None, h, 1.0, False, False, False, "torch",
-                                 materialize=True)[0]
+                want = composed_mixer(qkv.double(), z.double(), None, heads=h, backend="torch")[0]
         forms = args.forms.split(",")
         for form in (f for f in forms if f != "fla"):
             materialize = form == "materialized"
 
             def mixer(qkv, z, recompute=args.recompute, materialize=materialize):
-                return _composed(qkv, z, None, h, 1.0, False, False, recompute, args.backend,
-                                 materialize=materialize)[0]
+                return composed_mixer(qkv, z, None, heads=h, recompute=recompute, backend=args.backend,
+                                      chunked=not materialize)[0]
             fn = torch.compile(mixer) if form.endswith("-compiled") else mixer
 
             def step():

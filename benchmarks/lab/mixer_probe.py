@@ -155,9 +155,9 @@ def simple_layer_rows(B, N, D):
 
 
 def _composed(qkv, z, H, grad, dy=None):
-    from gateloop_hybrid.mixer import _composed as composed
+    from gateloop_hybrid.mixer import composed_mixer
     with torch.set_grad_enabled(grad):
-        y, _ = composed(qkv, z, None, H, 0.9, False, False, False, "pallas")
+        y, _ = composed_mixer(qkv, z, None, heads=H, frac=0.9, backend="pallas")
     if grad:
         torch.autograd.grad(y, (qkv, z), dy)
     return y
