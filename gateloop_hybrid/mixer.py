@@ -14,8 +14,10 @@ Which form computes a call is ``routing.route("mixer", ...)``'s choice:
                 complex state never go to memory, except the states that backward reads when it
                 does not recompute them
     "composed"  torch ops around ``gate_loop_scan`` (composed_mixer), the fused kernels' reference
-    "chunked"   heads wider than one feature: rotated.py (linear attention on rotated keys, in
-                chunks), which never forms a (d, e) state per token
+    "chunked"   heads wider than one feature: chunked.py (q k^T weighted by the gates' decay and
+                cosine, in chunks), which never forms a (d, e) state per token; rotated.py is the
+                same as linear attention on rotated keys (real products only), the reference for
+                wide-head kernels (on an H100 inside the compiled training step it ran 10% slower)
 
 simple_gate_loop_mixer is SimpleGateLoopLayer's: one real gate per feature, fused the same way.
 """
@@ -30,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import _private, routing
 from .checks import check_options
-from .rotated import rotated_heads
+from .chunked import chunked_heads
 from .gates import gates, log_gates
 from .scan import gate_loop_scan
 
@@ -233,7 +235,7 @@ def composed_mixer(qkv: Tensor, z: Tensor, h0: Optional[Tensor], *, heads: int, 
                    ablate_complex: bool = False, ablate_state_transition: bool = False, recompute: bool = False,
                    backend: str = "auto", chunked: bool = False) -> tuple[Tensor, Tensor]:
     """The mixer as torch ops around gate_loop_scan (the fused kernels' reference): the scan of
-    every k v^T, or with ``chunked`` the chunked form (rotated.py)."""
+    every k v^T, or with ``chunked`` the chunked form (chunked.py)."""
     b, n = qkv.shape[:2]
     q, k, v = (t.unflatten(-1, (heads, -1)) for t in qkv.chunk(3, dim=-1))  # each (b, n, h, d)
     if chunked:
@@ -252,4 +254,4 @@ def composed_mixer(qkv: Tensor, z: Tensor, h0: Optional[Tensor], *, heads: int, 
 
 
 def _heads_chunked(q, k, v, log_mag, phase, h0, backend):
-    return rotated_heads(q, k, v, log_mag, phase, h0, backend=backend)
+    return chunked_heads(q, k, v, log_mag, phase, h0, backend=backend)

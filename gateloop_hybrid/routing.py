@@ -14,7 +14,7 @@ and ``path`` is what runs:
 
     "fused"     one forward and one backward Mosaic GPU kernel for the whole mixer
                 (kernels/mosaic_mixer.py; one feature per head, or SimpleGateLoopLayer's real gates)
-    "chunked"   heads wider than one feature: the chunked form (rotated.py), torch ops around a scan
+    "chunked"   heads wider than one feature: the chunked form (chunked.py), torch ops around a scan
                 over chunks
     "composed"  torch ops around gate_loop_scan
     "mosaic"    the scan as Mosaic GPU kernels launched from torch (kernels/mosaic_scan.py, ops/mosaic.py)
