@@ -38,6 +38,24 @@ from .routing import CHUNK
 from .scan import gate_loop_scan
 
 
+def in_chunks(q: Tensor, k: Tensor, v: Tensor, log_mag: Tensor, phase: Tensor, chunk: int):
+    """The chunk length C and the inputs in chunks, the layout of the scan over chunks:
+    (q, k, v) each (b, c, h, C, d), and L, T (b, c, h, C), the running sums of log|a| and arg a
+    from each chunk's start, in log_mag's dtype. The last chunk is padded with a = 1, k = v = 0."""
+    n = q.shape[1]
+    size = min(chunk, n)
+    pad = -n % size
+    c = (n + pad) // size
+
+    def blocks(t: Tensor) -> Tensor:           # (b, n, h, ...) -> (b, c, h, C, ...)
+        if pad:
+            t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
+        return t.unflatten(1, (c, size)).movedim(2, 3)
+    real = log_mag.dtype
+    return (size, (blocks(q), blocks(k), blocks(v)), blocks(log_mag.to(real)).cumsum(-1),
+            blocks(phase.to(real)).cumsum(-1))
+
+
 def chunked_heads(q: Tensor, k: Tensor, v: Tensor, log_mag: Tensor, phase: Tensor,
                   h0: Optional[Tensor] = None, *, chunk: int = CHUNK,
                   backend: str = "auto") -> tuple[Tensor, Tensor]:
@@ -57,19 +75,8 @@ def chunked_heads(q: Tensor, k: Tensor, v: Tensor, log_mag: Tensor, phase: Tenso
     """
     b, n, h, d = q.shape
     real = log_mag.dtype                       # float32 or float64: decays, states, accumulation
-    size = min(chunk, n)
-    pad = -n % size
-    c = (n + pad) // size
-
-    def blocks(t: Tensor) -> Tensor:           # (b, n, h, ...) -> (b, c, h, C, ...): the scan's layout
-        if pad:
-            t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
-        return t.unflatten(1, (c, size)).movedim(2, 3)
-
     with torch.autocast(q.device.type, enabled=False):   # the dtypes below are chosen, not cast
-        qb, kb, vb = blocks(q), blocks(k), blocks(v)      # (b, c, h, C, d)
-        L = blocks(log_mag.to(real)).cumsum(-1)           # (b, c, h, C), relative to the chunk start
-        T = blocks(phase.to(real)).cumsum(-1)
+        size, (qb, kb, vb), L, T = in_chunks(q, k, v, log_mag, phase, chunk)
 
         # inside a chunk: (q k^T) weighted by Re(A_t / A_s) on s <= t, times v. The mask selects
         # (where), never multiplies: a later key's q . k may overflow, and 0 * inf is nan.

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from einops.layers.torch import Rearrange
 from torch import Tensor, nn
 

@@ -47,9 +47,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from .chunked import in_chunks
 from .routing import CHUNK
 from .scan import gate_loop_scan
 
@@ -74,19 +74,8 @@ def rotated_heads(q: Tensor, k: Tensor, v: Tensor, log_mag: Tensor, phase: Tenso
     """
     b, n, h, d = q.shape
     real = log_mag.dtype                       # float32 or float64: decays, phases, accumulation
-    size = min(chunk, n)
-    pad = -n % size
-    c = (n + pad) // size
-
-    def blocks(t: Tensor) -> Tensor:           # (b, n, h, ...) -> (b, c, h, C, ...)
-        if pad:
-            t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
-        return t.unflatten(1, (c, size)).movedim(2, 3)
-
     with torch.autocast(q.device.type, enabled=False):   # the dtypes below are chosen, not cast
-        qb, kb, vb = blocks(q), blocks(k), blocks(v)      # (b, c, h, C, d)
-        L = blocks(log_mag.to(real)).cumsum(-1)           # (b, c, h, C), relative to the chunk start
-        T = blocks(phase.to(real)).cumsum(-1)
+        size, (qb, kb, vb), L, T = in_chunks(q, k, v, log_mag, phase, chunk)
 
         # q' = [q cos T, -q sin T] and k' likewise: each feature turned by e^{-iT}, (b, c, h, C, 2d)
         cos, minus_sin = torch.cos(T).unsqueeze(-1), -torch.sin(T).unsqueeze(-1)

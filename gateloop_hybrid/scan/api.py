@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import _private, routing
-from ..routing import BACKENDS, jax_available
+from ..routing import jax_available
 from . import torch_scan
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64,
