@@ -58,19 +58,9 @@ def rotated_heads(q: Tensor, k: Tensor, v: Tensor, log_mag: Tensor, phase: Tenso
                   h0: Optional[Tensor] = None, *, chunk: int = CHUNK,
                   backend: str = "auto") -> tuple[Tensor, Tensor]:
     """y_t = q_t . Re(h_t) with h_t = a_t h_{t-1} + k_t v_t^T, a_t = exp(log_mag_t + i phase_t),
-    computed as linear attention on rotated keys (see the module docstring).
-
-    Args:
-        q, k, v: (b, n, h, d) real. Every matrix product runs in q's dtype (bf16 or float16 on
-            tensor cores; float32 as torch's matmul precision setting says), the rest in the gates' dtype.
-        log_mag, phase: (b, n, h) real, float32 or float64: log|a| (finite) and arg a.
-        h0: (b, h, d, d) complex state to continue from, or None.
-        chunk: the chunk length C (the last chunk is padded with a = 1, k = v = 0).
-        backend: the ``gate_loop_scan`` backend for the recurrence across chunks.
-
-    Returns:
-        y (b, n, h, d) in q's dtype and the final state (b, h, d, d), complex64 (complex128 for
-        float64 gates).
+    computed as linear attention on rotated keys (see the module docstring). Arguments, results
+    and dtypes as ``chunked.chunked_heads``'s: y (b, n, h, d) in q's dtype, and the final state
+    (b, h, d, d), complex64 (complex128 for float64 gates).
     """
     b, n, h, d = q.shape
     real = log_mag.dtype                       # float32 or float64: decays, phases, accumulation
