@@ -1,0 +1,345 @@
+"""Mosaic GPU kernels for wide GateLoop heads: scalar-decay linear attention on rotated keys.
+
+Pure JAX. The maths and its torch reference are in ``gateloop_hybrid/rotated.py``; these kernels
+compute the same thing in the *global frame*, where no state ever has to be turned:
+
+    q'_t = [q_t cos T_t, -q_t sin T_t],  k'_t likewise           (width 2d; T = cumsum phase)
+    y_t  = sum_{s<=t} exp(L_t - L_s) (q'_t . k'_s) v_s
+    S_j  = exp(L_C) S_{j-1} + sum_s exp(L_C - L_s) k'_s v_s^T     (state at the end of chunk j)
+
+S is the real (2d, e) state [Re(e^{-iT} h); Im(e^{-iT} h)], held on chip as its two (d, e)
+halves Sc and Ss. The caller gives T reduced mod 2 pi in float64 (then float32 keeps its
+precision at any length) and L relative to each chunk's start (then no decay over- or
+underflows inside a chunk). Every product is a bf16/f16 matmul with float32 accumulation.
+
+One CTA (one warpgroup) walks the chunks of one (batch row, head, block of BV value columns),
+keeping its state in registers: no per-chunk state reaches HBM. The value columns of a head are
+independent, so splitting them multiplies the CTAs at the price of recomputing the (C, C) scores.
+
+Kernels, all walks over chunks of C = 64 steps (the caller pads N to a multiple of C with
+k = v = 0, log|a| = 0 and phase 0, which leaves the state as it is):
+
+- ``forward``: y, and the final state S_N.
+- ``backward_q``: a forward walk that rebuilds S_{j-1} and gives dq' per position, returned as
+  dq and the parts of dL and dT that come through q.
+- ``backward_kv``: a backward walk carrying dS, giving dk, dv and the parts of dL and dT that
+  come through k, and dS_0 (the cotangent of the initial state).
+
+The position gradients follow from q'_t = R(T_t) q_t and the scaling q~ = e^{L} q', k~ = e^{-L} k':
+
+    dL_t = q'_t . dq'_t - k'_t . dk'_t,
+    dT_t = dq'_t . (dT q'_t) + dk'_t . (dT k'_t),   dT [xc, xs] = [xs, -xc]
+
+and the caller turns them into the gradients of log|a| and of the phase by reversed cumulative
+sums. Each kernel returns its value-column block's share of the q- and k-side gradients (those
+sum over value columns); the caller adds the shares.
+
+Interpret mode (``interpret=True``) runs the same kernels on the CPU. Pallas's Mosaic GPU
+interpreter has no register layouts and no transposed wgmma operands, so the few operations that
+need them go through ``_Tile``, which takes the plain-JAX form there: the walk, the indexing, the
+masks, the pipelines and the arithmetic are the kernels' own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from .._private import mosaic_interpret_params
+
+C = 64                      # chunk length: the M of one wgmma
+F32 = jnp.float32
+WIDTHS = (64, 128)          # head widths d the kernels take (d a multiple of the 64-wide tiles)
+
+
+@dataclasses.dataclass(frozen=True)
+class RotatedKey:
+    """Everything static about one launch; the compile key (with the dtype)."""
+    B: int
+    N: int                  # a multiple of C
+    H: int
+    d: int
+    block_v: int            # BV: value columns per CTA
+    has_h0: bool            # forward and backward_q: an initial state; backward_kv: dS_N
+    dtype: str              # "bfloat16" or "float16"
+    interpret: bool = False
+
+    @property
+    def chunks(self) -> int:
+        return self.N // C
+
+    @property
+    def col_blocks(self) -> int:
+        return self.d // self.block_v
+
+    @property
+    def jdtype(self):
+        return jnp.dtype(self.dtype)
+
+
+def supported(N: int, d: int, dtype) -> str | None:
+    """None if the kernels take this shape and dtype, else why not."""
+    if d not in WIDTHS:
+        return f"head width {d} (the wide-head kernels take d in {WIDTHS})"
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"dtype {jnp.dtype(dtype)} (the wide-head kernels take bfloat16 and float16)"
+    if N < 1:
+        return "an empty sequence"
+    return None
+
+
+def choose_block_v(B: int, H: int, d: int, num_sms: int = 132) -> int:
+    """BV: 64 value columns per CTA, or 32 where d = 128 (the two (d, BV) float32 state halves
+    then fit the warpgroup's registers) or where B * H CTAs would leave most SMs idle."""
+    if d == 128 or B * H * (d // 64) < num_sms // 2:
+        return 32
+    return 64
+
+
+def _transforms(cols: int, itemsize: int):
+    """SMEM tiling and swizzle for a (rows, cols) tile that wgmma reads."""
+    row_bytes = cols * itemsize
+    swizzle = min(128, row_bytes)
+    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+
+
+class _Tile:
+    """The operations whose Mosaic GPU form needs register layouts or transposed operands, with
+    their plain-JAX form for the interpreter."""
+
+    def __init__(self, interpret: bool):
+        self.interpret = interpret
+
+    def load(self, ref):
+        """A 2-D tile in the WGMMA layout."""
+        if self.interpret:
+            return ref[...]
+        return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA)
+
+    def rows(self, ref):
+        """A vector indexed by a tile's rows, ready to broadcast along its columns."""
+        if self.interpret:
+            return ref[...]
+        return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1))
+
+    def cols(self, ref):
+        """A vector indexed by a tile's columns, ready to broadcast along its rows."""
+        if self.interpret:
+            return ref[...]
+        return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(0))
+
+    def zeros(self, shape):
+        z = jnp.zeros(shape, F32)
+        return z if self.interpret else plgpu.layout_cast(z, plgpu.Layout.WGMMA)
+
+    def iota(self, shape, dim):
+        if self.interpret:
+            return lax.broadcasted_iota(jnp.int32, shape, dim)
+        return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+
+    def mm(self, acc, *terms):
+        """acc + sum of a @ b over terms (a_ref, b_ref, transpose_a, transpose_b), float32.
+        ``acc`` is a float32 array (or None for zeros) of the product's shape."""
+        if self.interpret:
+            total = acc
+            for a, b, ta, tb in terms:
+                av, bv = a[...], b[...]
+                prod = jnp.dot(av.T if ta else av, bv.T if tb else bv, preferred_element_type=F32)
+                total = prod if total is None else total + prod
+            return total
+        a0, b0, ta0, tb0 = terms[0]
+        m = a0.shape[1] if ta0 else a0.shape[0]
+        n = b0.shape[0] if tb0 else b0.shape[1]
+        init = self.zeros((m, n)) if acc is None else acc
+
+        def issue(acc_ref):
+            for a, b, ta, tb in terms:
+                plgpu.wgmma(acc_ref, plgpu.transpose_ref(a, (1, 0)) if ta else a,
+                            plgpu.transpose_ref(b, (1, 0)) if tb else b)
+        return pl.run_state(issue)(plgpu.ACC.init(init))
+
+    def fence(self):
+        """Register stores to SMEM become visible to the tensor cores."""
+        plgpu.commit_smem()
+
+
+def _bcast_rows(vec, shape):
+    return lax.broadcast_in_dim(vec, shape, [0])
+
+
+def _bcast_cols(vec, shape):
+    return lax.broadcast_in_dim(vec, shape, [1])
+
+
+def _kernel(body, key: RotatedKey, out_type, scratch):
+    kw = {"interpret": mosaic_interpret_params()} if key.interpret else {}
+    return plgpu.kernel(body, out_type=out_type, grid=(key.H, key.col_blocks, key.B),
+                        grid_names=("h", "cb", "b"), scratch_shapes=scratch, **kw)
+
+
+def _specs(key: RotatedKey, reverse: bool, *kinds):
+    """BlockSpecs of the walked inputs, one per kind: "qk" a (C, d) tile, "v" a (C, BV) tile,
+    "pos" a (C,) vector, "chunk" a (1, d) row of a per-chunk table."""
+    last = key.chunks - 1
+    at = (lambda j: last - j) if reverse else (lambda j: j)
+    it = key.jdtype.itemsize
+    out = []
+    for kind in kinds:
+        if kind == "qk":
+            out.append(plgpu.BlockSpec((C, key.d), lambda j: (at(j), 0), transforms=_transforms(key.d, it)))
+        elif kind == "v":
+            out.append(plgpu.BlockSpec((C, key.block_v), lambda j: (at(j), 0),
+                                       transforms=_transforms(key.block_v, it)))
+        elif kind == "pos":
+            out.append(plgpu.BlockSpec((C,), lambda j: (at(j),)))
+        elif kind == "chunk":
+            out.append(plgpu.BlockSpec((1, key.d), lambda j: (at(j), 0)))
+        else:
+            raise ValueError(kind)
+    return out
+
+
+def _rotate(t: _Tile, x, cos, sin, xc_ref, xs_ref, dtype, scale=None):
+    """Store [x cos T, -x sin T] (each row times ``scale`` if given) into two SMEM tiles."""
+    shape = x.shape
+    c, s = _bcast_rows(cos, shape), _bcast_rows(sin, shape)
+    if scale is not None:
+        w = _bcast_rows(scale, shape)
+        c, s = c * w, s * w
+    xc_ref[...] = (x * c).astype(dtype)
+    xs_ref[...] = (-(x * s)).astype(dtype)
+
+
+def _causal_decay(t: _Tile, L_rows, L_cols, transposed: bool = False):
+    """exp(L_t - L_s) on s <= t, and where it is 0: a (C, C) tile indexed (t, s), or (s, t)
+    when ``transposed``. Selected, never multiplied: the masked entries are exactly 0."""
+    shape = (C, C)
+    r, c = t.iota(shape, 0), t.iota(shape, 1)
+    if transposed:                 # rows s, columns t
+        keep = c >= r
+        diff = _bcast_cols(L_cols, shape) - _bcast_rows(L_rows, shape)
+    else:                          # rows t, columns s
+        keep = r >= c
+        diff = _bcast_rows(L_rows, shape) - _bcast_cols(L_cols, shape)
+    return keep, jnp.exp(jnp.where(keep, diff, -jnp.inf))
+
+
+def _state_in(t: _Tile, ref, stage, bar, b, h, cols):
+    """This CTA's columns of a (B, H, 2, d, d) float32 state in HBM, as its two halves."""
+    plgpu.copy_gmem_to_smem(ref.at[b, h, :, :, cols], stage, bar.at[0])
+    plgpu.barrier_wait(bar.at[0])
+    return t.load(stage.at[0]), t.load(stage.at[1])
+
+
+def _store_rows(t: _Tile, value, buf, ref, j):
+    """Chunk j's (C, cols) tile of ``ref`` (rows are time) from ``value``, through slot j % 2 of
+    ``buf``: the copy out of the slot's previous chunk is waited for, this one's is left in flight."""
+    slot = lax.rem(j, jnp.asarray(2, j.dtype))
+    plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+    buf[slot] = value
+    t.fence()
+    plgpu.copy_smem_to_gmem(buf.at[slot], ref.at[pl.ds(j * C, C)])
+
+
+def _state_out(t: _Tile, halves, ref, stage, b, h, cols):
+    for i, half in enumerate(halves):
+        stage[i] = half
+    t.fence()
+    plgpu.copy_smem_to_gmem(stage, ref.at[b, h, :, :, cols])
+    plgpu.wait_smem_to_gmem(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# forward
+
+
+def forward(key: RotatedKey):
+    """(q, k, v, L, T, W, G[, h0]) -> (y, S_N).
+
+    q, k: (B, N, H, d); v: (B, N, H, d) in key.dtype. L, T, W: (B, H, N) float32: log|a| summed
+    from each chunk's start, the phase summed from t = 0 mod 2 pi, and exp(L_C - L_t), the decay
+    from t to its chunk's end. G: (B, H, chunks, d) float32, exp(L_C) of each chunk repeated d
+    times. h0: (B, H, 2, d, d) float32, the initial [Sc; Ss]. y: (B, N, H, d) in key.dtype;
+    S_N: (B, H, 2, d, d) float32."""
+    d, BV, dt = key.d, key.block_v, key.jdtype
+    t = _Tile(key.interpret)
+    tr_d, tr_v, tr_c = _transforms(d, dt.itemsize), _transforms(BV, dt.itemsize), _transforms(C, dt.itemsize)
+
+    def body(*refs):
+        if key.has_h0:
+            q, k, v, L, T, W, G, h0, y, s_out, scratch = refs
+        else:
+            (q, k, v, L, T, W, G, y, s_out, scratch), h0 = refs, None
+        qc, qs, kc, ks, kwc, kws, p, sc, ss, y_buf, stage, bar = scratch
+        b, h, cb = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("cb")
+        cols = pl.ds(cb * BV, BV)
+        init = (t.zeros((d, BV)), t.zeros((d, BV))) if h0 is None else _state_in(t, h0, stage, bar, b, h, cols)
+
+        y_rows = y.at[b, :, h, cols]
+
+        def step(idx, q_t, k_t, v_t, L_t, T_t, W_t, G_t, carry):
+            Sc, Ss = carry
+            j = idx[0]
+            Lr, Lc = t.rows(L_t), t.cols(L_t)
+            Tr = t.rows(T_t)
+            cos, sin = jnp.cos(Tr), jnp.sin(Tr)
+            _rotate(t, t.load(q_t).astype(F32), cos, sin, qc, qs, dt)
+            kf = t.load(k_t).astype(F32)
+            _rotate(t, kf, cos, sin, kc, ks, dt)
+            _rotate(t, kf, cos, sin, kwc, kws, dt, scale=t.rows(W_t))
+            sc[...] = Sc.astype(dt)
+            ss[...] = Ss.astype(dt)
+            t.fence()
+
+            # inside the chunk: (q' k'^T) weighted by exp(L_t - L_s) on s <= t
+            scores = t.mm(None, (qc, kc, False, True), (qs, ks, False, True))
+            keep, decay = _causal_decay(t, Lr, Lc)
+            p[...] = jnp.where(keep, scores * decay, 0.0).astype(dt)
+            # the carried state: exp(L_t) q'_t . S_{j-1}
+            carried = t.mm(None, (qc, sc, False, False), (qs, ss, False, False))
+            t.fence()
+            out = t.mm(carried * _bcast_rows(jnp.exp(Lr), (C, BV)), (p, v_t, False, False))
+            _store_rows(t, out.astype(dt), y_buf, y_rows, j)
+
+            # S_j = exp(L_C) S_{j-1} + (k' weighted to the chunk's end)^T v
+            g = _bcast_rows(t.rows(G_t.at[0]), (d, BV))
+            Sc = t.mm(Sc * g, (kwc, v_t, True, False))
+            Ss = t.mm(Ss * g, (kws, v_t, True, False))
+            return Sc, Ss
+
+        walk = plgpu.emit_pipeline(
+            step, grid=(key.chunks,),
+            in_specs=[*_specs(key, False, "qk", "qk", "v", "pos", "pos", "pos", "chunk")],
+            max_concurrent_steps=2, init_carry=init)
+        Sc, Ss = walk(q.at[b, :, h, :], k.at[b, :, h, :], v.at[b, :, h, cols], L.at[b, h], T.at[b, h],
+                      W.at[b, h], G.at[b, h])
+        _state_out(t, (Sc, Ss), s_out, stage, b, h, cols)
+
+    scratch = [
+        plgpu.SMEM((C, d), dt, transforms=tr_d),      # qc
+        plgpu.SMEM((C, d), dt, transforms=tr_d),      # qs
+        plgpu.SMEM((C, d), dt, transforms=tr_d),      # kc
+        plgpu.SMEM((C, d), dt, transforms=tr_d),      # ks
+        plgpu.SMEM((C, d), dt, transforms=tr_d),      # kc weighted to the chunk's end
+        plgpu.SMEM((C, d), dt, transforms=tr_d),      # ks likewise
+        plgpu.SMEM((C, C), dt, transforms=tr_c),      # P
+        plgpu.SMEM((d, BV), dt, transforms=tr_v),     # Sc as a product operand
+        plgpu.SMEM((d, BV), dt, transforms=tr_v),     # Ss
+        plgpu.SMEM((2, C, BV), dt, transforms=tr_v),  # y, two chunks in flight to HBM
+        plgpu.SMEM((2, d, BV), F32),                  # the state's way in and out
+        plgpu.Barrier(num_barriers=1),
+    ]
+    out_type = (jax.ShapeDtypeStruct((key.B, key.N, key.H, d), dt),
+                jax.ShapeDtypeStruct((key.B, key.H, 2, d, d), F32))
+
+    def entry(*refs):
+        n_in = 8 if key.has_h0 else 7
+        ins, outs = refs[:n_in], refs[n_in:n_in + 2]
+        pl.run_scoped(lambda *s: body(*ins, *outs, s), *scratch)
+    return _kernel(entry, key, out_type, [])
