@@ -247,6 +247,15 @@ def _store_rows(t: _Tile, value, buf, ref, j):
     plgpu.copy_smem_to_gmem(buf.at[slot], ref.at[pl.ds(j * C, C)])
 
 
+def _store_vec(t: _Tile, value, buf, which, ref, j):
+    """Chunk j's (C,) slice of ``ref`` from a row vector, through slot (j % 2, which) of ``buf``."""
+    slot = lax.rem(j, jnp.asarray(2, j.dtype))
+    plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+    buf[slot, which] = value
+    t.fence()
+    plgpu.copy_smem_to_gmem(buf.at[slot, which], ref.at[pl.ds(j * C, C)])
+
+
 def _state_out(t: _Tile, halves, ref, stage, b, h, cols):
     for i, half in enumerate(halves):
         stage[i] = half
@@ -342,4 +351,203 @@ def forward(key: RotatedKey):
         n_in = 8 if key.has_h0 else 7
         ins, outs = refs[:n_in], refs[n_in:n_in + 2]
         pl.run_scoped(lambda *s: body(*ins, *outs, s), *scratch)
+    return _kernel(entry, key, out_type, [])
+
+
+# ---------------------------------------------------------------------------------------------
+# backward
+
+
+def _position_grads(t: _Tile, x, cos, sin, dxc, dxs):
+    """From dx' = [dxc, dxs] (float32 (C, d)) and x: (dx, x' . dx', dx' . dT x'), the last two
+    as (C,) row vectors."""
+    shape = x.shape
+    c, s = _bcast_rows(cos, shape), _bcast_rows(sin, shape)
+    xc, xs = x * c, -(x * s)
+    dx = c * dxc - s * dxs
+    dot = jnp.sum(xc * dxc + xs * dxs, axis=1)
+    turn = jnp.sum(dxc * xs - dxs * xc, axis=1)
+    return dx, dot, turn
+
+
+def backward_q(key: RotatedKey):
+    """(q, k, v, dy, L, T, W, G[, h0]) -> (dq, dL_q, dT_q): a forward walk that rebuilds each
+    chunk's starting state and gives the q side of the gradients. Inputs as ``forward``'s, dy
+    like y. Outputs are this column block's shares, float32: dq (CB, B, N, H, d), dL_q and
+    dT_q (CB, B, H, N), with dL_q = q' . dq' and dT_q = dq' . (dT q')."""
+    d, BV, dt = key.d, key.block_v, key.jdtype
+    t = _Tile(key.interpret)
+    tr_d, tr_v, tr_c = _transforms(d, dt.itemsize), _transforms(BV, dt.itemsize), _transforms(C, dt.itemsize)
+
+    def body(*refs):
+        if key.has_h0:
+            q, k, v, dy, L, T, W, G, h0, dq, dL, dT, scratch = refs
+        else:
+            (q, k, v, dy, L, T, W, G, dq, dL, dT, scratch), h0 = refs, None
+        kc, ks, kwc, kws, dp, sc, ss, dq_buf, vec_buf, stage, bar = scratch
+        b, h, cb = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("cb")
+        cols = pl.ds(cb * BV, BV)
+        init = (t.zeros((d, BV)), t.zeros((d, BV))) if h0 is None else _state_in(t, h0, stage, bar, b, h, cols)
+        dq_rows, dL_row, dT_row = dq.at[cb, b, :, h], dL.at[cb, b, h], dT.at[cb, b, h]
+
+        def step(idx, q_t, k_t, v_t, dy_t, L_t, T_t, W_t, G_t, carry):
+            Sc, Ss = carry
+            j = idx[0]
+            Lr, Lc = t.rows(L_t), t.cols(L_t)
+            Tr = t.rows(T_t)
+            cos, sin = jnp.cos(Tr), jnp.sin(Tr)
+            kf = t.load(k_t).astype(F32)
+            _rotate(t, kf, cos, sin, kc, ks, dt)
+            _rotate(t, kf, cos, sin, kwc, kws, dt, scale=t.rows(W_t))
+            sc[...] = Sc.astype(dt)
+            ss[...] = Ss.astype(dt)
+            t.fence()
+
+            # dP = (dy v^T) weighted by exp(L_t - L_s) on s <= t
+            dscores = t.mm(None, (dy_t, v_t, False, True))
+            keep, decay = _causal_decay(t, Lr, Lc)
+            dp[...] = jnp.where(keep, dscores * decay, 0.0).astype(dt)
+            t.fence()
+            # dq' = dP k' + exp(L_t) dy S_{j-1}^T
+            e = _bcast_rows(jnp.exp(Lr), (C, d))
+            dqc = t.mm(t.mm(None, (dy_t, sc, False, True)) * e, (dp, kc, False, False))
+            dqs = t.mm(t.mm(None, (dy_t, ss, False, True)) * e, (dp, ks, False, False))
+            dq_t, dot, turn = _position_grads(t, t.load(q_t).astype(F32), cos, sin, dqc, dqs)
+            _store_rows(t, dq_t, dq_buf, dq_rows, j)
+            _store_vec(t, dot, vec_buf, 0, dL_row, j)
+            _store_vec(t, turn, vec_buf, 1, dT_row, j)
+
+            g = _bcast_rows(t.rows(G_t.at[0]), (d, BV))
+            Sc = t.mm(Sc * g, (kwc, v_t, True, False))
+            Ss = t.mm(Ss * g, (kws, v_t, True, False))
+            return Sc, Ss
+
+        walk = plgpu.emit_pipeline(
+            step, grid=(key.chunks,),
+            in_specs=[*_specs(key, False, "qk", "qk", "v", "v", "pos", "pos", "pos", "chunk")],
+            max_concurrent_steps=2, init_carry=init)
+        walk(q.at[b, :, h, :], k.at[b, :, h, :], v.at[b, :, h, cols], dy.at[b, :, h, cols], L.at[b, h],
+             T.at[b, h], W.at[b, h], G.at[b, h])
+        plgpu.wait_smem_to_gmem(0)
+
+    scratch = [
+        plgpu.SMEM((C, d), dt, transforms=tr_d),      # kc
+        plgpu.SMEM((C, d), dt, transforms=tr_d),      # ks
+        plgpu.SMEM((C, d), dt, transforms=tr_d),      # kc weighted to the chunk's end
+        plgpu.SMEM((C, d), dt, transforms=tr_d),      # ks likewise
+        plgpu.SMEM((C, C), dt, transforms=tr_c),      # dP
+        plgpu.SMEM((d, BV), dt, transforms=tr_v),     # Sc as a product operand
+        plgpu.SMEM((d, BV), dt, transforms=tr_v),     # Ss
+        plgpu.SMEM((2, C, d), F32),                   # dq, two chunks in flight
+        plgpu.SMEM((2, 2, C), F32),                   # dL_q and dT_q, likewise
+        plgpu.SMEM((2, d, BV), F32),
+        plgpu.Barrier(num_barriers=1),
+    ]
+    CB = key.col_blocks
+    out_type = (jax.ShapeDtypeStruct((CB, key.B, key.N, key.H, d), F32),
+                jax.ShapeDtypeStruct((CB, key.B, key.H, key.N), F32),
+                jax.ShapeDtypeStruct((CB, key.B, key.H, key.N), F32))
+
+    def entry(*refs):
+        n_in = 9 if key.has_h0 else 8
+        pl.run_scoped(lambda *s: body(*refs[:n_in], *refs[n_in:n_in + 3], s), *scratch)
+    return _kernel(entry, key, out_type, [])
+
+
+def backward_kv(key: RotatedKey):
+    """(q, k, v, dy, L, T, W, G[, dS_N]) -> (dk, dv, dL_k, dT_k, dS_0): a backward walk carrying
+    the cotangent dS of the state at each chunk's end. dS_N (B, H, 2, d, d) float32 is the
+    cotangent of ``forward``'s S_N (key.has_h0 says it is given). Outputs float32: dk
+    (CB, B, N, H, d) and dL_k = -k' . dk', dT_k = dk' . (dT k') (CB, B, H, N), this column
+    block's shares; dv (B, N, H, d) whole; dS_0 (B, H, 2, d, d), the cotangent of h0's [Sc; Ss]."""
+    d, BV, dt = key.d, key.block_v, key.jdtype
+    t = _Tile(key.interpret)
+    tr_d, tr_v, tr_c = _transforms(d, dt.itemsize), _transforms(BV, dt.itemsize), _transforms(C, dt.itemsize)
+    last = key.chunks - 1
+
+    def body(*refs):
+        if key.has_h0:
+            q, k, v, dy, L, T, W, G, dsn, dk, dv, dL, dT, ds0, scratch = refs
+        else:
+            (q, k, v, dy, L, T, W, G, dk, dv, dL, dT, ds0, scratch), dsn = refs, None
+        qc, qs, qec, qes, kc, ks, kwc, kws, pt, dpt, dsc, dss, dk_buf, dv_buf, vec_buf, stage, bar = scratch
+        b, h, cb = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("cb")
+        cols = pl.ds(cb * BV, BV)
+        init = (t.zeros((d, BV)), t.zeros((d, BV))) if dsn is None else _state_in(t, dsn, stage, bar, b, h, cols)
+        dk_rows, dv_rows = dk.at[cb, b, :, h], dv.at[b, :, h, cols]
+        dL_row, dT_row = dL.at[cb, b, h], dT.at[cb, b, h]
+
+        def step(idx, q_t, k_t, v_t, dy_t, L_t, T_t, W_t, G_t, carry):
+            dSc, dSs = carry
+            j = last - idx[0]
+            Lr, Lc = t.rows(L_t), t.cols(L_t)
+            Tr = t.rows(T_t)
+            cos, sin = jnp.cos(Tr), jnp.sin(Tr)
+            qf, kf = t.load(q_t).astype(F32), t.load(k_t).astype(F32)
+            _rotate(t, qf, cos, sin, qc, qs, dt)
+            _rotate(t, qf, cos, sin, qec, qes, dt, scale=jnp.exp(Lr))
+            _rotate(t, kf, cos, sin, kc, ks, dt)
+            wr = t.rows(W_t)
+            _rotate(t, kf, cos, sin, kwc, kws, dt, scale=wr)
+            dsc[...] = dSc.astype(dt)
+            dss[...] = dSs.astype(dt)
+            t.fence()
+
+            # P^T and dP^T, indexed (s, t), weighted by exp(L_t - L_s) on t >= s
+            keep, decay = _causal_decay(t, Lr, Lc, transposed=True)
+            scores = t.mm(None, (kc, qc, False, True), (ks, qs, False, True))
+            pt[...] = jnp.where(keep, scores * decay, 0.0).astype(dt)
+            dscores = t.mm(None, (v_t, dy_t, False, True))
+            dpt[...] = jnp.where(keep, dscores * decay, 0.0).astype(dt)
+            t.fence()
+
+            # dv = P^T dy + (k' weighted to the chunk's end) dS_j
+            dv_t = t.mm(None, (pt, dy_t, False, False), (kwc, dsc, False, False), (kws, dss, False, False))
+            _store_rows(t, dv_t, dv_buf, dv_rows, j)
+            # dk' = dP^T q' + exp(L_C - L_s) v dS_j^T
+            w = _bcast_rows(wr, (C, d))
+            dkc = t.mm(t.mm(None, (v_t, dsc, False, True)) * w, (dpt, qc, False, False))
+            dks = t.mm(t.mm(None, (v_t, dss, False, True)) * w, (dpt, qs, False, False))
+            dk_t, dot, turn = _position_grads(t, kf, cos, sin, dkc, dks)
+            _store_rows(t, dk_t, dk_buf, dk_rows, j)
+            _store_vec(t, -dot, vec_buf, 0, dL_row, j)
+            _store_vec(t, turn, vec_buf, 1, dT_row, j)
+
+            # dS_{j-1} = exp(L_C) dS_j + (exp(L_t) q'_t)^T dy
+            g = _bcast_rows(t.rows(G_t.at[0]), (d, BV))
+            dSc = t.mm(dSc * g, (qec, dy_t, True, False))
+            dSs = t.mm(dSs * g, (qes, dy_t, True, False))
+            return dSc, dSs
+
+        walk = plgpu.emit_pipeline(
+            step, grid=(key.chunks,),
+            in_specs=[*_specs(key, True, "qk", "qk", "v", "v", "pos", "pos", "pos", "chunk")],
+            max_concurrent_steps=2, init_carry=init)
+        dSc, dSs = walk(q.at[b, :, h, :], k.at[b, :, h, :], v.at[b, :, h, cols], dy.at[b, :, h, cols],
+                        L.at[b, h], T.at[b, h], W.at[b, h], G.at[b, h])
+        plgpu.wait_smem_to_gmem(0)
+        _state_out(t, (dSc, dSs), ds0, stage, b, h, cols)
+
+    scratch = [
+        *(plgpu.SMEM((C, d), dt, transforms=tr_d) for _ in range(8)),   # q', q' e^L, k', k' weighted
+        plgpu.SMEM((C, C), dt, transforms=tr_c),      # P^T
+        plgpu.SMEM((C, C), dt, transforms=tr_c),      # dP^T
+        plgpu.SMEM((d, BV), dt, transforms=tr_v),     # dSc as a product operand
+        plgpu.SMEM((d, BV), dt, transforms=tr_v),     # dSs
+        plgpu.SMEM((2, C, d), F32),                   # dk, two chunks in flight
+        plgpu.SMEM((2, C, BV), F32),                  # dv, likewise
+        plgpu.SMEM((2, 2, C), F32),                   # dL_k and dT_k, likewise
+        plgpu.SMEM((2, d, BV), F32),
+        plgpu.Barrier(num_barriers=1),
+    ]
+    CB = key.col_blocks
+    out_type = (jax.ShapeDtypeStruct((CB, key.B, key.N, key.H, d), F32),
+                jax.ShapeDtypeStruct((key.B, key.N, key.H, d), F32),
+                jax.ShapeDtypeStruct((CB, key.B, key.H, key.N), F32),
+                jax.ShapeDtypeStruct((CB, key.B, key.H, key.N), F32),
+                jax.ShapeDtypeStruct((key.B, key.H, 2, d, d), F32))
+
+    def entry(*refs):
+        n_in = 9 if key.has_h0 else 8
+        pl.run_scoped(lambda *s: body(*refs[:n_in], *refs[n_in:n_in + 5], s), *scratch)
     return _kernel(entry, key, out_type, [])
