@@ -177,10 +177,10 @@ def _bcast_cols(vec, shape):
     return lax.broadcast_in_dim(vec, shape, [1])
 
 
-def _kernel(body, key: RotatedKey, out_type, scratch):
+def _kernel(body, key: RotatedKey, out_type):
     kw = {"interpret": mosaic_interpret_params()} if key.interpret else {}
     return plgpu.kernel(body, out_type=out_type, grid=(key.H, key.col_blocks, key.B),
-                        grid_names=("h", "cb", "b"), scratch_shapes=scratch, **kw)
+                        grid_names=("h", "cb", "b"), **kw)
 
 
 def _specs(key: RotatedKey, reverse: bool, *kinds):
@@ -351,7 +351,7 @@ def forward(key: RotatedKey):
         n_in = 8 if key.has_h0 else 7
         ins, outs = refs[:n_in], refs[n_in:n_in + 2]
         pl.run_scoped(lambda *s: body(*ins, *outs, s), *scratch)
-    return _kernel(entry, key, out_type, [])
+    return _kernel(entry, key, out_type)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,7 +451,7 @@ def backward_q(key: RotatedKey):
     def entry(*refs):
         n_in = 9 if key.has_h0 else 8
         pl.run_scoped(lambda *s: body(*refs[:n_in], *refs[n_in:n_in + 3], s), *scratch)
-    return _kernel(entry, key, out_type, [])
+    return _kernel(entry, key, out_type)
 
 
 def backward_kv(key: RotatedKey):
@@ -550,4 +550,15 @@ def backward_kv(key: RotatedKey):
     def entry(*refs):
         n_in = 9 if key.has_h0 else 8
         pl.run_scoped(lambda *s: body(*refs[:n_in], *refs[n_in:n_in + 5], s), *scratch)
-    return _kernel(entry, key, out_type, [])
+    return _kernel(entry, key, out_type)
+
+
+_KERNELS = {"forward": forward, "backward_q": backward_q, "backward_kv": backward_kv}
+
+
+def launch(*arrays, key, kernel: str):
+    """Run one of the kernels on ``arrays``. ``key`` may be the tuple of RotatedKey's fields
+    (plain values are what torch.compile passes to an opaque op)."""
+    if not isinstance(key, RotatedKey):
+        key = RotatedKey(*key)
+    return _KERNELS[kernel](key)(*arrays)

@@ -26,6 +26,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from .. import _private
+
 
 @dataclasses.dataclass(frozen=True)
 class World:
@@ -147,7 +149,21 @@ def stop(world: World, finished: bool = False) -> None:
     if world.distributed and dist.is_initialized():
         if finished:
             dist.barrier()
+            _all_out_of_the_barrier(world)
         dist.destroy_process_group()
+
+
+def _all_out_of_the_barrier(world: World) -> None:
+    """Wait, through the launcher's store, until every rank has returned from the last barrier.
+    A rank that returns from a gloo barrier may still have the barrier's last message on its way
+    to a peer, and tearing the group down then closes the connection under it: "barrier followed
+    by context destruction causes some participants to fail" (gloo issue 155). On a loaded 2-core
+    machine a CPU rank was seen to abort at exit that way ("terminate called without an active
+    exception", about one launch in a hundred). Once every rank is out, no message is in flight."""
+    store = _private.default_store()
+    prefix = "gateloop_hybrid/out_of_last_barrier/"
+    store.set(f"{prefix}{world.rank}", "1")
+    store.wait([f"{prefix}{rank}" for rank in range(world.size)])
 
 
 # ----------------------------------------------------------------------------------------------
