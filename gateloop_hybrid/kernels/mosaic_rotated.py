@@ -103,10 +103,15 @@ def choose_block_v(B: int, H: int, d: int, num_sms: int = 132) -> int:
 
 
 def _transforms(cols: int, itemsize: int):
-    """SMEM tiling and swizzle for a (rows, cols) tile that wgmma reads."""
-    row_bytes = cols * itemsize
-    swizzle = min(128, row_bytes)
+    """SMEM tiling and swizzle for a (rows, cols) tile, the widest swizzle its rows allow."""
+    swizzle = min(128, cols * itemsize)
     return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+
+
+def _operand(key: RotatedKey):
+    """The transforms of every 16-bit tile a wgmma reads: one swizzle for all of them, since
+    both operands of a wgmma must share it, set by the narrowest (the BV value columns)."""
+    return _transforms(key.block_v, key.jdtype.itemsize)
 
 
 class _Tile:
@@ -188,14 +193,13 @@ def _specs(key: RotatedKey, reverse: bool, *kinds):
     "pos" a (C,) vector, "chunk" a (1, d) row of a per-chunk table."""
     last = key.chunks - 1
     at = (lambda j: last - j) if reverse else (lambda j: j)
-    it = key.jdtype.itemsize
+    tr = _operand(key)
     out = []
     for kind in kinds:
         if kind == "qk":
-            out.append(plgpu.BlockSpec((C, key.d), lambda j: (at(j), 0), transforms=_transforms(key.d, it)))
+            out.append(plgpu.BlockSpec((C, key.d), lambda j: (at(j), 0), transforms=tr))
         elif kind == "v":
-            out.append(plgpu.BlockSpec((C, key.block_v), lambda j: (at(j), 0),
-                                       transforms=_transforms(key.block_v, it)))
+            out.append(plgpu.BlockSpec((C, key.block_v), lambda j: (at(j), 0), transforms=tr))
         elif kind == "pos":
             out.append(plgpu.BlockSpec((C,), lambda j: (at(j),)))
         elif kind == "chunk":
@@ -230,18 +234,29 @@ def _causal_decay(t: _Tile, L_rows, L_cols, transposed: bool = False):
     return keep, jnp.exp(jnp.where(keep, diff, -jnp.inf))
 
 
-def _state_in(t: _Tile, ref, stage, bar, b, h, cols):
+def _stage(d: int, BV: int):
+    """SMEM for a state's way in or out, scoped to that moment (the walk reuses the space)."""
+    return plgpu.SMEM((2, d, BV), F32, transforms=_transforms(BV, 4))
+
+
+def _state_in(t: _Tile, ref, b, h, cols, d, BV):
     """This CTA's columns of a (B, H, 2, d, d) float32 state in HBM, as its two halves."""
-    plgpu.copy_gmem_to_smem(ref.at[b, h, :, :, cols], stage, bar.at[0])
-    plgpu.barrier_wait(bar.at[0])
-    return t.load(stage.at[0]), t.load(stage.at[1])
+    def scoped(stage, bar):
+        for i in range(2):
+            plgpu.copy_gmem_to_smem(ref.at[b, h, i, :, cols], stage.at[i], bar.at[i])
+        for i in range(2):
+            plgpu.barrier_wait(bar.at[i])
+        return t.load(stage.at[0]), t.load(stage.at[1])
+    return pl.run_scoped(scoped, _stage(d, BV), plgpu.Barrier(num_barriers=2))
 
 
 def _store_rows(t: _Tile, value, buf, ref, j):
-    """Chunk j's (C, cols) tile of ``ref`` (rows are time) from ``value``, through slot j % 2 of
-    ``buf``: the copy out of the slot's previous chunk is waited for, this one's is left in flight."""
-    slot = lax.rem(j, jnp.asarray(2, j.dtype))
-    plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+    """Chunk j's (C, cols) tile of ``ref`` (rows are time) from ``value``, through slot j % S of
+    ``buf`` (S = 1 or 2 slots): the copy out of the slot's previous chunk is waited for, this
+    one's is left in flight."""
+    slots = buf.shape[0]
+    slot = lax.rem(j, jnp.asarray(slots, j.dtype))
+    plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
     buf[slot] = value
     t.fence()
     plgpu.copy_smem_to_gmem(buf.at[slot], ref.at[pl.ds(j * C, C)])
@@ -256,12 +271,21 @@ def _store_vec(t: _Tile, value, buf, which, ref, j):
     plgpu.copy_smem_to_gmem(buf.at[slot, which], ref.at[pl.ds(j * C, C)])
 
 
-def _state_out(t: _Tile, halves, ref, stage, b, h, cols):
-    for i, half in enumerate(halves):
-        stage[i] = half
-    t.fence()
-    plgpu.copy_smem_to_gmem(stage, ref.at[b, h, :, :, cols])
-    plgpu.wait_smem_to_gmem(0)
+def _state_out(t: _Tile, halves, ref, b, h, cols, d, BV):
+    def scoped(stage):
+        for i, half in enumerate(halves):
+            stage[i] = half
+        t.fence()
+        for i in range(2):
+            plgpu.copy_smem_to_gmem(stage.at[i], ref.at[b, h, i, :, cols])
+        plgpu.wait_smem_to_gmem(0)
+    pl.run_scoped(scoped, _stage(d, BV))
+
+
+def _scaled(t: _Tile, x_ref, w, out_ref, dtype):
+    """out = x with each row times w (a row vector), for a product operand."""
+    x = t.load(x_ref).astype(F32)
+    out_ref[...] = (x * _bcast_rows(w, x.shape)).astype(dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,30 +302,30 @@ def forward(key: RotatedKey):
     S_N: (B, H, 2, d, d) float32."""
     d, BV, dt = key.d, key.block_v, key.jdtype
     t = _Tile(key.interpret)
-    tr_d, tr_v, tr_c = _transforms(d, dt.itemsize), _transforms(BV, dt.itemsize), _transforms(C, dt.itemsize)
+    tr = tr_d = tr_v = tr_c = _operand(key)
 
     def body(*refs):
         if key.has_h0:
             q, k, v, L, T, W, G, h0, y, s_out, scratch = refs
         else:
             (q, k, v, L, T, W, G, y, s_out, scratch), h0 = refs, None
-        qc, qs, kc, ks, kwc, kws, p, sc, ss, y_buf, stage, bar = scratch
+        qs, ks, vw, p, sc, ss, y_buf = scratch
         b, h, cb = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("cb")
         cols = pl.ds(cb * BV, BV)
-        init = (t.zeros((d, BV)), t.zeros((d, BV))) if h0 is None else _state_in(t, h0, stage, bar, b, h, cols)
+        init = (t.zeros((d, BV)), t.zeros((d, BV))) if h0 is None else _state_in(t, h0, b, h, cols, d, BV)
 
         y_rows = y.at[b, :, h, cols]
 
-        def step(idx, q_t, k_t, v_t, L_t, T_t, W_t, G_t, carry):
+        def step(idx, qc, kc, v_t, L_t, T_t, W_t, G_t, carry):
+            # q and k are turned in place: their slots then hold qc and kc
             Sc, Ss = carry
             j = idx[0]
             Lr, Lc = t.rows(L_t), t.cols(L_t)
             Tr = t.rows(T_t)
             cos, sin = jnp.cos(Tr), jnp.sin(Tr)
-            _rotate(t, t.load(q_t).astype(F32), cos, sin, qc, qs, dt)
-            kf = t.load(k_t).astype(F32)
-            _rotate(t, kf, cos, sin, kc, ks, dt)
-            _rotate(t, kf, cos, sin, kwc, kws, dt, scale=t.rows(W_t))
+            _rotate(t, t.load(qc).astype(F32), cos, sin, qc, qs, dt)
+            _rotate(t, t.load(kc).astype(F32), cos, sin, kc, ks, dt)
+            _scaled(t, v_t, t.rows(W_t), vw, dt)
             sc[...] = Sc.astype(dt)
             ss[...] = Ss.astype(dt)
             t.fence()
@@ -316,10 +340,10 @@ def forward(key: RotatedKey):
             out = t.mm(carried * _bcast_rows(jnp.exp(Lr), (C, BV)), (p, v_t, False, False))
             _store_rows(t, out.astype(dt), y_buf, y_rows, j)
 
-            # S_j = exp(L_C) S_{j-1} + (k' weighted to the chunk's end)^T v
+            # S_j = exp(L_C) S_{j-1} + k'^T (v weighted to the chunk's end)
             g = _bcast_rows(t.rows(G_t.at[0]), (d, BV))
-            Sc = t.mm(Sc * g, (kwc, v_t, True, False))
-            Ss = t.mm(Ss * g, (kws, v_t, True, False))
+            Sc = t.mm(Sc * g, (kc, vw, True, False))
+            Ss = t.mm(Ss * g, (ks, vw, True, False))
             return Sc, Ss
 
         walk = plgpu.emit_pipeline(
@@ -328,21 +352,16 @@ def forward(key: RotatedKey):
             max_concurrent_steps=2, init_carry=init)
         Sc, Ss = walk(q.at[b, :, h, :], k.at[b, :, h, :], v.at[b, :, h, cols], L.at[b, h], T.at[b, h],
                       W.at[b, h], G.at[b, h])
-        _state_out(t, (Sc, Ss), s_out, stage, b, h, cols)
+        _state_out(t, (Sc, Ss), s_out, b, h, cols, d, BV)
 
     scratch = [
-        plgpu.SMEM((C, d), dt, transforms=tr_d),      # qc
         plgpu.SMEM((C, d), dt, transforms=tr_d),      # qs
-        plgpu.SMEM((C, d), dt, transforms=tr_d),      # kc
         plgpu.SMEM((C, d), dt, transforms=tr_d),      # ks
-        plgpu.SMEM((C, d), dt, transforms=tr_d),      # kc weighted to the chunk's end
-        plgpu.SMEM((C, d), dt, transforms=tr_d),      # ks likewise
+        plgpu.SMEM((C, BV), dt, transforms=tr_v),     # v weighted to the chunk's end
         plgpu.SMEM((C, C), dt, transforms=tr_c),      # P
         plgpu.SMEM((d, BV), dt, transforms=tr_v),     # Sc as a product operand
         plgpu.SMEM((d, BV), dt, transforms=tr_v),     # Ss
         plgpu.SMEM((2, C, BV), dt, transforms=tr_v),  # y, two chunks in flight to HBM
-        plgpu.SMEM((2, d, BV), F32),                  # the state's way in and out
-        plgpu.Barrier(num_barriers=1),
     ]
     out_type = (jax.ShapeDtypeStruct((key.B, key.N, key.H, d), dt),
                 jax.ShapeDtypeStruct((key.B, key.H, 2, d, d), F32))
@@ -377,28 +396,27 @@ def backward_q(key: RotatedKey):
     dT_q (CB, B, H, N), with dL_q = q' . dq' and dT_q = dq' . (dT q')."""
     d, BV, dt = key.d, key.block_v, key.jdtype
     t = _Tile(key.interpret)
-    tr_d, tr_v, tr_c = _transforms(d, dt.itemsize), _transforms(BV, dt.itemsize), _transforms(C, dt.itemsize)
+    tr = tr_d = tr_v = tr_c = _operand(key)
 
     def body(*refs):
         if key.has_h0:
             q, k, v, dy, L, T, W, G, h0, dq, dL, dT, scratch = refs
         else:
             (q, k, v, dy, L, T, W, G, dq, dL, dT, scratch), h0 = refs, None
-        kc, ks, kwc, kws, dp, sc, ss, dq_buf, vec_buf, stage, bar = scratch
+        ks, vw, dp, sc, ss, dq_buf, vec_buf = scratch
         b, h, cb = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("cb")
         cols = pl.ds(cb * BV, BV)
-        init = (t.zeros((d, BV)), t.zeros((d, BV))) if h0 is None else _state_in(t, h0, stage, bar, b, h, cols)
+        init = (t.zeros((d, BV)), t.zeros((d, BV))) if h0 is None else _state_in(t, h0, b, h, cols, d, BV)
         dq_rows, dL_row, dT_row = dq.at[cb, b, :, h], dL.at[cb, b, h], dT.at[cb, b, h]
 
-        def step(idx, q_t, k_t, v_t, dy_t, L_t, T_t, W_t, G_t, carry):
-            Sc, Ss = carry
+        def step(idx, q_t, kc, v_t, dy_t, L_t, T_t, W_t, G_t, carry):
+            Sc, Ss = carry            # k is turned in place: its slot then holds kc
             j = idx[0]
             Lr, Lc = t.rows(L_t), t.cols(L_t)
             Tr = t.rows(T_t)
             cos, sin = jnp.cos(Tr), jnp.sin(Tr)
-            kf = t.load(k_t).astype(F32)
-            _rotate(t, kf, cos, sin, kc, ks, dt)
-            _rotate(t, kf, cos, sin, kwc, kws, dt, scale=t.rows(W_t))
+            _rotate(t, t.load(kc).astype(F32), cos, sin, kc, ks, dt)
+            _scaled(t, v_t, t.rows(W_t), vw, dt)
             sc[...] = Sc.astype(dt)
             ss[...] = Ss.astype(dt)
             t.fence()
@@ -418,8 +436,8 @@ def backward_q(key: RotatedKey):
             _store_vec(t, turn, vec_buf, 1, dT_row, j)
 
             g = _bcast_rows(t.rows(G_t.at[0]), (d, BV))
-            Sc = t.mm(Sc * g, (kwc, v_t, True, False))
-            Ss = t.mm(Ss * g, (kws, v_t, True, False))
+            Sc = t.mm(Sc * g, (kc, vw, True, False))
+            Ss = t.mm(Ss * g, (ks, vw, True, False))
             return Sc, Ss
 
         walk = plgpu.emit_pipeline(
@@ -431,17 +449,13 @@ def backward_q(key: RotatedKey):
         plgpu.wait_smem_to_gmem(0)
 
     scratch = [
-        plgpu.SMEM((C, d), dt, transforms=tr_d),      # kc
         plgpu.SMEM((C, d), dt, transforms=tr_d),      # ks
-        plgpu.SMEM((C, d), dt, transforms=tr_d),      # kc weighted to the chunk's end
-        plgpu.SMEM((C, d), dt, transforms=tr_d),      # ks likewise
+        plgpu.SMEM((C, BV), dt, transforms=tr_v),     # v weighted to the chunk's end
         plgpu.SMEM((C, C), dt, transforms=tr_c),      # dP
         plgpu.SMEM((d, BV), dt, transforms=tr_v),     # Sc as a product operand
         plgpu.SMEM((d, BV), dt, transforms=tr_v),     # Ss
-        plgpu.SMEM((2, C, d), F32),                   # dq, two chunks in flight
+        plgpu.SMEM((2, C, d), F32, transforms=_transforms(d, 4)),    # dq, two chunks in flight
         plgpu.SMEM((2, 2, C), F32),                   # dL_q and dT_q, likewise
-        plgpu.SMEM((2, d, BV), F32),
-        plgpu.Barrier(num_barriers=1),
     ]
     CB = key.col_blocks
     out_type = (jax.ShapeDtypeStruct((CB, key.B, key.N, key.H, d), F32),
@@ -459,10 +473,10 @@ def backward_kv(key: RotatedKey):
     the cotangent dS of the state at each chunk's end. dS_N (B, H, 2, d, d) float32 is the
     cotangent of ``forward``'s S_N (key.has_h0 says it is given). Outputs float32: dk
     (CB, B, N, H, d) and dL_k = -k' . dk', dT_k = dk' . (dT k') (CB, B, H, N), this column
-    block's shares; dv (B, N, H, d) whole; dS_0 (B, H, 2, d, d), the cotangent of h0's [Sc; Ss]."""
+    block's shares; dv (B, N, H, d) whole, in key.dtype; dS_0 (B, H, 2, d, d), the cotangent of h0's [Sc; Ss]."""
     d, BV, dt = key.d, key.block_v, key.jdtype
     t = _Tile(key.interpret)
-    tr_d, tr_v, tr_c = _transforms(d, dt.itemsize), _transforms(BV, dt.itemsize), _transforms(C, dt.itemsize)
+    tr = tr_d = tr_v = tr_c = _operand(key)
     last = key.chunks - 1
 
     def body(*refs):
@@ -470,25 +484,24 @@ def backward_kv(key: RotatedKey):
             q, k, v, dy, L, T, W, G, dsn, dk, dv, dL, dT, ds0, scratch = refs
         else:
             (q, k, v, dy, L, T, W, G, dk, dv, dL, dT, ds0, scratch), dsn = refs, None
-        qc, qs, qec, qes, kc, ks, kwc, kws, pt, dpt, dsc, dss, dk_buf, dv_buf, vec_buf, stage, bar = scratch
+        qs, ks, dye, pt, dpt, dsc, dss, dk_buf, dv_buf, vec_buf = scratch
         b, h, cb = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("cb")
         cols = pl.ds(cb * BV, BV)
-        init = (t.zeros((d, BV)), t.zeros((d, BV))) if dsn is None else _state_in(t, dsn, stage, bar, b, h, cols)
+        init = (t.zeros((d, BV)), t.zeros((d, BV))) if dsn is None else _state_in(t, dsn, b, h, cols, d, BV)
         dk_rows, dv_rows = dk.at[cb, b, :, h], dv.at[b, :, h, cols]
         dL_row, dT_row = dL.at[cb, b, h], dT.at[cb, b, h]
 
-        def step(idx, q_t, k_t, v_t, dy_t, L_t, T_t, W_t, G_t, carry):
-            dSc, dSs = carry
+        def step(idx, qc, kc, v_t, dy_t, L_t, T_t, W_t, G_t, carry):
+            dSc, dSs = carry          # q and k are turned in place: their slots then hold qc and kc
             j = last - idx[0]
             Lr, Lc = t.rows(L_t), t.cols(L_t)
             Tr = t.rows(T_t)
             cos, sin = jnp.cos(Tr), jnp.sin(Tr)
-            qf, kf = t.load(q_t).astype(F32), t.load(k_t).astype(F32)
+            qf, kf = t.load(qc).astype(F32), t.load(kc).astype(F32)
             _rotate(t, qf, cos, sin, qc, qs, dt)
-            _rotate(t, qf, cos, sin, qec, qes, dt, scale=jnp.exp(Lr))
             _rotate(t, kf, cos, sin, kc, ks, dt)
+            _scaled(t, dy_t, jnp.exp(Lr), dye, dt)
             wr = t.rows(W_t)
-            _rotate(t, kf, cos, sin, kwc, kws, dt, scale=wr)
             dsc[...] = dSc.astype(dt)
             dss[...] = dSs.astype(dt)
             t.fence()
@@ -501,8 +514,9 @@ def backward_kv(key: RotatedKey):
             dpt[...] = jnp.where(keep, dscores * decay, 0.0).astype(dt)
             t.fence()
 
-            # dv = P^T dy + (k' weighted to the chunk's end) dS_j
-            dv_t = t.mm(None, (pt, dy_t, False, False), (kwc, dsc, False, False), (kws, dss, False, False))
+            # dv = P^T dy + exp(L_C - L_s) k' dS_j
+            carried = t.mm(None, (kc, dsc, False, False), (ks, dss, False, False))
+            dv_t = t.mm(carried * _bcast_rows(wr, (C, BV)), (pt, dy_t, False, False)).astype(dt)
             _store_rows(t, dv_t, dv_buf, dv_rows, j)
             # dk' = dP^T q' + exp(L_C - L_s) v dS_j^T
             w = _bcast_rows(wr, (C, d))
@@ -513,10 +527,10 @@ def backward_kv(key: RotatedKey):
             _store_vec(t, -dot, vec_buf, 0, dL_row, j)
             _store_vec(t, turn, vec_buf, 1, dT_row, j)
 
-            # dS_{j-1} = exp(L_C) dS_j + (exp(L_t) q'_t)^T dy
+            # dS_{j-1} = exp(L_C) dS_j + q'^T (exp(L_t) dy_t)
             g = _bcast_rows(t.rows(G_t.at[0]), (d, BV))
-            dSc = t.mm(dSc * g, (qec, dy_t, True, False))
-            dSs = t.mm(dSs * g, (qes, dy_t, True, False))
+            dSc = t.mm(dSc * g, (qc, dye, True, False))
+            dSs = t.mm(dSs * g, (qs, dye, True, False))
             return dSc, dSs
 
         walk = plgpu.emit_pipeline(
@@ -526,23 +540,24 @@ def backward_kv(key: RotatedKey):
         dSc, dSs = walk(q.at[b, :, h, :], k.at[b, :, h, :], v.at[b, :, h, cols], dy.at[b, :, h, cols],
                         L.at[b, h], T.at[b, h], W.at[b, h], G.at[b, h])
         plgpu.wait_smem_to_gmem(0)
-        _state_out(t, (dSc, dSs), ds0, stage, b, h, cols)
+        _state_out(t, (dSc, dSs), ds0, b, h, cols, d, BV)
 
     scratch = [
-        *(plgpu.SMEM((C, d), dt, transforms=tr_d) for _ in range(8)),   # q', q' e^L, k', k' weighted
+        plgpu.SMEM((C, d), dt, transforms=tr_d),      # qs
+        plgpu.SMEM((C, d), dt, transforms=tr_d),      # ks
+        plgpu.SMEM((C, BV), dt, transforms=tr_v),     # exp(L_t) dy_t
         plgpu.SMEM((C, C), dt, transforms=tr_c),      # P^T
         plgpu.SMEM((C, C), dt, transforms=tr_c),      # dP^T
         plgpu.SMEM((d, BV), dt, transforms=tr_v),     # dSc as a product operand
         plgpu.SMEM((d, BV), dt, transforms=tr_v),     # dSs
-        plgpu.SMEM((2, C, d), F32),                   # dk, two chunks in flight
-        plgpu.SMEM((2, C, BV), F32),                  # dv, likewise
+        # dk, two chunks in flight (one where d = 128: the walk's SMEM is then full)
+        plgpu.SMEM((2 if d <= 64 else 1, C, d), F32, transforms=_transforms(d, 4)),
+        plgpu.SMEM((2, C, BV), dt, transforms=tr_v),  # dv, likewise
         plgpu.SMEM((2, 2, C), F32),                   # dL_k and dT_k, likewise
-        plgpu.SMEM((2, d, BV), F32),
-        plgpu.Barrier(num_barriers=1),
     ]
     CB = key.col_blocks
     out_type = (jax.ShapeDtypeStruct((CB, key.B, key.N, key.H, d), F32),
-                jax.ShapeDtypeStruct((key.B, key.N, key.H, d), F32),
+                jax.ShapeDtypeStruct((key.B, key.N, key.H, d), dt),
                 jax.ShapeDtypeStruct((CB, key.B, key.H, key.N), F32),
                 jax.ShapeDtypeStruct((CB, key.B, key.H, key.N), F32),
                 jax.ShapeDtypeStruct((key.B, key.H, 2, d, d), F32))
