@@ -14,10 +14,12 @@ Which form computes a call is ``routing.route("mixer", ...)``'s choice:
                 complex state never go to memory, except the states that backward reads when it
                 does not recompute them
     "composed"  torch ops around ``gate_loop_scan`` (composed_mixer), the fused kernels' reference
-    "chunked"   heads wider than one feature: chunked.py (q k^T weighted by the gates' decay and
-                cosine, in chunks), which never forms a (d, e) state per token; rotated.py is the
-                same as linear attention on rotated keys (real products only), the reference for
-                wide-head kernels (on an H100 inside the compiled training step it ran 10% slower)
+    "rotated"   heads of 64 or 128 features in bfloat16 or float16 on a GPU that runs the Mosaic GPU
+                kernels: scalar-decay linear attention on rotated keys (ops/rotated.py), each head's
+                (2d, d) state on chip; rotated.py is its torch reference
+    "chunked"   other heads wider than one feature: chunked.py (q k^T weighted by the gates' decay
+                and cosine, in chunks), which never forms a (d, e) state per token (on an H100
+                inside the compiled training step it ran 10% faster than rotated.py's torch form)
 
 simple_gate_loop_mixer is SimpleGateLoopLayer's: one real gate per feature, fused the same way.
 """
@@ -89,7 +91,7 @@ def gate_loop_mixer(
         return y, h_last.view(b, heads, 1, 1)
     return composed_mixer(qkv, z, h0, heads=heads, frac=frac_gradient, ablate_complex=ablate_complex,
                           ablate_state_transition=ablate_state_transition, recompute=recompute,
-                          backend=backend, chunked=path == "chunked")
+                          backend=backend, chunked=path in ("chunked", "rotated"), kernels=path == "rotated")
 
 
 def simple_gate_loop_mixer(
@@ -233,13 +235,17 @@ def _heads_scan(q: Tensor, k: Tensor, v: Tensor, a: Tensor, h0: Optional[Tensor]
 
 def composed_mixer(qkv: Tensor, z: Tensor, h0: Optional[Tensor], *, heads: int, frac: float = 1.0,
                    ablate_complex: bool = False, ablate_state_transition: bool = False, recompute: bool = False,
-                   backend: str = "auto", chunked: bool = False) -> tuple[Tensor, Tensor]:
+                   backend: str = "auto", chunked: bool = False, kernels: bool = False) -> tuple[Tensor, Tensor]:
     """The mixer as torch ops around gate_loop_scan (the fused kernels' reference): the scan of
-    every k v^T, or with ``chunked`` the chunked form (chunked.py)."""
+    every k v^T, or with ``chunked`` the chunked form (chunked.py); with ``kernels`` too, the
+    wide-head Mosaic GPU kernels in its place (ops/rotated.py; they recompute in backward, so
+    ``recompute`` changes nothing there)."""
     b, n = qkv.shape[:2]
     q, k, v = (t.unflatten(-1, (heads, -1)) for t in qkv.chunk(3, dim=-1))  # each (b, n, h, d)
     if chunked:
         log_mag, phase = log_gates(z.reshape(b, n, heads, 2), frac, ablate_complex, ablate_state_transition)
+        if kernels:
+            return _wide_kernels(q, k, v, log_mag, phase, h0)
         fn, args = _heads_chunked, (q, k, v, log_mag, phase, h0, backend)
     else:
         a = gates(z.reshape(b, n, heads, 1, 1, 2), frac, ablate_complex, ablate_state_transition)
@@ -255,3 +261,12 @@ def composed_mixer(qkv: Tensor, z: Tensor, h0: Optional[Tensor], *, heads: int, 
 
 def _heads_chunked(q, k, v, log_mag, phase, h0, backend):
     return chunked_heads(q, k, v, log_mag, phase, h0, backend=backend)
+
+
+def _wide_kernels(q, k, v, log_mag, phase, h0):
+    """(y (b, n, I), h_last) on the wide-head kernels: q, k, v made contiguous (they are views of
+    one qkv), the gates float32 (what log_gates gives 16-bit z)."""
+    from .ops.rotated import rotated_heads_mosaic
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    y, h_last = rotated_heads_mosaic(q, k, v, log_mag.float(), phase.float(), h0)
+    return y.flatten(-2), h_last

@@ -14,8 +14,10 @@ and ``path`` is what runs:
 
     "fused"     one forward and one backward Mosaic GPU kernel for the whole mixer
                 (kernels/mosaic_mixer.py; one feature per head, or SimpleGateLoopLayer's real gates)
-    "chunked"   heads wider than one feature: the chunked form (chunked.py), torch ops around a scan
-                over chunks
+    "rotated"   heads of 64 or 128 features: the wide-head Mosaic GPU kernels (kernels/mosaic_rotated.py,
+                ops/rotated.py), scalar-decay linear attention on rotated keys
+    "chunked"   other heads wider than one feature: the chunked form (chunked.py), torch ops around a
+                scan over chunks
     "composed"  torch ops around gate_loop_scan
     "mosaic"    the scan as Mosaic GPU kernels launched from torch (kernels/mosaic_scan.py, ops/mosaic.py)
     "triton"    the scan as Triton-lowered Pallas kernels (kernels/pallas_scan.py), through the bridge
@@ -24,7 +26,8 @@ and ``path`` is what runs:
     "torch", "heinsen", "loop"   the scan in plain torch (scan/torch_scan.py)
 
 Every availability check and self-test sits here, each testing the kernel it admits: the Mosaic
-scan, the fused mixer, the real-gate mixer and the Triton-lowered scan are each run once per device
+scan, the fused mixer, the real-gate mixer, the wide-head kernels and the Triton-lowered scan are
+each run once per device
 against their float64 reference (ops/selftest.py) before "auto" takes them; a failure warns once
 and the next path takes over. The facts are plain values (strings, ints, bools), so that the
 JAX model asks here without importing torch, and torch.compile can keep a route as a constant.
@@ -46,6 +49,8 @@ JAX_BACKENDS = ("auto", "jax", "pallas")        # what the JAX model can run
 TORCH_ONLY = ("torch", "heinsen", "loop")
 OPS = ("scan", "mixer", "simple_mixer")
 _WIDE_DTYPES = ("float64", "complex128")
+_HALF_DTYPES = ("bfloat16", "float16")          # what the wide-head kernels take
+_WIDE_HEADS = (64, 128)                         # the head widths the wide-head kernels take
 _KERNEL_TILE = 128                              # the Mosaic kernels' features per CTA
 CHUNK = 64                                      # the chunked form's chunk length (torch and JAX)
 
@@ -115,9 +120,11 @@ def _route(op, backend, device, dtype, heads, width, reverse, ablation, kernel_t
     check_backend(backend, name="backend", where=where, framework=framework)
     device_type, _, index = device.partition(":")
     index = int(index) if index else 0
-    if op == "mixer" and width > 1:
+    if op == "mixer" and width > 1 and framework == "jax":
         chosen = Route("chunked", f"heads of {width} features take the chunked form (a scan over chunks, "
                                   "never a (d, d) state per token)")
+    elif op == "mixer" and width > 1:
+        chosen = _wide_route(backend, device_type, index, dtype, width, kernel_takes, transforms)
     elif framework == "jax":
         chosen = _jax_route(op, backend, device_type)
     elif op == "scan":
@@ -157,6 +164,30 @@ def _mixer_route(op, backend, device_type, index, dtype, heads, width, reverse, 
                                   f"{device_type}:{index})")
         blockers.append(problem)
     return Route("composed", "torch ops around gate_loop_scan: " + "; ".join(blockers))
+
+
+def _wide_route(backend, device_type, index, dtype, width, kernel_takes, transforms) -> Route:
+    blockers = []
+    if backend not in ("auto", "pallas"):
+        blockers.append(f"backend {backend!r} asks for torch ops around the scan")
+    if device_type != "cuda":
+        blockers.append(f"the wide-head kernels run on CUDA tensors, these are on {device_type}")
+    if dtype not in _HALF_DTYPES:
+        blockers.append(f"the wide-head kernels take bfloat16 or float16, got {dtype}")
+    if width not in _WIDE_HEADS:
+        blockers.append(f"the wide-head kernels take heads of {_WIDE_HEADS} features, got {width}")
+    if not kernel_takes:
+        blockers.append("the kernels do not take these tensors (an empty batch, or h0's dtype)")
+    if transforms:
+        blockers.append("a torch.func transform is active (the kernels have no vmap rule)")
+    if not blockers:
+        problem = rotated_available(device_type, index)
+        if problem is None:
+            return Route("rotated", "the wide-head Mosaic GPU kernels (self-test passed on "
+                                    f"{device_type}:{index})")
+        blockers.append(problem)
+    return Route("chunked", f"heads of {width} features take the chunked form (a scan over chunks, never a "
+                            "(d, d) state per token): " + "; ".join(blockers))
 
 
 def _scan_route(backend, device_type, index, dtype, kernel_takes, transforms, where) -> Route:
@@ -287,6 +318,7 @@ mosaic_available = _self_tested("mosaic_available", "mosaic_scan", "the Mosaic G
 fused_mixer_available = _self_tested("fused_mixer_available", "fused_mixer", "the fused mixer kernels")
 simple_mixer_available = _self_tested("simple_mixer_available", "simple_mixer",
                                       "SimpleGateLoopLayer's fused kernels")
+rotated_available = _self_tested("rotated_available", "rotated_heads", "the wide-head kernels")
 
 
 @_memo

@@ -1,10 +1,12 @@
 """The wide-head Mosaic GPU kernels (kernels/mosaic_rotated.py, ops/rotated.py) against the float64
-rotated form, values and every gradient, in Pallas's interpret mode on the CPU (on a GPU with
-the same test in test_cuda.py).
+rotated form, values and every gradient, in Pallas's interpret mode on the CPU (on a GPU by the
+same self-test, in test_cuda.py), their lowering for CUDA (checked on the CPU), and the route
+that takes them.
 
-Interpret mode is slow (tens of seconds a call), so one case here covers the most: two chunks and
-a ragged third, a continued state h0, and a cotangent for h_last. The other shapes (d = 128, split
-value columns) run with ``-m kernels``.
+Interpret mode is slow (seconds to tens of seconds a call), so the default run checks two cases:
+the self-test that admits the kernels (a ragged last chunk, h0, a cotangent for h_last) and
+gate_loop_mixer on the kernels without h0. More shapes (d = 128 and split value columns, one
+step, batches) run with ``-m kernels``.
 """
 
 from __future__ import annotations
@@ -51,12 +53,14 @@ def compare(b, n, h, d, h0=True):
         assert err < 2e-2, f"{name}: relative error {err:.2e} at b={b}, n={n}, h={h}, d={d}"
 
 
-def test_kernels_equal_the_float64_rotated_form():
-    compare(1, 150, 2, 64)
+def test_self_test_passes_in_interpret_mode():
+    from gateloop_hybrid.ops import selftest
+    assert selftest.rotated_heads(torch.device("cpu")) is None
 
 
 @pytest.mark.kernels
-@pytest.mark.parametrize("b,n,h,d,h0", [(2, 64, 1, 128, True), (1, 200, 1, 64, False), (1, 1, 2, 64, True)])
+@pytest.mark.parametrize("b,n,h,d,h0", [(1, 150, 2, 64, True), (2, 64, 1, 128, True), (1, 200, 1, 64, False),
+                                         (1, 1, 2, 64, True)])
 def test_kernels_equal_the_float64_rotated_form_more_shapes(b, n, h, d, h0):
     compare(b, n, h, d, h0)
 
@@ -70,3 +74,81 @@ def test_supported_names_what_the_kernels_refuse():
     assert "complex64" in supported(q, q, q, g, g, torch.zeros(1, 2, 64, 64, dtype=torch.complex128))
     with pytest.raises(ValueError, match="rotated_heads_mosaic"):
         rotated_heads_mosaic(q.float(), q.float(), q.float(), g, g)
+
+
+def test_gate_loop_mixer_on_the_kernels_equals_its_composition(monkeypatch):
+    """gate_loop_mixer with the route forced to the kernels (as on a GPU that passed the self-test),
+    in bfloat16 and without h0, against the float64 composition of the same bfloat16 values."""
+    from gateloop_hybrid import routing
+    from gateloop_hybrid.mixer import composed_mixer, gate_loop_mixer
+    route = routing.route
+    monkeypatch.setattr(routing, "route", lambda op, *a, **k: routing.Route("rotated", "forced")
+                        if op == "mixer" else route(op, *a, **k))
+    g = torch.Generator().manual_seed(3)
+    b, n, h, d = 1, 70, 1, 64
+    qkv = (0.3 * torch.randn(b, n, 3 * h * d, generator=g)).bfloat16().requires_grad_()
+    z = torch.randn(b, n, 2 * h, generator=g).requires_grad_()
+    y, h_last = gate_loop_mixer(qkv, z, heads=h, frac_gradient=0.9)
+    wide = [t.detach().double().requires_grad_() for t in (qkv, z)]
+    y_ref, h_ref = composed_mixer(*wide[:1], wide[1], None, heads=h, frac=0.9, backend="loop", chunked=True)
+    assert y.dtype == torch.bfloat16 and h_last.dtype == torch.complex64
+    w = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad((y.double() * w).sum() + h_last.real.double().sum(), (qkv, z))
+    want = torch.autograd.grad((y_ref * w).sum() + h_ref.real.sum(), wide)
+    for name, a, r in [("y", y, y_ref), ("h_last", h_last, h_ref), ("dqkv", got[0], want[0]), ("dz", got[1], want[1])]:
+        a, r = a.detach().to(r.dtype), r.detach()
+        assert float((a - r).abs().max()) <= 2e-2 * float(r.abs().max()), name
+
+
+@pytest.mark.parametrize("d,block_v", [(64, 64), (64, 32), (128, 32)])
+@pytest.mark.parametrize("kernel", ["forward", "backward_q", "backward_kv"])
+def test_kernels_lower_for_cuda(d, block_v, kernel):
+    """The kernels lower to Mosaic GPU (layouts, swizzles, TMA shapes and shared memory checked)
+    on the CPU, with no GPU: jax.export for the cuda platform."""
+    import jax
+    import jax.numpy as jnp
+    from jax import export
+    from gateloop_hybrid.kernels import mosaic_rotated as kern
+    B, N, H = 2, 3 * kern.C, 3
+    key = kern.RotatedKey(B, N, H, d, block_v, True, "bfloat16")
+    S = jax.ShapeDtypeStruct
+    x, pos = S((B, N, H, d), jnp.bfloat16), S((B, H, N), jnp.float32)
+    G, state = S((B, H, N // kern.C, d), jnp.float32), S((B, H, 2, d, d), jnp.float32)
+    args = [x, x, x] + ([] if kernel == "forward" else [x]) + [pos, pos, pos, G, state]
+    exported = export.export(jax.jit(lambda *a: kern.launch(*a, key=key, kernel=kernel)), platforms=["cuda"])(*args)
+    assert "mosaic_gpu" in exported.mlir_module()
+
+
+def test_route_takes_the_kernels_for_wide_half_precision_heads_on_a_gpu(monkeypatch):
+    from gateloop_hybrid import routing
+    monkeypatch.setattr(routing, "_device_problem", lambda device_type, index: None)
+    monkeypatch.setattr(routing, "rotated_available", lambda device_type, index: None)
+    routing._route.cache_clear()
+    try:
+        route = lambda **kw: routing.route("mixer", **{"device": "cuda:0", "dtype": "bfloat16", "heads": 8, **kw})
+        assert route(width=64).path == "rotated"
+        assert route(width=128, dtype="float16").path == "rotated"
+        assert "heads of (64, 128)" in route(width=32).why and route(width=32).path == "chunked"
+        assert "bfloat16 or float16" in route(width=64, dtype="float32").why
+        assert route(width=64, backend="torch").path == "chunked"
+        assert route(width=64, device="cpu").path == "chunked"
+        assert route(width=64, framework="jax", device="gpu").path == "chunked"
+    finally:
+        routing._route.cache_clear()
+
+
+def test_a_failing_self_test_warns_and_takes_the_chunked_form(monkeypatch):
+    from gateloop_hybrid import routing
+    from gateloop_hybrid.ops import selftest
+    monkeypatch.setattr(routing, "_device_problem", lambda device_type, index: None)
+    monkeypatch.setattr(selftest, "rotated_heads", lambda device: "ValueError: a broken kernel")
+    monkeypatch.setattr(routing, "_warned", set())
+    routing.rotated_available.cache_clear()
+    routing._route.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="wide-head kernels failed their self-test on cuda:0"):
+            route = routing.route("mixer", device="cuda:0", dtype="bfloat16", heads=8, width=64)
+        assert route.path == "chunked" and "a broken kernel" in route.why
+    finally:
+        routing.rotated_available.cache_clear()
+        routing._route.cache_clear()

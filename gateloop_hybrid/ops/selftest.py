@@ -77,6 +77,40 @@ def simple_mixer(device) -> str | None:
                     (qkva, h0), lambda y, h_last: y.square().sum() + h_last.sum(), device)
 
 
+def rotated_heads(device) -> str | None:
+    """The wide-head kernels (bfloat16, d = 64, a ragged last chunk, h0) against the float64 rotated
+    form: values and every gradient within 2% of the largest (bfloat16 inputs)."""
+    from ..rotated import rotated_heads as reference
+    from .rotated import rotated_heads_mosaic
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (0.3 * torch.randn(1, 100, 2, 64, generator=g) for _ in range(3))
+    log_mag = -0.3 * torch.rand(1, 100, 2, generator=g)
+    phase = torch.pi * (2 * torch.rand(1, 100, 2, generator=g) - 1)
+    h0 = 0.1 * torch.randn(1, 2, 64, 64, generator=g, dtype=torch.complex64)
+    q, k, v = (t.bfloat16().float() for t in (q, k, v))     # the values the kernels see
+
+    def loss(y, h_last):
+        return (y.double() * torch.cos(torch.arange(y.numel(), dtype=torch.float64)).view(y.shape).to(y.device)).sum() \
+            + h_last.to(torch.complex128).real.sum() + 0.5 * h_last.to(torch.complex128).imag.sum()
+    try:
+        with torch.enable_grad():
+            low = [t.to(device).bfloat16().requires_grad_() for t in (q, k, v)]
+            low += [t.to(device).requires_grad_() for t in (log_mag, phase, h0)]
+            outs = rotated_heads_mosaic(*low)
+            grads = torch.autograd.grad(loss(*outs), low)
+            wide = [t.to(torch.complex128 if t.is_complex() else torch.float64).requires_grad_()
+                    for t in (q, k, v, log_mag, phase, h0)]
+            refs = reference(*wide)
+            ref_grads = torch.autograd.grad(loss(*refs), wide)
+        for got, want in zip((*outs, *grads), (*refs, *ref_grads)):
+            got, want = got.detach().cpu().to(want.dtype), want.detach()
+            if not float((got - want).abs().max()) <= 2e-2 * float(want.abs().max()):
+                return "results differ from the float64 rotated form"
+    except Exception as e:  # noqa: BLE001
+        return _why(e)
+    return None
+
+
 def triton_scan(device, interpret: bool = False) -> str | None:
     """The Triton-lowered Pallas scan against the associative scan, on a JAX device."""
     try:
