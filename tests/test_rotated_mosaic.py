@@ -31,7 +31,7 @@ def cases(b, n, h, d, seed=0, dtype=torch.bfloat16, h0=True):
 
 
 def run(fn, leaves, seed=1):
-    y, h_last = fn(*leaves)
+    y, h_last = fn(*leaves[:5], leaves[5])
     g = torch.Generator().manual_seed(seed)
     wy = torch.randn(y.shape, generator=g)
     wh = torch.randn(h_last.shape, generator=g, dtype=torch.complex128)
@@ -40,29 +40,37 @@ def run(fn, leaves, seed=1):
     return [y, h_last, *grads]
 
 
-def compare(b, n, h, d, h0=True):
+def compare(b, n, h, d, h0=True, segments=None):
     low = cases(b, n, h, d, h0=h0)
     wide = [t if t is None else (t.detach().double() if not t.is_complex() else t.detach().to(torch.complex128))
             .requires_grad_() for t in low]
-    got = run(rotated_heads_mosaic, low)
+    got = run(lambda *a: rotated_heads_mosaic(*a, segments=segments), low)
     want = run(rotated_heads, wide)
     names = ["y", "h_last", "dq", "dk", "dv", "dlog|a|", "dphase", "dh0"]
     for name, a, w in zip(names, got, want):
         a, w = a.detach().to(w.dtype), w.detach()
         err = float((a - w).abs().max() / w.abs().max())
-        assert err < 2e-2, f"{name}: relative error {err:.2e} at b={b}, n={n}, h={h}, d={d}"
+        assert err < 2e-2, f"{name}: relative error {err:.2e} at b={b}, n={n}, h={h}, d={d}, segments={segments}"
 
 
 def test_self_test_passes_in_interpret_mode():
+    """The check that admits the kernels on a GPU: two chunks walked as two segments (summary
+    walks and the chaining between them), a ragged last chunk, h0 and a cotangent for h_last."""
     from gateloop_hybrid.ops import selftest
     assert selftest.rotated_heads(torch.device("cpu")) is None
 
 
+def test_one_segment_walks_every_chunk():
+    """One CTA walks all three chunks (the last ragged), carrying the state across them."""
+    compare(1, 150, 1, 64, h0=True, segments=1)
+
+
 @pytest.mark.kernels
-@pytest.mark.parametrize("b,n,h,d,h0", [(1, 150, 2, 64, True), (2, 64, 1, 128, True), (1, 200, 1, 64, False),
-                                         (1, 1, 2, 64, True)])
-def test_kernels_equal_the_float64_rotated_form_more_shapes(b, n, h, d, h0):
-    compare(b, n, h, d, h0)
+@pytest.mark.parametrize("b,n,h,d,h0,segments", [(2, 64, 1, 128, True, None), (1, 200, 1, 64, False, 1),
+                                                  (1, 300, 1, 64, True, 5), (1, 1, 2, 64, True, None),
+                                                  (2, 130, 2, 128, False, 3)])
+def test_kernels_equal_the_float64_rotated_form_more_shapes(b, n, h, d, h0, segments):
+    compare(b, n, h, d, h0, segments)
 
 
 def test_supported_names_what_the_kernels_refuse():
@@ -100,8 +108,8 @@ def test_gate_loop_mixer_on_the_kernels_equals_its_composition(monkeypatch):
         assert float((a - r).abs().max()) <= 2e-2 * float(r.abs().max()), name
 
 
-@pytest.mark.parametrize("d,block_v", [(64, 64), (64, 32), (128, 32)])
-@pytest.mark.parametrize("kernel", ["forward", "backward_q", "backward_kv"])
+@pytest.mark.parametrize("d,block_v", [(64, 64), (128, 32)])
+@pytest.mark.parametrize("kernel", ["forward", "summary", "backward_q", "backward_kv", "summary_back"])
 def test_kernels_lower_for_cuda(d, block_v, kernel):
     """The kernels lower to Mosaic GPU (layouts, swizzles, TMA shapes and shared memory checked)
     on the CPU, with no GPU: jax.export for the cuda platform."""
@@ -109,12 +117,14 @@ def test_kernels_lower_for_cuda(d, block_v, kernel):
     import jax.numpy as jnp
     from jax import export
     from gateloop_hybrid.kernels import mosaic_rotated as kern
-    B, N, H = 2, 3 * kern.C, 3
-    key = kern.RotatedKey(B, N, H, d, block_v, True, "bfloat16")
+    B, N, H, segments = 2, 4 * kern.C, 3, 2
+    key = kern.RotatedKey(B, N, H, d, block_v, True, "bfloat16", segments)
     S = jax.ShapeDtypeStruct
     x, pos = S((B, N, H, d), jnp.bfloat16), S((B, H, N), jnp.float32)
-    G, state = S((B, H, N // kern.C, d), jnp.float32), S((B, H, 2, d, d), jnp.float32)
-    args = [x, x, x] + ([] if kernel == "forward" else [x]) + [pos, pos, pos, G, state]
+    G, state = S((B, H, N // kern.C, d), jnp.float32), S((B, H, segments, 2, d, d), jnp.float32)
+    args = {"forward": [x, x, x, pos, pos, pos, G, state], "summary": [x, x, pos, pos, G],
+            "backward_q": [x, x, x, x, pos, pos, pos, G, state], "backward_kv": [x, x, x, x, pos, pos, pos, G, state],
+            "summary_back": [x, x, pos, pos, G]}[kernel]
     exported = export.export(jax.jit(lambda *a: kern.launch(*a, key=key, kernel=kernel)), platforms=["cuda"])(*args)
     assert "mosaic_gpu" in exported.mlir_module()
 

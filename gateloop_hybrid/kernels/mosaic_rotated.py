@@ -12,18 +12,25 @@ halves Sc and Ss. The caller gives T reduced mod 2 pi in float64 (then float32 k
 precision at any length) and L relative to each chunk's start (then no decay over- or
 underflows inside a chunk). Every product is a bf16/f16 matmul with float32 accumulation.
 
-One CTA (one warpgroup) walks the chunks of one (batch row, head, block of BV value columns),
-keeping its state in registers: no per-chunk state reaches HBM. The value columns of a head are
-independent, so splitting them multiplies the CTAs at the price of recomputing the (C, C) scores.
+One CTA (one warpgroup) walks the chunks of one (batch row, head, block of BV value columns,
+segment of time), keeping its state in registers: no per-chunk state reaches HBM. The value
+columns of a head are independent, so splitting them multiplies the CTAs at the price of
+recomputing the (C, C) scores. Where batch x heads x column blocks leave multiprocessors idle,
+time is cut into S segments walked side by side: a summary walk gives each segment's own state
+(from zero), the caller chains those (a scalar decay per segment: a few (2d, d) updates in
+torch) into each segment's true start, and the full walk then starts from it. With S = 1 the
+inputs are read once.
 
-Kernels, all walks over chunks of C = 64 steps (the caller pads N to a multiple of C with
+Kernels, all walks over chunks of C = 64 steps (the caller pads N to a multiple of C S with
 k = v = 0, log|a| = 0 and phase 0, which leaves the state as it is):
 
-- ``forward``: y, and the final state S_N.
+- ``summary``: each segment's own state at its end (k, v and the gates only).
+- ``forward``: y, and the state at each segment's end (the last is S_N).
 - ``backward_q``: a forward walk that rebuilds S_{j-1} and gives dq' per position, returned as
   dq and the parts of dL and dT that come through q.
-- ``backward_kv``: a backward walk carrying dS, giving dk, dv and the parts of dL and dT that
-  come through k, and dS_0 (the cotangent of the initial state).
+- ``summary_back``: each segment's own cotangent at its start (q, dy and the gates only).
+- ``backward_kv``: a backward walk carrying dS, giving dk, dv, the parts of dL and dT that come
+  through k, and the cotangent at each segment's start (the first is dh0's).
 
 The position gradients follow from q'_t = R(T_t) q_t and the scaling q~ = e^{L} q', k~ = e^{-L} k':
 
@@ -43,7 +50,6 @@ masks, the pipelines and the arithmetic are the kernels' own.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -62,17 +68,22 @@ WIDTHS = (64, 128)          # head widths d the kernels take (d a multiple of th
 class RotatedKey:
     """Everything static about one launch; the compile key (with the dtype)."""
     B: int
-    N: int                  # a multiple of C
+    N: int                  # a multiple of C * segments
     H: int
     d: int
     block_v: int            # BV: value columns per CTA
-    has_h0: bool            # forward and backward_q: an initial state; backward_kv: dS_N
+    has_state: bool         # a state comes in: the starts (forward, backward_q) or ends (backward_kv)
     dtype: str              # "bfloat16" or "float16"
+    segments: int = 1       # stretches of time walked side by side, each by its own CTAs
     interpret: bool = False
 
     @property
     def chunks(self) -> int:
         return self.N // C
+
+    @property
+    def per_segment(self) -> int:
+        return self.chunks // self.segments
 
     @property
     def col_blocks(self) -> int:
@@ -94,12 +105,18 @@ def supported(N: int, d: int, dtype) -> str | None:
     return None
 
 
-def choose_block_v(B: int, H: int, d: int, num_sms: int = 132) -> int:
+def choose_block_v(d: int) -> int:
     """BV: 64 value columns per CTA, or 32 where d = 128 (the two (d, BV) float32 state halves
-    then fit the warpgroup's registers) or where B * H CTAs would leave most SMs idle."""
-    if d == 128 or B * H * (d // 64) < num_sms // 2:
-        return 32
-    return 64
+    then fit the warpgroup's registers)."""
+    return 64 if d <= 64 else 32
+
+
+def choose_segments(B: int, H: int, col_blocks: int, chunks: int, num_sms: int = 132) -> int:
+    """Segments of time for about one CTA per multiprocessor (a CTA takes most of one's shared
+    memory): the largest divisor of ``chunks`` at most num_sms / (B H col_blocks). Each segment
+    beyond the first costs a summary walk over its keys and values (queries and dy backward)."""
+    want = max(1, num_sms // max(1, B * H * col_blocks))
+    return max(s for s in range(1, min(want, chunks) + 1) if chunks % s == 0)
 
 
 def _transforms(cols: int, itemsize: int):
@@ -182,31 +199,72 @@ def _bcast_cols(vec, shape):
     return lax.broadcast_in_dim(vec, shape, [1])
 
 
-def _kernel(body, key: RotatedKey, out_type):
+class _Place:
+    """Where one CTA walks: its batch row b, head h, block of value columns and segment of time,
+    and the views of each input and output that it reads and writes."""
+
+    def __init__(self, key: RotatedKey):
+        self.key = key
+        S, n = key.segments, key.per_segment
+        bs = lax.axis_index("bs")
+        self.b, self.s = lax.div(bs, S), lax.rem(bs, S)
+        self.h, self.cb = lax.axis_index("h"), lax.axis_index("cb")
+        self.cols = pl.ds(self.cb * key.block_v, key.block_v)
+        self.rows = pl.ds(self.s * n * C, n * C)
+        self.chunk_rows = pl.ds(self.s * n, n)
+
+    def x(self, ref):            # (B, N, H, d) -> this segment's (n C, d)
+        return ref.at[self.b, self.rows, self.h, :]
+
+    def xv(self, ref):           # (B, N, H, d) -> this segment's (n C, BV) of this CTA's columns
+        return ref.at[self.b, self.rows, self.h, self.cols]
+
+    def pos(self, ref):          # (B, H, N) -> (n C,)
+        return ref.at[self.b, self.h, self.rows]
+
+    def table(self, ref):        # (B, H, chunks, d) -> (n, d)
+        return ref.at[self.b, self.h, self.chunk_rows]
+
+    def state(self, ref):        # (B, H, S, 2, d, d) -> (2, d, d)
+        return ref.at[self.b, self.h, self.s]
+
+    def shares(self, ref):       # (CB, B, N, H, d) -> (n C, d)
+        return ref.at[self.cb, self.b, self.rows, self.h]
+
+    def vec_shares(self, ref):   # (CB, B, H, N) -> (n C,)
+        return ref.at[self.cb, self.b, self.h, self.rows]
+
+
+def _kernel(body, key: RotatedKey, out_type, scratch):
+    """The plgpu.kernel over grid (H, CB, B S) running ``body(place, *refs, scratch refs)``."""
     kw = {"interpret": mosaic_interpret_params()} if key.interpret else {}
-    return plgpu.kernel(body, out_type=out_type, grid=(key.H, key.col_blocks, key.B),
-                        grid_names=("h", "cb", "b"), **kw)
+
+    def entry(*refs):
+        pl.run_scoped(lambda *s: body(_Place(key), *refs, s), *scratch)
+    return plgpu.kernel(entry, out_type=out_type, grid=(key.H, key.col_blocks, key.B * key.segments),
+                        grid_names=("h", "cb", "bs"), **kw)
 
 
 def _specs(key: RotatedKey, reverse: bool, *kinds):
-    """BlockSpecs of the walked inputs, one per kind: "qk" a (C, d) tile, "v" a (C, BV) tile,
-    "pos" a (C,) vector, "chunk" a (1, d) row of a per-chunk table."""
-    last = key.chunks - 1
+    """BlockSpecs of the walked inputs (a segment's views), one per kind: "qk" a (C, d) tile,
+    "v" a (C, BV) tile, "pos" a (C,) vector, "chunk" a (1, d) row of a per-chunk table."""
+    last = key.per_segment - 1
     at = (lambda j: last - j) if reverse else (lambda j: j)
     tr = _operand(key)
+    shapes = {"qk": ((C, key.d), tr), "v": ((C, key.block_v), tr), "pos": ((C,), ()), "chunk": ((1, key.d), ())}
     out = []
     for kind in kinds:
-        if kind == "qk":
-            out.append(plgpu.BlockSpec((C, key.d), lambda j: (at(j), 0), transforms=tr))
-        elif kind == "v":
-            out.append(plgpu.BlockSpec((C, key.block_v), lambda j: (at(j), 0), transforms=tr))
-        elif kind == "pos":
-            out.append(plgpu.BlockSpec((C,), lambda j: (at(j),)))
-        elif kind == "chunk":
-            out.append(plgpu.BlockSpec((1, key.d), lambda j: (at(j), 0)))
-        else:
-            raise ValueError(kind)
+        shape, transforms = shapes[kind]
+        index = (lambda j: (at(j), 0)) if len(shape) == 2 else (lambda j: (at(j),))
+        out.append(plgpu.BlockSpec(shape, index, transforms=transforms) if transforms
+                   else plgpu.BlockSpec(shape, index))
     return out
+
+
+def _walk(key: RotatedKey, step, init, reverse, kinds, views):
+    """Walk this CTA's chunks (backward from the last with ``reverse``), two in flight."""
+    return plgpu.emit_pipeline(step, grid=(key.per_segment,), in_specs=_specs(key, reverse, *kinds),
+                               max_concurrent_steps=2, init_carry=init)(*views)
 
 
 def _rotate(t: _Tile, x, cos, sin, xc_ref, xs_ref, dtype, scale=None):
@@ -239,11 +297,18 @@ def _stage(d: int, BV: int):
     return plgpu.SMEM((2, d, BV), F32, transforms=_transforms(BV, 4))
 
 
-def _state_in(t: _Tile, ref, b, h, cols, d, BV):
-    """This CTA's columns of a (B, H, 2, d, d) float32 state in HBM, as its two halves."""
+def _zero_state(t: _Tile, key: RotatedKey):
+    return t.zeros((key.d, key.block_v)), t.zeros((key.d, key.block_v))
+
+
+def _state_in(t: _Tile, place: _Place, ref):
+    """This CTA's columns of its segment's (2, d, d) float32 state in ``ref`` (B, H, S, 2, d, d),
+    as its two halves."""
+    d, BV, state = place.key.d, place.key.block_v, place.state(ref)
+
     def scoped(stage, bar):
         for i in range(2):
-            plgpu.copy_gmem_to_smem(ref.at[b, h, i, :, cols], stage.at[i], bar.at[i])
+            plgpu.copy_gmem_to_smem(state.at[i, :, place.cols], stage.at[i], bar.at[i])
         for i in range(2):
             plgpu.barrier_wait(bar.at[i])
         return t.load(stage.at[0]), t.load(stage.at[1])
@@ -271,13 +336,15 @@ def _store_vec(t: _Tile, value, buf, which, ref, j):
     plgpu.copy_smem_to_gmem(buf.at[slot, which], ref.at[pl.ds(j * C, C)])
 
 
-def _state_out(t: _Tile, halves, ref, b, h, cols, d, BV):
+def _state_out(t: _Tile, place: _Place, halves, ref):
+    d, BV, state = place.key.d, place.key.block_v, place.state(ref)
+
     def scoped(stage):
         for i, half in enumerate(halves):
             stage[i] = half
         t.fence()
         for i in range(2):
-            plgpu.copy_smem_to_gmem(stage.at[i], ref.at[b, h, i, :, cols])
+            plgpu.copy_smem_to_gmem(stage.at[i], state.at[i, :, place.cols])
         plgpu.wait_smem_to_gmem(0)
     pl.run_scoped(scoped, _stage(d, BV))
 
@@ -290,36 +357,35 @@ def _scaled(t: _Tile, x_ref, w, out_ref, dtype):
 
 # ---------------------------------------------------------------------------------------------
 # forward
+#
+# Shapes: q, k, v, y, dy (B, N, H, d) in key.dtype. L, T, W (B, H, N) float32: log|a| summed from
+# each chunk's start, the phase summed from t = 0 mod 2 pi, and exp(L_C - L_t), the decay from t
+# to its chunk's end. G (B, H, chunks, d) float32: exp(L_C) of each chunk, repeated d times.
+# States (B, H, S, 2, d, d) float32, one [Sc; Ss] per segment of time.
+
+
+def _state_step(t, key, Sc, Ss, kc, ks, vw, G_t):
+    """S_j = exp(L_C) S_{j-1} + k'^T (v weighted to the chunk's end)."""
+    g = _bcast_rows(t.rows(G_t.at[0]), (key.d, key.block_v))
+    return t.mm(Sc * g, (kc, vw, True, False)), t.mm(Ss * g, (ks, vw, True, False))
 
 
 def forward(key: RotatedKey):
-    """(q, k, v, L, T, W, G[, h0]) -> (y, S_N).
-
-    q, k: (B, N, H, d); v: (B, N, H, d) in key.dtype. L, T, W: (B, H, N) float32: log|a| summed
-    from each chunk's start, the phase summed from t = 0 mod 2 pi, and exp(L_C - L_t), the decay
-    from t to its chunk's end. G: (B, H, chunks, d) float32, exp(L_C) of each chunk repeated d
-    times. h0: (B, H, 2, d, d) float32, the initial [Sc; Ss]. y: (B, N, H, d) in key.dtype;
-    S_N: (B, H, 2, d, d) float32."""
+    """(q, k, v, L, T, W, G[, starts]) -> (y, ends): each segment walked from its start state
+    (zero without ``key.has_state``), giving y and the state at the segment's end."""
     d, BV, dt = key.d, key.block_v, key.jdtype
-    t = _Tile(key.interpret)
-    tr = tr_d = tr_v = tr_c = _operand(key)
+    t, tr = _Tile(key.interpret), _operand(key)
 
-    def body(*refs):
-        if key.has_h0:
-            q, k, v, L, T, W, G, h0, y, s_out, scratch = refs
-        else:
-            (q, k, v, L, T, W, G, y, s_out, scratch), h0 = refs, None
+    def body(place, *refs):
+        ins, (y, ends, scratch) = refs[:-3], refs[-3:]
+        q, k, v, L, T, W, G, *starts = ins
         qs, ks, vw, p, sc, ss, y_buf = scratch
-        b, h, cb = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("cb")
-        cols = pl.ds(cb * BV, BV)
-        init = (t.zeros((d, BV)), t.zeros((d, BV))) if h0 is None else _state_in(t, h0, b, h, cols, d, BV)
-
-        y_rows = y.at[b, :, h, cols]
+        init = _state_in(t, place, starts[0]) if starts else _zero_state(t, key)
+        y_rows = place.xv(y)
 
         def step(idx, qc, kc, v_t, L_t, T_t, W_t, G_t, carry):
             # q and k are turned in place: their slots then hold qc and kc
             Sc, Ss = carry
-            j = idx[0]
             Lr, Lc = t.rows(L_t), t.cols(L_t)
             Tr = t.rows(T_t)
             cos, sin = jnp.cos(Tr), jnp.sin(Tr)
@@ -329,7 +395,6 @@ def forward(key: RotatedKey):
             sc[...] = Sc.astype(dt)
             ss[...] = Ss.astype(dt)
             t.fence()
-
             # inside the chunk: (q' k'^T) weighted by exp(L_t - L_s) on s <= t
             scores = t.mm(None, (qc, kc, False, True), (qs, ks, False, True))
             keep, decay = _causal_decay(t, Lr, Lc)
@@ -338,39 +403,54 @@ def forward(key: RotatedKey):
             carried = t.mm(None, (qc, sc, False, False), (qs, ss, False, False))
             t.fence()
             out = t.mm(carried * _bcast_rows(jnp.exp(Lr), (C, BV)), (p, v_t, False, False))
-            _store_rows(t, out.astype(dt), y_buf, y_rows, j)
+            _store_rows(t, out.astype(dt), y_buf, y_rows, idx[0])
+            return _state_step(t, key, Sc, Ss, kc, ks, vw, G_t)
 
-            # S_j = exp(L_C) S_{j-1} + k'^T (v weighted to the chunk's end)
-            g = _bcast_rows(t.rows(G_t.at[0]), (d, BV))
-            Sc = t.mm(Sc * g, (kc, vw, True, False))
-            Ss = t.mm(Ss * g, (ks, vw, True, False))
-            return Sc, Ss
-
-        walk = plgpu.emit_pipeline(
-            step, grid=(key.chunks,),
-            in_specs=[*_specs(key, False, "qk", "qk", "v", "pos", "pos", "pos", "chunk")],
-            max_concurrent_steps=2, init_carry=init)
-        Sc, Ss = walk(q.at[b, :, h, :], k.at[b, :, h, :], v.at[b, :, h, cols], L.at[b, h], T.at[b, h],
-                      W.at[b, h], G.at[b, h])
-        _state_out(t, (Sc, Ss), s_out, b, h, cols, d, BV)
+        Sc, Ss = _walk(key, step, init, False, ("qk", "qk", "v", "pos", "pos", "pos", "chunk"),
+                       (place.x(q), place.x(k), place.xv(v), place.pos(L), place.pos(T), place.pos(W),
+                        place.table(G)))
+        _state_out(t, place, (Sc, Ss), ends)
 
     scratch = [
-        plgpu.SMEM((C, d), dt, transforms=tr_d),      # qs
-        plgpu.SMEM((C, d), dt, transforms=tr_d),      # ks
-        plgpu.SMEM((C, BV), dt, transforms=tr_v),     # v weighted to the chunk's end
-        plgpu.SMEM((C, C), dt, transforms=tr_c),      # P
-        plgpu.SMEM((d, BV), dt, transforms=tr_v),     # Sc as a product operand
-        plgpu.SMEM((d, BV), dt, transforms=tr_v),     # Ss
-        plgpu.SMEM((2, C, BV), dt, transforms=tr_v),  # y, two chunks in flight to HBM
+        plgpu.SMEM((C, d), dt, transforms=tr),        # qs
+        plgpu.SMEM((C, d), dt, transforms=tr),        # ks
+        plgpu.SMEM((C, BV), dt, transforms=tr),       # v weighted to the chunk's end
+        plgpu.SMEM((C, C), dt, transforms=tr),        # P
+        plgpu.SMEM((d, BV), dt, transforms=tr),       # Sc as a product operand
+        plgpu.SMEM((d, BV), dt, transforms=tr),       # Ss
+        plgpu.SMEM((2, C, BV), dt, transforms=tr),    # y, two chunks in flight to HBM
     ]
-    out_type = (jax.ShapeDtypeStruct((key.B, key.N, key.H, d), dt),
-                jax.ShapeDtypeStruct((key.B, key.H, 2, d, d), F32))
+    out_type = (jax.ShapeDtypeStruct((key.B, key.N, key.H, d), dt), _states(key))
+    return _kernel(body, key, out_type, scratch)
 
-    def entry(*refs):
-        n_in = 8 if key.has_h0 else 7
-        ins, outs = refs[:n_in], refs[n_in:n_in + 2]
-        pl.run_scoped(lambda *s: body(*ins, *outs, s), *scratch)
-    return _kernel(entry, key, out_type)
+
+def summary(key: RotatedKey):
+    """(k, v, T, W, G) -> own: each segment's state at its end from a zero start (its own keys
+    and values only). The caller chains the segments: start_{s+1} = D_s start_s + own_s, D_s the
+    segment's decay (the product of its chunks' exp(L_C))."""
+    d, BV, dt = key.d, key.block_v, key.jdtype
+    t, tr = _Tile(key.interpret), _operand(key)
+
+    def body(place, k, v, T, W, G, own, scratch):
+        ks, vw = scratch
+
+        def step(idx, kc, v_t, T_t, W_t, G_t, carry):
+            Tr = t.rows(T_t)
+            _rotate(t, t.load(kc).astype(F32), jnp.cos(Tr), jnp.sin(Tr), kc, ks, dt)
+            _scaled(t, v_t, t.rows(W_t), vw, dt)
+            t.fence()
+            return _state_step(t, key, *carry, kc, ks, vw, G_t)
+
+        state = _walk(key, step, _zero_state(t, key), False, ("qk", "v", "pos", "pos", "chunk"),
+                      (place.x(k), place.xv(v), place.pos(T), place.pos(W), place.table(G)))
+        _state_out(t, place, state, own)
+
+    scratch = [plgpu.SMEM((C, d), dt, transforms=tr), plgpu.SMEM((C, BV), dt, transforms=tr)]
+    return _kernel(body, key, _states(key), scratch)
+
+
+def _states(key: RotatedKey):
+    return jax.ShapeDtypeStruct((key.B, key.H, key.segments, 2, key.d, key.d), F32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,24 +470,19 @@ def _position_grads(t: _Tile, x, cos, sin, dxc, dxs):
 
 
 def backward_q(key: RotatedKey):
-    """(q, k, v, dy, L, T, W, G[, h0]) -> (dq, dL_q, dT_q): a forward walk that rebuilds each
-    chunk's starting state and gives the q side of the gradients. Inputs as ``forward``'s, dy
-    like y. Outputs are this column block's shares, float32: dq (CB, B, N, H, d), dL_q and
-    dT_q (CB, B, H, N), with dL_q = q' . dq' and dT_q = dq' . (dT q')."""
+    """(q, k, v, dy, L, T, W, G[, starts]) -> (dq, dL_q, dT_q): a forward walk that rebuilds each
+    chunk's starting state and gives the q side of the gradients. Outputs are this column
+    block's shares, float32: dq (CB, B, N, H, d), dL_q and dT_q (CB, B, H, N), with
+    dL_q = q' . dq' and dT_q = dq' . (dT q')."""
     d, BV, dt = key.d, key.block_v, key.jdtype
-    t = _Tile(key.interpret)
-    tr = tr_d = tr_v = tr_c = _operand(key)
+    t, tr = _Tile(key.interpret), _operand(key)
 
-    def body(*refs):
-        if key.has_h0:
-            q, k, v, dy, L, T, W, G, h0, dq, dL, dT, scratch = refs
-        else:
-            (q, k, v, dy, L, T, W, G, dq, dL, dT, scratch), h0 = refs, None
+    def body(place, *refs):
+        ins, (dq, dL, dT, scratch) = refs[:-4], refs[-4:]
+        q, k, v, dy, L, T, W, G, *starts = ins
         ks, vw, dp, sc, ss, dq_buf, vec_buf = scratch
-        b, h, cb = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("cb")
-        cols = pl.ds(cb * BV, BV)
-        init = (t.zeros((d, BV)), t.zeros((d, BV))) if h0 is None else _state_in(t, h0, b, h, cols, d, BV)
-        dq_rows, dL_row, dT_row = dq.at[cb, b, :, h], dL.at[cb, b, h], dT.at[cb, b, h]
+        init = _state_in(t, place, starts[0]) if starts else _zero_state(t, key)
+        dq_rows, dL_row, dT_row = place.shares(dq), place.vec_shares(dL), place.vec_shares(dT)
 
         def step(idx, q_t, kc, v_t, dy_t, L_t, T_t, W_t, G_t, carry):
             Sc, Ss = carry            # k is turned in place: its slot then holds kc
@@ -420,7 +495,6 @@ def backward_q(key: RotatedKey):
             sc[...] = Sc.astype(dt)
             ss[...] = Ss.astype(dt)
             t.fence()
-
             # dP = (dy v^T) weighted by exp(L_t - L_s) on s <= t
             dscores = t.mm(None, (dy_t, v_t, False, True))
             keep, decay = _causal_decay(t, Lr, Lc)
@@ -434,62 +508,55 @@ def backward_q(key: RotatedKey):
             _store_rows(t, dq_t, dq_buf, dq_rows, j)
             _store_vec(t, dot, vec_buf, 0, dL_row, j)
             _store_vec(t, turn, vec_buf, 1, dT_row, j)
+            return _state_step(t, key, Sc, Ss, kc, ks, vw, G_t)
 
-            g = _bcast_rows(t.rows(G_t.at[0]), (d, BV))
-            Sc = t.mm(Sc * g, (kc, vw, True, False))
-            Ss = t.mm(Ss * g, (ks, vw, True, False))
-            return Sc, Ss
-
-        walk = plgpu.emit_pipeline(
-            step, grid=(key.chunks,),
-            in_specs=[*_specs(key, False, "qk", "qk", "v", "v", "pos", "pos", "pos", "chunk")],
-            max_concurrent_steps=2, init_carry=init)
-        walk(q.at[b, :, h, :], k.at[b, :, h, :], v.at[b, :, h, cols], dy.at[b, :, h, cols], L.at[b, h],
-             T.at[b, h], W.at[b, h], G.at[b, h])
+        _walk(key, step, init, False, ("qk", "qk", "v", "v", "pos", "pos", "pos", "chunk"),
+              (place.x(q), place.x(k), place.xv(v), place.xv(dy), place.pos(L), place.pos(T), place.pos(W),
+               place.table(G)))
         plgpu.wait_smem_to_gmem(0)
 
     scratch = [
-        plgpu.SMEM((C, d), dt, transforms=tr_d),      # ks
-        plgpu.SMEM((C, BV), dt, transforms=tr_v),     # v weighted to the chunk's end
-        plgpu.SMEM((C, C), dt, transforms=tr_c),      # dP
-        plgpu.SMEM((d, BV), dt, transforms=tr_v),     # Sc as a product operand
-        plgpu.SMEM((d, BV), dt, transforms=tr_v),     # Ss
+        plgpu.SMEM((C, d), dt, transforms=tr),        # ks
+        plgpu.SMEM((C, BV), dt, transforms=tr),       # v weighted to the chunk's end
+        plgpu.SMEM((C, C), dt, transforms=tr),        # dP
+        plgpu.SMEM((d, BV), dt, transforms=tr),       # Sc as a product operand
+        plgpu.SMEM((d, BV), dt, transforms=tr),       # Ss
         plgpu.SMEM((2, C, d), F32, transforms=_transforms(d, 4)),    # dq, two chunks in flight
         plgpu.SMEM((2, 2, C), F32),                   # dL_q and dT_q, likewise
     ]
-    CB = key.col_blocks
-    out_type = (jax.ShapeDtypeStruct((CB, key.B, key.N, key.H, d), F32),
-                jax.ShapeDtypeStruct((CB, key.B, key.H, key.N), F32),
-                jax.ShapeDtypeStruct((CB, key.B, key.H, key.N), F32))
+    return _kernel(body, key, _shares(key), scratch)
 
-    def entry(*refs):
-        n_in = 9 if key.has_h0 else 8
-        pl.run_scoped(lambda *s: body(*refs[:n_in], *refs[n_in:n_in + 3], s), *scratch)
-    return _kernel(entry, key, out_type)
+
+def _shares(key: RotatedKey):
+    CB = key.col_blocks
+    return (jax.ShapeDtypeStruct((CB, key.B, key.N, key.H, key.d), F32),
+            jax.ShapeDtypeStruct((CB, key.B, key.H, key.N), F32),
+            jax.ShapeDtypeStruct((CB, key.B, key.H, key.N), F32))
+
+
+def _cotangent_step(t, key, dSc, dSs, qc, qs, dye, G_t):
+    """dS_{j-1} = exp(L_C) dS_j + q'^T (exp(L_t) dy_t)."""
+    g = _bcast_rows(t.rows(G_t.at[0]), (key.d, key.block_v))
+    return t.mm(dSc * g, (qc, dye, True, False)), t.mm(dSs * g, (qs, dye, True, False))
 
 
 def backward_kv(key: RotatedKey):
-    """(q, k, v, dy, L, T, W, G[, dS_N]) -> (dk, dv, dL_k, dT_k, dS_0): a backward walk carrying
-    the cotangent dS of the state at each chunk's end. dS_N (B, H, 2, d, d) float32 is the
-    cotangent of ``forward``'s S_N (key.has_h0 says it is given). Outputs float32: dk
-    (CB, B, N, H, d) and dL_k = -k' . dk', dT_k = dk' . (dT k') (CB, B, H, N), this column
-    block's shares; dv (B, N, H, d) whole, in key.dtype; dS_0 (B, H, 2, d, d), the cotangent of h0's [Sc; Ss]."""
+    """(q, k, v, dy, L, T, W, G[, ends]) -> (dk, dv, dL_k, dT_k, dstarts): a backward walk
+    carrying the cotangent dS of the state at each chunk's end, from the cotangent at the
+    segment's end (``ends``; zero without ``key.has_state``). Outputs: dk (CB, B, N, H, d) and
+    dL_k = -k' . dk', dT_k = dk' . (dT k') (CB, B, H, N), float32 shares of this column block; dv
+    (B, N, H, d) whole, in key.dtype; and the cotangent at each segment's start (a state)."""
     d, BV, dt = key.d, key.block_v, key.jdtype
-    t = _Tile(key.interpret)
-    tr = tr_d = tr_v = tr_c = _operand(key)
-    last = key.chunks - 1
+    t, tr = _Tile(key.interpret), _operand(key)
+    last = key.per_segment - 1
 
-    def body(*refs):
-        if key.has_h0:
-            q, k, v, dy, L, T, W, G, dsn, dk, dv, dL, dT, ds0, scratch = refs
-        else:
-            (q, k, v, dy, L, T, W, G, dk, dv, dL, dT, ds0, scratch), dsn = refs, None
+    def body(place, *refs):
+        ins, (dk, dv, dL, dT, dstarts, scratch) = refs[:-6], refs[-6:]
+        q, k, v, dy, L, T, W, G, *ends = ins
         qs, ks, dye, pt, dpt, dsc, dss, dk_buf, dv_buf, vec_buf = scratch
-        b, h, cb = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("cb")
-        cols = pl.ds(cb * BV, BV)
-        init = (t.zeros((d, BV)), t.zeros((d, BV))) if dsn is None else _state_in(t, dsn, b, h, cols, d, BV)
-        dk_rows, dv_rows = dk.at[cb, b, :, h], dv.at[b, :, h, cols]
-        dL_row, dT_row = dL.at[cb, b, h], dT.at[cb, b, h]
+        init = _state_in(t, place, ends[0]) if ends else _zero_state(t, key)
+        dk_rows, dv_rows = place.shares(dk), place.xv(dv)
+        dL_row, dT_row = place.vec_shares(dL), place.vec_shares(dT)
 
         def step(idx, qc, kc, v_t, dy_t, L_t, T_t, W_t, G_t, carry):
             dSc, dSs = carry          # q and k are turned in place: their slots then hold qc and kc
@@ -505,7 +572,6 @@ def backward_kv(key: RotatedKey):
             dsc[...] = dSc.astype(dt)
             dss[...] = dSs.astype(dt)
             t.fence()
-
             # P^T and dP^T, indexed (s, t), weighted by exp(L_t - L_s) on t >= s
             keep, decay = _causal_decay(t, Lr, Lc, transposed=True)
             scores = t.mm(None, (kc, qc, False, True), (ks, qs, False, True))
@@ -513,7 +579,6 @@ def backward_kv(key: RotatedKey):
             dscores = t.mm(None, (v_t, dy_t, False, True))
             dpt[...] = jnp.where(keep, dscores * decay, 0.0).astype(dt)
             t.fence()
-
             # dv = P^T dy + exp(L_C - L_s) k' dS_j
             carried = t.mm(None, (kc, dsc, False, False), (ks, dss, False, False))
             dv_t = t.mm(carried * _bcast_rows(wr, (C, BV)), (pt, dy_t, False, False)).astype(dt)
@@ -526,49 +591,59 @@ def backward_kv(key: RotatedKey):
             _store_rows(t, dk_t, dk_buf, dk_rows, j)
             _store_vec(t, -dot, vec_buf, 0, dL_row, j)
             _store_vec(t, turn, vec_buf, 1, dT_row, j)
+            return _cotangent_step(t, key, dSc, dSs, qc, qs, dye, G_t)
 
-            # dS_{j-1} = exp(L_C) dS_j + q'^T (exp(L_t) dy_t)
-            g = _bcast_rows(t.rows(G_t.at[0]), (d, BV))
-            dSc = t.mm(dSc * g, (qc, dye, True, False))
-            dSs = t.mm(dSs * g, (qs, dye, True, False))
-            return dSc, dSs
-
-        walk = plgpu.emit_pipeline(
-            step, grid=(key.chunks,),
-            in_specs=[*_specs(key, True, "qk", "qk", "v", "v", "pos", "pos", "pos", "chunk")],
-            max_concurrent_steps=2, init_carry=init)
-        dSc, dSs = walk(q.at[b, :, h, :], k.at[b, :, h, :], v.at[b, :, h, cols], dy.at[b, :, h, cols],
-                        L.at[b, h], T.at[b, h], W.at[b, h], G.at[b, h])
+        state = _walk(key, step, init, True, ("qk", "qk", "v", "v", "pos", "pos", "pos", "chunk"),
+                      (place.x(q), place.x(k), place.xv(v), place.xv(dy), place.pos(L), place.pos(T),
+                       place.pos(W), place.table(G)))
         plgpu.wait_smem_to_gmem(0)
-        _state_out(t, (dSc, dSs), ds0, b, h, cols, d, BV)
+        _state_out(t, place, state, dstarts)
 
     scratch = [
-        plgpu.SMEM((C, d), dt, transforms=tr_d),      # qs
-        plgpu.SMEM((C, d), dt, transforms=tr_d),      # ks
-        plgpu.SMEM((C, BV), dt, transforms=tr_v),     # exp(L_t) dy_t
-        plgpu.SMEM((C, C), dt, transforms=tr_c),      # P^T
-        plgpu.SMEM((C, C), dt, transforms=tr_c),      # dP^T
-        plgpu.SMEM((d, BV), dt, transforms=tr_v),     # dSc as a product operand
-        plgpu.SMEM((d, BV), dt, transforms=tr_v),     # dSs
+        plgpu.SMEM((C, d), dt, transforms=tr),        # qs
+        plgpu.SMEM((C, d), dt, transforms=tr),        # ks
+        plgpu.SMEM((C, BV), dt, transforms=tr),       # exp(L_t) dy_t
+        plgpu.SMEM((C, C), dt, transforms=tr),        # P^T
+        plgpu.SMEM((C, C), dt, transforms=tr),        # dP^T
+        plgpu.SMEM((d, BV), dt, transforms=tr),       # dSc as a product operand
+        plgpu.SMEM((d, BV), dt, transforms=tr),       # dSs
         # dk, two chunks in flight (one where d = 128: the walk's SMEM is then full)
         plgpu.SMEM((2 if d <= 64 else 1, C, d), F32, transforms=_transforms(d, 4)),
-        plgpu.SMEM((2, C, BV), dt, transforms=tr_v),  # dv, likewise
+        plgpu.SMEM((2, C, BV), dt, transforms=tr),    # dv, likewise
         plgpu.SMEM((2, 2, C), F32),                   # dL_k and dT_k, likewise
     ]
-    CB = key.col_blocks
-    out_type = (jax.ShapeDtypeStruct((CB, key.B, key.N, key.H, d), F32),
-                jax.ShapeDtypeStruct((key.B, key.N, key.H, d), dt),
-                jax.ShapeDtypeStruct((CB, key.B, key.H, key.N), F32),
-                jax.ShapeDtypeStruct((CB, key.B, key.H, key.N), F32),
-                jax.ShapeDtypeStruct((key.B, key.H, 2, d, d), F32))
-
-    def entry(*refs):
-        n_in = 9 if key.has_h0 else 8
-        pl.run_scoped(lambda *s: body(*refs[:n_in], *refs[n_in:n_in + 5], s), *scratch)
-    return _kernel(entry, key, out_type)
+    dk, dL, dT = _shares(key)
+    out_type = (dk, jax.ShapeDtypeStruct((key.B, key.N, key.H, d), dt), dL, dT, _states(key))
+    return _kernel(body, key, out_type, scratch)
 
 
-_KERNELS = {"forward": forward, "backward_q": backward_q, "backward_kv": backward_kv}
+def summary_back(key: RotatedKey):
+    """(q, dy, L, T, G) -> own: each segment's cotangent at its start from a zero cotangent at its
+    end (its own queries and dy only). The caller chains the segments backward:
+    end_{s-1} = D_s end_s + own_s."""
+    d, BV, dt = key.d, key.block_v, key.jdtype
+    t, tr = _Tile(key.interpret), _operand(key)
+
+    def body(place, q, dy, L, T, G, own, scratch):
+        qs, dye = scratch
+
+        def step(idx, qc, dy_t, L_t, T_t, G_t, carry):
+            Lr, Tr = t.rows(L_t), t.rows(T_t)
+            _rotate(t, t.load(qc).astype(F32), jnp.cos(Tr), jnp.sin(Tr), qc, qs, dt)
+            _scaled(t, dy_t, jnp.exp(Lr), dye, dt)
+            t.fence()
+            return _cotangent_step(t, key, *carry, qc, qs, dye, G_t)
+
+        state = _walk(key, step, _zero_state(t, key), True, ("qk", "v", "pos", "pos", "chunk"),
+                      (place.x(q), place.xv(dy), place.pos(L), place.pos(T), place.table(G)))
+        _state_out(t, place, state, own)
+
+    scratch = [plgpu.SMEM((C, d), dt, transforms=tr), plgpu.SMEM((C, BV), dt, transforms=tr)]
+    return _kernel(body, key, _states(key), scratch)
+
+
+_KERNELS = {"forward": forward, "summary": summary, "backward_q": backward_q, "backward_kv": backward_kv,
+            "summary_back": summary_back}
 
 
 def launch(*arrays, key, kernel: str):

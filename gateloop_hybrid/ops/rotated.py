@@ -51,11 +51,17 @@ def supported(q: Tensor, k: Tensor, v: Tensor, log_mag: Tensor, phase: Tensor, h
     return kern.supported(n, d, _DTYPES[q.dtype])
 
 
-def _key(q: Tensor, n_pad: int, has_init: bool) -> kern.RotatedKey:
-    b, _, h, d = q.shape
-    num_sms = _num_sms(q.device.index or 0) if q.is_cuda else 132
-    return kern.RotatedKey(B=b, N=n_pad, H=h, d=d, block_v=kern.choose_block_v(b, h, d, num_sms),
-                           has_h0=has_init, dtype=_DTYPES[q.dtype])
+def _key(q: Tensor, segments: int | None = None) -> kern.RotatedKey:
+    """The launch for q (b, n, h, d): N is n padded to whole chunks (of whole segments)."""
+    b, n, h, d = q.shape
+    chunks = -(-n // kern.C)
+    block_v = kern.choose_block_v(d)
+    if segments is None:
+        num_sms = _num_sms(q.device.index or 0) if q.is_cuda else 132
+        segments = kern.choose_segments(b, h, d // block_v, chunks, num_sms)
+    chunks = -(-chunks // segments) * segments
+    return kern.RotatedKey(B=b, N=chunks * kern.C, H=h, d=d, block_v=block_v, has_state=False,
+                           dtype=_DTYPES[q.dtype], segments=segments)
 
 
 def _run(key: kern.RotatedKey, kernel: str, *tensors):
@@ -71,23 +77,36 @@ def _padded(t: Tensor, pad: int) -> Tensor:
 
 
 class _Gates:
-    """The running sums the kernels read, from log|a| and the phase (b, n, h) float32."""
+    """The running sums the kernels read, from log|a| and the phase (b, n, h) float32, padded
+    to the key's N; and each segment's decay."""
 
-    def __init__(self, log_mag: Tensor, phase: Tensor, pad: int):
-        b, n, h = log_mag.shape
-        C = kern.C
+    def __init__(self, log_mag: Tensor, phase: Tensor, key: kern.RotatedKey):
+        pad = key.N - log_mag.shape[1]
         lm = _padded(log_mag, pad).transpose(1, 2)                           # (b, h, N)
-        self.L = lm.unflatten(-1, (-1, C)).cumsum(-1)                        # from each chunk's start
-        self.W = torch.exp(self.L[..., -1:] - self.L).flatten(-2).contiguous()
-        self.G = None
-        self.T = torch.remainder(_padded(phase.double(), pad).transpose(1, 2).cumsum(-1), 2 * math.pi)
-        self.T_last = self.T[..., -1]                                        # (b, h) float64
-        self.T = self.T.float().contiguous()
-        self.chunk_decay = torch.exp(self.L[..., -1])                        # (b, h, c)
-        self.L = self.L.flatten(-2).contiguous()
+        L = lm.unflatten(-1, (-1, kern.C)).cumsum(-1)                        # from each chunk's start
+        self.W = torch.exp(L[..., -1:] - L).flatten(-2).contiguous()
+        T = torch.remainder(_padded(phase.double(), pad).transpose(1, 2).cumsum(-1), 2 * math.pi)
+        self.T_last = T[..., -1]                                             # (b, h) float64
+        self.T = T.float().contiguous()
+        chunk_decay = torch.exp(L[..., -1])                                  # (b, h, chunks)
+        self.G = chunk_decay.unsqueeze(-1).expand(*chunk_decay.shape, key.d).contiguous()
+        # each segment's decay: exp of its chunks' summed log|a| (b, h, S)
+        self.D = torch.exp(L[..., -1].unflatten(-1, (key.segments, -1)).sum(-1))
+        self.L = L.flatten(-2).contiguous()
 
-    def table(self, d: int) -> Tensor:
-        return self.chunk_decay.unsqueeze(-1).expand(*self.chunk_decay.shape, d).contiguous()
+
+def _chain(own: Tensor, decay: Tensor, first: Tensor | None, reverse: bool = False) -> Tensor:
+    """Each segment's boundary state from the segments' own states (b, h, S, 2, d, d): forward,
+    start_0 = first and start_{s+1} = D_s start_s + own_s; reverse, end_{S-1} = first and
+    end_{s-1} = D_s end_s + own_s. float32, S small (a few (2d, d) updates)."""
+    S = own.shape[2]
+    out = [torch.zeros_like(own[:, :, 0]) if first is None else first]
+    order = range(S - 1, 0, -1) if reverse else range(S - 1)
+    for s in order:
+        out.append(decay[:, :, s, None, None, None] * out[-1] + own[:, :, s])
+    if reverse:
+        out.reverse()
+    return torch.stack(out, 2).contiguous()
 
 
 def _state_pairs(h: Tensor) -> Tensor:
@@ -98,31 +117,35 @@ def _state_pairs(h: Tensor) -> Tensor:
 class _RotatedHeads(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, q, k, v, log_mag, phase, h0):
-        b, n, h, d = q.shape
-        pad = -n % kern.C
-        gates = _Gates(log_mag, phase, pad)
-        G = gates.table(d)
-        qp, kp, vp = (_padded(t, pad) for t in (q, k, v))
-        S0 = None if h0 is None else _state_pairs(h0)
-        key = _key(q, n + pad, S0 is not None)
-        y, SN = _run(key, "forward", qp, kp, vp, gates.L, gates.T, gates.W, G,
-                     *(() if S0 is None else (S0,)))
+    def forward(ctx, q, k, v, log_mag, phase, h0, segments):
+        n = q.shape[1]
+        key = _key(q, segments)
+        gates = _Gates(log_mag, phase, key)
+        qp, kp, vp = (_padded(t, key.N - n) for t in (q, k, v))
+        S0 = None if h0 is None else _state_pairs(h0).unsqueeze(2)          # (b, h, 1, 2, d, d)
+        starts = S0
+        if key.segments > 1:
+            own = _run(key, "summary", kp, vp, gates.T, gates.W, gates.G)[0]
+            starts = _chain(own, gates.D, None if S0 is None else S0[:, :, 0])
+        fwd = dataclasses.replace(key, has_state=starts is not None)
+        y, ends = _run(fwd, "forward", qp, kp, vp, gates.L, gates.T, gates.W, gates.G,
+                       *(() if starts is None else (starts,)))
+        SN = ends[:, :, -1]
         turn = torch.polar(torch.ones_like(gates.T_last), gates.T_last).to(torch.complex64)[..., None, None]
         h_last = turn * torch.complex(SN[:, :, 0], SN[:, :, 1])
-        ctx.save_for_backward(qp, kp, vp, gates.L, gates.T, gates.W, G, S0, SN, turn)
-        ctx.shape = (n, pad, key)
+        ctx.save_for_backward(qp, kp, vp, gates.L, gates.T, gates.W, gates.G, gates.D, starts, SN, turn)
+        ctx.shape = (n, key, h0 is not None)
         return y[:, :n], h_last
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy, dh_last):
-        qp, kp, vp, L, T, W, G, S0, SN, turn = ctx.saved_tensors
-        n, pad, key = ctx.shape
-        b, N, h, d = qp.shape
-        dy = _padded(torch.zeros_like(qp[:, :n]) if dy is None else dy.to(qp.dtype), pad)
+        qp, kp, vp, L, T, W, G, D, starts, SN, turn = ctx.saved_tensors
+        n, key, has_h0 = ctx.shape
+        dy = _padded(torch.zeros_like(qp[:, :n]) if dy is None else dy.to(qp.dtype), key.N - n)
         common = (qp, kp, vp, dy, L, T, W, G)
-        dq, dL_q, dT_q = _run(key, "backward_q", *common, *(() if S0 is None else (S0,)))
+        q_key = dataclasses.replace(key, has_state=starts is not None)
+        dq, dL_q, dT_q = _run(q_key, "backward_q", *common, *(() if starts is None else (starts,)))
         dL = dL_q.sum(0)
         dT = dT_q.sum(0)
         dS = None
@@ -133,8 +156,12 @@ class _RotatedHeads(torch.autograd.Function):
             h_last = turn * torch.complex(SN[:, :, 0], SN[:, :, 1])
             dT[..., -1] += (dh_last.conj() * 1j * h_last).real.sum((-2, -1)).float()
             dL[..., -1] += (dS * SN).sum((-3, -2, -1))
-        kv_key = dataclasses.replace(key, has_h0=dS is not None)
-        dk, dv, dL_k, dT_k, dS0 = _run(kv_key, "backward_kv", *common, *(() if dS is None else (dS,)))
+        ends = None if dS is None else dS.unsqueeze(2)
+        if key.segments > 1:
+            own = _run(key, "summary_back", qp, dy, L, T, G)[0]
+            ends = _chain(own, D, dS, reverse=True)
+        kv_key = dataclasses.replace(key, has_state=ends is not None)
+        dk, dv, dL_k, dT_k, dstarts = _run(kv_key, "backward_kv", *common, *(() if ends is None else (ends,)))
         dL += dL_k.sum(0)
         dT += dT_k.sum(0)
         # the running sums' gradients to their summands: reversed cumulative sums over all of N
@@ -142,17 +169,21 @@ class _RotatedHeads(torch.autograd.Function):
         d_phase = dT.flip(-1).cumsum(-1).flip(-1).transpose(1, 2)[:, :n]
         dq = dq.sum(0)[:, :n]
         dk = dk.sum(0)[:, :n]
-        dh0 = None if S0 is None else torch.complex(dS0[:, :, 0], dS0[:, :, 1])
-        return dq.to(qp.dtype), dk.to(kp.dtype), dv[:, :n].to(vp.dtype), d_log_mag, d_phase, dh0
+        dh0 = torch.complex(dstarts[:, :, 0, 0], dstarts[:, :, 0, 1]) if has_h0 else None
+        return dq.to(qp.dtype), dk.to(kp.dtype), dv[:, :n].to(vp.dtype), d_log_mag, d_phase, dh0, None
 
 
 def rotated_heads_mosaic(q: Tensor, k: Tensor, v: Tensor, log_mag: Tensor, phase: Tensor,
-                         h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                         h0: Tensor | None = None, *, segments: int | None = None) -> tuple[Tensor, Tensor]:
     """``rotated.rotated_heads`` on the Mosaic GPU kernels: y (b, n, h, d) in q's dtype and the
     final state (b, h, d, d) complex64. q, k, v (b, n, h, d) bfloat16 or float16 with d in
     kernels.mosaic_rotated.WIDTHS; log_mag, phase (b, n, h) float32; h0 None or complex64.
-    Differentiable once. ValueError where the kernels do not take the tensors (``supported``)."""
+    ``segments``: segments of time walked side by side (default: about one CTA per
+    multiprocessor; see kernels.mosaic_rotated.choose_segments). Differentiable once.
+    ValueError where the kernels do not take the tensors (``supported``)."""
     problem = supported(q, k, v, log_mag, phase, h0)
     if problem is not None:
         raise ValueError(f"rotated_heads_mosaic: the wide-head kernels do not take {problem}")
-    return _RotatedHeads.apply(q, k, v, log_mag, phase, h0)
+    if segments is not None and (not isinstance(segments, int) or isinstance(segments, bool) or segments < 1):
+        raise ValueError(f"rotated_heads_mosaic: segments must be a positive int or None, got {segments!r}")
+    return _RotatedHeads.apply(q, k, v, log_mag, phase, h0, segments)
