@@ -210,3 +210,16 @@ def test_ddp_scaling_commands_and_table(tmp_path, capsys):
             sys.path.pop(0)
         _, val = train.split_data(*train.read_bytes(path))
         assert path.stat().st_size == ddp_scaling.REPEATED_BYTES and len(val) > 4096 + 2
+
+
+def test_wide_heads_runs_on_cpu_and_reports_a_form_it_cannot_run(tmp_path):
+    """benchmarks/wide_heads.py: each form asked for is timed or reported as failed with its
+    reason (the kernels need a GPU that passed their self-test), and the JSON holds both."""
+    out = tmp_path / "wide.json"
+    cmd = [sys.executable, str(SCRIPT.parent / "wide_heads.py"), "--device", "cpu", "--shapes", "1x64x2x64",
+           "--forms", "kernels,sdpa", "--repeats", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = {r["form"]: r for r in json.loads(out.read_text())["results"]}
+    assert "the route takes 'chunked'" in results["kernels"]["error"]
+    assert results["sdpa"]["wall_ms"] > 0 and results["sdpa"]["device_ms"] is None

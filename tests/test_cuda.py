@@ -549,6 +549,72 @@ def test_train_py_on_two_gpus_trains_as_one_gpu_with_twice_the_batch(tmp_path, p
                "--max-steps", "8", "--data", tiny[1]])
 
 
+# --- wide heads on the Mosaic GPU kernels (kernels/mosaic_rotated.py) --------------------------
+
+
+@hopper
+def test_wide_head_kernels_pass_their_self_test_and_take_the_route():
+    from gateloop_hybrid import routing
+    index = torch.cuda.current_device()
+    assert routing.rotated_available("cuda", index) is None
+    route = routing.route("mixer", device=f"cuda:{index}", dtype="bfloat16", heads=8, width=64)
+    assert route.path == "rotated", route.why
+
+
+@hopper
+@pytest.mark.parametrize("b,n,h,d,dtype,with_h0,segments", [
+    (2, 1000, 3, 64, torch.bfloat16, True, None),     # segments chosen for the GPU, a ragged chunk
+    (1, 777, 2, 128, torch.float16, False, 3),        # d = 128: four blocks of value columns
+    (1, 4096, 2, 64, torch.bfloat16, True, 1),        # one walk over 64 chunks
+    (3, 333, 1, 128, torch.bfloat16, True, None),
+])
+def test_wide_head_kernels_match_the_float64_rotated_form(b, n, h, d, dtype, with_h0, segments):
+    """Values, h_last and every gradient (q, k, v, log|a|, phase, h0) within 2% of the largest
+    (16-bit inputs), against the float64 torch form on the CPU."""
+    from gateloop_hybrid.ops.rotated import rotated_heads_mosaic
+    from gateloop_hybrid.rotated import rotated_heads
+    g = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(b, n, h, d, generator=g).to(dtype).float() / d ** 0.25 for _ in range(3))
+    log_mag = -0.3 * torch.rand(b, n, h, generator=g)
+    phase = torch.pi * (2 * torch.rand(b, n, h, generator=g) - 1)
+    h0 = 0.1 * torch.randn(b, h, d, d, generator=g, dtype=torch.complex64) if with_h0 else None
+    cpu = [q, k, v, log_mag, phase] + ([h0] if with_h0 else [])
+    gpu = [t.cuda().to(dtype).requires_grad_() for t in cpu[:3]] + [t.cuda().requires_grad_() for t in cpu[3:]]
+    wide = [t.to(torch.complex128 if t.is_complex() else torch.float64).requires_grad_() for t in cpu]
+    wy = torch.randn(b, n, h, d, generator=g, dtype=torch.float64)
+    wl = torch.randn(b, h, d, d, generator=g, dtype=torch.complex128)
+    loss = lambda y, hl: (y.double() * wy.to(y.device)).sum() + (hl.to(torch.complex128) * wl.to(hl.device)).real.sum()
+    y, hl = rotated_heads_mosaic(*gpu[:5], gpu[5] if with_h0 else None, segments=segments)
+    got = [y, hl, *torch.autograd.grad(loss(y, hl), gpu)]
+    y, hl = rotated_heads(*wide[:5], wide[5] if with_h0 else None)
+    want = [y, hl, *torch.autograd.grad(loss(y, hl), wide)]
+    names = ["y", "h_last", "dq", "dk", "dv", "dlog|a|", "dphase", "dh0"]
+    errors = {name: float((a.detach().cpu().to(w.dtype) - w).abs().max() / w.abs().max())
+              for name, a, w in zip(names, got, want)}
+    assert max(errors.values()) < 2e-2, errors
+
+
+@hopper
+def test_wide_head_transformer_bf16_step_on_the_kernels_captures_in_cuda_graphs():
+    """A Transformer with 2 heads of 64 under bf16 autocast (the wide-head kernels), compiled with
+    mode='reduce-overhead': loss and gradients of eager, replayed three times."""
+    torch.manual_seed(0)
+    model = Transformer(dim=128, num_tokens=64, depth=2, gate_loop_heads=2).cuda()
+    data = torch.randint(0, 64, (2, 300), device="cuda")
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    results = {}
+    for name, fn in (("eager", model), ("graphs", compiled)):
+        for _ in range(3):
+            torch.compiler.cudagraph_mark_step_begin()
+            with torch.autocast("cuda", torch.bfloat16):
+                loss = fn(data, return_loss=True)
+            grads = torch.autograd.grad(loss, list(model.parameters()))
+        results[name] = (loss.detach().clone(), [g.clone() for g in grads])
+    assert torch.allclose(results["eager"][0], results["graphs"][0], rtol=1e-3)
+    for a, b in zip(results["eager"][1], results["graphs"][1]):
+        assert rel(a, b) < 2e-2
+
+
 # --- a later position never reaches the past, on the GPU paths ------------------------------
 
 
