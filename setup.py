@@ -19,6 +19,7 @@ setup(
         "einops>=0.7",
         "numpy",
         "absl-py",             # Pallas's Mosaic GPU interpret mode: bridge.MosaicKernel on CPU tensors
+        "safetensors",         # Transformer.save_pretrained / from_pretrained
     ],
     extras_require={
         # JAX with its CUDA 13 plugin, for CUDA tensors (the jax and pallas scan backends on GPU);

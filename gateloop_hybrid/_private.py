@@ -14,8 +14,7 @@ torch (checked with torch 2.11 and 2.13):
 - ``functorch_active``: whether a torch.func transform is running (the Mosaic ops have no vmap rule);
 - ``untraced``: ``torch._dynamo.nonstrict_trace``, a function torch.compile runs as plain Python;
 - ``trace_time_constant``: ``torch._dynamo.assume_constant_result``, a function run once at trace
-  time whose result is kept as a constant;
-- ``default_store``: the key-value store of torch.distributed's default process group (torchrun's).
+  time whose result is kept as a constant.
 """
 
 from __future__ import annotations
@@ -86,12 +85,3 @@ def trace_time_constant(fn):
     import torch._dynamo
     return torch._dynamo.assume_constant_result(fn)
 
-
-def default_store():
-    """The store of torch.distributed's default process group: ranks meet there without the
-    process group's own transport."""
-    try:
-        from torch.distributed.distributed_c10d import _get_default_store
-    except ImportError as e:
-        raise _missing("torch", "torch.distributed's default store", e) from None
-    return _get_default_store()

@@ -6,9 +6,11 @@ Dimension letters used in the shape comments:
 
 from __future__ import annotations
 
+import json
 import math
 from numbers import Integral, Real
-from typing import List, Optional, Sequence
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -108,8 +110,10 @@ class Transformer(nn.Module):
         sub_ln: bool = False,
         scan_backend: str = "auto",
     ):
+        config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
         check_sizes("Transformer", dim=dim, num_tokens=num_tokens, depth=depth, ff_mult=ff_mult)
+        self.config = config        # the constructor's arguments: save_pretrained writes them
         if use_gate_looped_attn:
             check_sizes("Transformer", gate_loop_heads=gate_loop_heads, dim_gate_looped_attn=dim_gate_looped_attn)
         else:
@@ -223,6 +227,37 @@ class Transformer(nn.Module):
             return logits, new_cache
         return logits
 
+    def save_pretrained(self, directory) -> Path:
+        """Write the weights as ``model.safetensors`` and the constructor's arguments as
+        ``config.json`` into ``directory`` (made if missing); ``from_pretrained`` reads them."""
+        from safetensors.torch import save_file
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        weights = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        config = {"model": "gateloop_hybrid.Transformer", "format": 1, "arguments": self.config}
+        (directory / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory, device=None, **overrides) -> "Transformer":
+        """The model ``save_pretrained`` wrote into ``directory``, on ``device`` (default: the CPU).
+        ``overrides`` replace saved arguments that do not change the weights' shapes (e.g.
+        ``scan_backend``)."""
+        from safetensors.torch import load_file
+        directory = Path(directory)
+        config_path, weights_path = directory / "config.json", directory / "model.safetensors"
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"Transformer.from_pretrained: {path} is missing (written by save_pretrained)")
+        config = json.loads(config_path.read_text())
+        if not isinstance(config, dict) or config.get("model") != "gateloop_hybrid.Transformer":
+            raise ValueError(f"Transformer.from_pretrained: {config_path} is not a gateloop_hybrid Transformer's config")
+        arguments = {**config["arguments"], **overrides}
+        model = cls(arguments.pop("dim"), **arguments)
+        model.load_state_dict(load_file(str(weights_path), device="cpu" if device is None else str(device)))
+        return model if device is None else model.to(device)
+
     def _check_ids(self, x: Tensor, name: str) -> None:
         """Refuse anything but integer token ids (b, n), n >= 1, in [0, num_tokens).
 
@@ -245,72 +280,92 @@ class Transformer(nn.Module):
     def generate(
         self,
         prompt_ids: Tensor,
-        num_tokens: int,
+        num_tokens: Optional[int] = None,
         temperature: float = 1.0,
         top_k: Optional[int] = None,
+        *,
+        max_new_tokens: Optional[int] = None,
+        top_p: Optional[float] = None,
+        eos_token: Optional[int] = None,
+        stream: Optional[Callable[[Tensor], None]] = None,
+        seed=None,
+        lengths=None,
+        capture: bool = False,
     ) -> Tensor:
-        """Sample ``num_tokens`` continuation tokens after ``prompt_ids``.
+        """Sample new tokens after ``prompt_ids``.
 
-        The prompt is run once; each new token then costs one step of every layer (one scan
-        step for GateLoop layers, one query against the KV cache for attention layers).
+        The prompts go once through the layers' forward (their fast paths) into a state of fixed
+        size (``generation.DecodeState``); each new token is then one decode step of every layer
+        (GateLoop: one recurrence step; attention: one query against a key/value buffer of fixed
+        length) and a draw on the device (``generation``).
 
         Args:
             prompt_ids: (b, n) token ids, n >= 1.
-            num_tokens: how many tokens to sample.
+            num_tokens / max_new_tokens: how many tokens to sample (give one of them).
             temperature: softmax temperature; 0 picks the most likely token.
             top_k: sample only among the k most likely tokens.
+            top_p: sample only among the most likely tokens whose probability reaches p.
+            eos_token: a row that samples it stops; its later tokens are eos_token. Generation
+                ends early once every row has stopped.
+            stream: called with each step's tokens (b,) on the CPU as they come (a host
+                synchronisation per token).
+            seed: an int (row i draws from seed + i), one int per row, or None (from torch's
+                global generator). A row's tokens depend on its seed and its own prompt only.
+            lengths: (b,) prompt lengths when the rows' prompts differ in length: row i's prompt
+                is prompt_ids[i, :lengths[i]], the rest padding (any id).
+            capture: record the decode step in a CUDA graph and replay it per token (CUDA).
 
         Returns:
             (b, num_tokens) the sampled tokens only (the prompt is not repeated), in the
             prompt's dtype.
         """
+        from . import generation
         self._check_ids(prompt_ids, "prompt_ids")
-        if isinstance(num_tokens, bool) or not isinstance(num_tokens, Integral) or num_tokens < 0:
-            raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
-        if (isinstance(temperature, bool) or not isinstance(temperature, Real)
-                or not math.isfinite(temperature) or temperature < 0):
-            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, Integral) or top_k < 1):
-            raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
-
+        if any(type(p).__name__ == "DTensor" for p in self.parameters()):
+            raise TypeError("generate: this model's weights are sharded (FSDP2); the decode step needs them "
+                            "whole: load the full state dict (torch.distributed.checkpoint.state_dict."
+                            "get_model_state_dict with full_state_dict=True) into an unsharded copy")
+        if (num_tokens is None) == (max_new_tokens is None):
+            raise ValueError("generate: give the number of new tokens once, as num_tokens or max_new_tokens")
+        count = num_tokens if max_new_tokens is None else max_new_tokens
+        name = "num_tokens" if max_new_tokens is None else "max_new_tokens"
+        if isinstance(count, bool) or not isinstance(count, Integral) or count < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {count!r}")
+        temperature, top_k, top_p = generation.check_sampling(temperature, top_k, top_p)
+        if eos_token is not None and (isinstance(eos_token, bool) or not isinstance(eos_token, Integral)
+                                      or not 0 <= eos_token < self.num_tokens):
+            raise ValueError(f"eos_token must be None or a token id in [0, {self.num_tokens}), got {eos_token!r}")
+        if stream is not None and not callable(stream):
+            raise TypeError(f"stream must be a callable taking each step's tokens, got {type(stream).__name__}")
+        if not isinstance(capture, bool):
+            raise TypeError(f"capture must be a bool, got {capture!r}")
+        if lengths is not None:
+            lengths = torch.as_tensor(lengths)
+            if (lengths.dtype.is_floating_point or lengths.dtype == torch.bool
+                    or tuple(lengths.shape) != (prompt_ids.shape[0],)):
+                raise ValueError(f"lengths must be {prompt_ids.shape[0]} ints (one per row), got "
+                                 f"{tuple(lengths.shape)} {lengths.dtype}")
+            if lengths.numel() and (int(lengths.min()) < 1 or int(lengths.max()) > prompt_ids.shape[1]):
+                raise ValueError(f"lengths must lie in [1, {prompt_ids.shape[1]}] (the prompt's length), got "
+                                 f"[{int(lengths.min())}, {int(lengths.max())}]")
         if torch.iinfo(prompt_ids.dtype).max < self.num_tokens - 1:
             raise TypeError(
                 f"prompt_ids of dtype {prompt_ids.dtype} cannot hold the sampled token ids (up to "
                 f"num_tokens - 1 = {self.num_tokens - 1}); pass them as int64"
             )
-        num_tokens, temperature = int(num_tokens), float(temperature)
-        top_k = None if top_k is None else int(top_k)
-        sampled = prompt_ids.new_empty((prompt_ids.shape[0], 0))
-        if num_tokens == 0:
-            return sampled
-        logits, cache = self(prompt_ids, return_cache=True)
-        for step in range(num_tokens):
-            token = _sample(logits[:, -1].float(), temperature, top_k, step)  # (b,)
-            sampled = torch.cat((sampled, token[:, None].to(sampled.dtype)), dim=1)
-            if step + 1 < num_tokens:
-                logits, cache = self(token[:, None], cache=cache, return_cache=True)
-        return sampled
+        return generation.generate(self, prompt_ids, int(count), temperature=temperature, top_k=top_k,
+                                   top_p=top_p, eos_token=eos_token, stream=stream, seed=seed,
+                                   lengths=lengths, capture=capture)
 
 
 def _sample(logits: Tensor, temperature: float, top_k: Optional[int], step: int = 0) -> Tensor:
-    """One token id per row of logits (b, V).
-
-    top_k keeps exactly k candidates per row, ties broken by ``topk``'s order (a threshold
-    ``logits >= kth`` would keep every token tied with the k-th). The logits are shifted so that
-    each row's maximum is 0 before dividing by the temperature (in float64): a tiny temperature
-    then sends the others to -inf (greedy in the limit) instead of overflowing to inf - inf = nan.
-    """
-    best = logits.max(dim=-1, keepdim=True).values  # (b, 1)
-    if not bool(torch.isfinite(best).all()):
+    """One token id per row of logits (b, V) with seeds from torch's global generator: the
+    sampler of ``generate`` (``generation.sample``), for a single draw. Non-finite logits raise."""
+    from . import generation
+    if not bool(torch.isfinite(logits.max(dim=-1).values).all()):
         raise ValueError(
             f"generate: the model's logits at new token {step} are not finite (nan or inf); "
             f"the weights or the inputs hold non-finite values"
         )
-    if top_k is not None and top_k < logits.shape[-1]:
-        top = logits.topk(top_k, dim=-1)
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, top.indices, top.values)
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    # in float64, where any temperature > 0 (a Python float) is representable: 0 / t stays 0
-    probs = ((logits.double() - best.double()) / temperature).softmax(dim=-1)
-    return torch.multinomial(probs, 1).squeeze(-1)
+    seeds = generation.row_seeds(None, logits.shape[0], logits.device)
+    return generation.sample(logits, seeds, torch.zeros_like(seeds), temperature, top_k)

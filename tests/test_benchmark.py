@@ -223,3 +223,19 @@ def test_wide_heads_runs_on_cpu_and_reports_a_form_it_cannot_run(tmp_path):
     results = {r["form"]: r for r in json.loads(out.read_text())["results"]}
     assert "the route takes 'chunked'" in results["kernels"]["error"]
     assert results["sdpa"]["wall_ms"] > 0 and results["sdpa"]["device_ms"] is None
+
+
+def test_generate_speed_runs_on_cpu(tmp_path):
+    """benchmarks/generate_speed.py: every model, batch and context asked for, with the state's
+    bytes (a GateLoop state's the same at every context) and the JSON."""
+    out = tmp_path / "gen.json"
+    cmd = [sys.executable, str(SCRIPT.parent / "generate_speed.py"), "--device", "cpu", "--dim", "32", "--depth", "1",
+           "--batches", "1,2", "--contexts", "8,32", "--new-tokens", "2", "--warmup", "1", "--dtype", "float32",
+           "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 3 * 2 * 2 and all(r["tokens_per_s"] > 0 for r in rows)
+    state = {(r["model"], r["batch"], r["context"]): r["state_bytes"] for r in rows}
+    assert state[("gateloop-wide", 2, 8)] == state[("gateloop-wide", 2, 32)]
+    assert state[("attention", 2, 8)] < state[("attention", 2, 32)]

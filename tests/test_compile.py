@@ -74,8 +74,8 @@ def test_models_train_compiled_at_changing_shapes_in_one_process(backend):
 
 @pytest.mark.parametrize("kind", ["gateloop", "gateloop-wide", "attention"])
 def test_generate_with_a_compiled_forward(kind):
-    """generate() calls the model's forward once for the prompt and once per token; compiled
-    with fullgraph=True (a growing attention cache included) it picks the same tokens."""
+    """generate() runs the prompt through the model's forward; compiled with fullgraph=True it
+    picks the same tokens."""
     torch._dynamo.reset()
     model = make(kind).eval()
     prompt = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(2))

@@ -204,22 +204,28 @@ def test_simple_gate_loop_cache_continues(backend):
 
 def test_generate_costs_one_step_per_token(monkeypatch):
     import gateloop_hybrid.gate_loop as gate_loop
+    from gateloop_hybrid import generation
 
     torch.manual_seed(0)
     model = small_transformer(scan_backend="torch")
-    steps = []
-    real_mixer = gate_loop.gate_loop_mixer
+    steps, decode_steps = [], []
+    real_mixer, real_step = gate_loop.gate_loop_mixer, generation.decode_step
 
     def counting_mixer(qkv, *args, **kwargs):   # the positions each layer mixes per call
         steps.append(qkv.shape[1])
         return real_mixer(qkv, *args, **kwargs)
 
+    def counting_step(model, tokens, *args, **kwargs):
+        decode_steps.append(tokens.shape)
+        return real_step(model, tokens, *args, **kwargs)
+
     monkeypatch.setattr(gate_loop, "gate_loop_mixer", counting_mixer)
+    monkeypatch.setattr(generation, "decode_step", counting_step)
     prompt = torch.randint(0, VOCAB, (3, 7))
     out = model.generate(prompt, 5, temperature=0.0)
     assert out.shape == (3, 5) and out.dtype == prompt.dtype
-    depth = len(model.layers)
-    assert steps == [7] * depth + [1] * (4 * depth)  # the prompt once, then one step per token
+    assert steps == [7] * len(model.layers)          # the prompt once, through the layers' forward
+    assert decode_steps == [(3,)] * 4                 # then one decode step per further token
 
 
 @pytest.mark.parametrize(

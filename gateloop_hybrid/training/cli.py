@@ -87,6 +87,8 @@ def build_sample_parser() -> OneLineParser:
                    help="sampling temperature; 0 is greedy (default: 1.0)")
     p.add_argument("--top-k", type=none_or(int), default=None, metavar="N",
                    help="sample from the k most likely bytes only")
+    p.add_argument("--top-p", type=none_or(float), default=None, metavar="P",
+                   help="sample from the most likely bytes whose probability reaches P only")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="sampling seed (default: 0)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ... (default: auto)")
     p.add_argument("--scan-backend", default=None, metavar="NAME",
@@ -106,6 +108,8 @@ def check_sample_args(args) -> None:
         raise ConfigError(f"--temperature {args.temperature}: must be a finite number >= 0")
     if args.top_k is not None and args.top_k < 1:
         raise ConfigError(f"--top-k {args.top_k}: must be an integer >= 1 (or none)")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p {args.top_p}: must be a number in (0, 1] (or none)")
     if not 0 <= args.seed < 2**63:
         raise ConfigError(f"--seed {args.seed}: must be an integer in [0, 2**63)")
     if args.threads is not None and args.threads < 1:
@@ -140,7 +144,8 @@ def sample(args) -> str:
     t0 = time.perf_counter()
     with seeded_rng(device, args.seed), autocast(device, args.bf16):
         try:
-            out = model.generate(ids, args.length, temperature=args.temperature, top_k=args.top_k)
+            out = model.generate(ids, args.length, temperature=args.temperature, top_k=args.top_k,
+                                 top_p=args.top_p, seed=args.seed)
         except ValueError as e:  # non-finite logits: weights saved from a diverged run
             raise TrainError(f"{args.checkpoint}: {e}") from None
     if device.type == "cuda":
@@ -148,7 +153,8 @@ def sample(args) -> str:
     seconds = time.perf_counter() - t0
     text = printable(decode(list(prompt) + out[0].tolist()))
     print(text)
-    print(f"sample.py: {args.length} bytes after a {len(prompt)}-byte prompt in {seconds:.2f} s "
+    rate = f"{args.length / seconds:,.0f} tokens/s" if seconds > 0 else "-"
+    print(f"sample.py: {args.length} bytes after a {len(prompt)}-byte prompt in {seconds:.2f} s, {rate} "
           f"(step {state['step']} of {args.checkpoint}, {device})", file=sys.stderr)
     return text
 

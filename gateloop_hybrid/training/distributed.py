@@ -26,8 +26,6 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .. import _private
-
 
 @dataclasses.dataclass(frozen=True)
 class World:
@@ -153,17 +151,26 @@ def stop(world: World, finished: bool = False) -> None:
         dist.destroy_process_group()
 
 
-def _all_out_of_the_barrier(world: World) -> None:
-    """Wait, through the launcher's store, until every rank has returned from the last barrier.
-    A rank that returns from a gloo barrier may still have the barrier's last message on its way
-    to a peer, and tearing the group down then closes the connection under it: "barrier followed
-    by context destruction causes some participants to fail" (gloo issue 155). On a loaded 2-core
-    machine a CPU rank was seen to abort at exit that way ("terminate called without an active
-    exception", about one launch in a hundred). Once every rank is out, no message is in flight."""
-    store = _private.default_store()
-    prefix = "gateloop_hybrid/out_of_last_barrier/"
-    store.set(f"{prefix}{world.rank}", "1")
-    store.wait([f"{prefix}{rank}" for rank in range(world.size)])
+def _all_out_of_the_barrier(world: World, env: Mapping[str, str] = os.environ) -> None:
+    """Wait, through the launcher's key-value store, until every rank has returned from the last
+    barrier. A rank that returns from a gloo barrier may still have the barrier's last message on
+    its way to a peer, and tearing the group down then closes the connection under it: "barrier
+    followed by context destruction causes some participants to fail" (an open report in
+    pytorch/gloo). On a loaded 2-core machine a CPU rank was seen to abort at exit that way
+    ("terminate called without an active exception", about one launch in a hundred). Once every
+    rank is out, no message is in flight. Rank 0 leaves last, in case it hosts the store."""
+    import datetime
+
+    import torch.distributed as dist
+
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False,
+                          timeout=datetime.timedelta(seconds=300))
+    run = f"gateloop_hybrid/{env.get('TORCHELASTIC_RUN_ID', '')}/{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    store.set(f"{run}/out/{world.rank}", "1")
+    store.wait([f"{run}/out/{rank}" for rank in range(world.size)])
+    store.set(f"{run}/left/{world.rank}", "1")
+    if world.rank == 0:
+        store.wait([f"{run}/left/{rank}" for rank in range(world.size)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,6 +253,15 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict
     if not model_state:        # a rank other than 0
         return {}, {}
     return model_state, optimizer_state_by_index(optim_state, parameter_names(model))
+
+
+def full_weights(model: nn.Module) -> dict:
+    """The model's full state dict on the CPU in the single-process form: complete on rank 0
+    (other ranks may get an empty dict). A collective under FSDP2: call it on every rank."""
+    if not is_sharded(model):
+        return unwrap(model).state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optim_state: dict) -> None:

@@ -221,12 +221,21 @@ class Run:
 
     @property
     def samples_on_every_rank(self) -> bool:
-        """Sharded weights (FSDP2) are gathered in each forward, so every rank must run a sample's
-        forwards; otherwise rank 0 samples alone."""
+        """Sharded weights (FSDP2): every rank takes part in gathering them for the sample (rank 0
+        then samples alone); otherwise rank 0 samples alone."""
         return self.sharded
 
     def sample(self) -> dict:
-        model = self.model if self.sharded else distributed.unwrap(self.model)
+        model = distributed.unwrap(self.model)
+        if self.sharded:
+            # generation needs the weights whole: every rank gathers them, rank 0 samples from a copy
+            weights = distributed.full_weights(self.model)
+            if not self.world.main:
+                return dict(step=self.step, prime="", text="")
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                model = build_model(self.cfg.model_kwargs())
+            model.load_state_dict(weights)
+            model.to(self.device)
         prime, text = sample_from_val(model, self.val_data, self.cfg, self.device, self.step)
         return dict(step=self.step, prime=prime, text=text)
 
