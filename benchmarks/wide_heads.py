@@ -16,7 +16,7 @@ Forms:
 
 Device time is the sum of the CUDA kernels' own times under torch.profiler per forward+backward
 (host time excluded), the median of --repeats profiled calls after a warm-up; wall time is the
-synchronized median. --profile lists each form's kernels with their share. --check compares the
+synchronized median (benchmarks/harness.py's measure). --profile lists each form's kernels with their share. --check compares the
 kernels' values and gradients with the float64 rotated form on the first 1024 steps of each shape.
 """
 
@@ -27,7 +27,6 @@ import json
 import math
 import statistics
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -121,19 +120,6 @@ def device_ms(step, device, repeats):
     return statistics.median(per_call), prof
 
 
-def wall_ms(step, device, repeats):
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
-
-
 def check_kernels(b, n, h, d, device):
     """Max relative errors of the kernels' y, h_last and gradients against the float64 rotated form
     on the first 1024 steps (bf16 inputs)."""
@@ -199,11 +185,10 @@ def main(argv=None):
                     def step(fn=fn, qkv=qkv, z=z):
                         y = fn(qkv, z)
                         y.backward(torch.ones_like(y))
-                t0 = time.perf_counter()
-                step()                                   # compiles, autotunes, self-tests
-                first = time.perf_counter() - t0
-                step()
-                wall = wall_ms(step, device, args.repeats)
+                # the first call compiles, autotunes and self-tests
+                first, times, _ = harness.measure(step, harness.device_wait(device), reps=args.repeats,
+                                                  budget_s=30.0)
+                wall = 1e3 * statistics.median(times)
                 dev, prof = device_ms(step, device, args.repeats) if device.type == "cuda" else (None, None)
             except Exception as e:  # noqa: BLE001  (a form that fails is reported, the run goes on)
                 message = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"

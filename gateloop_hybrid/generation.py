@@ -184,7 +184,7 @@ def decode_step(model, tokens: Tensor, state: DecodeState, active: Optional[Tens
 def prefill(model, prompt: Tensor, state: DecodeState, lengths: Optional[Tensor] = None) -> Tensor:
     """Run the prompts (b, n) into ``state``; each row's logits after its last prompt token (b, V).
 
-    ``lengths`` (b,): row i's prompt is prompt[i, :lengths[i]] (the rest is padding, any id).
+    ``lengths`` (b,): row i's prompt is prompt[i, :lengths[i]] (the rest is padding, any valid ids).
     The tokens all rows share in number go through the model's forward (its fast paths); a longer
     row's remaining tokens are decode steps in which the shorter rows sit still."""
     n = prompt.shape[1]

@@ -312,7 +312,7 @@ class Transformer(nn.Module):
             seed: an int (row i draws from seed + i), one int per row, or None (from torch's
                 global generator). A row's tokens depend on its seed and its own prompt only.
             lengths: (b,) prompt lengths when the rows' prompts differ in length: row i's prompt
-                is prompt_ids[i, :lengths[i]], the rest padding (any id).
+                is prompt_ids[i, :lengths[i]], the rest padding (any valid ids).
             capture: record the decode step in a CUDA graph and replay it per token (CUDA).
 
         Returns:

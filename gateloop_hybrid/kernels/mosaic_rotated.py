@@ -24,11 +24,11 @@ inputs are read once.
 Kernels, all walks over chunks of C = 64 steps (the caller pads N to a multiple of C S with
 k = v = 0, log|a| = 0 and phase 0, which leaves the state as it is):
 
-- ``summary``: each segment's own state at its end (k, v and the gates only).
+- ``summary``: each segment's own state at its end (k, v and the gates only); reversed
+  (``summary_back``), each segment's own cotangent at its start (q, dy and the gates only).
 - ``forward``: y, and the state at each segment's end (the last is S_N).
 - ``backward_q``: a forward walk that rebuilds S_{j-1} and gives dq' per position, returned as
   dq and the parts of dL and dT that come through q.
-- ``summary_back``: each segment's own cotangent at its start (q, dy and the gates only).
 - ``backward_kv``: a backward walk carrying dS, giving dk, dv, the parts of dL and dT that come
   through k, and the cotangent at each segment's start (the first is dh0's).
 
@@ -364,10 +364,12 @@ def _scaled(t: _Tile, x_ref, w, out_ref, dtype):
 # States (B, H, S, 2, d, d) float32, one [Sc; Ss] per segment of time.
 
 
-def _state_step(t, key, Sc, Ss, kc, ks, vw, G_t):
-    """S_j = exp(L_C) S_{j-1} + k'^T (v weighted to the chunk's end)."""
+def _state_step(t, key, Sc, Ss, xc, xs, yw, G_t):
+    """One chunk of a walk's state: S = exp(L_C) S + [xc, xs]^T yw. Forward: x = k turned, yw = v
+    weighted to the chunk's end, S the state at the chunk's end. Backward: x = q turned, yw =
+    exp(L_t) dy_t, S the cotangent at the chunk's start."""
     g = _bcast_rows(t.rows(G_t.at[0]), (key.d, key.block_v))
-    return t.mm(Sc * g, (kc, vw, True, False)), t.mm(Ss * g, (ks, vw, True, False))
+    return t.mm(Sc * g, (xc, yw, True, False)), t.mm(Ss * g, (xs, yw, True, False))
 
 
 def forward(key: RotatedKey):
@@ -424,25 +426,27 @@ def forward(key: RotatedKey):
     return _kernel(body, key, out_type, scratch)
 
 
-def summary(key: RotatedKey):
-    """(k, v, T, W, G) -> own: each segment's state at its end from a zero start (its own keys
-    and values only). The caller chains the segments: start_{s+1} = D_s start_s + own_s, D_s the
-    segment's decay (the product of its chunks' exp(L_C))."""
+def summary(key: RotatedKey, reverse: bool = False):
+    """(x, y, T, w, G) -> own: each segment's own state from a zero start, walking its chunks
+    forward (x = k, y = v, w = W: the state at the segment's end from its keys and values only)
+    or with ``reverse`` backward (x = q, y = dy, w = exp(L): the cotangent at the segment's start
+    from its queries and dy only). The caller chains the segments: start_{s+1} = D_s start_s +
+    own_s forward, end_{s-1} = D_s end_s + own_s backward, D_s the segment's decay."""
     d, BV, dt = key.d, key.block_v, key.jdtype
     t, tr = _Tile(key.interpret), _operand(key)
 
-    def body(place, k, v, T, W, G, own, scratch):
-        ks, vw = scratch
+    def body(place, x, y, T, w, G, own, scratch):
+        xs, yw = scratch
 
-        def step(idx, kc, v_t, T_t, W_t, G_t, carry):
+        def step(idx, xc, y_t, T_t, w_t, G_t, carry):
             Tr = t.rows(T_t)
-            _rotate(t, t.load(kc).astype(F32), jnp.cos(Tr), jnp.sin(Tr), kc, ks, dt)
-            _scaled(t, v_t, t.rows(W_t), vw, dt)
+            _rotate(t, t.load(xc).astype(F32), jnp.cos(Tr), jnp.sin(Tr), xc, xs, dt)   # x turned in place
+            _scaled(t, y_t, t.rows(w_t), yw, dt)
             t.fence()
-            return _state_step(t, key, *carry, kc, ks, vw, G_t)
+            return _state_step(t, key, *carry, xc, xs, yw, G_t)
 
-        state = _walk(key, step, _zero_state(t, key), False, ("qk", "v", "pos", "pos", "chunk"),
-                      (place.x(k), place.xv(v), place.pos(T), place.pos(W), place.table(G)))
+        state = _walk(key, step, _zero_state(t, key), reverse, ("qk", "v", "pos", "pos", "chunk"),
+                      (place.x(x), place.xv(y), place.pos(T), place.pos(w), place.table(G)))
         _state_out(t, place, state, own)
 
     scratch = [plgpu.SMEM((C, d), dt, transforms=tr), plgpu.SMEM((C, BV), dt, transforms=tr)]
@@ -534,12 +538,6 @@ def _shares(key: RotatedKey):
             jax.ShapeDtypeStruct((CB, key.B, key.H, key.N), F32))
 
 
-def _cotangent_step(t, key, dSc, dSs, qc, qs, dye, G_t):
-    """dS_{j-1} = exp(L_C) dS_j + q'^T (exp(L_t) dy_t)."""
-    g = _bcast_rows(t.rows(G_t.at[0]), (key.d, key.block_v))
-    return t.mm(dSc * g, (qc, dye, True, False)), t.mm(dSs * g, (qs, dye, True, False))
-
-
 def backward_kv(key: RotatedKey):
     """(q, k, v, dy, L, T, W, G[, ends]) -> (dk, dv, dL_k, dT_k, dstarts): a backward walk
     carrying the cotangent dS of the state at each chunk's end, from the cotangent at the
@@ -591,7 +589,7 @@ def backward_kv(key: RotatedKey):
             _store_rows(t, dk_t, dk_buf, dk_rows, j)
             _store_vec(t, -dot, vec_buf, 0, dL_row, j)
             _store_vec(t, turn, vec_buf, 1, dT_row, j)
-            return _cotangent_step(t, key, dSc, dSs, qc, qs, dye, G_t)
+            return _state_step(t, key, dSc, dSs, qc, qs, dye, G_t)
 
         state = _walk(key, step, init, True, ("qk", "qk", "v", "v", "pos", "pos", "pos", "chunk"),
                       (place.x(q), place.x(k), place.xv(v), place.xv(dy), place.pos(L), place.pos(T),
@@ -617,33 +615,8 @@ def backward_kv(key: RotatedKey):
     return _kernel(body, key, out_type, scratch)
 
 
-def summary_back(key: RotatedKey):
-    """(q, dy, L, T, G) -> own: each segment's cotangent at its start from a zero cotangent at its
-    end (its own queries and dy only). The caller chains the segments backward:
-    end_{s-1} = D_s end_s + own_s."""
-    d, BV, dt = key.d, key.block_v, key.jdtype
-    t, tr = _Tile(key.interpret), _operand(key)
-
-    def body(place, q, dy, L, T, G, own, scratch):
-        qs, dye = scratch
-
-        def step(idx, qc, dy_t, L_t, T_t, G_t, carry):
-            Lr, Tr = t.rows(L_t), t.rows(T_t)
-            _rotate(t, t.load(qc).astype(F32), jnp.cos(Tr), jnp.sin(Tr), qc, qs, dt)
-            _scaled(t, dy_t, jnp.exp(Lr), dye, dt)
-            t.fence()
-            return _cotangent_step(t, key, *carry, qc, qs, dye, G_t)
-
-        state = _walk(key, step, _zero_state(t, key), True, ("qk", "v", "pos", "pos", "chunk"),
-                      (place.x(q), place.xv(dy), place.pos(L), place.pos(T), place.table(G)))
-        _state_out(t, place, state, own)
-
-    scratch = [plgpu.SMEM((C, d), dt, transforms=tr), plgpu.SMEM((C, BV), dt, transforms=tr)]
-    return _kernel(body, key, _states(key), scratch)
-
-
 _KERNELS = {"forward": forward, "summary": summary, "backward_q": backward_q, "backward_kv": backward_kv,
-            "summary_back": summary_back}
+            "summary_back": lambda key: summary(key, reverse=True)}
 
 
 def launch(*arrays, key, kernel: str):

@@ -158,7 +158,7 @@ class _RotatedHeads(torch.autograd.Function):
             dL[..., -1] += (dS * SN).sum((-3, -2, -1))
         ends = None if dS is None else dS.unsqueeze(2)
         if key.segments > 1:
-            own = _run(key, "summary_back", qp, dy, L, T, G)[0]
+            own = _run(key, "summary_back", qp, dy, T, torch.exp(L), G)[0]
             ends = _chain(own, D, dS, reverse=True)
         kv_key = dataclasses.replace(key, has_state=ends is not None)
         dk, dv, dL_k, dT_k, dstarts = _run(kv_key, "backward_kv", *common, *(() if ends is None else (ends,)))
