@@ -5,7 +5,7 @@ same (batch, time, heads, head width), bf16.
     python benchmarks/wide_heads.py --device cuda --shapes 4x4096x8x64 --forms kernels,sdpa --profile
 
 Forms:
-    kernels         gate_loop_mixer on the wide-head Mosaic GPU kernels (ops/rotated.py), eager: the
+    kernels         gate_loop_mixer(backend="pallas") on the wide-head Mosaic GPU kernels (ops/rotated.py), eager: the
                     gates from z, the q/k/v split of qkv and the kernels, as a layer calls them
     chunked         gate_loop_mixer's cosine-weighted chunked form (chunked.py) under torch.compile
     rotated         the rotated form in torch (rotated.py, the kernels' reference) under torch.compile
@@ -56,11 +56,11 @@ def mixer_step(form: str, h: int):
     from gateloop_hybrid.rotated import rotated_heads
     if form == "kernels":
         def kernels(qkv, z):
-            route = routing.route("mixer", device=str(qkv.device), dtype=str(qkv.dtype).removeprefix("torch."),
-                                  heads=h, width=qkv.shape[-1] // (3 * h))
+            route = routing.route("mixer", "pallas", device=str(qkv.device),
+                                  dtype=str(qkv.dtype).removeprefix("torch."), heads=h, width=qkv.shape[-1] // (3 * h))
             if route.path != "rotated":
                 raise RuntimeError(f"the route takes {route.path!r}, not the kernels: {route.why}")
-            return gate_loop_mixer(qkv, z, heads=h)[0]
+            return gate_loop_mixer(qkv, z, heads=h, backend="pallas")[0]
         return kernels
     if form == "chunked":
         return torch.compile(lambda qkv, z: composed_mixer(qkv, z, None, heads=h, chunked=True)[0])

@@ -557,7 +557,7 @@ def test_wide_head_kernels_pass_their_self_test_and_take_the_route():
     from gateloop_hybrid import routing
     index = torch.cuda.current_device()
     assert routing.rotated_available("cuda", index) is None
-    route = routing.route("mixer", device=f"cuda:{index}", dtype="bfloat16", heads=8, width=64)
+    route = routing.route("mixer", "pallas", device=f"cuda:{index}", dtype="bfloat16", heads=8, width=64)
     assert route.path == "rotated", route.why
 
 
@@ -596,10 +596,10 @@ def test_wide_head_kernels_match_the_float64_rotated_form(b, n, h, d, dtype, wit
 
 @hopper
 def test_wide_head_transformer_bf16_step_on_the_kernels_captures_in_cuda_graphs():
-    """A Transformer with 2 heads of 64 under bf16 autocast (the wide-head kernels), compiled with
-    mode='reduce-overhead': loss and gradients of eager, replayed three times."""
+    """A Transformer with 2 heads of 64 under bf16 autocast on the wide-head kernels (backend
+    'pallas'), compiled with mode='reduce-overhead': loss and gradients of eager, replayed three times."""
     torch.manual_seed(0)
-    model = Transformer(dim=128, num_tokens=64, depth=2, gate_loop_heads=2).cuda()
+    model = Transformer(dim=128, num_tokens=64, depth=2, gate_loop_heads=2, scan_backend="pallas").cuda()
     data = torch.randint(0, 64, (2, 300), device="cuda")
     compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
     results = {}

@@ -4,8 +4,8 @@ same self-test, in test_cuda.py), their lowering for CUDA (checked on the CPU), 
 that takes them.
 
 Interpret mode is slow (seconds to tens of seconds a call), so the default run checks two cases:
-the self-test that admits the kernels (a ragged last chunk, h0, a cotangent for h_last) and
-gate_loop_mixer on the kernels without h0. More shapes (d = 128 and split value columns, one
+the self-test that admits the kernels (two segments, a ragged last chunk, h0, a cotangent for
+h_last) and gate_loop_mixer on the kernels (one segment over three chunks, h0). More shapes (d = 128 and split value columns, one
 step, batches) run with ``-m kernels``.
 """
 
@@ -60,11 +60,6 @@ def test_self_test_passes_in_interpret_mode():
     assert selftest.rotated_heads(torch.device("cpu")) is None
 
 
-def test_one_segment_walks_every_chunk():
-    """One CTA walks all three chunks (the last ragged), carrying the state across them."""
-    compare(1, 150, 1, 64, h0=True, segments=1)
-
-
 @pytest.mark.kernels
 @pytest.mark.parametrize("b,n,h,d,h0,segments", [(2, 64, 1, 128, True, None), (1, 200, 1, 64, False, 1),
                                                   (1, 300, 1, 64, True, 5), (1, 1, 2, 64, True, None),
@@ -85,27 +80,35 @@ def test_supported_names_what_the_kernels_refuse():
 
 
 def test_gate_loop_mixer_on_the_kernels_equals_its_composition(monkeypatch):
-    """gate_loop_mixer with the route forced to the kernels (as on a GPU that passed the self-test),
-    in bfloat16 and without h0, against the float64 composition of the same bfloat16 values."""
+    """gate_loop_mixer with the route forced to the kernels (as on a GPU that passed the self-test)
+    and one segment (one CTA walks all three chunks, the last ragged, carrying the state), in
+    bfloat16 with h0, against the float64 composition of the same bfloat16 values."""
     from gateloop_hybrid import routing
+    from gateloop_hybrid.kernels import mosaic_rotated
     from gateloop_hybrid.mixer import composed_mixer, gate_loop_mixer
     route = routing.route
     monkeypatch.setattr(routing, "route", lambda op, *a, **k: routing.Route("rotated", "forced")
                         if op == "mixer" else route(op, *a, **k))
+    monkeypatch.setattr(mosaic_rotated, "choose_segments", lambda *a, **k: 1)
     g = torch.Generator().manual_seed(3)
-    b, n, h, d = 1, 70, 1, 64
+    b, n, h, d = 1, 150, 1, 64
     qkv = (0.3 * torch.randn(b, n, 3 * h * d, generator=g)).bfloat16().requires_grad_()
     z = torch.randn(b, n, 2 * h, generator=g).requires_grad_()
-    y, h_last = gate_loop_mixer(qkv, z, heads=h, frac_gradient=0.9)
-    wide = [t.detach().double().requires_grad_() for t in (qkv, z)]
-    y_ref, h_ref = composed_mixer(*wide[:1], wide[1], None, heads=h, frac=0.9, backend="loop", chunked=True)
+    h0 = (0.1 * torch.randn(b, h, d, d, generator=g, dtype=torch.complex64)).requires_grad_()
+    y, h_last = gate_loop_mixer(qkv, z, h0, heads=h, frac_gradient=0.9)
+    wide = [t.detach().double().requires_grad_() for t in (qkv, z)] + [h0.detach().to(torch.complex128).requires_grad_()]
+    y_ref, h_ref = composed_mixer(*wide, heads=h, frac=0.9, backend="loop", chunked=True)
     assert y.dtype == torch.bfloat16 and h_last.dtype == torch.complex64
     w = torch.randn(y.shape, generator=g, dtype=torch.float64)
-    got = torch.autograd.grad((y.double() * w).sum() + h_last.real.double().sum(), (qkv, z))
+    got = torch.autograd.grad((y.double() * w).sum() + h_last.real.double().sum(), (qkv, z, h0))
     want = torch.autograd.grad((y_ref * w).sum() + h_ref.real.sum(), wide)
-    for name, a, r in [("y", y, y_ref), ("h_last", h_last, h_ref), ("dqkv", got[0], want[0]), ("dz", got[1], want[1])]:
+    # dz within 6%: the phase's gradient is a sum over features that cancels, from bf16 operands
+    # (the chunked form gets 0.5% here); the rest within 2%
+    pairs = [("y", y, y_ref, 2e-2), ("h_last", h_last, h_ref, 2e-2), ("dqkv", got[0], want[0], 2e-2),
+             ("dz", got[1], want[1], 6e-2), ("dh0", got[2], want[2], 2e-2)]
+    for name, a, r, tol in pairs:
         a, r = a.detach().to(r.dtype), r.detach()
-        assert float((a - r).abs().max()) <= 2e-2 * float(r.abs().max()), name
+        assert float((a - r).abs().max()) <= tol * float(r.abs().max()), name
 
 
 @pytest.mark.parametrize("d,block_v", [(64, 64), (128, 32)])
@@ -135,8 +138,10 @@ def test_route_takes_the_kernels_for_wide_half_precision_heads_on_a_gpu(monkeypa
     monkeypatch.setattr(routing, "rotated_available", lambda device_type, index: None)
     routing._route.cache_clear()
     try:
-        route = lambda **kw: routing.route("mixer", **{"device": "cuda:0", "dtype": "bfloat16", "heads": 8, **kw})
+        route = lambda **kw: routing.route("mixer", **{"device": "cuda:0", "dtype": "bfloat16", "heads": 8,
+                                                       "backend": "pallas", **kw})
         assert route(width=64).path == "rotated"
+        assert "backend 'pallas' only" in route(width=64, backend="auto").why
         assert route(width=128, dtype="float16").path == "rotated"
         assert "heads of (64, 128)" in route(width=32).why and route(width=32).path == "chunked"
         assert "bfloat16 or float16" in route(width=64, dtype="float32").why
@@ -157,7 +162,7 @@ def test_a_failing_self_test_warns_and_takes_the_chunked_form(monkeypatch):
     routing._route.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="wide-head kernels failed their self-test on cuda:0"):
-            route = routing.route("mixer", device="cuda:0", dtype="bfloat16", heads=8, width=64)
+            route = routing.route("mixer", "pallas", device="cuda:0", dtype="bfloat16", heads=8, width=64)
         assert route.path == "chunked" and "a broken kernel" in route.why
     finally:
         routing.rotated_available.cache_clear()

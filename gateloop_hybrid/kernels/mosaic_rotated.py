@@ -279,17 +279,27 @@ def _rotate(t: _Tile, x, cos, sin, xc_ref, xs_ref, dtype, scale=None):
 
 
 def _causal_decay(t: _Tile, L_rows, L_cols, transposed: bool = False):
-    """exp(L_t - L_s) on s <= t, and where it is 0: a (C, C) tile indexed (t, s), or (s, t)
-    when ``transposed``. Selected, never multiplied: the masked entries are exactly 0."""
+    """exp(L_t - L_s) on s < t, and where it is 0: a (C, C) tile indexed (t, s), or (s, t)
+    when ``transposed``. Selected, never multiplied: the masked entries are exactly 0.
+
+    The diagonal s = t is left out: its weight is exactly 1 and (q'_t . k'_t) = (q_t . k_t),
+    so the kernels add (q_t . k_t) v_t unturned (``_diagonal``). Through the turned products its
+    gradients in L_t and T_t would cancel only to bf16 rounding, and as the largest term it
+    would swamp the small true gradients of strongly decaying gates."""
     shape = (C, C)
     r, c = t.iota(shape, 0), t.iota(shape, 1)
     if transposed:                 # rows s, columns t
-        keep = c >= r
+        keep = c > r
         diff = _bcast_cols(L_cols, shape) - _bcast_rows(L_rows, shape)
     else:                          # rows t, columns s
-        keep = r >= c
+        keep = r > c
         diff = _bcast_rows(L_rows, shape) - _bcast_cols(L_cols, shape)
     return keep, jnp.exp(jnp.where(keep, diff, -jnp.inf))
+
+
+def _rowdot(x, y):
+    """Row-wise dot products of two float32 tiles, as a row vector."""
+    return jnp.sum(x * y, axis=1)
 
 
 def _stage(d: int, BV: int):
@@ -391,13 +401,14 @@ def forward(key: RotatedKey):
             Lr, Lc = t.rows(L_t), t.cols(L_t)
             Tr = t.rows(T_t)
             cos, sin = jnp.cos(Tr), jnp.sin(Tr)
-            _rotate(t, t.load(qc).astype(F32), cos, sin, qc, qs, dt)
-            _rotate(t, t.load(kc).astype(F32), cos, sin, kc, ks, dt)
+            qf, kf = t.load(qc).astype(F32), t.load(kc).astype(F32)
+            _rotate(t, qf, cos, sin, qc, qs, dt)
+            _rotate(t, kf, cos, sin, kc, ks, dt)
             _scaled(t, v_t, t.rows(W_t), vw, dt)
             sc[...] = Sc.astype(dt)
             ss[...] = Ss.astype(dt)
             t.fence()
-            # inside the chunk: (q' k'^T) weighted by exp(L_t - L_s) on s <= t
+            # inside the chunk: (q' k'^T) weighted by exp(L_t - L_s) on s < t, and (q_t . k_t) v_t
             scores = t.mm(None, (qc, kc, False, True), (qs, ks, False, True))
             keep, decay = _causal_decay(t, Lr, Lc)
             p[...] = jnp.where(keep, scores * decay, 0.0).astype(dt)
@@ -405,6 +416,7 @@ def forward(key: RotatedKey):
             carried = t.mm(None, (qc, sc, False, False), (qs, ss, False, False))
             t.fence()
             out = t.mm(carried * _bcast_rows(jnp.exp(Lr), (C, BV)), (p, v_t, False, False))
+            out = out + _bcast_rows(_rowdot(qf, kf), (C, BV)) * t.load(v_t).astype(F32)
             _store_rows(t, out.astype(dt), y_buf, y_rows, idx[0])
             return _state_step(t, key, Sc, Ss, kc, ks, vw, G_t)
 
@@ -494,12 +506,13 @@ def backward_q(key: RotatedKey):
             Lr, Lc = t.rows(L_t), t.cols(L_t)
             Tr = t.rows(T_t)
             cos, sin = jnp.cos(Tr), jnp.sin(Tr)
-            _rotate(t, t.load(kc).astype(F32), cos, sin, kc, ks, dt)
+            kf = t.load(kc).astype(F32)
+            _rotate(t, kf, cos, sin, kc, ks, dt)
             _scaled(t, v_t, t.rows(W_t), vw, dt)
             sc[...] = Sc.astype(dt)
             ss[...] = Ss.astype(dt)
             t.fence()
-            # dP = (dy v^T) weighted by exp(L_t - L_s) on s <= t
+            # dP = (dy v^T) weighted by exp(L_t - L_s) on s < t
             dscores = t.mm(None, (dy_t, v_t, False, True))
             keep, decay = _causal_decay(t, Lr, Lc)
             dp[...] = jnp.where(keep, dscores * decay, 0.0).astype(dt)
@@ -509,6 +522,9 @@ def backward_q(key: RotatedKey):
             dqc = t.mm(t.mm(None, (dy_t, sc, False, True)) * e, (dp, kc, False, False))
             dqs = t.mm(t.mm(None, (dy_t, ss, False, True)) * e, (dp, ks, False, False))
             dq_t, dot, turn = _position_grads(t, t.load(q_t).astype(F32), cos, sin, dqc, dqs)
+            # the diagonal (q_t . k_t) v_t: dq_t += (dy_t . v_t) k_t, nothing in L or T
+            dyv = _rowdot(t.load(dy_t).astype(F32), t.load(v_t).astype(F32))
+            dq_t = dq_t + _bcast_rows(dyv, (C, d)) * kf
             _store_rows(t, dq_t, dq_buf, dq_rows, j)
             _store_vec(t, dot, vec_buf, 0, dL_row, j)
             _store_vec(t, turn, vec_buf, 1, dT_row, j)
@@ -570,7 +586,7 @@ def backward_kv(key: RotatedKey):
             dsc[...] = dSc.astype(dt)
             dss[...] = dSs.astype(dt)
             t.fence()
-            # P^T and dP^T, indexed (s, t), weighted by exp(L_t - L_s) on t >= s
+            # P^T and dP^T, indexed (s, t), weighted by exp(L_t - L_s) on t > s
             keep, decay = _causal_decay(t, Lr, Lc, transposed=True)
             scores = t.mm(None, (kc, qc, False, True), (ks, qs, False, True))
             pt[...] = jnp.where(keep, scores * decay, 0.0).astype(dt)
@@ -579,13 +595,17 @@ def backward_kv(key: RotatedKey):
             t.fence()
             # dv = P^T dy + exp(L_C - L_s) k' dS_j
             carried = t.mm(None, (kc, dsc, False, False), (ks, dss, False, False))
-            dv_t = t.mm(carried * _bcast_rows(wr, (C, BV)), (pt, dy_t, False, False)).astype(dt)
+            dv_t = t.mm(carried * _bcast_rows(wr, (C, BV)), (pt, dy_t, False, False))
+            # the diagonal (q_t . k_t) v_t: dv_t += (q_t . k_t) dy_t, dk_t += (dy_t . v_t) q_t
+            dyf = t.load(dy_t).astype(F32)
+            dv_t = (dv_t + _bcast_rows(_rowdot(qf, kf), (C, BV)) * dyf).astype(dt)
             _store_rows(t, dv_t, dv_buf, dv_rows, j)
             # dk' = dP^T q' + exp(L_C - L_s) v dS_j^T
             w = _bcast_rows(wr, (C, d))
             dkc = t.mm(t.mm(None, (v_t, dsc, False, True)) * w, (dpt, qc, False, False))
             dks = t.mm(t.mm(None, (v_t, dss, False, True)) * w, (dpt, qs, False, False))
             dk_t, dot, turn = _position_grads(t, kf, cos, sin, dkc, dks)
+            dk_t = dk_t + _bcast_rows(_rowdot(dyf, t.load(v_t).astype(F32)), (C, d)) * qf
             _store_rows(t, dk_t, dk_buf, dk_rows, j)
             _store_vec(t, -dot, vec_buf, 0, dL_row, j)
             _store_vec(t, turn, vec_buf, 1, dT_row, j)
