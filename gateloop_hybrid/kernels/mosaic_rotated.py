@@ -297,6 +297,19 @@ def _causal_decay(t: _Tile, L_rows, L_cols, transposed: bool = False):
     return keep, jnp.exp(jnp.where(keep, diff, -jnp.inf))
 
 
+def _turn_in_place(t: _Tile, L_t, T_t, qc, kc, qs, ks, dtype):
+    """The chunk's gate sums as row and column vectors, and q and k turned in place: their
+    pipeline slots then hold qc and kc, and qs, ks the sine halves. Returns (Lr, Lc, cos, sin,
+    q, k), q and k as loaded (float32)."""
+    Lr, Lc = t.rows(L_t), t.cols(L_t)
+    Tr = t.rows(T_t)
+    cos, sin = jnp.cos(Tr), jnp.sin(Tr)
+    qf, kf = t.load(qc).astype(F32), t.load(kc).astype(F32)
+    _rotate(t, qf, cos, sin, qc, qs, dtype)
+    _rotate(t, kf, cos, sin, kc, ks, dtype)
+    return Lr, Lc, cos, sin, qf, kf
+
+
 def _rowdot(x, y):
     """Row-wise dot products of two float32 tiles, as a row vector."""
     return jnp.sum(x * y, axis=1)
@@ -396,14 +409,8 @@ def forward(key: RotatedKey):
         y_rows = place.xv(y)
 
         def step(idx, qc, kc, v_t, L_t, T_t, W_t, G_t, carry):
-            # q and k are turned in place: their slots then hold qc and kc
             Sc, Ss = carry
-            Lr, Lc = t.rows(L_t), t.cols(L_t)
-            Tr = t.rows(T_t)
-            cos, sin = jnp.cos(Tr), jnp.sin(Tr)
-            qf, kf = t.load(qc).astype(F32), t.load(kc).astype(F32)
-            _rotate(t, qf, cos, sin, qc, qs, dt)
-            _rotate(t, kf, cos, sin, kc, ks, dt)
+            Lr, Lc, cos, sin, qf, kf = _turn_in_place(t, L_t, T_t, qc, kc, qs, ks, dt)
             _scaled(t, v_t, t.rows(W_t), vw, dt)
             sc[...] = Sc.astype(dt)
             ss[...] = Ss.astype(dt)
@@ -573,14 +580,9 @@ def backward_kv(key: RotatedKey):
         dL_row, dT_row = place.vec_shares(dL), place.vec_shares(dT)
 
         def step(idx, qc, kc, v_t, dy_t, L_t, T_t, W_t, G_t, carry):
-            dSc, dSs = carry          # q and k are turned in place: their slots then hold qc and kc
+            dSc, dSs = carry
             j = last - idx[0]
-            Lr, Lc = t.rows(L_t), t.cols(L_t)
-            Tr = t.rows(T_t)
-            cos, sin = jnp.cos(Tr), jnp.sin(Tr)
-            qf, kf = t.load(qc).astype(F32), t.load(kc).astype(F32)
-            _rotate(t, qf, cos, sin, qc, qs, dt)
-            _rotate(t, kf, cos, sin, kc, ks, dt)
+            Lr, Lc, cos, sin, qf, kf = _turn_in_place(t, L_t, T_t, qc, kc, qs, ks, dt)
             _scaled(t, dy_t, jnp.exp(Lr), dye, dt)
             wr = t.rows(W_t)
             dsc[...] = dSc.astype(dt)
