@@ -163,14 +163,17 @@ def _all_out_of_the_barrier(world: World, env: Mapping[str, str] = os.environ) -
 
     import torch.distributed as dist
 
-    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False,
-                          timeout=datetime.timedelta(seconds=300))
     run = f"gateloop_hybrid/{env.get('TORCHELASTIC_RUN_ID', '')}/{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-    store.set(f"{run}/out/{world.rank}", "1")
-    store.wait([f"{run}/out/{rank}" for rank in range(world.size)])
-    store.set(f"{run}/left/{world.rank}", "1")
-    if world.rank == 0:
-        store.wait([f"{run}/left/{rank}" for rank in range(world.size)])
+    try:
+        store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False,
+                              timeout=datetime.timedelta(seconds=60))
+        store.set(f"{run}/out/{world.rank}", "1")
+        store.wait([f"{run}/out/{rank}" for rank in range(world.size)])
+        store.set(f"{run}/left/{world.rank}", "1")
+        if world.rank == 0:
+            store.wait([f"{run}/left/{rank}" for rank in range(world.size)])
+    except (RuntimeError, OSError, KeyError, ValueError):
+        pass        # best effort: a launcher that is gone (killed) leaves nothing to wait for
 
 
 # ----------------------------------------------------------------------------------------------
