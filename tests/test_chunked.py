@@ -10,6 +10,7 @@ import torch
 from gateloop_hybrid import GateLoopedAttention, gate_loop_mixer
 from gateloop_hybrid.chunked import chunked_heads
 from gateloop_hybrid.mixer import _heads_scan, composed_mixer
+from mixer_cases import inputs, values_and_grads
 
 
 def rel(got, want):
@@ -17,27 +18,6 @@ def rel(got, want):
         return 0.0 if got is None and want is None else math.inf
     got, want = got.detach(), want.detach()
     return float((got - want).abs().norm() / want.abs().norm().clamp_min(1e-300))
-
-
-def inputs(b, n, h, d, dtype=torch.float64, seed=0, with_h0=True):
-    g = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(b, n, 3 * h * d, generator=g, dtype=dtype).requires_grad_()
-    z = torch.randn(b, n, 2 * h, generator=g, dtype=dtype).requires_grad_()
-    h0 = None
-    if with_h0:
-        h0 = torch.randn(b, h, d, d, generator=g, dtype=torch.complex128 if dtype == torch.float64
-                         else torch.complex64).requires_grad_()
-    return qkv, z, h0
-
-
-def values_and_grads(fn, leaves, seed=1):
-    y, h_last = fn()
-    g = torch.Generator().manual_seed(seed)
-    wy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.dtype)
-    wh = torch.randn(h_last.shape, generator=g, dtype=torch.complex128).to(h_last.dtype)
-    loss = (y * wy).sum() + (h_last * wh).real.sum()
-    grads = torch.autograd.grad(loss, [t for t in leaves if t is not None], allow_unused=True)
-    return [y, h_last, *grads]
 
 
 @pytest.mark.parametrize("b,n,h,d,chunk", [(2, 77, 3, 4, 16), (1, 5, 2, 3, 64), (2, 64, 2, 2, 64), (2, 1, 2, 3, 64),

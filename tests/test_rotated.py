@@ -11,6 +11,7 @@ import torch
 from gateloop_hybrid.gates import log_gates
 from gateloop_hybrid.mixer import _heads_scan, composed_mixer
 from gateloop_hybrid.rotated import rotated_heads
+from mixer_cases import inputs, values_and_grads
 
 
 def rel(got, want):
@@ -21,17 +22,6 @@ def rel(got, want):
     return float((got - want).abs().norm() / (scale if scale > 0 else 1.0))
 
 
-def inputs(b, n, h, d, dtype=torch.float64, seed=0, with_h0=True):
-    g = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(b, n, 3 * h * d, generator=g, dtype=dtype).requires_grad_()
-    z = torch.randn(b, n, 2 * h, generator=g, dtype=dtype).requires_grad_()
-    h0 = None
-    if with_h0:
-        h0 = torch.randn(b, h, d, d, generator=g, dtype=torch.complex128 if dtype == torch.float64
-                         else torch.complex64).requires_grad_()
-    return qkv, z, h0
-
-
 def rotated_mixer(qkv, z, h0, heads, frac=1.0, **kw):
     """gate_loop_mixer's wide-head composition with the rotated form in place of the chunked one."""
     b, n = qkv.shape[:2]
@@ -39,16 +29,6 @@ def rotated_mixer(qkv, z, h0, heads, frac=1.0, **kw):
     log_mag, phase = log_gates(z.reshape(b, n, heads, 2), frac)
     y, h_last = rotated_heads(q, k, v, log_mag, phase, h0, **kw)
     return y.flatten(-2), h_last
-
-
-def values_and_grads(fn, leaves, seed=1):
-    y, h_last = fn()
-    g = torch.Generator().manual_seed(seed)
-    wy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.dtype)
-    wh = torch.randn(h_last.shape, generator=g, dtype=torch.complex128).to(h_last.dtype)
-    loss = (y * wy).sum() + (h_last * wh).real.sum()
-    grads = torch.autograd.grad(loss, [t for t in leaves if t is not None])
-    return [y, h_last, *grads]
 
 
 @pytest.mark.parametrize("b,n,h,d,chunk", [(2, 1, 2, 3, 64), (1, 5, 2, 3, 1), (2, 63, 2, 4, 16),
