@@ -43,10 +43,15 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, t: Tensor, offset: int = 0) -> Tensor:
         """Rotate ``t`` (..., n, d) as if its n positions start at ``offset``."""
-        n, dtype = t.shape[-2], t.dtype
+        dtype = torch.promote_types(self.freqs.dtype, torch.float32)
+        return self.at_positions(t, torch.arange(offset, offset + t.shape[-2], device=t.device, dtype=dtype))
+
+    def at_positions(self, t: Tensor, positions: Tensor) -> Tensor:
+        """Rotate ``t`` (..., d) at ``positions``, which broadcast against t's leading dims (e.g.
+        (n,) for t (..., n, d), or one position per row (b, 1, 1) for t (b, h, 1, d))."""
+        dtype = t.dtype
         freqs = self.freqs.to(torch.promote_types(self.freqs.dtype, torch.float32))
-        pos = torch.arange(offset, offset + n, device=t.device, dtype=freqs.dtype)
-        angles = (pos[:, None] * freqs).repeat_interleave(2, dim=-1)  # (n, d)
+        angles = (positions.to(freqs.dtype)[..., None] * freqs).repeat_interleave(2, dim=-1)   # (..., d)
         pairs = t.unflatten(-1, (-1, 2))
         rotated_half = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
         out = t * angles.cos() + rotated_half * angles.sin()

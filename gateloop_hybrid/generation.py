@@ -36,6 +36,7 @@ from torch import Tensor
 from .attention import CausalFullAttention
 from .gate_loop import GateLoopedAttention
 from .gates import gates
+from .transformer import PreNorm
 
 # ---------------------------------------------------------------------------------------------
 # the state
@@ -116,15 +117,6 @@ def _gateloop_step(layer: GateLoopedAttention, x: Tensor, state: Tensor, active:
     return layer.to_out(out)
 
 
-def _rotary_at(rotary, t: Tensor, position: Tensor) -> Tensor:
-    """RotaryEmbedding for one position per row: t (b, h, 1, d), position (b,)."""
-    freqs = rotary.freqs.to(torch.promote_types(rotary.freqs.dtype, torch.float32))
-    angles = (position.to(freqs.dtype)[:, None] * freqs).repeat_interleave(2, dim=-1)[:, None, None]
-    pairs = t.unflatten(-1, (-1, 2))
-    rotated_half = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-    return (t * angles.cos() + rotated_half * angles.sin()).to(t.dtype)
-
-
 def _attention_step(layer: CausalFullAttention, x: Tensor, cache, position: Tensor, active: Tensor,
                     ablate_complex: bool, ablate_state_transition: bool) -> Tensor:
     """CausalFullAttention on one token per row against a key/value buffer of fixed length: the
@@ -133,8 +125,8 @@ def _attention_step(layer: CausalFullAttention, x: Tensor, cache, position: Tens
     x1 = x[:, None]                                     # (b, 1, D)
     q, k, v = layer.to_qkv(x1)                          # each (b, h, 1, d)
     if layer.rotary_emb is not None:
-        q = _rotary_at(layer.rotary_emb, q, position)
-        k = _rotary_at(layer.rotary_emb, k, position)
+        q = layer.rotary_emb.at_positions(q, position[:, None, None])
+        k = layer.rotary_emb.at_positions(k, position[:, None, None])
     q = q * layer.scale
     if layer.data_dependent_rel_pos and not ablate_state_transition:
         rel = layer._rel_pos_scale(x1, ablate_complex)  # (b, h, 1, d/2, 1)
@@ -162,7 +154,6 @@ def decode_step(model, tokens: Tensor, state: DecodeState, active: Optional[Tens
                 ablate_complex: Optional[bool] = None, ablate_state_transition: Optional[bool] = None) -> Tensor:
     """Logits (b, V) after one more token per row (``tokens`` (b,)); every layer's state in
     ``state`` is advanced in place for the rows where ``active`` (default: all)."""
-    from .transformer import PreNorm
     if active is None:
         active = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     ablate_complex = model.ablate_complex if ablate_complex is None else ablate_complex
@@ -281,7 +272,7 @@ class Decoder:
         self.capture = capture and state.position.is_cuda
         self.graph = None
 
-    def _run(self, tokens: Tensor, active: Tensor) -> Tensor:
+    def _run(self, tokens: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
         logits = decode_step(self.model, tokens, self.state, active)
         nxt = sample(logits, self.seeds, self.counter, **self.options)
         self.counter.add_(1)
@@ -347,19 +338,14 @@ def generate(model, prompt: Tensor, max_new_tokens: int, *, temperature: float =
              stream: Optional[Callable[[Tensor], None]] = None, seed=None, lengths: Optional[Tensor] = None,
              capture: bool = False) -> Tensor:
     """``Transformer.generate``'s loop: prefill, then one captured-or-eager step per token.
-    Arguments as ``Transformer.generate``; checked there."""
-    b = prompt.shape[0]
+    Arguments as ``Transformer.generate``, checked there (``lengths`` a tensor)."""
+    b, n = prompt.shape
     device = prompt.device
-    out = prompt.new_empty((b, 0))
     if max_new_tokens == 0:
-        return out
-    n = prompt.shape[1]
+        return prompt.new_empty((b, 0))
     state = DecodeState(model, b, n + max_new_tokens)
     seeds = row_seeds(seed, b, device)
-    lengths_t = None
-    if lengths is not None:
-        lengths_t = torch.as_tensor(lengths, device=device).long()
-    logits = prefill(model, prompt, state, lengths_t)
+    logits = prefill(model, prompt, state, None if lengths is None else lengths.long())
     decoder = Decoder(model, state, seeds, temperature=temperature, top_k=top_k, top_p=top_p, capture=capture)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)

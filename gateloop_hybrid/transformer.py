@@ -7,8 +7,7 @@ Dimension letters used in the shape comments:
 from __future__ import annotations
 
 import json
-import math
-from numbers import Integral, Real
+from numbers import Integral
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
@@ -357,15 +356,3 @@ class Transformer(nn.Module):
                                    top_p=top_p, eos_token=eos_token, stream=stream, seed=seed,
                                    lengths=lengths, capture=capture)
 
-
-def _sample(logits: Tensor, temperature: float, top_k: Optional[int], step: int = 0) -> Tensor:
-    """One token id per row of logits (b, V) with seeds from torch's global generator: the
-    sampler of ``generate`` (``generation.sample``), for a single draw. Non-finite logits raise."""
-    from . import generation
-    if not bool(torch.isfinite(logits.max(dim=-1).values).all()):
-        raise ValueError(
-            f"generate: the model's logits at new token {step} are not finite (nan or inf); "
-            f"the weights or the inputs hold non-finite values"
-        )
-    seeds = generation.row_seeds(None, logits.shape[0], logits.device)
-    return generation.sample(logits, seeds, torch.zeros_like(seeds), temperature, top_k)

@@ -475,14 +475,18 @@ def test_return_loss_needs_two_tokens_and_one_sequence(options):
 
 
 def test_top_k_keeps_exactly_k_tokens_when_logits_tie():
-    from gateloop_hybrid.transformer import _sample
+    from gateloop_hybrid.generation import sample
+
+    def draw(logits, top_k):          # one draw per row, each row its own seed
+        seeds = torch.arange(logits.shape[0])
+        return sample(logits, seeds, torch.zeros_like(seeds), 1.0, top_k)
 
     torch.manual_seed(0)
     equal = torch.zeros(2048, 16)
-    assert _sample(equal, 1.0, 2).unique().numel() == 2
+    assert draw(equal, 2).unique().numel() == 2
     # bf16 rounds 1.0, 1.001 and 1.002 to one value: the threshold form kept all of them
     close = torch.tensor([[3.0, 1.0, 1.001, 1.002, 0.0]]).to(torch.bfloat16).float().expand(4096, 5)
-    picked = _sample(close, 1.0, 2).unique()
+    picked = draw(close, 2).unique()
     assert picked.numel() == 2 and 0 in picked.tolist()
     model = small_transformer(scan_backend="torch")
     with torch.no_grad():

@@ -817,11 +817,12 @@ def attack_generate(rng: random.Random, n: int) -> None:
                                      check)
         record("generate", outcome, f"{model_name} prompt={prompt_name} t={temp!r} k={k!r} n={nt!r}", detail)
     # ties: exactly k distinct tokens, also from bf16-rounded logits
-    from gateloop_hybrid.transformer import _sample
+    from gateloop_hybrid.generation import sample
+    seeds = torch.arange(4096)
     for k in (1, 2, 3, 5, 16):
         for logits, name in ((torch.zeros(4096, 16), "equal"),
                              (torch.linspace(1, 1.01, 16).to(torch.bfloat16).float().expand(4096, 16), "bf16")):
-            got = _sample(logits, 1.0, k).unique().numel()
+            got = sample(logits, seeds, torch.zeros_like(seeds), 1.0, k).unique().numel()
             record("generate", "right" if got == k else "silent", f"top_k={k} ties ({name})",
                    "" if got == k else f"{got} distinct tokens")
 
