@@ -58,6 +58,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from .._private import mosaic_interpret_params
+from .walk import as_key
 
 C = 64                      # chunk length: the M of one wgmma
 F32 = jnp.float32
@@ -644,6 +645,4 @@ _KERNELS = {"forward": forward, "summary": summary, "backward_q": backward_q, "b
 def launch(*arrays, key, kernel: str):
     """Run one of the kernels on ``arrays``. ``key`` may be the tuple of RotatedKey's fields
     (plain values are what torch.compile passes to an opaque op)."""
-    if not isinstance(key, RotatedKey):
-        key = RotatedKey(*key)
-    return _KERNELS[kernel](key)(*arrays)
+    return _KERNELS[kernel](as_key(RotatedKey, key))(*arrays)

@@ -23,13 +23,15 @@ from torch import Tensor
 from bridge.mosaic import MosaicKernel, tracing
 
 from ..kernels import mosaic_rotated as kern
+from ..kernels import walk as walks
 from .mosaic import _num_sms
 
 _DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def _interpreted(*arrays, key, kernel):
-    return kern.launch(*arrays, key=dataclasses.replace(kern.RotatedKey(*key), interpret=True), kernel=kernel)
+    return kern.launch(*arrays, key=dataclasses.replace(walks.as_key(kern.RotatedKey, key), interpret=True),
+                       kernel=kernel)
 
 
 _KERNEL = MosaicKernel(kern.launch, name="gateloop_rotated", interpret_fn=_interpreted)
@@ -65,8 +67,7 @@ def _key(q: Tensor, segments: int | None = None) -> kern.RotatedKey:
 
 
 def _run(key: kern.RotatedKey, kernel: str, *tensors):
-    fields = tuple(getattr(key, f.name) for f in dataclasses.fields(key))
-    return _KERNEL(*tensors, key=fields, kernel=kernel)
+    return _KERNEL(*tensors, key=walks.key_fields(key), kernel=kernel)
 
 
 def _padded(t: Tensor, pad: int) -> Tensor:
@@ -88,10 +89,10 @@ class _Gates:
         T = torch.remainder(_padded(phase.double(), pad).transpose(1, 2).cumsum(-1), 2 * math.pi)
         self.T_last = T[..., -1]                                             # (b, h) float64
         self.T = T.float().contiguous()
-        chunk_decay = torch.exp(L[..., -1])                                  # (b, h, chunks)
-        self.G = chunk_decay.unsqueeze(-1).expand(*chunk_decay.shape, key.d).contiguous()
+        chunk_total = L[..., -1]                                             # (b, h, chunks)
+        self.G = torch.exp(chunk_total).unsqueeze(-1).expand(*chunk_total.shape, key.d).contiguous()
         # each segment's decay: exp of its chunks' summed log|a| (b, h, S)
-        self.D = torch.exp(L[..., -1].unflatten(-1, (key.segments, -1)).sum(-1))
+        self.D = torch.exp(chunk_total.unflatten(-1, (key.segments, -1)).sum(-1))
         self.L = L.flatten(-2).contiguous()
 
 
