@@ -89,9 +89,11 @@ def gate_loop_mixer(
         run = _fused_untraced if torch.compiler.is_compiling() else _fused
         y, h_last = run(float(frac_gradient), bool(recompute), *args)
         return y, h_last.view(b, heads, 1, 1)
+    if path == "rotated":       # the kernels recompute in backward: recompute changes nothing there
+        return _wide_kernels(qkv, z, h0, heads, frac_gradient, ablate_complex, ablate_state_transition)
     return composed_mixer(qkv, z, h0, heads=heads, frac=frac_gradient, ablate_complex=ablate_complex,
                           ablate_state_transition=ablate_state_transition, recompute=recompute,
-                          backend=backend, chunked=path in ("chunked", "rotated"), kernels=path == "rotated")
+                          backend=backend, chunked=path == "chunked")
 
 
 def simple_gate_loop_mixer(
@@ -235,17 +237,13 @@ def _heads_scan(q: Tensor, k: Tensor, v: Tensor, a: Tensor, h0: Optional[Tensor]
 
 def composed_mixer(qkv: Tensor, z: Tensor, h0: Optional[Tensor], *, heads: int, frac: float = 1.0,
                    ablate_complex: bool = False, ablate_state_transition: bool = False, recompute: bool = False,
-                   backend: str = "auto", chunked: bool = False, kernels: bool = False) -> tuple[Tensor, Tensor]:
+                   backend: str = "auto", chunked: bool = False) -> tuple[Tensor, Tensor]:
     """The mixer as torch ops around gate_loop_scan (the fused kernels' reference): the scan of
-    every k v^T, or with ``chunked`` the chunked form (chunked.py); with ``kernels`` too, the
-    wide-head Mosaic GPU kernels in its place (ops/rotated.py; they recompute in backward, so
-    ``recompute`` changes nothing there)."""
+    every k v^T, or with ``chunked`` the chunked form (chunked.py)."""
     b, n = qkv.shape[:2]
-    q, k, v = (t.unflatten(-1, (heads, -1)) for t in qkv.chunk(3, dim=-1))  # each (b, n, h, d)
+    q, k, v = _split_heads(qkv, heads)
     if chunked:
         log_mag, phase = log_gates(z.reshape(b, n, heads, 2), frac, ablate_complex, ablate_state_transition)
-        if kernels:
-            return _wide_kernels(q, k, v, log_mag, phase, h0)
         fn, args = _heads_chunked, (q, k, v, log_mag, phase, h0, backend)
     else:
         a = gates(z.reshape(b, n, heads, 1, 1, 2), frac, ablate_complex, ablate_state_transition)
@@ -263,10 +261,17 @@ def _heads_chunked(q, k, v, log_mag, phase, h0, backend):
     return chunked_heads(q, k, v, log_mag, phase, h0, backend=backend)
 
 
-def _wide_kernels(q, k, v, log_mag, phase, h0):
-    """(y (b, n, I), h_last) on the wide-head kernels: q, k, v made contiguous (they are views of
-    one qkv), the gates float32 (what log_gates gives 16-bit z)."""
+def _split_heads(qkv: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v (b, n, h, d), views of qkv (b, n, 3 h d)."""
+    return tuple(t.unflatten(-1, (heads, -1)) for t in qkv.chunk(3, dim=-1))
+
+
+def _wide_kernels(qkv, z, h0, heads, frac, ablate_complex, ablate_state_transition):
+    """(y (b, n, I), h_last) on the wide-head kernels (ops/rotated.py): the gates as the chunked
+    form takes them (float32 for 16-bit z), q, k, v made contiguous (views of one qkv)."""
     from .ops.rotated import rotated_heads_mosaic
-    q, k, v = (t.contiguous() for t in (q, k, v))
+    b, n = qkv.shape[:2]
+    log_mag, phase = log_gates(z.reshape(b, n, heads, 2), frac, ablate_complex, ablate_state_transition)
+    q, k, v = (t.contiguous() for t in _split_heads(qkv, heads))
     y, h_last = rotated_heads_mosaic(q, k, v, log_mag.float(), phase.float(), h0)
     return y.flatten(-2), h_last

@@ -247,12 +247,11 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict
     every rank."""
     if not is_sharded(model):
         return unwrap(model).state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(model, options=options)
-    optim_state = get_optimizer_state_dict(model, optimizer, options=options)
+    model_state = full_weights(model)
+    optim_state = get_optimizer_state_dict(model, optimizer,
+                                           options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not model_state:        # a rank other than 0
         return {}, {}
     return model_state, optimizer_state_by_index(optim_state, parameter_names(model))
