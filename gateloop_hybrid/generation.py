@@ -30,7 +30,6 @@ from numbers import Integral, Real
 from typing import Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import CausalFullAttention

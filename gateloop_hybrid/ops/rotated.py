@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bridge.mosaic import MosaicKernel, tracing
+from bridge.mosaic import MosaicKernel
 
 from ..kernels import mosaic_rotated as kern
 from ..kernels import walk as walks
