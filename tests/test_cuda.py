@@ -683,6 +683,27 @@ def test_an_overflow_at_t_leaves_earlier_outputs_bit_identical_on_cuda(dtype, he
 
 
 @hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads,d", [(4, 64), (2, 128)])
+def test_an_overflow_at_t_leaves_earlier_outputs_bit_identical_on_the_wide_head_kernels(dtype, heads, d):
+    """The same rule on the wide-head Mosaic GPU kernels (backend "pallas"): k at t the largest
+    finite value; every output before t equals a clean run bit for bit."""
+    from gateloop_hybrid import explain
+    from gateloop_hybrid.mixer import gate_loop_mixer
+    n, t = 300, 211
+    g = torch.Generator().manual_seed(d)
+    qkv = torch.randn(1, n, 3 * heads * d, generator=g).to(dtype).cuda()
+    z = torch.randn(1, n, 2 * heads, generator=g).to(dtype).cuda()
+    bad = qkv.clone()
+    bad[:, t, heads * d:2 * heads * d] = torch.finfo(dtype).max
+    why = explain("mixer", "pallas", device="cuda:0", dtype=str(dtype).removeprefix("torch."), heads=heads, width=d)
+    clean, _ = gate_loop_mixer(qkv, z, heads=heads, backend="pallas")
+    y, _ = gate_loop_mixer(bad, z, heads=heads, backend="pallas")
+    assert not torch.isfinite(y[:, t:]).all(), why
+    assert torch.equal(y[:, :t], clean[:, :t]), why
+
+
+@hopper
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_a_non_finite_step_leaves_earlier_states_unchanged_on_the_mosaic_scan(bad):
     from gateloop_hybrid.ops.mosaic import scan_mosaic
