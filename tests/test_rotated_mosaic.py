@@ -102,10 +102,10 @@ def test_gate_loop_mixer_on_the_kernels_equals_its_composition(monkeypatch):
     w = torch.randn(y.shape, generator=g, dtype=torch.float64)
     got = torch.autograd.grad((y.double() * w).sum() + h_last.real.double().sum(), (qkv, z, h0))
     want = torch.autograd.grad((y_ref * w).sum() + h_ref.real.sum(), wide)
-    # dz within 6%: the phase's gradient is a sum over features that cancels, from bf16 operands
-    # (the chunked form gets 0.5% here); the rest within 2%
+    # dz within 1.5% (0.95% measured, the chunked form 0.54%): the gates' gradients are reversed
+    # sums of per-position terms that cancel in pairs; the rest within 2%
     pairs = [("y", y, y_ref, 2e-2), ("h_last", h_last, h_ref, 2e-2), ("dqkv", got[0], want[0], 2e-2),
-             ("dz", got[1], want[1], 6e-2), ("dh0", got[2], want[2], 2e-2)]
+             ("dz", got[1], want[1], 1.5e-2), ("dh0", got[2], want[2], 2e-2)]
     for name, a, r, tol in pairs:
         a, r = a.detach().to(r.dtype), r.detach()
         assert float((a - r).abs().max()) <= tol * float(r.abs().max()), name

@@ -38,7 +38,10 @@ The position gradients follow from q'_t = R(T_t) q_t and the scaling q~ = e^{L} 
     dT_t = dq'_t . (dT q'_t) + dk'_t . (dT k'_t),   dT [xc, xs] = [xs, -xc]
 
 and the caller turns them into the gradients of log|a| and of the phase by reversed cumulative
-sums. Each kernel returns its value-column block's share of the q- and k-side gradients (those
+sums. In those sums a pair (t, s) adds its term at t and takes it away at s, so both kernels
+form a chunk's own pairs' part from the same float32 tiles (dP times the scores q'_t . k'_s and
+the sines dT q'_t . k'_s, row sums), and the carried part from the rounded operands the state
+products used: then the terms cancel to float32 rounding, not to bf16's. Each kernel returns its value-column block's share of the q- and k-side gradients (those
 sum over value columns); the caller adds the shares.
 
 Interpret mode (``interpret=True``) runs the same kernels on the CPU. Pallas's Mosaic GPU
@@ -481,16 +484,27 @@ def _states(key: RotatedKey):
 # backward
 
 
-def _position_grads(t: _Tile, x, cos, sin, dxc, dxs):
-    """From dx' = [dxc, dxs] (float32 (C, d)) and x: (dx, x' . dx', dx' . dT x'), the last two
-    as (C,) row vectors."""
-    shape = x.shape
-    c, s = _bcast_rows(cos, shape), _bcast_rows(sin, shape)
-    xc, xs = x * c, -(x * s)
-    dx = c * dxc - s * dxs
-    dot = jnp.sum(xc * dxc + xs * dxs, axis=1)
-    turn = jnp.sum(dxc * xs - dxs * xc, axis=1)
-    return dx, dot, turn
+def _unturn(cos, sin, dxc, dxs):
+    """dx from dx' = [dxc, dxs] (float32 (C, d)), x' = [x cos T, -x sin T]."""
+    shape = dxc.shape
+    return _bcast_rows(cos, shape) * dxc - _bcast_rows(sin, shape) * dxs
+
+
+def _dot_turn(t: _Tile, xc_ref, xs_ref, dxc, dxs):
+    """x' . dx' and dx' . (dT x') as (C,) row vectors, from dx' = [dxc, dxs] (float32) and x' as
+    the product operands hold it (16-bit, in SMEM): the state products that meet these terms in
+    the reversed sums were formed from those same rounded values."""
+    xc, xs = t.load(xc_ref).astype(F32), t.load(xs_ref).astype(F32)
+    return jnp.sum(xc * dxc + xs * dxs, axis=1), jnp.sum(dxc * xs - dxs * xc, axis=1)
+
+
+def _pair_sums(dpf, scores, sines):
+    """The chunk's own pairs' share of the position gradients, as row sums of float32 tiles:
+    sum_s dP_ts (q'_t . k'_s) and sum_s dP_ts (dT q'_t . k'_s) (rows t), or their k-side
+    counterparts (rows s). Both kernels form them from the same float32 dP, scores and sines, so
+    that a pair's terms at t and at s cancel to float32 rounding in the reversed sums, rather than
+    to the rounding of 16-bit product operands (which made the gate gradients 10x less precise)."""
+    return jnp.sum(dpf * scores, axis=1), jnp.sum(dpf * sines, axis=1)
 
 
 def backward_q(key: RotatedKey):
@@ -504,38 +518,40 @@ def backward_q(key: RotatedKey):
     def body(place, *refs):
         ins, (dq, dL, dT, scratch) = refs[:-4], refs[-4:]
         q, k, v, dy, L, T, W, G, *starts = ins
-        ks, vw, dp, sc, ss, dq_buf, vec_buf = scratch
+        qs, ks, vw, dp, sc, ss, dq_buf, vec_buf = scratch
         init = _state_in(t, place, starts[0]) if starts else _zero_state(t, key)
         dq_rows, dL_row, dT_row = place.shares(dq), place.vec_shares(dL), place.vec_shares(dT)
 
-        def step(idx, q_t, kc, v_t, dy_t, L_t, T_t, W_t, G_t, carry):
-            Sc, Ss = carry            # k is turned in place: its slot then holds kc
+        def step(idx, qc, kc, v_t, dy_t, L_t, T_t, W_t, G_t, carry):
+            Sc, Ss = carry            # q and k are turned in place: their slots then hold qc, kc
             j = idx[0]
-            Lr, Lc = t.rows(L_t), t.cols(L_t)
-            Tr = t.rows(T_t)
-            cos, sin = jnp.cos(Tr), jnp.sin(Tr)
-            kf = t.load(kc).astype(F32)
-            _rotate(t, kf, cos, sin, kc, ks, dt)
+            Lr, Lc, cos, sin, qf, kf = _turn_in_place(t, L_t, T_t, qc, kc, qs, ks, dt)
             _scaled(t, v_t, t.rows(W_t), vw, dt)
             sc[...] = Sc.astype(dt)
             ss[...] = Ss.astype(dt)
             t.fence()
-            # dP = (dy v^T) weighted by exp(L_t - L_s) on s < t
+            # dP = (dy v^T) weighted by exp(L_t - L_s) on s < t; the scores q'_t . k'_s and the
+            # sines dT q'_t . k'_s of the same pairs for the position gradients
             dscores = t.mm(None, (dy_t, v_t, False, True))
             keep, decay = _causal_decay(t, Lr, Lc)
-            dp[...] = jnp.where(keep, dscores * decay, 0.0).astype(dt)
+            dpf = jnp.where(keep, dscores * decay, 0.0)
+            dp[...] = dpf.astype(dt)
+            scores = t.mm(None, (qc, kc, False, True), (qs, ks, False, True))
+            sines = t.mm(None, (qs, kc, False, True)) - t.mm(None, (qc, ks, False, True))
+            own_dot, own_turn = _pair_sums(dpf, scores, sines)
             t.fence()
-            # dq' = dP k' + exp(L_t) dy S_{j-1}^T
+            # dq' = exp(L_t) dy S_{j-1}^T (carried) + dP k' (the chunk's own pairs)
             e = _bcast_rows(jnp.exp(Lr), (C, d))
-            dqc = t.mm(t.mm(None, (dy_t, sc, False, True)) * e, (dp, kc, False, False))
-            dqs = t.mm(t.mm(None, (dy_t, ss, False, True)) * e, (dp, ks, False, False))
-            dq_t, dot, turn = _position_grads(t, t.load(q_t).astype(F32), cos, sin, dqc, dqs)
+            cqc = t.mm(None, (dy_t, sc, False, True)) * e
+            cqs = t.mm(None, (dy_t, ss, False, True)) * e
+            dot, turn = _dot_turn(t, qc, qs, cqc, cqs)
+            dq_t = _unturn(cos, sin, t.mm(cqc, (dp, kc, False, False)), t.mm(cqs, (dp, ks, False, False)))
             # the diagonal (q_t . k_t) v_t: dq_t += (dy_t . v_t) k_t, nothing in L or T
             dyv = _rowdot(t.load(dy_t).astype(F32), t.load(v_t).astype(F32))
             dq_t = dq_t + _bcast_rows(dyv, (C, d)) * kf
             _store_rows(t, dq_t, dq_buf, dq_rows, j)
-            _store_vec(t, dot, vec_buf, 0, dL_row, j)
-            _store_vec(t, turn, vec_buf, 1, dT_row, j)
+            _store_vec(t, dot + own_dot, vec_buf, 0, dL_row, j)
+            _store_vec(t, turn + own_turn, vec_buf, 1, dT_row, j)
             return _state_step(t, key, Sc, Ss, kc, ks, vw, G_t)
 
         _walk(key, step, init, False, ("qk", "qk", "v", "v", "pos", "pos", "pos", "chunk"),
@@ -544,6 +560,7 @@ def backward_q(key: RotatedKey):
         plgpu.wait_smem_to_gmem(0)
 
     scratch = [
+        plgpu.SMEM((C, d), dt, transforms=tr),        # qs
         plgpu.SMEM((C, d), dt, transforms=tr),        # ks
         plgpu.SMEM((C, BV), dt, transforms=tr),       # v weighted to the chunk's end
         plgpu.SMEM((C, C), dt, transforms=tr),        # dP
@@ -594,7 +611,11 @@ def backward_kv(key: RotatedKey):
             scores = t.mm(None, (kc, qc, False, True), (ks, qs, False, True))
             pt[...] = jnp.where(keep, scores * decay, 0.0).astype(dt)
             dscores = t.mm(None, (v_t, dy_t, False, True))
-            dpt[...] = jnp.where(keep, dscores * decay, 0.0).astype(dt)
+            dptf = jnp.where(keep, dscores * decay, 0.0)
+            dpt[...] = dptf.astype(dt)
+            # the same pairs' sines, as (s, t): q'_t . dT k'_s = -(dT q'_t . k'_s)
+            sines = t.mm(None, (ks, qc, False, True)) - t.mm(None, (kc, qs, False, True))
+            own_dot, own_turn = _pair_sums(dptf, scores, sines)
             t.fence()
             # dv = P^T dy + exp(L_C - L_s) k' dS_j
             carried = t.mm(None, (kc, dsc, False, False), (ks, dss, False, False))
@@ -605,13 +626,14 @@ def backward_kv(key: RotatedKey):
             _store_rows(t, dv_t, dv_buf, dv_rows, j)
             # dk' = dP^T q' + exp(L_C - L_s) v dS_j^T
             w = _bcast_rows(wr, (C, d))
-            dkc = t.mm(t.mm(None, (v_t, dsc, False, True)) * w, (dpt, qc, False, False))
-            dks = t.mm(t.mm(None, (v_t, dss, False, True)) * w, (dpt, qs, False, False))
-            dk_t, dot, turn = _position_grads(t, kf, cos, sin, dkc, dks)
+            ckc = t.mm(None, (v_t, dsc, False, True)) * w
+            cks = t.mm(None, (v_t, dss, False, True)) * w
+            dot, turn = _dot_turn(t, kc, ks, ckc, cks)
+            dk_t = _unturn(cos, sin, t.mm(ckc, (dpt, qc, False, False)), t.mm(cks, (dpt, qs, False, False)))
             dk_t = dk_t + _bcast_rows(_rowdot(dyf, t.load(v_t).astype(F32)), (C, d)) * qf
             _store_rows(t, dk_t, dk_buf, dk_rows, j)
-            _store_vec(t, -dot, vec_buf, 0, dL_row, j)
-            _store_vec(t, turn, vec_buf, 1, dT_row, j)
+            _store_vec(t, -(dot + own_dot), vec_buf, 0, dL_row, j)
+            _store_vec(t, turn + own_turn, vec_buf, 1, dT_row, j)
             return _state_step(t, key, dSc, dSs, qc, qs, dye, G_t)
 
         state = _walk(key, step, init, True, ("qk", "qk", "v", "v", "pos", "pos", "pos", "chunk"),
