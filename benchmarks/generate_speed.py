@@ -8,7 +8,8 @@ harness (gateloop_hybrid.generation: the same decode step, sampler and capture f
 Each (model, batch, context) gets a state as after a prompt of ``context`` tokens (the attention
 buffers hold context + new tokens and the first ``context`` are filled; a GateLoop state has one
 size at any context), then --new-tokens decode steps, each a decode step of every layer and a
-draw on the device; with --capture (default on CUDA) each step is a CUDA graph replay. Timed:
+draw on the device; with --capture (default on CUDA) each step is a CUDA graph replay; with
+--compile the step is compiled by torch.compile first (Inductor's fused kernels). Timed:
 the steps after --warmup, synchronized; reported: ms per step, new tokens/s (batch / step
 time), the state's bytes and torch's peak allocated memory. Weights in bf16 (--dtype).
 --max-batch-at C doubles the batch at context C until a step runs out of memory, per model.
@@ -43,7 +44,7 @@ def build(kind: str, dim: int, depth: int, device, dtype) -> Transformer:
     return Transformer(**kw).to(device=device, dtype=dtype).eval()
 
 
-def run(model, batch, context, new_tokens, warmup, capture, device):
+def run(model, batch, context, new_tokens, warmup, capture, device, compile=False):
     """(ms per step, state bytes, peak GiB or None)."""
     state = DecodeState(model, batch, context + new_tokens + warmup)
     for buf in state.layers:                       # as after a prompt of `context` tokens
@@ -51,7 +52,7 @@ def run(model, batch, context, new_tokens, warmup, capture, device):
             t.normal_()
     state.position.fill_(context)
     seeds = torch.arange(batch, device=device)
-    decoder = Decoder(model, state, seeds, temperature=1.0, top_k=50, capture=capture)
+    decoder = Decoder(model, state, seeds, temperature=1.0, top_k=50, capture=capture, compile=compile)
     tokens = torch.randint(0, 256, (batch,), device=device)
     active = torch.ones(batch, dtype=torch.bool, device=device)
     if device.type == "cuda":
@@ -84,6 +85,7 @@ def main(argv=None):
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--capture", choices=("auto", "yes", "no"), default="auto",
                    help="a CUDA graph per step (auto: on CUDA)")
+    p.add_argument("--compile", action="store_true", help="the step through torch.compile (fullgraph) first")
     p.add_argument("--max-batch-at", type=int, default=None, metavar="CONTEXT")
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path)
@@ -92,6 +94,7 @@ def main(argv=None):
     capture = device.type == "cuda" if args.capture == "auto" else args.capture == "yes"
     env = harness.environment(device)
     lines = harness.header(env)
+    lines.append(f"step: {'compiled, ' if args.compile else ''}{'a CUDA graph replay' if capture else 'eager'}")
     lines.append(f"{'model':>14} {'batch':>6} {'context':>8} {'ms/token':>9} {'tokens/s':>11} {'state MiB':>10} "
                  f"{'peak GiB':>9}")
     print("\n".join(lines), flush=True)
@@ -102,9 +105,10 @@ def main(argv=None):
         model = build(kind, args.dim, args.depth, device, dtype)
         for context in (int(c) for c in args.contexts.split(",")):
             for batch in (int(b) for b in args.batches.split(",")):
-                row = dict(model=kind, batch=batch, context=context, capture=capture)
+                row = dict(model=kind, batch=batch, context=context, capture=capture, compile=args.compile)
                 try:
-                    ms, nbytes, peak = run(model, batch, context, args.new_tokens, args.warmup, capture, device)
+                    ms, nbytes, peak = run(model, batch, context, args.new_tokens, args.warmup, capture, device,
+                                           args.compile)
                     row.update(ms_per_token=ms, tokens_per_s=batch * 1e3 / ms, state_bytes=nbytes, peak_gib=peak)
                     lines.append(f"{kind:>14} {batch:>6} {context:>8} {ms:9.3f} {batch * 1e3 / ms:11,.0f} "
                                  f"{nbytes / 2 ** 20:10.1f} {'-' if peak is None else f'{peak:9.2f}':>9}")

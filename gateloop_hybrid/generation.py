@@ -197,31 +197,33 @@ def prefill(model, prompt: Tensor, state: DecodeState, lengths: Optional[Tensor]
 # ---------------------------------------------------------------------------------------------
 # sampling on the device
 
-_MASK64 = (1 << 64) - 1
+_M32 = (1 << 32) - 1
 
 
-def _signed(c: int) -> int:
-    """A 64-bit constant as the signed int64 that has its bits."""
-    c &= _MASK64
-    return c - (1 << 64) if c >= 1 << 63 else c
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """x * c mod 2^32 for x in [0, 2^32), in int64 with no product past 2^49: signed overflow is
+    left to no compiler (Inductor's CPU code does not wrap it as eager torch does)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
 
 
-_GOLDEN, _MIX1, _MIX2 = _signed(0x9E3779B97F4A7C15), _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
-
-
-def _shift_right(x: Tensor, n: int) -> Tensor:
-    """Logical right shift of int64 bits (torch's >> is arithmetic)."""
-    return (x >> n) & ((1 << (64 - n)) - 1)
+def _fmix32(h: Tensor) -> Tensor:
+    """MurmurHash3's 32-bit finaliser on int64 tensors holding values in [0, 2^32)."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
 
 
 def uniforms(seeds: Tensor, counter: Tensor, size: int) -> Tensor:
-    """(b, size) float64 uniforms in (0, 1): splitmix64 of (seed, counter, index), per row."""
-    idx = torch.arange(size, device=seeds.device, dtype=torch.long)
-    x = seeds[:, None] * _GOLDEN + (counter[:, None] + 1) * _MIX2 + idx[None, :] * _MIX1
-    x = (x ^ _shift_right(x, 30)) * _MIX1
-    x = (x ^ _shift_right(x, 27)) * _MIX2
-    x = x ^ _shift_right(x, 31)
-    return (_shift_right(x, 11).double() + 0.5) * (1.0 / (1 << 53))
+    """(b, size) float64 uniforms in (0, 1) with 53 random bits: two hashes of (seed, counter,
+    index) per row, the same in eager torch, compiled code and on every device."""
+    idx = torch.arange(size, device=seeds.device, dtype=torch.long)[None, :]
+    row = _fmix32(_fmix32(_fmix32((seeds & _M32) ^ 0x9E3779B9) ^ ((seeds >> 32) & _M32))
+                  ^ ((counter + 1) & _M32))[:, None]
+    high = _fmix32(row ^ idx)
+    low = _fmix32(_fmix32(row ^ 0x27D4EB2F) ^ idx)
+    return (((high << 21) | (low >> 11)).double() + 0.5) * (1.0 / (1 << 53))
 
 
 def sample(logits: Tensor, seeds: Tensor, counter: Tensor, temperature: float = 1.0,
@@ -261,21 +263,30 @@ class Decoder:
     With ``capture=True`` (CUDA only) the first call warms the step up on a side stream, puts
     the state back as it was, and records step and sampling in a ``torch.cuda.CUDAGraph``; each
     later call copies the tokens in and replays it (the inputs and outputs live in fixed
-    buffers; the returned tensor is overwritten by the next call)."""
+    buffers; the returned tensor is overwritten by the next call).
+
+    With ``compile=True`` step and sampling go through ``torch.compile(fullgraph=True)`` first,
+    so that Inductor fuses each layer's small element-wise operations (one compile per batch size
+    and, for attention, buffer length); with ``capture`` the graph then records the fused kernels."""
 
     def __init__(self, model, state: DecodeState, seeds: Tensor, *, temperature: float = 1.0,
-                 top_k: Optional[int] = None, top_p: Optional[float] = None, capture: bool = False):
+                 top_k: Optional[int] = None, top_p: Optional[float] = None, capture: bool = False,
+                 compile: bool = False):
         self.model, self.state, self.seeds = model, state, seeds
         self.options = dict(temperature=temperature, top_k=top_k, top_p=top_p)
         self.counter = torch.zeros_like(seeds)
         self.capture = capture and state.position.is_cuda
         self.graph = None
+        self._step = torch.compile(self._eager_step, fullgraph=True, dynamic=False) if compile else self._eager_step
 
-    def _run(self, tokens: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
+    def _eager_step(self, tokens: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
         logits = decode_step(self.model, tokens, self.state, active)
         nxt = sample(logits, self.seeds, self.counter, **self.options)
         self.counter.add_(1)
         return nxt, logits
+
+    def _run(self, tokens: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
+        return self._step(tokens, active)
 
     def __call__(self, tokens: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
         """(next tokens (b,), the logits they were drawn from (b, V))."""

@@ -183,6 +183,30 @@ def test_decoder_eager_step_advances_the_counter_and_state():
     assert state.position.tolist() == [4, 3] and decoder.counter.tolist() == [1, 1]
 
 
+def test_a_compiled_decoder_draws_what_the_eager_one_draws():
+    """Decoder(compile=True): step and draw through torch.compile(fullgraph=True) give the eager
+    decoder's tokens and logits, and the same state, with a row going inactive."""
+    model = make("gateloop-wide")
+    runs = []
+    for compile_ in (False, True):
+        torch._dynamo.reset()
+        state = DecodeState(model, 2, 8)
+        decoder = generation.Decoder(model, state, torch.tensor([3, 4]), temperature=0.8, top_k=5,
+                                     compile=compile_)
+        with torch.no_grad():
+            prefill(model, torch.ones(2, 3, dtype=torch.long), state)
+            token, got = torch.tensor([4, 5]), []
+            for step in range(3):
+                token, logits = decoder(token, torch.tensor([True, step < 1]))
+                got.append((token.clone(), logits.clone()))
+        runs.append((got, [t.clone() for t in state.tensors()]))
+    for (t1, l1), (t2, l2) in zip(runs[0][0], runs[1][0]):
+        assert torch.equal(t1, t2)
+        torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-5)
+    for a, b in zip(runs[0][1], runs[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_save_pretrained_and_from_pretrained_round_trip(tmp_path):
     model = make("gateloop-wide")
     model.save_pretrained(tmp_path / "m")
