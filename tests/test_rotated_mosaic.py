@@ -111,6 +111,30 @@ def test_gate_loop_mixer_on_the_kernels_equals_its_composition(monkeypatch):
         assert float((a - r).abs().max()) <= tol * float(r.abs().max()), name
 
 
+@pytest.mark.parametrize("dtype,segments", [(torch.bfloat16, 3), (torch.float16, 1)])
+def test_an_overflow_at_t_leaves_earlier_outputs_bit_identical_on_the_kernels(monkeypatch, dtype, segments):
+    """The kernels' masks select: k at t = 100 (the middle of the second of three chunks) the
+    largest finite value, so q_s . k_t and k_t v_t overflow; every output before t equals a
+    clean run bit for bit, with one walk or with three segments chained."""
+    from gateloop_hybrid import routing
+    from gateloop_hybrid.kernels import mosaic_rotated
+    from gateloop_hybrid.mixer import gate_loop_mixer
+    route = routing.route
+    monkeypatch.setattr(routing, "route", lambda op, *a, **k: routing.Route("rotated", "forced")
+                        if op == "mixer" else route(op, *a, **k))
+    monkeypatch.setattr(mosaic_rotated, "choose_segments", lambda *a, **k: segments)
+    g = torch.Generator().manual_seed(4)
+    n, t, h, d = 150, 100, 1, 64
+    qkv = torch.randn(1, n, 3 * h * d, generator=g).to(dtype)
+    z = torch.randn(1, n, 2 * h, generator=g)
+    bad = qkv.clone()
+    bad[:, t, h * d:2 * h * d] = torch.finfo(dtype).max
+    clean, _ = gate_loop_mixer(qkv, z, heads=h)
+    y, _ = gate_loop_mixer(bad, z, heads=h)
+    assert not torch.isfinite(y[:, t:]).all()
+    assert torch.equal(y[:, :t], clean[:, :t])
+
+
 @pytest.mark.parametrize("d,block_v", [(64, 64), (128, 32)])
 @pytest.mark.parametrize("kernel", ["forward", "summary", "backward_q", "backward_kv", "summary_back"])
 def test_kernels_lower_for_cuda(d, block_v, kernel):
