@@ -33,8 +33,9 @@ import torch
 from torch import Tensor
 
 from .attention import CausalFullAttention
-from .gate_loop import GateLoopedAttention
+from .gate_loop import GateLoopedAttention, SimpleGateLoopLayer
 from .gates import gates
+from .hybrid import AugmentedAttention
 from .transformer import PreNorm
 
 # ---------------------------------------------------------------------------------------------
@@ -60,15 +61,22 @@ class DecodeState:
         cdtype = torch.complex128 if param.dtype == torch.float64 else torch.complex64
         self.batch, self.max_len = batch, max_len
         self.layers: list = []
+        real = torch.float64 if param.dtype == torch.float64 else torch.float32
+
+        def buffers(layer: CausalFullAttention):
+            shape = (batch, layer.heads, max_len, layer.dim_head)
+            return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+
         for attn, _ in model.layers:
             mixer = attn.fn
             if isinstance(mixer, GateLoopedAttention):
                 d = mixer.to_qkv.out_features // (3 * mixer.heads)
                 self.layers.append(torch.zeros(batch, mixer.heads, d, d, dtype=cdtype, device=device))
             elif isinstance(mixer, CausalFullAttention):
-                shape = (batch, mixer.heads, max_len, mixer.dim_head)
-                self.layers.append((torch.zeros(shape, dtype=dtype, device=device),
-                                    torch.zeros(shape, dtype=dtype, device=device)))
+                self.layers.append(buffers(mixer))
+            elif isinstance(mixer, AugmentedAttention):       # (the simple layer's state, k, v)
+                self.layers.append((torch.zeros(batch, mixer.gate_loop.dim, dtype=real, device=device),
+                                    *buffers(mixer.attn)))
             else:
                 raise TypeError(f"DecodeState: no decode step for {type(mixer).__name__}")
         self.position = torch.zeros(batch, dtype=torch.long, device=device)   # tokens consumed per row
@@ -84,15 +92,17 @@ class DecodeState:
 
     def load(self, caches: Sequence, n: int) -> None:
         """Take the caches of a forward over n tokens (``return_cache=True``) as the state."""
+        if n > self.max_len and any(isinstance(buf, tuple) for buf in self.layers):
+            raise ValueError(f"DecodeState: a prompt of {n} tokens exceeds max_len={self.max_len}")
         for buf, cache in zip(self.layers, caches):
-            if isinstance(buf, tuple):
-                k, v = cache
-                if n > self.max_len:
-                    raise ValueError(f"DecodeState: a prompt of {n} tokens exceeds max_len={self.max_len}")
-                buf[0][:, :, :n].copy_(k)
-                buf[1][:, :, :n].copy_(v)
-            else:
+            if not isinstance(buf, tuple):
                 buf.copy_(cache)
+                continue
+            if len(buf) == 3:                                   # AugmentedAttention
+                buf[0].copy_(cache[0])
+                buf, cache = buf[1:], cache[1]
+            buf[0][:, :, :n].copy_(cache[0])
+            buf[1][:, :, :n].copy_(cache[1])
         self.position.fill_(n)
 
 
@@ -114,6 +124,15 @@ def _gateloop_step(layer: GateLoopedAttention, x: Tensor, state: Tensor, active:
     if layer.to_gates is not None:
         out = layer.to_gates(x) * out
     return layer.to_out(out)
+
+
+def _simple_step(layer: SimpleGateLoopLayer, x: Tensor, state: Tensor, active: Tensor) -> Tensor:
+    """SimpleGateLoopLayer on one token per row, x (b, D): h = sigmoid(a) h + kv, y = q h; the
+    state (b, D) is updated in place where ``active``."""
+    q, kv, za = layer.to_qkva[0](layer.norm(x)).chunk(3, dim=-1)
+    new = za.sigmoid().to(state.dtype) * state + kv.to(state.dtype)
+    state.copy_(torch.where(active[:, None], new, state))
+    return layer.maybe_post_ln(q * new.to(q.dtype))
 
 
 def _attention_step(layer: CausalFullAttention, x: Tensor, cache, position: Tensor, active: Tensor,
@@ -163,6 +182,10 @@ def decode_step(model, tokens: Tensor, state: DecodeState, active: Optional[Tens
         inner = attn.norm(x) if isinstance(attn, PreNorm) else x
         if isinstance(mixer, GateLoopedAttention):
             out = _gateloop_step(mixer, inner, layer_state, active, ablate_complex, ablate_st)
+        elif isinstance(mixer, AugmentedAttention):
+            summary = _simple_step(mixer.gate_loop, inner, layer_state[0], active)
+            out = _attention_step(mixer.attn, inner + summary, layer_state[1:], state.position, active,
+                                  ablate_complex, ablate_st)
         else:
             out = _attention_step(mixer, inner, layer_state, state.position, active, ablate_complex, ablate_st)
         x = out + x if isinstance(attn, PreNorm) else attn.norm(out + x)

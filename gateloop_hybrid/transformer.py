@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import hybrid
 from .attention import CausalFullAttention
 from .gate_loop import GateLoopedAttention
 from .norms import RMSNorm, check_sizes
@@ -52,9 +53,10 @@ class PostNorm(nn.Module):
         return self.norm(out + x)
 
 
-def FeedForward(dim: int, mult: int = 4) -> nn.Sequential:
-    """Linear(D, mult D) -> GELU -> Linear(mult D, D), as a Sequential (seed state-dict keys)."""
-    dim_inner = dim * mult
+def FeedForward(dim: int, mult: int = 4, width: Optional[int] = None) -> nn.Sequential:
+    """Linear(D, mult D) -> GELU -> Linear(mult D, D), as a Sequential (seed state-dict keys);
+    ``width`` sets the hidden width instead of mult D."""
+    dim_inner = dim * mult if width is None else width
     return nn.Sequential(nn.Linear(dim, dim_inner), nn.GELU(), nn.Linear(dim_inner, dim))
 
 
@@ -83,6 +85,10 @@ class Transformer(nn.Module):
         post_ln_norm: post-LayerNorm residual blocks instead of pre-RMSNorm, and no final norm.
         sub_ln: LayerNorm inside GateLoopedAttention.
         scan_backend: backend name for ``gate_loop_scan``.
+        layer_pattern: one letter per layer, repeated to the depth: "g" GateLoop, "a" attention,
+            "m" attention after a SimpleGateLoopLayer (``hybrid``). Each block then holds a
+            GateLoop block's parameters (its feedforward widened or narrowed). Default: every
+            layer "g", or "a" with ``use_gate_looped_attn=False`` (feedforwards ``ff_mult * dim``).
     """
 
     def __init__(
@@ -108,46 +114,60 @@ class Transformer(nn.Module):
         post_ln_norm: bool = False,
         sub_ln: bool = False,
         scan_backend: str = "auto",
+        layer_pattern: Optional[str] = None,
     ):
         config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
         check_sizes("Transformer", dim=dim, num_tokens=num_tokens, depth=depth, ff_mult=ff_mult)
         self.config = config        # the constructor's arguments: save_pretrained writes them
-        if use_gate_looped_attn:
+        if layer_pattern is not None and not use_gate_looped_attn:
+            raise ValueError("Transformer: give layer_pattern or use_gate_looped_attn=False, not both "
+                             "(the pattern says which layers are attention)")
+        pattern = ("g" if use_gate_looped_attn else "a") * depth if layer_pattern is None else \
+            hybrid.parse_pattern(layer_pattern, depth)
+        if "g" in pattern:
             check_sizes("Transformer", gate_loop_heads=gate_loop_heads, dim_gate_looped_attn=dim_gate_looped_attn)
-        else:
+        if "a" in pattern or "m" in pattern:
             check_sizes("Transformer", heads=heads, dim_head=dim_head)
+        self.layer_pattern = pattern
         self.num_tokens = num_tokens
         self.ablate_complex = ablate_complex
         self.ablate_state_transition = ablate_state_transition
         self.token_emb = nn.Embedding(num_tokens, dim)
 
         wrapper = PostNorm if post_ln_norm else PreNorm
+
+        def make_gateloop():
+            return GateLoopedAttention(
+                dim=dim,
+                heads=gate_loop_heads,
+                dim_inner=dim_gate_looped_attn,
+                add_swish_gating=attn_add_swish_gating,
+                sub_ln=sub_ln,
+                checkpoint_gate_looped_attn=checkpoint_gate_looped_attn,
+                frac_gradient_state_transition=frac_gradient_state_transition,
+                scan_backend=scan_backend,
+            )
+
+        def make_attention():
+            return CausalFullAttention(
+                dim=dim,
+                dim_head=dim_head,
+                heads=heads,
+                rotary_emb=rotary_emb,
+                add_swish_gating=attn_add_swish_gating,
+                softmax_normalize=attn_softmax_normalize,
+                data_dependent_rel_pos=data_dependent_rel_pos,
+                frac_gradient_data_dependent_rel_pos=frac_gradient_state_transition,
+            )
+
+        reference = None if layer_pattern is None else hybrid.gateloop_mixer_parameters(make_gateloop)
         layers = []
-        for _ in range(depth):
-            if use_gate_looped_attn:
-                mixer = GateLoopedAttention(
-                    dim=dim,
-                    heads=gate_loop_heads,
-                    dim_inner=dim_gate_looped_attn,
-                    add_swish_gating=attn_add_swish_gating,
-                    sub_ln=sub_ln,
-                    checkpoint_gate_looped_attn=checkpoint_gate_looped_attn,
-                    frac_gradient_state_transition=frac_gradient_state_transition,
-                    scan_backend=scan_backend,
-                )
-            else:
-                mixer = CausalFullAttention(
-                    dim=dim,
-                    dim_head=dim_head,
-                    heads=heads,
-                    rotary_emb=rotary_emb,
-                    add_swish_gating=attn_add_swish_gating,
-                    softmax_normalize=attn_softmax_normalize,
-                    data_dependent_rel_pos=data_dependent_rel_pos,
-                    frac_gradient_data_dependent_rel_pos=frac_gradient_state_transition,
-                )
-            ff = FeedForward(dim=dim, mult=ff_mult)
+        for kind in pattern:
+            mixer = hybrid.build_mixer(kind, make_gateloop, make_attention, dim, scan_backend)
+            width = None if reference is None else hybrid.feedforward_width(
+                dim, ff_mult, hybrid.parameters_of(mixer), reference)
+            ff = FeedForward(dim=dim, mult=ff_mult, width=width)
             layers.append(nn.ModuleList([wrapper(dim, mixer), wrapper(dim, ff)]))
         self.layers = nn.ModuleList(layers)
 

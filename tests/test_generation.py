@@ -23,6 +23,8 @@ MODELS = {
     "attention-rotary": dict(use_gate_looped_attn=False, heads=2, dim_head=8, rotary_emb=True),
     "attention-rel-pos": dict(use_gate_looped_attn=False, heads=2, dim_head=8, data_dependent_rel_pos=True),
     "attention-linear": dict(use_gate_looped_attn=False, heads=2, dim_head=8, attn_softmax_normalize=False),
+    "hybrid-gm": dict(layer_pattern="gm", heads=2, dim_head=8),
+    "hybrid-am-rotary": dict(layer_pattern="am", heads=2, dim_head=8, rotary_emb=True),
 }
 
 

@@ -75,8 +75,12 @@ class TrainConfig:
     depth: int = option(6, "number of layers (one token mixer and one feed-forward each)")
     gate_loop_heads: int | None = option(512, "GateLoop heads, each with its own complex gate (512 = dim: one a channel)")
     attention: bool = option(False, "train the softmax-attention baseline instead (uses --heads, --dim-head)")
-    heads: int = option(8, "attention heads (with --attention)")
-    dim_head: int = option(64, "width of one attention head (with --attention)")
+    layer_pattern: str | None = option(
+        None, "a hybrid stack: one letter per layer, repeated to --depth: g GateLoop, a attention (--heads, "
+              "--dim-head), m attention after a SimpleGateLoopLayer; every block then holds a GateLoop block's "
+              "parameters (its feed-forward widened or narrowed; gateloop_hybrid.hybrid)", metavar="LETTERS")
+    heads: int = option(8, "attention heads (with --attention, or the a and m layers of --layer-pattern)")
+    dim_head: int = option(64, "width of one attention head (with --attention or --layer-pattern)")
     ff_mult: int = option(4, "feed-forward width as a multiple of --dim")
     scan_backend: str = option(
         "auto", "GateLoop scan backend: auto, loop, torch, heinsen, jax or pallas (auto picks the fastest "
@@ -137,6 +141,8 @@ class TrainConfig:
     def model_kwargs(self) -> dict:
         kw = dict(dim=self.dim, num_tokens=NUM_TOKENS, depth=self.depth, ff_mult=self.ff_mult,
                   use_gate_looped_attn=not self.attention)
+        if self.layer_pattern is not None:
+            kw.update(layer_pattern=self.layer_pattern, heads=self.heads, dim_head=self.dim_head)
         if self.attention:
             kw.update(heads=self.heads, dim_head=self.dim_head)
         else:
@@ -147,7 +153,7 @@ class TrainConfig:
 
 # Flags that a resumed run must keep: they define the model, the data stream or the RNG. (On a
 # different number of ranks --batch-size may change so that --batch-size x ranks stays the same.)
-RESUME_FIXED = ("dim", "depth", "gate_loop_heads", "attention", "heads", "dim_head", "ff_mult",
+RESUME_FIXED = ("dim", "depth", "gate_loop_heads", "attention", "layer_pattern", "heads", "dim_head", "ff_mult",
                 "seq_len", "batch_size", "seed")
 # Never taken from a checkpoint: they say what to do now, not what the run is. (out_dir is
 # where the checkpoint was found; metrics follow it unless --metrics is given again.)
@@ -278,6 +284,14 @@ def check_config(cfg: TrainConfig) -> None:
     if not cfg.attention and cfg.gate_loop_heads is not None:
         need(cfg.dim % cfg.gate_loop_heads == 0, "gate_loop_heads",
              f"must divide --dim {cfg.dim} (none: one gate per feature, --dim heads)")
+    if cfg.layer_pattern is not None:
+        need(not cfg.attention, "layer_pattern", "says which layers are attention; not with --attention")
+        need(cfg.framework == "torch", "layer_pattern", "hybrid stacks are built by the torch model only")
+        need(isinstance(cfg.layer_pattern, str) and cfg.layer_pattern != "" and set(cfg.layer_pattern) <= set("gam"),
+             "layer_pattern", "must be letters g (GateLoop), a (attention), m (attention after a SimpleGateLoopLayer)")
+        need(isinstance(cfg.layer_pattern, str) and cfg.layer_pattern != "" and is_int(cfg.depth)
+             and cfg.depth % len(cfg.layer_pattern) == 0, "layer_pattern",
+             f"must have one letter per layer, or a number of letters that divides --depth {cfg.depth}")
     need(cfg.preset is None or cfg.preset in PRESETS, "preset", f"unknown; choose one of {', '.join(PRESETS)}")
     need(cfg.compile is None or cfg.compile in COMPILE_MODES, "compile",
          f"unknown mode; choose one of {', '.join(COMPILE_MODES)}")

@@ -57,6 +57,8 @@ def summary_line(run: Run, state: dict | None) -> str:
     """The line a run prints as it starts: model, size, device, data, steps, output folder."""
     cfg = run.cfg
     model = "attention" if cfg.attention else f"GateLoop (scan {run.scan_backend})"
+    if cfg.layer_pattern is not None:
+        model = f"hybrid {cfg.layer_pattern} (g GateLoop, a attention, m simple GateLoop + attention; scan {run.scan_backend})"
     if cfg.framework != "torch":
         model = f"{model} in {cfg.framework}"
     where, name = run.device_info()
