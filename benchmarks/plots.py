@@ -5,8 +5,9 @@ redrawn from the JSON beside it by
     python benchmarks/plots.py                                  # every figure in FIGURES
     python benchmarks/plots.py results/h200/scan_speed.png      # the named ones
     python benchmarks/plots.py --out DIR                        # into DIR, not beside their JSON
-    python benchmarks/plots.py some.json -o some.png            # any scan_speed.py or model_speed.py
-                                                                # JSON, or summarise_train.py's runs.json
+    python benchmarks/plots.py some.json -o some.png            # any scan_speed.py, model_speed.py or
+                                                                # experiments.py report JSON, or
+                                                                # summarise_train.py's runs.json
 
 Needs matplotlib. PNGs are written with a 64-colour palette (a third of the bytes of full colour).
 """
@@ -152,6 +153,30 @@ def train_curves(runs: list[dict], path) -> None:
     _save(fig, path)
 
 
+def experiment_curves(experiments: dict, path) -> None:
+    """experiments.py's report: validation bits per character against steps and against training
+    seconds, one colour per run, the mean over seeds with a band from the lowest to the highest."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    for colour, (name, seeds) in enumerate(experiments["curves"].items()):
+        steps = sorted(set.intersection(*(set(c["step"]) for c in seeds)))
+        if not steps:
+            continue
+        at = [{s: (b, t) for s, b, t in zip(c["step"], c["bpc"], c["train_time_s"])} for c in seeds]
+        bpc = [[a[s][0] for a in at] for s in steps]
+        secs = [sum(a[s][1] for a in at) / len(at) for s in steps]
+        mean = [sum(b) / len(b) for b in bpc]
+        for ax, x in ((axes[0], steps), (axes[1], secs)):
+            ax.plot(x, mean, color=f"C{colour}", label=f"{name} ({len(seeds)} seed{'s' * (len(seeds) > 1)})")
+            if len(seeds) > 1:
+                ax.fill_between(x, [min(b) for b in bpc], [max(b) for b in bpc], color=f"C{colour}", alpha=0.2)
+    axes[0].set(xlabel="optimiser steps", ylabel="validation bits per char")
+    axes[1].set(xlabel="training seconds (mean over seeds)", ylabel="validation bits per char")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def draw(sources: list, path, where: dict | None = None) -> None:
     """Draw the JSON files' plot into path; the kind of plot follows from the files' keys."""
     data = [json.loads(Path(s).read_text()) for s in sources]
@@ -166,6 +191,8 @@ def draw(sources: list, path, where: dict | None = None) -> None:
         model_speed(rows, first["env"], path)
     elif "runs" in first:         # lab/summarise_train.py --json
         train_curves([r for d in data for r in d["runs"]], path)
+    elif "experiments" in first:  # experiments.py report --json
+        experiment_curves(first["experiments"], path)
     else:
         raise SystemExit(f"plots.py: {sources[0]} is none of scan_speed.py's, model_speed.py's or "
                          f"summarise_train.py's JSON")

@@ -82,6 +82,10 @@ class TrainConfig:
     heads: int = option(8, "attention heads (with --attention, or the a and m layers of --layer-pattern)")
     dim_head: int = option(64, "width of one attention head (with --attention or --layer-pattern)")
     ff_mult: int = option(4, "feed-forward width as a multiple of --dim")
+    rotary_emb: bool = option(False, "rotary position embedding in the attention layers")
+    ablate_complex: bool = option(False, "GateLoop with real gates only (the seed's ablate_complex)")
+    ablate_state_transition: bool = option(
+        False, "GateLoop without its data-controlled state transition (the seed's ablate_state_transition)")
     scan_backend: str = option(
         "auto", "GateLoop scan backend: auto, loop, torch, heinsen, jax or pallas (auto picks the fastest "
                 "one installed; see gateloop_hybrid.scan)", metavar="NAME")
@@ -141,6 +145,8 @@ class TrainConfig:
     def model_kwargs(self) -> dict:
         kw = dict(dim=self.dim, num_tokens=NUM_TOKENS, depth=self.depth, ff_mult=self.ff_mult,
                   use_gate_looped_attn=not self.attention)
+        kw.update({name: True for name in ("rotary_emb", "ablate_complex", "ablate_state_transition")
+                   if getattr(self, name)})       # only when set: older checkpoints' models are unchanged
         if self.layer_pattern is not None:
             kw.update(layer_pattern=self.layer_pattern, heads=self.heads, dim_head=self.dim_head)
         if self.attention:
@@ -154,6 +160,7 @@ class TrainConfig:
 # Flags that a resumed run must keep: they define the model, the data stream or the RNG. (On a
 # different number of ranks --batch-size may change so that --batch-size x ranks stays the same.)
 RESUME_FIXED = ("dim", "depth", "gate_loop_heads", "attention", "layer_pattern", "heads", "dim_head", "ff_mult",
+                "rotary_emb", "ablate_complex", "ablate_state_transition",
                 "seq_len", "batch_size", "seed")
 # Never taken from a checkpoint: they say what to do now, not what the run is. (out_dir is
 # where the checkpoint was found; metrics follow it unless --metrics is given again.)
