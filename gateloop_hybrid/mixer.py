@@ -14,7 +14,7 @@ Which form computes a call is ``routing.route("mixer", ...)``'s choice:
                 complex state never go to memory, except the states that backward reads when it
                 does not recompute them
     "composed"  torch ops around ``gate_loop_scan`` (composed_mixer), the fused kernels' reference
-    "rotated"   heads of 64 or 128 features in bfloat16 or float16, with backend "pallas", on a GPU that
+    "rotated"   heads of 32, 64 or 128 features in bfloat16 or float16, with backend "pallas", on a GPU that
                 runs the Mosaic GPU kernels: scalar-decay linear attention on rotated keys
                 (ops/rotated.py), each head's (2d, d) state on chip; rotated.py is its torch reference
     "chunked"   other heads wider than one feature: chunked.py (q k^T weighted by the gates' decay

@@ -14,7 +14,7 @@ and ``path`` is what runs:
 
     "fused"     one forward and one backward Mosaic GPU kernel for the whole mixer
                 (kernels/mosaic_mixer.py; one feature per head, or SimpleGateLoopLayer's real gates)
-    "rotated"   heads of 64 or 128 features with backend "pallas": the wide-head Mosaic GPU kernels
+    "rotated"   heads of 32, 64 or 128 features with backend "pallas": the wide-head Mosaic GPU kernels
                 (kernels/mosaic_rotated.py, ops/rotated.py), scalar-decay linear attention on rotated keys
     "chunked"   other heads wider than one feature: the chunked form (chunked.py), torch ops around a
                 scan over chunks
@@ -50,7 +50,7 @@ TORCH_ONLY = ("torch", "heinsen", "loop")
 OPS = ("scan", "mixer", "simple_mixer")
 _WIDE_DTYPES = ("float64", "complex128")
 _HALF_DTYPES = ("bfloat16", "float16")          # what the wide-head kernels take
-_WIDE_HEADS = (64, 128)                         # the head widths the wide-head kernels take
+_WIDE_HEADS = (32, 64, 128)                     # the head widths the wide-head kernels take (32 as 64)
 _KERNEL_TILE = 128                              # the Mosaic kernels' features per CTA
 CHUNK = 64                                      # the chunked form's chunk length (torch and JAX)
 

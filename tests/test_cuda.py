@@ -567,6 +567,7 @@ def test_wide_head_kernels_pass_their_self_test_and_take_the_route():
     (1, 777, 2, 128, torch.float16, False, 3),        # d = 128: four blocks of value columns
     (1, 4096, 2, 64, torch.bfloat16, True, 1),        # one walk over 64 chunks
     (3, 333, 1, 128, torch.bfloat16, True, None),
+    (2, 500, 4, 32, torch.bfloat16, True, None),      # d = 32, run as heads of 64
 ])
 def test_wide_head_kernels_match_the_float64_rotated_form(b, n, h, d, dtype, with_h0, segments):
     """Values, h_last and every gradient (q, k, v, log|a|, phase, h0) within 2% of the largest

@@ -68,12 +68,18 @@ def test_kernels_equal_the_float64_rotated_form_more_shapes(b, n, h, d, h0, segm
     compare(b, n, h, d, h0, segments)
 
 
+def test_heads_of_32_run_as_heads_of_64_with_zero_features():
+    """d = 32: values and every gradient against the float64 form, h0 and h_last cut back to 32."""
+    compare(1, 70, 2, 32, h0=True, segments=1)
+
+
 def test_supported_names_what_the_kernels_refuse():
     q = torch.zeros(1, 8, 2, 64, dtype=torch.bfloat16)
     g = torch.zeros(1, 8, 2)
     assert supported(q, q, q, g, g, None) is None
     assert "float32" in supported(q.float(), q.float(), q.float(), g, g, None)
-    assert "head width 32" in supported(q[..., :32], q[..., :32], q[..., :32], g, g, None)
+    assert supported(q[..., :32], q[..., :32], q[..., :32], g, g, None) is None     # run as heads of 64
+    assert "head width 16" in supported(q[..., :16], q[..., :16], q[..., :16], g, g, None)
     assert "complex64" in supported(q, q, q, g, g, torch.zeros(1, 2, 64, 64, dtype=torch.complex128))
     with pytest.raises(ValueError, match="rotated_heads_mosaic"):
         rotated_heads_mosaic(q.float(), q.float(), q.float(), g, g)
@@ -167,7 +173,7 @@ def test_route_takes_the_kernels_for_wide_half_precision_heads_on_a_gpu(monkeypa
         assert route(width=64).path == "rotated"
         assert "backend 'pallas' only" in route(width=64, backend="auto").why
         assert route(width=128, dtype="float16").path == "rotated"
-        assert "heads of (64, 128)" in route(width=32).why and route(width=32).path == "chunked"
+        assert "heads of (32, 64, 128)" in route(width=16).why and route(width=16).path == "chunked"
         assert "bfloat16 or float16" in route(width=64, dtype="float32").why
         assert route(width=64, backend="torch").path == "chunked"
         assert route(width=64, device="cpu").path == "chunked"

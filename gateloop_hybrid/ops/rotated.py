@@ -27,6 +27,9 @@ from ..kernels import walk as walks
 from .mosaic import _num_sms
 
 _DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+# head widths the kernels take as a wider head whose extra features are zero (the state's rows
+# are a wgmma's M, at least 64): the same result, at the wider head's cost
+_PADDED = {32: 64}
 
 
 def _interpreted(*arrays, key, kernel):
@@ -50,7 +53,7 @@ def supported(q: Tensor, k: Tensor, v: Tensor, log_mag: Tensor, phase: Tensor, h
         return f"h0 of {h0.dtype} (the kernels take complex64)"
     if b == 0:
         return "an empty batch"
-    return kern.supported(n, d, _DTYPES[q.dtype])
+    return kern.supported(n, _PADDED.get(d, d), _DTYPES[q.dtype])
 
 
 def _key(q: Tensor, segments: int | None = None) -> kern.RotatedKey:
@@ -178,7 +181,7 @@ def rotated_heads_mosaic(q: Tensor, k: Tensor, v: Tensor, log_mag: Tensor, phase
                          h0: Tensor | None = None, *, segments: int | None = None) -> tuple[Tensor, Tensor]:
     """``rotated.rotated_heads`` on the Mosaic GPU kernels: y (b, n, h, d) in q's dtype and the
     final state (b, h, d, d) complex64. q, k, v (b, n, h, d) bfloat16 or float16 with d in
-    kernels.mosaic_rotated.WIDTHS; log_mag, phase (b, n, h) float32; h0 None or complex64.
+    kernels.mosaic_rotated.WIDTHS, or d = 32 (run as heads of 64 with zero features); log_mag, phase (b, n, h) float32; h0 None or complex64.
     ``segments``: segments of time walked side by side (default: about one CTA per
     multiprocessor; see kernels.mosaic_rotated.choose_segments). Differentiable once.
     ValueError where the kernels do not take the tensors (``supported``)."""
@@ -187,4 +190,11 @@ def rotated_heads_mosaic(q: Tensor, k: Tensor, v: Tensor, log_mag: Tensor, phase
         raise ValueError(f"rotated_heads_mosaic: the wide-head kernels do not take {problem}")
     if segments is not None and (not isinstance(segments, int) or isinstance(segments, bool) or segments < 1):
         raise ValueError(f"rotated_heads_mosaic: segments must be a positive int or None, got {segments!r}")
-    return _RotatedHeads.apply(q, k, v, log_mag, phase, h0, segments)
+    d = q.shape[-1]
+    if d not in _PADDED:
+        return _RotatedHeads.apply(q, k, v, log_mag, phase, h0, segments)
+    extra = _PADDED[d] - d
+    q, k, v = (F.pad(t, (0, extra)) for t in (q, k, v))
+    h0 = None if h0 is None else F.pad(h0, (0, extra, 0, extra))
+    y, h_last = _RotatedHeads.apply(q, k, v, log_mag, phase, h0, segments)
+    return y[..., :d], h_last[..., :d, :d]
