@@ -148,6 +148,38 @@ class CausalFullAttention(nn.Module):
         a_cumprod = a.unsqueeze(-1).cumprod(dim=-2)  # over the feature pairs, as the seed
         return a_cumprod.real.clamp(min=1e-10)
 
+    def project(self, x: Tensor, positions: Tensor, ablate_complex: bool = False,
+                ablate_state_transition: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """q (scaled), k and v (b, h, n, d) of x (b, n, D): rotated at ``positions`` (which
+        broadcast against (b, h, n): (n,) for a sequence, (b, 1, 1) for one token per row), and
+        the seed's data-dependent scaling of q and k."""
+        q, k, v = self.to_qkv(x)
+        if self.rotary_emb is not None:
+            q = self.rotary_emb.at_positions(q, positions)
+            k = self.rotary_emb.at_positions(k, positions)
+        q = q * self.scale
+        if self.data_dependent_rel_pos and not ablate_state_transition:
+            rel = self._rel_pos_scale(x, ablate_complex)  # (b, h, n, d/2, 1)
+            q = (q.unflatten(-1, (-1, 2)) * rel.to(q.dtype)).flatten(-2)
+            k = (k.unflatten(-1, (-1, 2)) * (1.0 / rel).to(k.dtype)).flatten(-2)
+        return q, k, v
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, hidden: Tensor) -> Tensor:
+        """(b, h, i, d): the seed's explicit attention, softmax (or not) over q k^T with the keys
+        that ``hidden`` marks (True, broadcast to (b, h, i, j)) left out, times v."""
+        sim = torch.einsum("b h i d, b h j d -> b h i j", q, k)
+        if self.softmax_normalize:
+            attn = sim.masked_fill(hidden, -torch.finfo(sim.dtype).max).softmax(dim=-1)
+        else:
+            attn = sim.masked_fill(hidden, 0.0)
+        return torch.einsum("b h i j, b h j d -> b h i d", attn, v)
+
+    def output(self, x: Tensor, out: Tensor) -> Tensor:
+        """(b, n, D): the heads' outputs (b, h, n, d), gated by x where the layer gates, projected."""
+        if self.to_gates is not None:
+            out = out * self.to_gates(x)
+        return self.to_out(out)
+
     def _check_cache(self, cache, x: Tensor) -> None:
         """Refuse a cache that is not this layer's (k, v) for this batch, naming what differs."""
         what = "cache must be the (k, v) pair returned with return_cache=True by this attention layer"
@@ -192,20 +224,9 @@ class CausalFullAttention(nn.Module):
         check_features(x, self.dim, "CausalFullAttention")
         if cache is not None:
             self._check_cache(cache, x)
-        q, k, v = self.to_qkv(x)  # each (b, h, n, d)
         offset = 0 if cache is None else cache[0].shape[-2]
-
-        if self.rotary_emb is not None:
-            q = self.rotary_emb(q, offset=offset)
-            k = self.rotary_emb(k, offset=offset)
-
-        q = q * self.scale
-
-        if self.data_dependent_rel_pos and not ablate_state_transition:
-            rel = self._rel_pos_scale(x, ablate_complex)  # (b, h, n, d/2, 1)
-            rel_inverse = 1.0 / rel
-            q = (q.unflatten(-1, (-1, 2)) * rel.to(q.dtype)).flatten(-2)
-            k = (k.unflatten(-1, (-1, 2)) * rel_inverse.to(k.dtype)).flatten(-2)
+        positions = torch.arange(offset, offset + x.shape[1], device=x.device)
+        q, k, v = self.project(x, positions, ablate_complex, ablate_state_transition)   # each (b, h, n, d)
 
         if cache is not None:
             # a cache made under another autocast setting takes this call's dtype
@@ -223,18 +244,10 @@ class CausalFullAttention(nn.Module):
         else:
             # explicit path, as the seed: the rel-pos scaling divides k by up to 1e10 (its
             # clamp), where a fused kernel's online softmax rounds visibly differently
-            sim = torch.einsum("b h i d, b h j d -> b h i j", q, k)
             future = torch.ones((i, j), dtype=torch.bool, device=x.device).triu(j - i + 1)
-            if self.softmax_normalize:
-                attn = sim.masked_fill(future, -torch.finfo(sim.dtype).max).softmax(dim=-1)
-            else:
-                attn = sim.masked_fill(future, 0.0)
-            out = torch.einsum("b h i j, b h j d -> b h i d", attn, v)  # (b, h, n, d)
+            out = self.attend(q, k, v, future)  # (b, h, n, d)
 
-        if self.to_gates is not None:
-            out = out * self.to_gates(x)
-
-        out = self.to_out(out)  # (b, n, D)
+        out = self.output(x, out)  # (b, n, D)
         if not return_cache:
             return out
         return out, (k, v)

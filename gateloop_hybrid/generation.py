@@ -141,31 +141,15 @@ def _attention_step(layer: CausalFullAttention, x: Tensor, cache, position: Tens
     new key and value go to each row's ``position``, the query sees positions <= it."""
     k_buf, v_buf = cache
     x1 = x[:, None]                                     # (b, 1, D)
-    q, k, v = layer.to_qkv(x1)                          # each (b, h, 1, d)
-    if layer.rotary_emb is not None:
-        q = layer.rotary_emb.at_positions(q, position[:, None, None])
-        k = layer.rotary_emb.at_positions(k, position[:, None, None])
-    q = q * layer.scale
-    if layer.data_dependent_rel_pos and not ablate_state_transition:
-        rel = layer._rel_pos_scale(x1, ablate_complex)  # (b, h, 1, d/2, 1)
-        q = (q.unflatten(-1, (-1, 2)) * rel.to(q.dtype)).flatten(-2)
-        k = (k.unflatten(-1, (-1, 2)) * (1.0 / rel).to(k.dtype)).flatten(-2)
+    q, k, v = layer.project(x1, position[:, None, None], ablate_complex, ablate_state_transition)   # (b, h, 1, d)
     b, h, _, d = q.shape
     # an inactive row writes too, at the slot its next real token overwrites
     at = position.clamp(max=k_buf.shape[2] - 1)[:, None, None, None].expand(b, h, 1, d)
     k_buf.scatter_(2, at, k.to(k_buf.dtype))
     v_buf.scatter_(2, at, v.to(v_buf.dtype))
-    keys, values = k_buf.to(q.dtype), v_buf.to(q.dtype)
     visible = torch.arange(k_buf.shape[2], device=x.device)[None, :] <= position[:, None]   # (b, L)
-    sim = torch.einsum("b h i d, b h j d -> b h i j", q, keys)
-    if layer.softmax_normalize:
-        attn = sim.masked_fill(~visible[:, None, None], -torch.finfo(sim.dtype).max).softmax(dim=-1)
-    else:
-        attn = sim.masked_fill(~visible[:, None, None], 0.0)
-    out = torch.einsum("b h i j, b h j d -> b h i d", attn, values)
-    if layer.to_gates is not None:
-        out = out * layer.to_gates(x1)
-    return layer.to_out(out)[:, 0]
+    out = layer.attend(q, k_buf.to(q.dtype), v_buf.to(q.dtype), ~visible[:, None, None])
+    return layer.output(x1, out)[:, 0]
 
 
 def decode_step(model, tokens: Tensor, state: DecodeState, active: Optional[Tensor] = None,

@@ -17,13 +17,11 @@ rounded to a multiple of 8, so blocks agree to within 16 D + 8 parameters). A Ga
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor, nn
 
 from .attention import CausalFullAttention
-from .gate_loop import GateLoopedAttention, SimpleGateLoopLayer
+from .gate_loop import SimpleGateLoopLayer
 from .norms import check_features
 
 KINDS = {"g": "GateLoopedAttention", "a": "CausalFullAttention",

@@ -391,6 +391,15 @@ def _scaled(t: _Tile, x_ref, w, out_ref, dtype):
 # States (B, H, S, 2, d, d) float32, one [Sc; Ss] per segment of time.
 
 
+def _forward_walk_scratch(key: RotatedKey):
+    """SMEM of a walk forward in time over turned q and k: qs, ks, v weighted to the chunk's end,
+    one (C, C) product operand (P or dP), and the state's halves Sc, Ss as product operands."""
+    d, BV, dt, tr = key.d, key.block_v, key.jdtype, _operand(key)
+    return [plgpu.SMEM((C, d), dt, transforms=tr), plgpu.SMEM((C, d), dt, transforms=tr),
+            plgpu.SMEM((C, BV), dt, transforms=tr), plgpu.SMEM((C, C), dt, transforms=tr),
+            plgpu.SMEM((d, BV), dt, transforms=tr), plgpu.SMEM((d, BV), dt, transforms=tr)]
+
+
 def _state_step(t, key, Sc, Ss, xc, xs, yw, G_t):
     """One chunk of a walk's state: S = exp(L_C) S + [xc, xs]^T yw. Forward: x = k turned, yw = v
     weighted to the chunk's end, S the state at the chunk's end. Backward: x = q turned, yw =
@@ -436,15 +445,7 @@ def forward(key: RotatedKey):
                         place.table(G)))
         _state_out(t, place, (Sc, Ss), ends)
 
-    scratch = [
-        plgpu.SMEM((C, d), dt, transforms=tr),        # qs
-        plgpu.SMEM((C, d), dt, transforms=tr),        # ks
-        plgpu.SMEM((C, BV), dt, transforms=tr),       # v weighted to the chunk's end
-        plgpu.SMEM((C, C), dt, transforms=tr),        # P
-        plgpu.SMEM((d, BV), dt, transforms=tr),       # Sc as a product operand
-        plgpu.SMEM((d, BV), dt, transforms=tr),       # Ss
-        plgpu.SMEM((2, C, BV), dt, transforms=tr),    # y, two chunks in flight to HBM
-    ]
+    scratch = [*_forward_walk_scratch(key), plgpu.SMEM((2, C, BV), dt, transforms=tr)]   # y: two chunks to HBM
     out_type = (jax.ShapeDtypeStruct((key.B, key.N, key.H, d), dt), _states(key))
     return _kernel(body, key, out_type, scratch)
 
@@ -512,8 +513,8 @@ def backward_q(key: RotatedKey):
     chunk's starting state and gives the q side of the gradients. Outputs are this column
     block's shares, float32: dq (CB, B, N, H, d), dL_q and dT_q (CB, B, H, N), with
     dL_q = q' . dq' and dT_q = dq' . (dT q')."""
-    d, BV, dt = key.d, key.block_v, key.jdtype
-    t, tr = _Tile(key.interpret), _operand(key)
+    d, dt = key.d, key.jdtype
+    t = _Tile(key.interpret)
 
     def body(place, *refs):
         ins, (dq, dL, dT, scratch) = refs[:-4], refs[-4:]
@@ -560,12 +561,7 @@ def backward_q(key: RotatedKey):
         plgpu.wait_smem_to_gmem(0)
 
     scratch = [
-        plgpu.SMEM((C, d), dt, transforms=tr),        # qs
-        plgpu.SMEM((C, d), dt, transforms=tr),        # ks
-        plgpu.SMEM((C, BV), dt, transforms=tr),       # v weighted to the chunk's end
-        plgpu.SMEM((C, C), dt, transforms=tr),        # dP
-        plgpu.SMEM((d, BV), dt, transforms=tr),       # Sc as a product operand
-        plgpu.SMEM((d, BV), dt, transforms=tr),       # Ss
+        *_forward_walk_scratch(key),                  # the (C, C) tile holds dP
         plgpu.SMEM((2, C, d), F32, transforms=_transforms(d, 4)),    # dq, two chunks in flight
         plgpu.SMEM((2, 2, C), F32),                   # dL_q and dT_q, likewise
     ]
