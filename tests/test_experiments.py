@@ -48,24 +48,39 @@ def test_an_interrupted_set_resumes_where_it_stopped(tmp_path, capsys):
 
 def test_a_set_whose_options_changed_under_a_run_is_refused(tmp_path):
     out = tmp_path / "set"
-    assert run("run", "tiny", "--out", str(out), "--data", DATA, "--seeds", "0", "--only", "gateloop") == 0
+    run_ = experiments.plan("tiny", seeds=[0], only=["gateloop"])[0]
+    (out / run_["folder"]).mkdir(parents=True)
+    (out / run_["folder"] / experiments.FINISHED).write_text(json.dumps(dict(options=run_["options"])))
+    assert experiments.status(run_, out) == "finished"
     with pytest.raises(SystemExit, match=r"other options.*max_steps: 4 -> 6"):
-        run("run", "tiny", "--out", str(out), "--data", DATA, "--seeds", "0", "--only", "gateloop", "--steps", "6")
+        run("run", "tiny", "--out", str(out), "--seeds", "0", "--only", "gateloop", "--steps", "6")
+
+
+def write_metrics(folder: Path, seed: int, finished: bool = True):
+    """A run's metrics.jsonl as train.py writes it, resumed once (step 2 validated twice)."""
+    folder.mkdir(parents=True)
+    records = [dict(kind="start", step=0, resumed=False, params=1000, device="cpu"),
+               dict(kind="val", step=2, bpc=5.0 + seed, train_time_s=1.0),
+               dict(kind="start", step=2, resumed=True, params=1000, device="cpu"),
+               dict(kind="val", step=2, bpc=4.0 + seed, train_time_s=1.0),
+               dict(kind="val", step=4, bpc=3.0 + seed, train_time_s=2.0),
+               dict(kind="end", step=4, train_time_s=120.0, steady_tokens_per_s=500.0 + seed)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if finished:
+        (folder / experiments.FINISHED).write_text("{}")
 
 
 def test_the_report_averages_seeds_and_draws(tmp_path, capsys):
     out = tmp_path / "set"
-    assert run("run", "tiny", "--out", str(out), "--data", DATA, "--only", "attention") == 0
-    capsys.readouterr()
-    report = tmp_path / "report.json"
-    plot = tmp_path / "report.png"
-    plot_wanted = pytest.importorskip("matplotlib") is not None
+    write_metrics(out / "attention-seed0", 0)
+    write_metrics(out / "attention-seed1", 1, finished=False)
+    report, plot = tmp_path / "report.json", tmp_path / "report.png"
+    pytest.importorskip("matplotlib")
     assert run("report", "--out", str(out), "--json", str(report), "--plot", str(plot)) == 0
-    table = capsys.readouterr().out
-    assert "| attention | 2 (2) | 4 |" in table
-    rows = json.loads(report.read_text())["experiments"]["rows"]
-    assert rows[0]["seeds"] == 2 and rows[0]["bpc_std"] is not None
-    assert plot.stat().st_size > 0 and plot_wanted
+    assert "| attention | 2 (1) | 4 | 0.00M | 3.500 ± 0.707 | 500 | 2.0 |" in capsys.readouterr().out
+    result = json.loads(report.read_text())["experiments"]
+    assert result["curves"]["attention"][0]["bpc"] == [4.0, 3.0]     # the step run again counts once
+    assert plot.stat().st_size > 0
 
 
 def test_unknown_runs_and_dry_runs(tmp_path, capsys):
