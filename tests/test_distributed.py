@@ -142,6 +142,24 @@ def test_fsdp2_ranks_resume_a_one_process_checkpoint(one, tmp_path):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc), children first."""
+    parent = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            parent[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, pp in parent.items() if pp in frontier]
+        found += children
+        frontier = children
+    return found
+
+
 def test_two_ranks_killed_mid_run_resume_on_one_process(one, tmp_path):
     """kill -9 of torchrun and its ranks once a checkpoint exists; one process goes on from it."""
     import signal
@@ -162,7 +180,13 @@ def test_two_ranks_killed_mid_run_resume_on_one_process(one, tmp_path):
         while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
     finally:
+        ranks = descendants(proc.pid)        # torchrun starts its ranks outside its process group
         os.killpg(proc.pid, signal.SIGKILL)
+        for pid in ranks:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         proc.wait()
     step = checkpoint(out)["step"]
     assert step in (3, 6), step
