@@ -353,7 +353,7 @@ def row_seeds(seed, batch: int, device) -> Tensor:
 def generate(model, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, eos_token: Optional[int] = None,
              stream: Optional[Callable[[Tensor], None]] = None, seed=None, lengths: Optional[Tensor] = None,
-             capture: bool = False) -> Tensor:
+             capture: bool = False, compile: bool = False) -> Tensor:
     """``Transformer.generate``'s loop: prefill, then one captured-or-eager step per token.
     Arguments as ``Transformer.generate``, checked there (``lengths`` a tensor)."""
     b, n = prompt.shape
@@ -363,7 +363,8 @@ def generate(model, prompt: Tensor, max_new_tokens: int, *, temperature: float =
     state = DecodeState(model, b, n + max_new_tokens)
     seeds = row_seeds(seed, b, device)
     logits = prefill(model, prompt, state, None if lengths is None else lengths.long())
-    decoder = Decoder(model, state, seeds, temperature=temperature, top_k=top_k, top_p=top_p, capture=capture)
+    decoder = Decoder(model, state, seeds, temperature=temperature, top_k=top_k, top_p=top_p, capture=capture,
+                      compile=compile)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
     tokens = []

@@ -310,6 +310,7 @@ class Transformer(nn.Module):
         seed=None,
         lengths=None,
         capture: bool = False,
+        compile: bool = False,
     ) -> Tensor:
         """Sample new tokens after ``prompt_ids``.
 
@@ -333,6 +334,8 @@ class Transformer(nn.Module):
             lengths: (b,) prompt lengths when the rows' prompts differ in length: row i's prompt
                 is prompt_ids[i, :lengths[i]], the rest padding (any valid ids).
             capture: record the decode step in a CUDA graph and replay it per token (CUDA).
+            compile: put the decode step and draw through ``torch.compile`` first (Inductor fuses
+                each layer's small operations; one compile per batch size and buffer length).
 
         Returns:
             (b, num_tokens) the sampled tokens only (the prompt is not repeated), in the
@@ -356,8 +359,9 @@ class Transformer(nn.Module):
             raise ValueError(f"eos_token must be None or a token id in [0, {self.num_tokens}), got {eos_token!r}")
         if stream is not None and not callable(stream):
             raise TypeError(f"stream must be a callable taking each step's tokens, got {type(stream).__name__}")
-        if not isinstance(capture, bool):
-            raise TypeError(f"capture must be a bool, got {capture!r}")
+        for flag, value in (("capture", capture), ("compile", compile)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{flag} must be a bool, got {value!r}")
         if lengths is not None:
             lengths = torch.as_tensor(lengths)
             if (lengths.dtype.is_floating_point or lengths.dtype == torch.bool
@@ -374,5 +378,5 @@ class Transformer(nn.Module):
             )
         return generation.generate(self, prompt_ids, int(count), temperature=temperature, top_k=top_k,
                                    top_p=top_p, eos_token=eos_token, stream=stream, seed=seed,
-                                   lengths=lengths, capture=capture)
+                                   lengths=lengths, capture=capture, compile=compile)
 

@@ -209,6 +209,21 @@ def test_a_compiled_decoder_draws_what_the_eager_one_draws():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_generate_hands_capture_and_compile_to_the_decoder(monkeypatch):
+    seen = []
+    real = generation.Decoder
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["capture"], kwargs["compile"]))
+        return real(*args, **{**kwargs, "compile": False})
+    monkeypatch.setattr(generation, "Decoder", spy)
+    model = make("gateloop")
+    model.generate(torch.ones(1, 3, dtype=torch.long), 2, compile=True)
+    assert seen == [(False, True)]
+    with pytest.raises(TypeError, match="compile must be a bool"):
+        model.generate(torch.ones(1, 3, dtype=torch.long), 2, compile="yes")
+
+
 def test_save_pretrained_and_from_pretrained_round_trip(tmp_path):
     model = make("gateloop-wide")
     model.save_pretrained(tmp_path / "m")

@@ -101,7 +101,7 @@ def test_signatures_are_the_torch_layers_plus_a_key(name):
         methods.append(("generate", "generate"))
     # torch's generate runs on a decode state with more options (docs/generation.md); the JAX one
     # takes the core arguments, and requires num_tokens where torch also takes max_new_tokens
-    torch_only = {"max_new_tokens", "top_p", "eos_token", "stream", "seed", "lengths", "capture"}
+    torch_only = {"max_new_tokens", "top_p", "eos_token", "stream", "seed", "lengths", "capture", "compile"}
     for torch_method, jax_method in methods:
         theirs = inspect.signature(getattr(getattr(th, name), torch_method)).parameters.values()
         mine = inspect.signature(getattr(getattr(glj, name), jax_method)).parameters.values()
