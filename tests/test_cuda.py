@@ -662,44 +662,30 @@ def test_generate_with_capture_equals_generate_without():
 # --- a later position never reaches the past, on the GPU paths ------------------------------
 
 
+OVERFLOW_CASES = [(dtype, heads, d, "auto") for dtype in (torch.float32, torch.bfloat16, torch.float16)
+                  for heads, d in ((128, 1), (8, 16), (4, 64))]
+OVERFLOW_CASES += [(dtype, heads, d, "pallas") for dtype in (torch.bfloat16, torch.float16)
+                   for heads, d in ((4, 64), (2, 128))]
+
+
 @hopper
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("heads,d", [(128, 1), (8, 16), (4, 64)])
-def test_an_overflow_at_t_leaves_earlier_outputs_bit_identical_on_cuda(dtype, heads, d):
+@pytest.mark.parametrize("dtype,heads,d,backend", OVERFLOW_CASES)
+def test_an_overflow_at_t_leaves_earlier_outputs_bit_identical_on_cuda(dtype, heads, d, backend):
     """gate_loop_mixer on CUDA (the fused kernels with one feature per head, the chunked form
-    with the Mosaic scan across chunks for wider heads): k at t the largest finite value, so that
-    q_s . k_t and k_t v_t overflow; every output before t equals a clean run bit for bit."""
+    with the Mosaic scan across chunks for wider heads, and with backend "pallas" the wide-head
+    kernels): k at t the largest finite value, so that q_s . k_t and k_t v_t overflow; every
+    output before t equals a clean run bit for bit."""
     from gateloop_hybrid import explain
     from gateloop_hybrid.mixer import gate_loop_mixer
-    n, t = 200, 137
+    n, t = 300, 211
     g = torch.Generator().manual_seed(d)
     qkv = torch.randn(2, n, 3 * heads * d, generator=g).to(dtype).cuda()
     z = torch.randn(2, n, 2 * heads, generator=g).to(dtype).cuda()
     bad = qkv.clone()
     bad[:, t, heads * d:2 * heads * d] = torch.finfo(dtype).max
-    clean, _ = gate_loop_mixer(qkv, z, heads=heads)
-    y, _ = gate_loop_mixer(bad, z, heads=heads)
-    assert not torch.isfinite(y[:, t:]).all(), explain("mixer", device="cuda:0", dtype=str(dtype), heads=heads, width=d)
-    assert torch.equal(y[:, :t], clean[:, :t])
-
-
-@hopper
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("heads,d", [(4, 64), (2, 128)])
-def test_an_overflow_at_t_leaves_earlier_outputs_bit_identical_on_the_wide_head_kernels(dtype, heads, d):
-    """The same rule on the wide-head Mosaic GPU kernels (backend "pallas"): k at t the largest
-    finite value; every output before t equals a clean run bit for bit."""
-    from gateloop_hybrid import explain
-    from gateloop_hybrid.mixer import gate_loop_mixer
-    n, t = 300, 211
-    g = torch.Generator().manual_seed(d)
-    qkv = torch.randn(1, n, 3 * heads * d, generator=g).to(dtype).cuda()
-    z = torch.randn(1, n, 2 * heads, generator=g).to(dtype).cuda()
-    bad = qkv.clone()
-    bad[:, t, heads * d:2 * heads * d] = torch.finfo(dtype).max
-    why = explain("mixer", "pallas", device="cuda:0", dtype=str(dtype).removeprefix("torch."), heads=heads, width=d)
-    clean, _ = gate_loop_mixer(qkv, z, heads=heads, backend="pallas")
-    y, _ = gate_loop_mixer(bad, z, heads=heads, backend="pallas")
+    why = explain("mixer", backend, device="cuda:0", dtype=str(dtype).removeprefix("torch."), heads=heads, width=d)
+    clean, _ = gate_loop_mixer(qkv, z, heads=heads, backend=backend)
+    y, _ = gate_loop_mixer(bad, z, heads=heads, backend=backend)
     assert not torch.isfinite(y[:, t:]).all(), why
     assert torch.equal(y[:, :t], clean[:, :t]), why
 
