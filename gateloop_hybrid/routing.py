@@ -169,8 +169,8 @@ def _mixer_route(op, backend, device_type, index, dtype, heads, width, reverse, 
 def _wide_route(backend, device_type, index, dtype, width, kernel_takes, transforms) -> Route:
     blockers = []
     if backend == "auto":
-        # not yet by default: untimed on a GPU, and their gate gradients (through the phase,
-        # from a sum that cancels) are several times less precise in bf16 than the chunked form's
+        # not yet by default: untimed on a GPU, and their gate gradients in bf16 are within 1% of
+        # the largest against the chunked form's 0.5% (docs/wide_heads.md, precision)
         blockers.append("the wide-head kernels run with backend 'pallas' only, for now")
     elif backend != "pallas":
         blockers.append(f"backend {backend!r} asks for torch ops around the scan")
