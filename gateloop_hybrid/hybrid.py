@@ -41,7 +41,8 @@ class AugmentedAttention(nn.Module):
     def forward(self, x: Tensor, ablate_complex: bool = False, ablate_state_transition: bool = False,
                 cache=None, return_cache: bool = False):
         check_features(x, self.gate_loop.dim, "AugmentedAttention")
-        if cache is not None and not (isinstance(cache, (tuple, list)) and len(cache) == 2):
+        if cache is not None and not (isinstance(cache, (tuple, list)) and len(cache) == 2
+                                      and isinstance(cache[0], Tensor) and isinstance(cache[1], (tuple, list))):
             raise TypeError("AugmentedAttention: cache must be the (simple state, (k, v)) pair returned with "
                             f"return_cache=True, got {type(cache).__name__}")
         simple_cache, attn_cache = (None, None) if cache is None else cache

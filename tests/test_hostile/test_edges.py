@@ -1,6 +1,6 @@
 """Hostile inputs at the edges: causality of the chunked (wide-head) form under non-finite and
 overflowing values, non-bool options, out-of-range fractions, the JAX twin's inputs, an empty batch
-to the Mosaic kernels, and train.py's command line under torchrun-like launches, swapped or edited
+to the Mosaic kernels, hybrid stacks (patterns, decoding, caches), and train.py's command line under torchrun-like launches, swapped or edited
 data, odd devices and files, crafted checkpoints and a damaged launch environment.
 
 train.py and sample.py run as processes here (their command line is the interface under test).
@@ -208,6 +208,50 @@ def test_frac_gradient_out_of_range_refused(batch):
             out = GateLoopedAttention(8, heads=2, frac_gradient_state_transition=value)(torch.randn(1, 3, 8))
             return None if bool(out.isfinite().all()) else "non-finite output"
         call(f"GateLoopedAttention(frac_gradient_state_transition={value}) accepted", accepted)
+    batch.check()
+
+
+# ---- hybrid stacks ----------------------------------------------------------------------------
+
+
+def test_hybrid_stacks(batch):
+    from gateloop_hybrid import Transformer
+    from gateloop_hybrid.generation import DecodeState, decode_step, prefill
+    kw = dict(dim=16, num_tokens=11, depth=2, heads=2, dim_head=8, scan_backend="torch")
+    for value, error in (("G", ValueError), ("g a", ValueError), (" g", ValueError), ("gx", ValueError),
+                         ("", ValueError), ("gag", ValueError), ("gggg", ValueError), (123, TypeError),
+                         (b"g", TypeError), (["g", "a"], TypeError), (True, TypeError)):
+        call(f"Transformer(layer_pattern={value!r})", lambda value=value: Transformer(**kw, layer_pattern=value),
+             (error,), ("layer_pattern",))
+    call("Transformer(layer_pattern='ga', use_gate_looped_attn=False)",
+         lambda: Transformer(**kw, layer_pattern="ga", use_gate_looped_attn=False), (ValueError,), ("layer_pattern",))
+    ids = torch.randint(0, 11, (2, 7), generator=torch.Generator().manual_seed(0))
+    for pattern in ("g", "a", "m", "ga", "am", "mg"):
+        def decodes(pattern=pattern):
+            torch.manual_seed(0)
+            model = Transformer(**kw, layer_pattern=pattern).eval()
+            with torch.no_grad():
+                full = model(ids)
+                state = DecodeState(model, 2, 7)
+                steps = [prefill(model, ids[:, :3], state)]
+                steps += [decode_step(model, ids[:, t], state) for t in range(3, 7)]
+            err = float((torch.stack(steps, 1) - full[:, 2:7]).abs().max())
+            return None if err < 1e-5 else f"decoded logits differ from the forward's by {err:.2e}"
+        call(f"layer_pattern={pattern!r}: decoding equals the forward", decodes)
+    model = Transformer(**kw, layer_pattern="m")
+    layer = model.layers[0][0].fn
+    x = torch.randn(2, 3, 16)
+    _, good = layer(x, return_cache=True)
+    for label, cache, error, names in (
+            ("a GateLoop state", torch.zeros(2, 2, 8, 8, dtype=torch.complex64), TypeError, ("cache",)),
+            ("(k, v) alone", good[1], TypeError, ("cache",)),
+            ("the simple state for another batch", (torch.zeros(3, 16), good[1]), ValueError, ("cache",)),
+            ("(k, v) of another width", (good[0], (good[1][0][..., :4], good[1][1][..., :4])), ValueError, ("cache",)),
+            ("a list of three", [good[0], good[1], good[1]], TypeError, ("cache",))):
+        call(f"AugmentedAttention cache={label}", lambda cache=cache: layer(x, cache=cache), (error,), names)
+    for value in ("yes", 1, None):
+        call(f"generate(compile={value!r})", lambda value=value: model.generate(ids[:, :3], 2, compile=value),
+             (TypeError,), ("compile",))
     batch.check()
 
 
