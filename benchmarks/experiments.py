@@ -12,7 +12,7 @@ validation) and what each run changes (the model flags); every run is repeated f
 holds a checkpoint, and marks it finished when train.py returns 0 (``finished.json``). A run
 whose shared flags changed since it started is refused rather than mixed. ``--steps``,
 ``--seeds`` and ``--only`` narrow a set (a short trial, one run); ``--stop-after N`` ends after N
-runs. ``report`` reads every run's metrics.jsonl.
+runs; ``--compile MODE`` passes train.py's --compile (CUDA graphs: reduce-overhead). ``report`` reads every run's metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -96,10 +96,12 @@ def plan(set_name: str, steps: int | None = None, seeds: list[int] | None = None
     return out
 
 
-def train_command(run: dict, out: Path, data: str | None, resume: bool) -> list[str]:
+def train_command(run: dict, out: Path, data: str | None, resume: bool, compile_mode: str | None = None) -> list[str]:
     argv = [sys.executable, str(ROOT / "train.py"), *flags(run["options"]), "--out-dir", str(out / run["folder"])]
     if data:
         argv += ["--data", data]
+    if compile_mode:               # how this invocation runs, not what the run is: may change on a resume
+        argv += ["--compile", compile_mode]
     return argv + (["--resume"] if resume else [])
 
 
@@ -143,7 +145,7 @@ def run_set(args) -> int:
         folder = out / run["folder"]
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "options.json").write_text(json.dumps(run["options"], sort_keys=True) + "\n")
-        argv = train_command(run, out, data, resume=state == "partial")
+        argv = train_command(run, out, data, resume=state == "partial", compile_mode=args.compile)
         print(f"{run['folder']}: {'resuming' if state == 'partial' else 'starting'}: {' '.join(argv[1:])}", flush=True)
         if args.dry_run:
             continue
@@ -234,6 +236,7 @@ def main(argv=None) -> int:
     r.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], help="comma list instead of the set's")
     r.add_argument("--only", type=lambda s: s.split(","), help="comma list of the set's runs")
     r.add_argument("--stop-after", type=int, help="end after this many runs")
+    r.add_argument("--compile", metavar="MODE", help="train.py --compile for every run (e.g. reduce-overhead on CUDA)")
     r.add_argument("--dry-run", action="store_true", help="print the train.py commands, run none")
     rep = sub.add_parser("report", help="table, JSON and plot of the runs under --out")
     rep.add_argument("--out", required=True)

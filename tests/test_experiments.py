@@ -89,6 +89,8 @@ def test_unknown_runs_and_dry_runs(tmp_path, capsys):
     assert run("run", "seed-questions", "--out", str(tmp_path / "dry"), "--dry-run") == 0
     said = capsys.readouterr().out
     assert said.count("starting") == 14 and "--ablate-complex" in said and "--rotary-emb" in said
+    run("run", "tiny", "--out", str(tmp_path / "dry"), "--only", "gateloop", "--dry-run", "--compile", "default")
+    assert "--compile default" in capsys.readouterr().out
     assert not any((tmp_path / "dry").glob("*/metrics.jsonl"))
 
 
