@@ -1,7 +1,8 @@
 """Hostile inputs at the edges: causality of the chunked (wide-head) form under non-finite and
 overflowing values, non-bool options, out-of-range fractions, the JAX twin's inputs, an empty batch
-to the Mosaic kernels, hybrid stacks (patterns, decoding, caches), and train.py's command line under torchrun-like launches, swapped or edited
-data, odd devices and files, crafted checkpoints and a damaged launch environment.
+to the Mosaic kernels, hybrid stacks (patterns, decoding, caches), and train.py's command line
+under torchrun-like launches, swapped or edited data, odd devices and files, crafted checkpoints
+and a damaged launch environment.
 
 train.py and sample.py run as processes here (their command line is the interface under test).
 """
