@@ -125,7 +125,7 @@ class Transformer(nn.Module):
                              "(the pattern says which layers are attention)")
         pattern = ("g" if use_gate_looped_attn else "a") * depth if layer_pattern is None else \
             hybrid.parse_pattern(layer_pattern, depth)
-        if "g" in pattern:
+        if "g" in pattern or layer_pattern is not None:     # a pattern's blocks match a GateLoop block's size
             check_sizes("Transformer", gate_loop_heads=gate_loop_heads, dim_gate_looped_attn=dim_gate_looped_attn)
         if "a" in pattern or "m" in pattern:
             check_sizes("Transformer", heads=heads, dim_head=dim_head)
