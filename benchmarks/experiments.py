@@ -117,9 +117,10 @@ def status(run: dict, out: Path) -> str:
         return "finished"
     if (folder / "checkpoint.pt").is_file():
         started = folder / "options.json"
-        if started.is_file() and json.loads(started.read_text()) != run["options"]:
+        options = json.loads(started.read_text()) if started.is_file() else run["options"]
+        if options != run["options"]:
             raise SystemExit(f"experiments.py: {folder} was started with other options than the set now gives "
-                             f"({_differences(json.loads(started.read_text()), run['options'])}); use another --out")
+                             f"({_differences(options, run['options'])}); use another --out")
         return "partial"
     return "new"
 

@@ -41,8 +41,9 @@ and the caller turns them into the gradients of log|a| and of the phase by rever
 sums. In those sums a pair (t, s) adds its term at t and takes it away at s, so both kernels
 form a chunk's own pairs' part from the same float32 tiles (dP times the scores q'_t . k'_s and
 the sines dT q'_t . k'_s, row sums), and the carried part from the rounded operands the state
-products used: then the terms cancel to float32 rounding, not to bf16's. Each kernel returns its value-column block's share of the q- and k-side gradients (those
-sum over value columns); the caller adds the shares.
+products used: then the terms cancel to float32 rounding, not to bf16's. Each kernel returns
+its value-column block's share of the q- and k-side gradients (those sum over value columns);
+the caller adds the shares.
 
 Interpret mode (``interpret=True``) runs the same kernels on the CPU. Pallas's Mosaic GPU
 interpreter has no register layouts and no transposed wgmma operands, so the few operations that
@@ -504,7 +505,7 @@ def _pair_sums(dpf, scores, sines):
     sum_s dP_ts (q'_t . k'_s) and sum_s dP_ts (dT q'_t . k'_s) (rows t), or their k-side
     counterparts (rows s). Both kernels form them from the same float32 dP, scores and sines, so
     that a pair's terms at t and at s cancel to float32 rounding in the reversed sums, rather than
-    to the rounding of 16-bit product operands (which made the gate gradients 10x less precise)."""
+    to the rounding of 16-bit product operands (which made dz about 5x less precise)."""
     return jnp.sum(dpf * scores, axis=1), jnp.sum(dpf * sines, axis=1)
 
 

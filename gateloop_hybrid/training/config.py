@@ -292,9 +292,10 @@ def check_config(cfg: TrainConfig) -> None:
         need(cfg.dim % cfg.gate_loop_heads == 0, "gate_loop_heads",
              f"must divide --dim {cfg.dim} (none: one gate per feature, --dim heads)")
     if cfg.layer_pattern is not None:
+        from ..hybrid import KINDS      # the letters the model builds
         need(not cfg.attention, "layer_pattern", "says which layers are attention; not with --attention")
         need(cfg.framework == "torch", "layer_pattern", "hybrid stacks are built by the torch model only")
-        need(isinstance(cfg.layer_pattern, str) and cfg.layer_pattern != "" and set(cfg.layer_pattern) <= set("gam"),
+        need(isinstance(cfg.layer_pattern, str) and cfg.layer_pattern != "" and set(cfg.layer_pattern) <= set(KINDS),
              "layer_pattern", "must be letters g (GateLoop), a (attention), m (attention after a SimpleGateLoopLayer)")
         need(isinstance(cfg.layer_pattern, str) and cfg.layer_pattern != "" and is_int(cfg.depth)
              and cfg.depth % len(cfg.layer_pattern) == 0, "layer_pattern",
