@@ -64,6 +64,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from .._private import mosaic_interpret_params
 from .walk import as_key
 
+# Lane semantics: the kernels are lowered with the layouts their code gives the register arrays.
+# JAX 0.11 made Warpgroup semantics (layouts found by inference) the default, and on an H100 with
+# jax 0.11.2 that inference found no solution for the forward walk; jax 0.10 defaults to Lane.
+SEMANTICS = plgpu.LoweringSemantics.Lane
 C = 64                      # chunk length: the M of one wgmma
 F32 = jnp.float32
 WIDTHS = (64, 128)          # head widths d the kernels take (d a multiple of the 64-wide tiles)
@@ -247,7 +251,8 @@ def _kernel(body, key: RotatedKey, out_type, scratch):
     def entry(*refs):
         pl.run_scoped(lambda *s: body(_Place(key), *refs, s), *scratch)
     return plgpu.kernel(entry, out_type=out_type, grid=(key.H, key.col_blocks, key.B * key.segments),
-                        grid_names=("h", "cb", "bs"), **kw)
+                        grid_names=("h", "cb", "bs"),
+                        compiler_params=plgpu.CompilerParams(lowering_semantics=SEMANTICS), **kw)
 
 
 def _specs(key: RotatedKey, reverse: bool, *kinds):
