@@ -35,6 +35,23 @@ def gates(z: Tensor, frac_gradient: float = 1.0, ablate_complex: bool = False,
     return torch.polar(z.abs().sigmoid(), z.angle())
 
 
+def gate_parts(z: Tensor, ablate_complex: bool = False,
+               ablate_state_transition: bool = False) -> tuple[Tensor, Tensor]:
+    """The real and imaginary parts of ``gates`` (no gradient scaling), by the same formula,
+    sigmoid(|z|) (cos arg z, sin arg z), in real arithmetic only: a compiled decode step fuses it
+    with the state's update, where complex operations would each stay a kernel of their own."""
+    if z.dtype in (torch.float16, torch.bfloat16):
+        z = z.float()
+    re, im = z.unbind(-1)
+    if ablate_complex:
+        im = torch.zeros_like(im)
+    if ablate_state_transition:
+        return torch.ones_like(re), torch.zeros_like(re)
+    magnitude = torch.hypot(re, im).sigmoid()
+    angle = torch.atan2(im, re)
+    return magnitude * torch.cos(angle), magnitude * torch.sin(angle)
+
+
 def log_gates(z: Tensor, frac_gradient: float = 1.0, ablate_complex: bool = False,
               ablate_state_transition: bool = False) -> tuple[Tensor, Tensor]:
     """log|a| and arg a of the gates a = sigmoid(|z|) exp(i arg z), from (..., 2) pre-activations

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .attention import CausalFullAttention
 from .gate_loop import GateLoopedAttention, SimpleGateLoopLayer
-from .gates import gates
+from .gates import gate_parts
 from .hybrid import AugmentedAttention
 from .transformer import PreNorm
 
@@ -113,13 +113,19 @@ class DecodeState:
 def _gateloop_step(layer: GateLoopedAttention, x: Tensor, state: Tensor, active: Tensor,
                    ablate_complex: bool, ablate_state_transition: bool) -> Tensor:
     """GateLoopedAttention on one token per row, x (b, D): h = a h + k v^T, y = q . Re(h); the
-    state is updated in place where ``active``."""
+    state is updated in place where ``active``. In real arithmetic on the state's (re, im) view,
+    so that a compiled step fuses gates, update and write into a few kernels."""
     b, h = x.shape[0], layer.heads
     q, k, v = (t.unflatten(-1, (h, -1)) for t in layer.to_qkv(x).chunk(3, dim=-1))   # (b, h, d)
-    a = gates(layer.to_a[0](x).view(b, h, 2), 1.0, ablate_complex, ablate_state_transition)   # (b, h)
-    new = a[..., None, None] * state + k[..., :, None] * v[..., None, :]
-    state.copy_(torch.where(active[:, None, None, None], new, state))
-    y = torch.einsum("b h d, b h d e -> b h e", q, new.real.to(q.dtype)).flatten(1)   # (b, I)
+    a_re, a_im = (t[..., None, None] for t in
+                  gate_parts(layer.to_a[0](x).view(b, h, 2), ablate_complex, ablate_state_transition))
+    pairs = torch.view_as_real(state)                                     # (b, h, d, e, 2)
+    s_re, s_im = pairs.unbind(-1)
+    kv = (k[..., :, None] * v[..., None, :]).to(pairs.dtype)
+    new_re = a_re * s_re - a_im * s_im + kv
+    new_im = a_re * s_im + a_im * s_re
+    pairs.copy_(torch.where(active[:, None, None, None, None], torch.stack([new_re, new_im], -1), pairs))
+    y = torch.einsum("b h d, b h d e -> b h e", q, new_re.to(q.dtype)).flatten(1)   # (b, I)
     out = layer.maybe_sub_ln(y)
     if layer.to_gates is not None:
         out = layer.to_gates(x) * out

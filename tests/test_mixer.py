@@ -126,6 +126,23 @@ def test_gates_keep_values_and_scale_the_gradient():
     torch.testing.assert_close(g_frac, 0.25 * g_full)
 
 
+@pytest.mark.parametrize("ablate_complex,ablate_state_transition", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_gate_parts_are_the_gates_real_and_imaginary_parts(ablate_complex, ablate_state_transition, dtype):
+    """The decode step's real-arithmetic gates equal ``gates``, negative and zero z included."""
+    from gateloop_hybrid.gates import gate_parts
+    z = torch.randn(5, 7, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    z[0, 0] = 0.0
+    z[0, 1] = torch.tensor([-1.5, 0.0])
+    z = z.to(dtype)
+    want = gates(z, ablate_complex=ablate_complex, ablate_state_transition=ablate_state_transition)
+    re, im = gate_parts(z, ablate_complex, ablate_state_transition)
+    assert re.dtype == want.real.dtype
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(re, want.real, rtol=tol, atol=tol)
+    torch.testing.assert_close(im, want.imag, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(qkv=torch.zeros(2, 5, 10), heads=2), r"qkv's last dim \(10\) must be 3 \* heads \* d"),
     (dict(z=torch.zeros(2, 5, 3)), r"z must be \(batch, time, 2 \* heads\) = \(2, 5, 4\), got \(2, 5, 3\)"),

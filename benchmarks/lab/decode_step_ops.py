@@ -4,13 +4,15 @@ is a kernel launch, so in a captured step without torch.compile their count sets
 step's time (a few microseconds each).
 
     python benchmarks/lab/decode_step_ops.py                  # dim 512, depth 6, batch 1, on the CPU
-    python benchmarks/lab/decode_step_ops.py --device cuda --compile   # kernels of Inductor's step
+    python benchmarks/lab/decode_step_ops.py --compile        # Inductor's step: its fused kernels and the rest
+    python benchmarks/lab/decode_step_ops.py --device cuda --compile   # the device kernels of that step
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import re
 import sys
 from pathlib import Path
 
@@ -28,7 +30,26 @@ NO_KERNEL = {"aten::view", "aten::as_strided", "aten::reshape", "aten::unsqueeze
              "aten::_reshape_alias", "aten::alias", "aten::detach", "aten::lift_fresh", "aten::empty",
              "aten::empty_strided", "aten::resolve_conj", "aten::resolve_neg", "aten::_unsafe_view", "aten::split",
              "aten::chunk", "aten::narrow", "aten::view_as_real", "aten::view_as_complex", "aten::real",
-             "aten::imag", "aten::flatten", "aten::contiguous", "aten::result_type", "aten::empty_like"}
+             "aten::imag", "aten::flatten", "aten::contiguous", "aten::result_type", "aten::empty_like",
+             "aten::view_as_real", "aten::view_as_complex"}
+
+
+def inductor_calls(decoder, *args) -> list[str]:
+    """The calls in the ``call`` function of the code Inductor generates for the step: its fused
+    kernels, the library kernels (matmuls) and any aten op it falls back to."""
+    from torch._inductor.utils import run_and_get_code
+    _, codes = run_and_get_code(decoder, *args)
+    names = []
+    for code in codes:
+        body = code[code.index("def call("):]
+        for line in body.splitlines()[1:]:
+            if line.strip().startswith("return "):
+                break
+            m = re.search(r"\b(cpp_fused\w*|triton_\w+\.run|extern_kernels\.\w+|torch\.ops\.aten\.\w+)\(", line)
+            if m:
+                name = m.group(1)
+                names.append("fused" if name.startswith(("cpp_fused", "triton_")) else name)
+    return names
 
 
 def main(argv=None):
@@ -52,6 +73,11 @@ def main(argv=None):
         active = torch.ones(args.batch, dtype=torch.bool, device=device)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with torch.no_grad():
+            if args.compile and device.type == "cpu":
+                names = inductor_calls(decoder, tokens, active)
+                common = ", ".join(f"{n} {c}" for n, c in collections.Counter(names).most_common(8))
+                print(f"{kind:14s} {len(names):4d} kernel calls in Inductor's step; {common}")
+                continue
             for _ in range(3):
                 decoder(tokens, active)
             with profile(activities=activities) as prof:
@@ -60,9 +86,10 @@ def main(argv=None):
             names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
             what = "device kernels"
         else:
-            ops = [e for e in prof.events() if e.name.startswith("aten::")]
-            names = [e.name for e in ops if e.name not in NO_KERNEL
-                     and not any(c.name.startswith("aten::") for c in e.cpu_children)]
+            leaves = [e.name for e in prof.events() if not any(c.name.startswith(("aten::", "graph_"))
+                                                               for c in e.cpu_children)]
+            names = [n.split("_cpp_fused")[0] + "_fused" if n.startswith("graph_") else n for n in leaves
+                     if n.startswith("graph_") or (n.startswith("aten::") and n not in NO_KERNEL)]
             what = "leaf compute ops"
         common = ", ".join(f"{n.removeprefix('aten::')} {c}" for n, c in collections.Counter(names).most_common(8))
         print(f"{kind:14s} {len(names):4d} {what} per step; most frequent: {common}")
