@@ -52,6 +52,8 @@ class KernelModule:
     n_inputs: int
     results: tuple          # per custom-call result: (shape tuple, dtype name)
     returned: tuple         # the function's outputs, as indices into ``results``
+    zeroed: tuple = ()      # results that are also operands after the inputs, zero at launch:
+                            # the grid-wide semaphores of pl.get_global, as result indices
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,7 +85,7 @@ def _find_call(module, n_inputs: int, name: str) -> KernelModule:
     if len(mains) != 1:
         raise ValueError(f"{name}: the lowered module has {len(mains)} main functions, expected one")
     block = mains[0].body.blocks[0]
-    calls, other, ret = [], [], None
+    calls, other, ret, zeros = [], [], None, {}
     for op in block.operations:
         kind = op.operation.name
         if kind == "stablehlo.custom_call" and op.call_target_name.value == "mosaic_gpu_v2":
@@ -92,6 +94,11 @@ def _find_call(module, n_inputs: int, name: str) -> KernelModule:
             ret = op
         elif kind == "stablehlo.custom_call":
             other.append(f"custom_call @{op.call_target_name.value}")
+        elif kind == "stablehlo.constant" and _is_int32_zero(op.result.type, op.attributes["value"]):
+            zeros[op.result] = op
+        elif (kind == "stablehlo.broadcast_in_dim" and op.operands[0] in zeros
+              and str(ir.RankedTensorType(op.result.type).element_type) == "i32"):
+            zeros[op.result] = op   # zeros for the kernel's semaphores (checked below)
         else:
             other.append(kind)
     if not calls:
@@ -107,13 +114,27 @@ def _find_call(module, n_inputs: int, name: str) -> KernelModule:
     if len(args) != n_inputs:
         raise ValueError(f"{name}: {n_inputs} tensors were passed but the lowered function takes {len(args)} "
                          "arrays (jax.jit drops unused inputs): every input must go to the kernel")
-    if list(call.operands) != args:
+    operands = list(call.operands)
+    if operands[:n_inputs] != args or any(v not in zeros for v in operands[n_inputs:]):
         raise ValueError(f"{name}: the kernel's operands must be the function's inputs, each once and in "
                          "order (no reordering, duplicates or computed operands)")
-    aliases = call.output_operand_aliases
-    if aliases is not None and len(aliases):
-        raise ValueError(f"{name}: the kernel aliases outputs to inputs (input_output_aliases), which the "
-                         "launcher does not support: return fresh outputs")
+    # Operands after the inputs are zeros that the kernel updates in place (aliased to a result):
+    # Pallas's grid-wide semaphores. The launcher passes a zeroed buffer as both.
+    aliased = {}
+    for alias in (call.output_operand_aliases or ()):
+        text = str(alias)
+        operand = int(re.search(r"operand_index = (\d+)", text).group(1))
+        result = re.search(r"output_tuple_indices = \[(\d*)\]", text).group(1)
+        if operand < n_inputs or not result:
+            raise ValueError(f"{name}: the kernel aliases outputs to inputs (input_output_aliases), which the "
+                             "launcher does not support: return fresh outputs")
+        aliased[operand] = int(result)
+    if sorted(aliased) != list(range(n_inputs, len(operands))):
+        raise ValueError(f"{name}: the kernel takes {len(operands) - n_inputs} operands besides its inputs "
+                         "that are not semaphores updated in place; the launcher passes the inputs only")
+    zeroed = tuple(aliased[i] for i in range(n_inputs, len(operands)))
+    if any(index in returned_values(ret, call) for index in zeroed):
+        raise ValueError(f"{name}: the function returns the kernel's semaphores; return kernel outputs only")
     for attr_name in ("operand_layouts", "result_layouts"):
         if attr_name in call.attributes:
             for layout in call.attributes[attr_name]:
@@ -154,7 +175,23 @@ def _find_call(module, n_inputs: int, name: str) -> KernelModule:
                          "the launcher runs single-device kernels only")
     if not module_bytes:
         raise ValueError(f"{name}: the mosaic_gpu_v2 call has an empty module")
-    return KernelModule(bytes(module_bytes), n_inputs, tuple(results), tuple(returned))
+    return KernelModule(bytes(module_bytes), n_inputs, tuple(results), tuple(returned), zeroed)
+
+
+def returned_values(ret, call) -> set:
+    """Indices of the kernel results that the function returns."""
+    results = list(call.results)
+    return {results.index(v) for v in ret.operands if v in results}
+
+
+def _is_int32_zero(ty, value) -> bool:
+    from jax._src.lib.mlir import ir
+    try:
+        tensor = ir.RankedTensorType(ty)
+        return (str(tensor.element_type) == "i32" and ir.DenseElementsAttr(value).is_splat
+                and int(ir.DenseIntElementsAttr(value)[0]) == 0)
+    except (ValueError, TypeError, IndexError):
+        return False
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ testable without a GPU.
 
 Limits: the function calls exactly one single-device ``plgpu.kernel`` and does nothing else (no jnp
 work around it); its inputs go to the kernel in order and it returns kernel results; no
-input/output aliasing; inputs are contiguous, 16-byte aligned tensors of ``SUPPORTED_DTYPES`` (never
+input/output aliasing, except the grid-wide semaphores of ``pl.get_global``, which the launcher
+zeroes before every launch; inputs are contiguous, 16-byte aligned tensors of ``SUPPORTED_DTYPES`` (never
 copied or cast); Hopper or newer GPUs; jaxlib >= 0.11.1 with its CUDA plugin; not differentiable
 (wrap calls in your own ``torch.autograd.Function``).
 """
@@ -87,7 +88,9 @@ class _Launch:
         self.outputs = [(shape, getattr(torch, dtype)) for shape, dtype in module.results]
         # None: the outputs are the kernel's results in order (the common case)
         self.returned = None if module.returned == tuple(range(len(self.outputs))) else module.returned
-        self.buffers = (ctypes.c_void_p * (self.n_in + len(self.outputs)))()
+        # semaphores (pl.get_global): zeroed for every launch, passed as operand and as result
+        self.zeroed = module.zeroed
+        self.buffers = (ctypes.c_void_p * (self.n_in + len(self.zeroed) + len(self.outputs)))()
         self.captured = False   # launched during CUDA graph capture: never unloaded
 
     def __call__(self, tensors) -> tuple:
@@ -97,6 +100,10 @@ class _Launch:
                 raise ValueError(_misaligned(self.name, tensors))
         device = self.device
         outs = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in self.outputs]
+        if self.zeroed:
+            for i in self.zeroed:
+                outs[i].zero_()
+            ptrs += [outs[i].data_ptr() for i in self.zeroed]
         ptrs += [o.data_ptr() for o in outs]
         self.buffers[:] = ptrs
         index = self.index

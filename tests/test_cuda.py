@@ -135,8 +135,13 @@ def test_pallas_backend_runs_the_mosaic_kernels_on_hopper():
     ((1, 20001, 128), (128,), True, False),        # few CTAs: the walk is cut into time chunks
     ((1, 1, 128), (128,), False, True),
 ])
-def test_mosaic_scan_matches_reference(shape, a_feat, complex_, reverse):
+@pytest.mark.parametrize("one_pass", [False, True], ids=["two-pass", "one-pass"])
+def test_mosaic_scan_matches_reference(monkeypatch, shape, a_feat, complex_, reverse, one_pass):
+    from gateloop_hybrid.kernels import walk
+    from gateloop_hybrid.ops import mosaic as mosaic_op
     from gateloop_hybrid.scan.reference import scan_reference
+    monkeypatch.setattr(walk, "ONE_PASS", one_pass)
+    monkeypatch.setattr(mosaic_op, "_PLANS", {})     # plans hold the walks chosen when made
     g = torch.Generator().manual_seed(len(shape) * 1000 + shape[1])
     a_shape = (*shape[:2], *a_feat)
     a = 0.5 + 0.49 * torch.rand(a_shape, generator=g, dtype=torch.float64)
@@ -229,8 +234,13 @@ def test_mosaic_scan_on_a_side_stream_and_compiled():
     (1, 3001, 128, torch.float32, True),     # cut into time chunks
     (2, 777, 128, torch.bfloat16, False),
 ])
-def test_fused_mixer_matches_float64_composition(B, N, H, dtype, recompute):
+@pytest.mark.parametrize("one_pass", [False, True], ids=["two-pass", "one-pass"])
+def test_fused_mixer_matches_float64_composition(monkeypatch, B, N, H, dtype, recompute, one_pass):
+    from gateloop_hybrid.kernels import walk
     from gateloop_hybrid.mixer import gate_loop_mixer
+    from gateloop_hybrid.ops import mosaic as mosaic_op
+    monkeypatch.setattr(walk, "ONE_PASS", one_pass)
+    monkeypatch.setattr(mosaic_op, "_PLANS", {})     # plans hold the walks chosen when made
     g = torch.Generator().manual_seed(0)
     qkv = torch.randn(B, N, 3 * H, generator=g, dtype=torch.float64)
     z = 3 * torch.randn(B, N, 2 * H, generator=g, dtype=torch.float64)

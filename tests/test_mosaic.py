@@ -65,12 +65,27 @@ def test_values_and_gradients(name):
     check(*make(B, N, xf, af, ca, cx, c0, h0), rev, 2e-5)
 
 
-@pytest.mark.parametrize("complex_,n,chunks", [(False, 29, 3), (True, 29, 3), (True, 9, 4)])
-def test_walk_cut_into_time_chunks(monkeypatch, complex_, n, chunks):
-    """Forward and backward through the summary and finishing kernels, chunks of unequal length
-    (9 steps asked in 4 chunks run as 3 of 3)."""
+@pytest.mark.parametrize("complex_,n,chunks,one_pass", [(False, 29, 3, False), (True, 29, 3, False),
+                                                        (True, 9, 4, False), (False, 29, 3, True),
+                                                        (True, 30, 4, True)])
+def test_walk_cut_into_time_chunks(monkeypatch, complex_, n, chunks, one_pass):
+    """Forward and backward through the summary and finishing kernels, or the one-pass kernel,
+    chunks of unequal length (9 steps asked in 4 chunks run as 3 of 3)."""
     monkeypatch.setattr(walk, "choose_walk", lambda B, N, F, cplx, sms, backward: (chunks, 4))
-    check(*make(1, n, (128,), (128,), complex_, complex_, complex_, True), complex_, 2e-5)
+    monkeypatch.setattr(walk, "ONE_PASS", one_pass)
+    check(*make(2, n, (2, 128), (2, 128), complex_, complex_, complex_, True), complex_, 2e-5)
+
+
+def test_one_pass_walks_are_one_kernel_with_at_most_a_chunk_per_multiprocessor(monkeypatch):
+    a, x, h0 = make(1, 300, (128,), (128,), False, False, False, True)
+    monkeypatch.setattr(walk, "choose_walk", lambda B, N, F, cplx, sms, backward: (200, 4))
+    monkeypatch.setattr(walk, "ONE_PASS", True)
+    plan = mosaic_op._Plan(a, x, h0, False, bind=False)
+    assert walk.stages(plan.fwd_walk) == walk.stages(plan.bwd_walk) == ("onepass",)
+    assert plan.fwd_walk.chunks == 100      # at most 132 chunks, none empty: 100 of 3 steps
+    monkeypatch.setattr(walk, "ONE_PASS", False)
+    plan = mosaic_op._Plan(a, x, h0, False, bind=False)
+    assert walk.stages(plan.fwd_walk) == ("summary", "finish") and plan.fwd_walk.chunks == 150
 
 
 def test_chunks_cover_the_walk():

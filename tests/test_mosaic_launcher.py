@@ -495,6 +495,39 @@ def test_launch_on_the_tensors_gpu_whatever_torchs_current_device(fake_launch, m
     assert log[-1][1] == (0x5EA + 1, 1) and switches == [1]
 
 
+def chained_fn(x):
+    """Four CTAs, each waiting for its predecessor through a grid-wide semaphore."""
+    def body(x_ref, o_ref):
+        sems = pl.get_global(plgpu.SemaphoreType.REGULAR((4,)))
+        i = jax.lax.axis_index("x")
+
+        @pl.when(i > 0)
+        def _():
+            plgpu.semaphore_wait(sems.at[i - 1], 1, memory_scope="gpu")
+        o_ref[pl.ds(i * 128, 128)] = x_ref[pl.ds(i * 128, 128)] + 1.0
+        plgpu.semaphore_signal(sems.at[i], 1, memory_scope="gpu")
+    return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((512,), jnp.float32), grid=(4,),
+                        grid_names=("x",))(x)
+
+
+def test_lower_finds_grid_wide_semaphores():
+    m = _mosaic_abi.lower(chained_fn, [jax.ShapeDtypeStruct((512,), jnp.float32)], "chained")
+    assert m.n_inputs == 1 and m.results == (((512,), "float32"), ((4,), "int32"))
+    assert m.returned == (0,) and m.zeroed == (1,)
+
+
+def test_launch_passes_zeroed_semaphores_as_operand_and_result(fake_launch):
+    compiled, log = fake_launch
+    k = MosaicKernel(chained_fn, name="chained")
+    x = x_of((512,))
+    (out,) = k(x)
+    (_, _, pointers), = log
+    assert out.shape == (512,) and len(pointers) == 4
+    assert pointers[0] == x.data_ptr() and pointers[1] == pointers[3] and pointers[2] == out.data_ptr()
+    assert pointers[1] not in (x.data_ptr(), out.data_ptr())
+    assert next(iter(k._entries.values())).zeroed == (1,)
+
+
 def test_launch_eviction_unloads(fake_launch):
     compiled, _ = fake_launch
     k = MosaicKernel(axpy_fn, name="axpy")
@@ -516,6 +549,16 @@ def test_launch_refuses_misaligned(fake_launch):
 
 # --------------------------------------------------------------------------------------------
 # GPU (Hopper or newer)
+
+
+@needs_gpu
+def test_gpu_grid_wide_semaphores_chain_the_ctas_on_every_launch():
+    """The semaphores start at zero on every launch (a stale count would let a CTA run early)."""
+    k = MosaicKernel(chained_fn, name="chained")
+    x = x_of((512,)).cuda()
+    for _ in range(3):
+        (o,) = k(x)
+        torch.testing.assert_close(o, x + 1)
 
 
 @needs_gpu

@@ -60,6 +60,7 @@ class Mixer:
     block: int = 8
     interpret: bool = False
     real: bool = False        # SimpleGateLoopLayer's real gates (see the module docstring)
+    one_pass: bool = False    # chunks > 1: one kernel exchanging summaries (walk.stages)
 
     @property
     def cplx(self) -> bool:
@@ -220,17 +221,21 @@ def _refs(m: Mixer, stage: str, dtypes: dict):
         outs["h_last"] = jax.ShapeDtypeStruct((B, H, *pair), f32)
         if m.write_h:
             outs["h_out"] = jax.ShapeDtypeStruct((B, N, H, *pair), f32)
+    sums = {"sum_a": jax.ShapeDtypeStruct((B, m.chunks, H, *pair), f32),
+            "sum_x": jax.ShapeDtypeStruct((B, m.chunks, H, *pair), f32)}
     if stage == "summary":
-        outs = {"sum_a": jax.ShapeDtypeStruct((B, m.chunks, H, *pair), f32),
-                "sum_x": jax.ShapeDtypeStruct((B, m.chunks, H, *pair), f32)}
+        outs = sums
     elif stage == "finish":
         ins = (*ins, "sum_a", "sum_x")
+    elif stage == "onepass":    # the summaries are outputs the chunks exchange (dropped by mixer_stage)
+        outs = {**outs, **sums}
     return ins, outs
 
 
 def mixer_stage(*arrays, mixer: Mixer | tuple, stage: str):
-    """Run one kernel of the mixer: "single" (chunks == 1), or "summary" then "finish" (whose
-    inputs end with the summary's two outputs). ``mixer`` may be the tuple of its fields.
+    """Run one kernel of the mixer (``walk.stages``): "single" (chunks == 1), "onepass", or
+    "summary" then "finish" (whose inputs end with the summary's two outputs). ``mixer`` may be
+    the tuple of its fields.
 
     Forward inputs: z, qkv, [h0]; outputs [y], h_last, [h] (y if write_y, h if write_h).
     Backward inputs: z, qkv, h, dy, [g_last], [h0]; outputs dz, dqkv, [dh0].
@@ -239,4 +244,5 @@ def mixer_stage(*arrays, mixer: Mixer | tuple, stage: str):
     m = walks.as_key(Mixer, mixer)
     dtypes = {"qkv": arrays[0].dtype} if m.real else {"z": arrays[0].dtype, "qkv": arrays[1].dtype}
     ins, outs = _refs(m, stage, dtypes)
-    return walks.build(_MixerBody, m, stage, ins, outs)(*arrays)
+    results = walks.build(_MixerBody, m, stage, ins, outs)(*arrays)
+    return results[:-2] if stage == "onepass" else results

@@ -57,6 +57,7 @@ class Walk:
     chunks: int = 1
     block: int = 8
     interpret: bool = False
+    one_pass: bool = False    # chunks > 1: one kernel exchanging summaries (walk.stages)
 
     def __post_init__(self):
         walks.check_chunks(self)
@@ -182,18 +183,21 @@ def _stage_refs(w: Walk, stage: str, out_dtypes: tuple):
         ins = ("a", "x", *(("init",) if w.has_init else ()))
         outs = {"h_out": jax.ShapeDtypeStruct(pairs((B, N, F), w.cplx), out_dtypes[0]),
                 "h_last": jax.ShapeDtypeStruct(pairs((B, F), w.cplx), out_dtypes[1])}
+    sums = {"sum_a": jax.ShapeDtypeStruct(pairs((B, w.chunks, F), w.complex_a), F32),
+            "sum_x": jax.ShapeDtypeStruct(pairs((B, w.chunks, F), w.cplx), F32)}
     if stage == "summary":
-        outs = {"sum_a": jax.ShapeDtypeStruct(pairs((B, w.chunks, F), w.complex_a), F32),
-                "sum_x": jax.ShapeDtypeStruct(pairs((B, w.chunks, F), w.cplx), F32)}
+        outs = sums
     elif stage == "finish":
         ins = (*ins, "sum_a", "sum_x")
+    elif stage == "onepass":    # the summaries are outputs the chunks exchange (dropped by stage)
+        outs = {**outs, **sums}
     return ins, outs
 
 
 def stage(*arrays, walk: Walk | tuple, stage: str, out_dtypes: tuple):
-    """Run one kernel of a walk: "single" (chunks == 1), or "summary" then "finish" (whose
-    inputs end with the summary's two outputs). ``walk`` may be given as the tuple of its fields
-    (plain values are what torch.compile passes to an opaque op).
+    """Run one kernel of a walk (``walk.stages``): "single" (chunks == 1), "onepass", or
+    "summary" then "finish" (whose inputs end with the summary's two outputs). ``walk`` may be
+    given as the tuple of its fields (plain values are what torch.compile passes to an opaque op).
 
     Forward inputs: a, x, [h0]; outputs h, h_last (dtypes out_dtypes).
     Backward inputs: a, g, h, [g_last], [h0]; outputs dx, da_full (da before summing over the
@@ -202,13 +206,14 @@ def stage(*arrays, walk: Walk | tuple, stage: str, out_dtypes: tuple):
     walk = walks.as_key(Walk, walk)
     walk.gate_mode()
     ins, outs = _stage_refs(walk, stage, out_dtypes)
-    return walks.build(_ScanBody, walk, stage, ins, outs)(*arrays)
+    results = walks.build(_ScanBody, walk, stage, ins, outs)(*arrays)
+    return results[:-2] if stage == "onepass" else results
 
 
 def walk_kernel(w: Walk, out_dtypes: tuple):
     """The whole walk as one JAX function of the stage's inputs (one or two kernels)."""
-    if w.chunks == 1:
-        return functools.partial(stage, walk=w, stage="single", out_dtypes=out_dtypes)
+    if len(walks.stages(w)) == 1:
+        return functools.partial(stage, walk=w, stage=walks.stages(w)[0], out_dtypes=out_dtypes)
 
     def chunked(*args):
         sums = stage(*args, walk=w, stage="summary", out_dtypes=out_dtypes)

@@ -8,9 +8,11 @@ to every walk kernel (the scan in mosaic_scan.py, the fused mixers in mosaic_mix
   It is the kernel's compile key (with the inputs' dtypes), and it reaches the torch op as the
   plain tuple of its fields (``key_fields``), which is what an opaque op under torch.compile takes.
 - **The body** (``WalkBody``): loads and stores of rows and vectors, the double-buffered walk over
-  blocks of K steps, the chunk geometry and the three kernel entry points ("single"; "summary"
-  then "finish" when the time axis is cut into chunks). A kernel subclasses it with what a step
-  reads (``load_step``), what it does (``step``), its gate and its first-step backward.
+  blocks of K steps, the chunk geometry and the kernel entry points ("single"; when the time
+  axis is cut into chunks, "summary" then "finish", or "onepass", which does both in one kernel
+  with the chunks of a row exchanging their summaries through grid-wide counters). A kernel
+  subclasses it with what a step reads (``load_step``), what it does (``step``), its gate and
+  its first-step backward.
 - **Complex arithmetic on (re, im) pairs** of float32 arrays, where an ``im`` of None means real.
 
 ``build`` turns a key, a stage and a body class into the ``plgpu.kernel`` call.
@@ -43,6 +45,7 @@ class WalkKey(Protocol):
     has_init: bool                       # forward: h0; backward: the cotangent of h_last
     complex_a: bool                      # are the gates complex
     complex_init: bool                   # is the initial state complex
+    one_pass: bool                       # cut into chunks: one kernel rather than two (stages)
 
     @property
     def width(self) -> int: ...          # features walked (a multiple of W)
@@ -96,6 +99,15 @@ def choose_walk(B: int, N: int, F: int, cplx: bool, num_sms: int = 132,
     block = 8 if cplx else 32 if backward else 16
     chunks = -(-8 * num_sms // ctas)
     return fit_chunks(N, min(chunks, max(1, N // 64))), block
+
+
+ONE_PASS = False     # cut walks run as "onepass" (see one_pass_chunks); off until measured faster
+
+
+def one_pass_chunks(N: int, chunks: int, num_sms: int) -> int:
+    """The chunks of a one-pass walk asked for ``chunks``: at most one per multiprocessor, so
+    that a row's chunks, which wait for each other, always fit on the GPU together."""
+    return fit_chunks(N, min(chunks, num_sms))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,27 +211,37 @@ class WalkBody:
             ref[where] = value[0].astype(dt)
 
     # -- the walk
-    def walk(self, lo, n, state, carry_gate, write):
+    def walk(self, lo, n, state, carry_gate, write, prod=None):
         """Walk steps [lo, lo + n) (n dynamic), K steps at a time with the next block's loads
-        issued before this block's arithmetic."""
+        issued before this block's arithmetic. Returns (state, gate), or with ``prod`` (a
+        running product of multipliers, e.g. the unit gate) (state, gate, prod times the
+        product of the steps' multipliers): a chunk's summary in the same blocked walk."""
         K, w = self.w.block, self.w
+
+        def advance(p, loaded, state, gate, prod):
+            new_state, new_gate = self.step(p, loaded, state, gate, write)
+            if prod is not None:    # forward multiplies by the gate it read; backward by conj(gate before)
+                prod = mul(conj(gate) if w.backward else new_gate, prod)
+            return new_state, new_gate, prod
 
         def load_block(p0):
             return tuple(self.load_step(jnp.minimum(p0 + k, w.N - 1)) for k in range(K))
 
         def block(i, carry):
-            state, gate, cur = carry
+            state, gate, prod, cur = carry
             nxt = load_block(lo + (i + 1) * K)
             for k in range(K):
-                state, gate = self.step(lo + i * K + k, cur[k], state, gate, write)
-            return state, gate, nxt
+                state, gate, prod = advance(lo + i * K + k, cur[k], state, gate, prod)
+            return state, gate, prod, nxt
 
         blocks = n // K
-        state, carry_gate, _ = jax.lax.fori_loop(0, blocks, block, (state, carry_gate, load_block(lo)))
+        state, carry_gate, prod, _ = jax.lax.fori_loop(0, blocks, block,
+                                                       (state, carry_gate, prod, load_block(lo)))
 
         def single(p, carry):
-            return self.step(p, self.load_step(p), *carry, write)
-        return jax.lax.fori_loop(lo + blocks * K, lo + n, single, (state, carry_gate))
+            return advance(p, self.load_step(p), *carry)
+        out = jax.lax.fori_loop(lo + blocks * K, lo + n, single, (state, carry_gate, prod))
+        return out if prod is not None else out[:2]
 
     def chunk(self):
         lo = self.c * span(self.w)
@@ -272,31 +294,75 @@ class WalkBody:
             return state, mul(mult, prod), new_gate
         state, prod, _ = jax.lax.fori_loop(lo, lo + n, body,
                                            (self.zero_state(), self.unit_gate(), self.gate_before(lo)))
+        self.store_summary(prod, state)
+
+    def store_summary(self, prod, state):
         if self.w.gate_mode() == "scalar":      # one gate for the CTA: widen to a row
             prod = (prod[0] + self.full(0.0), None if prod[1] is None else prod[1] + self.full(0.0))
         self.store_vec(self.r["sum_a"], prod, self.w.complex_a, index=self.c)
         self.store_vec(self.r["sum_x"], state, self.w.cplx, index=self.c)
 
-    def run_finish(self):
+    def carry_in(self):
+        """The state entering this chunk: the earlier chunks' summaries folded into the initial state."""
         w = self.w
 
         def fold(j, state):
             prod = self.vec_at(self.r["sum_a"], j, w.complex_a)
             x = self.vec_at(self.r["sum_x"], j, w.cplx)
             return add(mul(prod, state), x)
-        state = jax.lax.fori_loop(0, self.c, fold, self.initial())
+        return jax.lax.fori_loop(0, self.c, fold, self.initial())
+
+    def finish(self, state):
         state = self.walk_chunk(state, write=True)
-        if not w.backward:
-            @pl.when(self.c == w.chunks - 1)
+        if not self.w.backward:
+            @pl.when(self.c == self.w.chunks - 1)
             def _():
-                self.store_vec(self.r["h_last"], state, w.cplx)
+                self.store_vec(self.r["h_last"], state, self.w.cplx)
+
+    def run_finish(self):
+        self.finish(self.carry_in())
+
+    def run_onepass(self):
+        """Summary, exchange and finishing walk in one kernel. The chunks of one row of W
+        features are consecutive CTAs (the chunk is the grid's fastest axis): each writes its
+        summary, adds one to its row's counter, waits until every chunk of the row has, folds
+        the earlier summaries and walks its chunk again, now from L2 rather than HBM.
+
+        No deadlock, on the condition CUB's single-pass scan also relies on: CTAs start in the
+        order of their linear index, and a row's chunks (at most one per multiprocessor,
+        ``one_pass_chunks``) fit on the GPU at once, so a waiting row is always complete on
+        the GPU. Interpret mode runs the CTAs one after another in grid order, so there every
+        earlier summary is written before it is read and the counter is left out (Pallas's
+        interpreter has no semaphores)."""
+        w = self.w
+        lo, n = self.chunk()
+        state, _, prod = self.walk(lo, n, self.zero_state(), self.gate_before(lo), False,
+                                   prod=self.unit_gate())
+        self.store_summary(prod, state)
+        if not w.interpret:
+            rows = w.width // W
+            counters = pl.get_global(plgpu.SemaphoreType.REGULAR((w.B * rows,)))
+            row = counters.at[self.b * rows + self.f0 // W]
+            plgpu.semaphore_signal(row, 1, memory_scope="gpu")
+            plgpu.semaphore_wait(row, w.chunks, decrement=False, memory_scope="gpu")
+        self.finish(self.carry_in())
+
+
+def stages(key: WalkKey) -> tuple[str, ...]:
+    """The kernels a walk runs, in order: "single" (one chunk), "onepass" (chunks exchanging
+    their summaries through counters in one kernel), or "summary" then "finish"."""
+    if key.chunks == 1:
+        return ("single",)
+    return ("onepass",) if key.one_pass else ("summary", "finish")
 
 
 def build(body_cls, key: WalkKey, stage: str, in_names, out_types: dict):
-    """The ``plgpu.kernel`` of one stage over grid (width / W, B, C), its refs named
-    in_names + out_types, each CTA running ``body_cls(key, refs).run_<stage>()``."""
-    if (stage == "single") != (key.chunks == 1):
-        raise ValueError(f"stage {stage!r} does not fit a walk of {key.chunks} chunks")
+    """The ``plgpu.kernel`` of one stage over grid (width / W, B, C) (one pass: (C, width / W,
+    B), a row's chunks consecutive), its refs named in_names + out_types, each CTA running
+    ``body_cls(key, refs).run_<stage>()``."""
+    if stage not in stages(key) and not (stage in ("summary", "finish") and key.chunks > 1):
+        raise ValueError(f"stage {stage!r} does not fit a walk of {key.chunks} chunks "
+                         f"({'one pass' if key.one_pass else 'two passes'})")
     if key.B == 0:
         raise ValueError("a walk kernel needs a batch of at least one row, got B=0")
     names = (*in_names, *out_types)
@@ -304,9 +370,11 @@ def build(body_cls, key: WalkKey, stage: str, in_names, out_types: dict):
     def body(*refs):
         getattr(body_cls(key, dict(zip(names, refs))), f"run_{stage}")()
     kw = {"interpret": mosaic_interpret_params()} if key.interpret else {}
-    return plgpu.kernel(body, out_type=tuple(out_types.values()),
-                        grid=(key.width // W, key.B, key.chunks if stage != "single" else 1),
-                        grid_names=("d", "b", "c"), **kw)
+    if stage == "onepass":
+        grid, grid_names = (key.chunks, key.width // W, key.B), ("c", "d", "b")
+    else:
+        grid, grid_names = (key.width // W, key.B, key.chunks if stage != "single" else 1), ("d", "b", "c")
+    return plgpu.kernel(body, out_type=tuple(out_types.values()), grid=grid, grid_names=grid_names, **kw)
 
 
 def pairs(shape, cplx):

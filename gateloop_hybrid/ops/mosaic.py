@@ -90,24 +90,31 @@ def _walk(a, x, h0, reverse, backward, B, N, F, G, R):
     cplx = a.is_complex() or x.is_complex() or (h0 is not None and h0.is_complex())
     num_sms = _num_sms(x.device.index or 0) if x.is_cuda else 132
     chunks, block = walks.choose_walk(B, N, F, cplx, num_sms, backward)
-    chunks = walks.fit_chunks(N, chunks)
+    chunks, one_pass = _cut(N, chunks, num_sms)
     h0c = h0 is not None and h0.is_complex()
     return mosaic_scan.Walk(
         B=B, N=N, F=F, G=G, R=R, complex_a=a.is_complex(), complex_x=x.is_complex(),
         complex_init=cplx if backward else h0c, complex_h0=h0c if backward else False,
         has_init=True if backward else h0 is not None, has_h0=backward and h0 is not None,
-        backward=backward, reverse=reverse, chunks=chunks, block=block)
+        backward=backward, reverse=reverse, chunks=chunks, block=block, one_pass=one_pass)
 
 
-def _run_stages(kernel, chunks, args, bound, **static):
-    """Run a walk's kernels (one, or a summary then a finish). With ``bound`` (a list kept by the
-    caller), the first call binds each stage to its compiled launch and later calls go straight
-    to the launches."""
+def _cut(N, chunks, num_sms) -> tuple[int, bool]:
+    """(chunks, one pass?) of a walk that choose_walk cut into ``chunks``."""
+    if chunks > 1 and walks.ONE_PASS:
+        return walks.one_pass_chunks(N, chunks, num_sms), True
+    return walks.fit_chunks(N, chunks), False
+
+
+def _run_stages(kernel, key, args, bound, **static):
+    """Run a walk's kernels (walk.stages: one, or a summary then a finish). With ``bound`` (a
+    list kept by the caller), the first call binds each stage to its compiled launch and later
+    calls go straight to the launches."""
     if bound:
         if len(bound) == 1:
             return bound[0](args)
         return bound[1]([*args, *bound[0](args)])
-    for stage in ["single"] if chunks == 1 else ["summary", "finish"]:
+    for stage in walks.stages(key):
         outs = kernel(*args, stage=stage, **static)
         if bound is not None:
             bound.append(kernel.bind(*args, stage=stage, **static))
@@ -116,7 +123,7 @@ def _run_stages(kernel, chunks, args, bound, **static):
 
 
 def _launch(walk, args, out_dtypes, bound=None):
-    return _run_stages(_KERNEL, walk.chunks, args, bound, walk=walks.key_fields(walk), out_dtypes=out_dtypes)
+    return _run_stages(_KERNEL, walk, args, bound, walk=walks.key_fields(walk), out_dtypes=out_dtypes)
 
 
 def _real_dtype(dtype: torch.dtype) -> str:
@@ -294,8 +301,9 @@ class _MixerPlan:
             chunks, block = walks.choose_walk(B, N, H, not real, num_sms, backward)
             if blocks is not None:      # (forward, backward) block override, for tuning
                 block = blocks[backward]
-            return mosaic_mixer.Mixer(B=B, N=N, H=H, frac=float(frac), backward=backward,
-                                      chunks=walks.fit_chunks(N, chunks), block=block, real=real, **kw)
+            chunks, one_pass = _cut(N, chunks, num_sms)
+            return mosaic_mixer.Mixer(B=B, N=N, H=H, frac=float(frac), backward=backward, chunks=chunks,
+                                      block=block, real=real, one_pass=one_pass, **kw)
         init = h0 is not None
         self.infer = mixer(False, has_init=init, has_h0=False)
         # training: y, and every state when backward is to read them rather than recompute them
@@ -308,7 +316,7 @@ class _MixerPlan:
 
     def _run(self, name, args):
         m = getattr(self, name)
-        return _run_stages(_MIXER_KERNEL, m.chunks, args, self.bound[name], mixer=walks.key_fields(m))
+        return _run_stages(_MIXER_KERNEL, m, args, self.bound[name], mixer=walks.key_fields(m))
 
     def _state(self, t):
         """h0 or a cotangent of h_last as the kernels read it: (B, H) float32, or complex pairs."""
