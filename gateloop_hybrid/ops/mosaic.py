@@ -123,6 +123,8 @@ def _run_stages(kernel, key, args, bound, **static):
 
 
 def _launch(walk, args, out_dtypes, bound=None):
+    if bound:       # bound launches need no static values (building them is a tenth of a call)
+        return _run_stages(_KERNEL, walk, args, bound)
     return _run_stages(_KERNEL, walk, args, bound, walk=walks.key_fields(walk), out_dtypes=out_dtypes)
 
 
@@ -315,8 +317,10 @@ class _MixerPlan:
         self.bound = {name: ([] if bind else None) for name in ("infer", "train", "states", "bwd", "bwd_no_last")}
 
     def _run(self, name, args):
-        m = getattr(self, name)
-        return _run_stages(_MIXER_KERNEL, m, args, self.bound[name], mixer=walks.key_fields(m))
+        m, bound = getattr(self, name), self.bound[name]
+        if bound:
+            return _run_stages(_MIXER_KERNEL, m, args, bound)
+        return _run_stages(_MIXER_KERNEL, m, args, bound, mixer=walks.key_fields(m))
 
     def _state(self, t):
         """h0 or a cotangent of h_last as the kernels read it: (B, H) float32, or complex pairs."""
