@@ -113,6 +113,12 @@ def _chain(own: Tensor, decay: Tensor, first: Tensor | None, reverse: bool = Fal
     return torch.stack(out, 2).contiguous()
 
 
+def _sum_blocks(t: Tensor) -> Tensor:
+    """The sum of the kernels' per-column-block partials (axis 0); one block is taken as it is,
+    a view, rather than summed by a kernel that reads and writes it all."""
+    return t[0] if t.shape[0] == 1 else t.sum(0)
+
+
 def _state_pairs(h: Tensor) -> Tensor:
     """(b, h, d, d) complex -> (b, h, 2, d, d) float32 [Re; Im]."""
     return torch.stack([h.real, h.imag], 2).float().contiguous()
@@ -150,8 +156,8 @@ class _RotatedHeads(torch.autograd.Function):
         common = (qp, kp, vp, dy, L, T, W, G)
         q_key = dataclasses.replace(key, has_state=starts is not None)
         dq, dL_q, dT_q = _run(q_key, "backward_q", *common, *(() if starts is None else (starts,)))
-        dL = dL_q.sum(0)
-        dT = dT_q.sum(0)
+        dL = _sum_blocks(dL_q)
+        dT = _sum_blocks(dT_q)
         dS = None
         if dh_last is not None:
             # h_last = e^{i T_N} (Sc + i Ss): the state's cotangent, and T_N's and L_N's parts
@@ -166,13 +172,13 @@ class _RotatedHeads(torch.autograd.Function):
             ends = _chain(own, D, dS, reverse=True)
         kv_key = dataclasses.replace(key, has_state=ends is not None)
         dk, dv, dL_k, dT_k, dstarts = _run(kv_key, "backward_kv", *common, *(() if ends is None else (ends,)))
-        dL += dL_k.sum(0)
-        dT += dT_k.sum(0)
+        dL += _sum_blocks(dL_k)
+        dT += _sum_blocks(dT_k)
         # the running sums' gradients to their summands: reversed cumulative sums over all of N
         d_log_mag = dL.flip(-1).cumsum(-1).flip(-1).transpose(1, 2)[:, :n]
         d_phase = dT.flip(-1).cumsum(-1).flip(-1).transpose(1, 2)[:, :n]
-        dq = dq.sum(0)[:, :n]
-        dk = dk.sum(0)[:, :n]
+        dq = _sum_blocks(dq)[:, :n]
+        dk = _sum_blocks(dk)[:, :n]
         dh0 = torch.complex(dstarts[:, :, 0, 0], dstarts[:, :, 0, 1]) if has_h0 else None
         return dq.to(qp.dtype), dk.to(kp.dtype), dv[:, :n].to(vp.dtype), d_log_mag, d_phase, dh0, None
 
