@@ -65,15 +65,17 @@ def test_values_and_gradients(name):
     check(*make(B, N, xf, af, ca, cx, c0, h0), rev, 2e-5)
 
 
-@pytest.mark.parametrize("complex_,n,chunks,one_pass", [(False, 29, 3, False), (True, 29, 3, False),
-                                                        (True, 9, 4, False), (False, 29, 3, True),
-                                                        (True, 30, 4, True)])
-def test_walk_cut_into_time_chunks(monkeypatch, complex_, n, chunks, one_pass):
+@pytest.mark.parametrize("complex_,n,chunks,one_pass,rows", [
+    (False, 29, 3, False, 1), (True, 29, 3, False, 1), (True, 9, 4, False, 1),
+    (False, 29, 3, True, 2),        # one pass: two batch rows of two feature tiles, each its own chunks
+    (True, 30, 4, True, 1)])
+def test_walk_cut_into_time_chunks(monkeypatch, complex_, n, chunks, one_pass, rows):
     """Forward and backward through the summary and finishing kernels, or the one-pass kernel,
     chunks of unequal length (9 steps asked in 4 chunks run as 3 of 3)."""
     monkeypatch.setattr(walk, "choose_walk", lambda B, N, F, cplx, sms, backward: (chunks, 4))
     monkeypatch.setattr(walk, "ONE_PASS", one_pass)
-    check(*make(2, n, (2, 128), (2, 128), complex_, complex_, complex_, True), complex_, 2e-5)
+    feat = (rows, 128) if rows > 1 else (128,)
+    check(*make(rows, n, feat, feat, complex_, complex_, complex_, True), complex_, 2e-5)
 
 
 def test_one_pass_walks_are_one_kernel_with_at_most_a_chunk_per_multiprocessor(monkeypatch):
