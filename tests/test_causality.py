@@ -124,20 +124,24 @@ def test_the_simple_mixer_is_causal_under_overflow():
 
 def test_the_jax_models_wide_heads_are_causal():
     jax = pytest.importorskip("jax")
-    pytest.importorskip("equinox")
+    eqx = pytest.importorskip("equinox")
     import jax.numpy as jnp
     from gateloop_hybrid.jax import GateLoopedAttention as JaxGateLoopedAttention
+    from gateloop_hybrid.jax.gate_loop import _chunked_heads
+    # jitted, as the JAX model runs: one program serves the clean and the poisoned inputs alike,
+    # where op-by-op dispatch would compile each of its primitives (about 200) on its own
+    layer_call = eqx.filter_jit(lambda layer, x: layer(x))
+    chunked = jax.jit(lambda q, k, v, log_mag, phase: _chunked_heads(q, k, v, log_mag, phase, None, "jax"))
     layer = JaxGateLoopedAttention(dim=32, heads=4, key=jax.random.key(0))
     n, t = 2 * CHUNK + 10, CHUNK + 40
     x = jax.random.normal(jax.random.key(1), (2, n, 32))
-    clean = layer(x)
+    clean = layer_call(layer, x)
     for bad in (jnp.inf, jnp.nan):
-        assert bool(jnp.array_equal(layer(x.at[:, t].set(bad))[:, :CHUNK], clean[:, :CHUNK]))
-    from gateloop_hybrid.jax.gate_loop import _chunked_heads
+        assert bool(jnp.array_equal(layer_call(layer, x.at[:, t].set(bad))[:, :CHUNK], clean[:, :CHUNK]))
     g = jax.random.split(jax.random.key(2), 4)
     q, k, v = (jax.random.normal(g[i], (1, n, 2, 8)) for i in range(3))
     log_mag, phase = -jax.random.uniform(g[3], (2, 1, n, 2)) / 4
-    clean, _ = _chunked_heads(q, k, v, log_mag, phase, None, "jax")
-    y, _ = _chunked_heads(q, k.at[:, t].set(jnp.finfo(jnp.float32).max), v, log_mag, phase, None, "jax")
+    clean, _ = chunked(q, k, v, log_mag, phase)
+    y, _ = chunked(q, k.at[:, t].set(jnp.finfo(jnp.float32).max), v, log_mag, phase)
     assert not bool(jnp.isfinite(y[:, t:]).all())
     assert bool(jnp.array_equal(y[:, :t], clean[:, :t]))
