@@ -174,6 +174,26 @@ def test_bad_inputs_raise_clear_errors():
         gate_loop_scan(a, x, backend="pallas")
 
 
+def test_a_signature_seen_before_is_checked_and_routed_on_every_call(monkeypatch):
+    """The checks' verdict is remembered per signature (type, layout, shape, dtype, device of each
+    tensor), never lent to another signature, and the route is asked on every call."""
+    a, x = torch.rand(2, 5, 3), torch.randn(2, 5, 3)
+    gate_loop_scan(a, x, backend="torch")
+    with pytest.raises(TypeError, match="reverse must be a bool"):
+        gate_loop_scan(a, x, reverse=1, backend="torch")
+    with pytest.raises(TypeError, match="dense"):
+        gate_loop_scan(a, x.to_sparse(), backend="torch")
+    with pytest.raises(TypeError, match="x has dtype torch.int32"):
+        gate_loop_scan(a, x.int(), backend="torch")
+    with pytest.raises(ValueError, match="one device"):
+        gate_loop_scan(a, x.to("meta"), backend="torch")
+    asked = []
+    monkeypatch.setattr(routing, "route", lambda *args, **facts: asked.append(facts) or routing.Route("loop", "test"))
+    h, _ = gate_loop_scan(a, x, backend="torch")
+    assert asked and asked[0]["device"] == "cpu" and asked[0]["dtype"] == "float32"
+    assert torch.equal(h, gate_loop_scan(a, x, backend="loop")[0])
+
+
 def test_without_jax_auto_falls_back_once_and_jax_raises(monkeypatch):
     monkeypatch.setattr(routing, "jax_available", lambda: False)
     monkeypatch.setattr(routing, "jax_has_device", lambda device_type: False)

@@ -24,7 +24,7 @@ from bridge.mosaic import MosaicKernel
 
 from ..kernels import mosaic_rotated as kern
 from ..kernels import walk as walks
-from .mosaic import _num_sms
+from .mosaic import _num_sms, once_differentiable
 
 _DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 # head widths the kernels take as a wider head whose extra features are zero (the state's rows
@@ -148,7 +148,7 @@ class _RotatedHeads(torch.autograd.Function):
         return y[:, :n], h_last
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable
     def backward(ctx, dy, dh_last):
         qp, kp, vp, L, T, W, G, D, starts, SN, turn = ctx.saved_tensors
         n, key, has_h0 = ctx.shape

@@ -19,6 +19,8 @@ backend for the tensors' device, else "torch" (each fallback warns once, saying 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -61,18 +63,19 @@ def gate_loop_scan(a: Tensor, x: Tensor, h0: Tensor | None = None, *, reverse: b
     reverse-mode transforms work in every backend; forward mode (jvp, jacfwd) in "loop", "torch"
     and "heinsen" only (the JAX backends raise NotImplementedError).
     """
-    _check_inputs(a, x, h0)
     if not isinstance(reverse, bool):
         raise TypeError(f"gate_loop_scan: reverse must be a bool, got {type(reverse).__name__} {reverse!r}")
     if torch.compiler.is_compiling():
+        _check_inputs(a, x, h0)
         return _scan_untraced(reverse, backend, *((a, x) if h0 is None else (a, x, h0)))
     return _scan(reverse, backend, a, x, h0)
 
 
 def _scan(reverse, backend, a, x, h0=None):
-    out_dtype = _out_dtype(a, x, h0)
-    path = routing.route("scan", backend, device=str(x.device), dtype=str(out_dtype),
-                         kernel_takes=_mosaic_takes(a, x, h0), transforms=_private.functorch_active()).path
+    facts = _facts(a, x, h0)
+    path = routing.route("scan", backend, device=facts.device, dtype=facts.dtype_name,
+                         kernel_takes=facts.kernel_takes, transforms=_private.functorch_active()).path
+    out_dtype = facts.dtype
     compute = _compute_dtype(out_dtype)
     if path in _TORCH_BACKENDS:
         h0c = None if h0 is None else h0.to(compute)
@@ -86,6 +89,39 @@ def _scan(reverse, backend, a, x, h0=None):
     if h.dtype != out_dtype:
         h, h_last = h.to(out_dtype), h_last.to(out_dtype)
     return h, h_last
+
+
+class _Facts(NamedTuple):
+    """What the checks found about one call signature, and what routing asks of it."""
+    dtype: torch.dtype          # the output dtype (a, x and h0 promoted)
+    dtype_name: str
+    device: str
+    kernel_takes: bool          # the Mosaic kernels take these shapes and dtypes
+
+
+_FACTS: dict = {}
+_MAX_FACTS = 1024
+
+
+def _facts(a, x, h0) -> _Facts:
+    """The checks' verdict on a call: worked out (or raised) on a signature's first call and
+    looked up after, since checking costs several times a small call's launch. The signature
+    holds every property the checks read: type, layout, shape, dtype and device of each tensor
+    (a nested tensor has no shape, so it is always checked)."""
+    try:
+        signature = (type(a), a.layout, a.shape, a.dtype, a.device, type(x), x.layout, x.shape, x.dtype, x.device,
+                     None if h0 is None else (type(h0), h0.layout, h0.shape, h0.dtype, h0.device))
+        facts = _FACTS.get(signature)
+    except (AttributeError, RuntimeError, TypeError):   # not tensors, nested, symbolic sizes
+        signature = facts = None
+    if facts is None:
+        out_dtype = _check_inputs(a, x, h0)
+        facts = _Facts(out_dtype, str(out_dtype).removeprefix("torch."), str(x.device), _mosaic_takes(a, x, h0))
+        if signature is not None:
+            if len(_FACTS) >= _MAX_FACTS:
+                _FACTS.clear()
+            _FACTS[signature] = facts
+    return facts
 
 
 def _mosaic_takes(a, x, h0) -> bool:
