@@ -268,10 +268,9 @@ def _split_heads(qkv: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
 
 def _wide_kernels(qkv, z, h0, heads, frac, ablate_complex, ablate_state_transition):
     """(y (b, n, I), h_last) on the wide-head kernels (ops/rotated.py): the gates as the chunked
-    form takes them (float32 for 16-bit z), q, k, v made contiguous (views of one qkv)."""
-    from .ops.rotated import rotated_heads_mosaic
+    form takes them (float32 for 16-bit z); the kernels read q, k and v in place from qkv."""
+    from .ops.rotated import rotated_qkv_mosaic
     b, n = qkv.shape[:2]
     log_mag, phase = log_gates(z.reshape(b, n, heads, 2), frac, ablate_complex, ablate_state_transition)
-    q, k, v = (t.contiguous() for t in _split_heads(qkv, heads))
-    y, h_last = rotated_heads_mosaic(q, k, v, log_mag.float(), phase.float(), h0)
+    y, h_last = rotated_qkv_mosaic(qkv, log_mag.float(), phase.float(), h0, heads=heads)
     return y.flatten(-2), h_last

@@ -153,11 +153,11 @@ def test_kernels_lower_for_cuda(d, block_v, kernel):
     B, N, H, segments = 2, 4 * kern.C, 3, 2
     key = kern.RotatedKey(B, N, H, d, block_v, True, "bfloat16", segments)
     S = jax.ShapeDtypeStruct
-    x, pos = S((B, N, H, d), jnp.bfloat16), S((B, H, N), jnp.float32)
+    qkv, x, pos = S((B, N, 3 * H, d), jnp.bfloat16), S((B, N, H, d), jnp.bfloat16), S((B, H, N), jnp.float32)
     G, state = S((B, H, N // kern.C, d), jnp.float32), S((B, H, segments, 2, d, d), jnp.float32)
-    args = {"forward": [x, x, x, pos, pos, pos, G, state], "summary": [x, x, pos, pos, G],
-            "backward_q": [x, x, x, x, pos, pos, pos, G, state], "backward_kv": [x, x, x, x, pos, pos, pos, G, state],
-            "summary_back": [x, x, pos, pos, G]}[kernel]
+    args = {"forward": [qkv, pos, pos, pos, G, state], "summary": [qkv, pos, pos, G],
+            "backward_q": [qkv, x, pos, pos, pos, G, state], "backward_kv": [qkv, x, pos, pos, pos, G, state],
+            "summary_back": [qkv, x, pos, pos, G]}[kernel]
     exported = export.export(jax.jit(lambda *a: kern.launch(*a, key=key, kernel=kernel)), platforms=["cuda"])(*args)
     assert "mosaic_gpu" in exported.mlir_module()
 

@@ -27,17 +27,18 @@ from gateloop_hybrid.kernels import walk as walks  # noqa: E402
 
 def structs(key: kern.RotatedKey, kernel: str):
     B, N, H, d, S = key.B, key.N, key.H, key.d, key.segments
+    qkv = jax.ShapeDtypeStruct((B, N, 3 * H, d), jnp.dtype(key.dtype))
     x = jax.ShapeDtypeStruct((B, N, H, d), jnp.dtype(key.dtype))
     row = jax.ShapeDtypeStruct((B, H, N), jnp.float32)
     G = jax.ShapeDtypeStruct((B, H, N // kern.C, d), jnp.float32)
     state = jax.ShapeDtypeStruct((B, H, S, 2, d, d), jnp.float32)
     extra = (state,) if key.has_state else ()
     return {
-        "summary": (x, x, row, row, G),
-        "forward": (x, x, x, row, row, row, G, *extra),
-        "backward_q": (x, x, x, x, row, row, row, G, *extra),
-        "summary_back": (x, x, row, row, G),
-        "backward_kv": (x, x, x, x, row, row, row, G, *extra),
+        "summary": (qkv, row, row, G),
+        "forward": (qkv, row, row, row, G, *extra),
+        "backward_q": (qkv, x, row, row, row, G, *extra),
+        "summary_back": (qkv, x, row, row, G),
+        "backward_kv": (qkv, x, row, row, row, G, *extra),
     }[kernel]
 
 

@@ -43,7 +43,8 @@ form a chunk's own pairs' part from the same float32 tiles (dP times the scores 
 the sines dT q'_t . k'_s, row sums), and the carried part from the rounded operands the state
 products used: then the terms cancel to float32 rounding, not to bf16's. Each kernel returns
 its value-column block's share of the q- and k-side gradients (those sum over value columns);
-the caller adds the shares.
+the caller adds the shares. Where one block holds all the value columns (d = 64), the share is
+the gradient and comes out in the inputs' dtype.
 
 Interpret mode (``interpret=True``) runs the same kernels on the CPU. Pallas's Mosaic GPU
 interpreter has no register layouts and no transposed wgmma operands, so the few operations that
@@ -222,11 +223,16 @@ class _Place:
         self.rows = pl.ds(self.s * n * C, n * C)
         self.chunk_rows = pl.ds(self.s * n, n)
 
-    def x(self, ref):            # (B, N, H, d) -> this segment's (n C, d)
-        return ref.at[self.b, self.rows, self.h, :]
+    def head(self, part):
+        """This CTA's head in a (B, N, H, d) array (part None), or in part 0, 1 or 2 (q, k or v)
+        of the (B, N, 3 H, d) qkv array."""
+        return self.h if part is None else part * self.key.H + self.h
 
-    def xv(self, ref):           # (B, N, H, d) -> this segment's (n C, BV) of this CTA's columns
-        return ref.at[self.b, self.rows, self.h, self.cols]
+    def x(self, ref, part=None):         # (B, N, H or 3 H, d) -> this segment's (n C, d)
+        return ref.at[self.b, self.rows, self.head(part), :]
+
+    def xv(self, ref, part=None):        # likewise, (n C, BV) of this CTA's columns
+        return ref.at[self.b, self.rows, self.head(part), self.cols]
 
     def pos(self, ref):          # (B, H, N) -> (n C,)
         return ref.at[self.b, self.h, self.rows]
@@ -391,7 +397,8 @@ def _scaled(t: _Tile, x_ref, w, out_ref, dtype):
 # ---------------------------------------------------------------------------------------------
 # forward
 #
-# Shapes: q, k, v, y, dy (B, N, H, d) in key.dtype. L, T, W (B, H, N) float32: log|a| summed from
+# Shapes: qkv (B, N, 3 H, d) in key.dtype, q the heads [0, H), k [H, 2 H) and v [2 H, 3 H) (a
+# view of a layer's (B, N, 3 H d) projection, read in place); y, dy (B, N, H, d) in key.dtype. L, T, W (B, H, N) float32: log|a| summed from
 # each chunk's start, the phase summed from t = 0 mod 2 pi, and exp(L_C - L_t), the decay from t
 # to its chunk's end. G (B, H, chunks, d) float32: exp(L_C) of each chunk, repeated d times.
 # States (B, H, S, 2, d, d) float32, one [Sc; Ss] per segment of time.
@@ -415,14 +422,14 @@ def _state_step(t, key, Sc, Ss, xc, xs, yw, G_t):
 
 
 def forward(key: RotatedKey):
-    """(q, k, v, L, T, W, G[, starts]) -> (y, ends): each segment walked from its start state
+    """(qkv, L, T, W, G[, starts]) -> (y, ends): each segment walked from its start state
     (zero without ``key.has_state``), giving y and the state at the segment's end."""
     d, BV, dt = key.d, key.block_v, key.jdtype
     t, tr = _Tile(key.interpret), _operand(key)
 
     def body(place, *refs):
         ins, (y, ends, scratch) = refs[:-3], refs[-3:]
-        q, k, v, L, T, W, G, *starts = ins
+        qkv, L, T, W, G, *starts = ins
         qs, ks, vw, p, sc, ss, y_buf = scratch
         init = _state_in(t, place, starts[0]) if starts else _zero_state(t, key)
         y_rows = place.xv(y)
@@ -447,8 +454,8 @@ def forward(key: RotatedKey):
             return _state_step(t, key, Sc, Ss, kc, ks, vw, G_t)
 
         Sc, Ss = _walk(key, step, init, False, ("qk", "qk", "v", "pos", "pos", "pos", "chunk"),
-                       (place.x(q), place.x(k), place.xv(v), place.pos(L), place.pos(T), place.pos(W),
-                        place.table(G)))
+                       (place.x(qkv, 0), place.x(qkv, 1), place.xv(qkv, 2), place.pos(L), place.pos(T),
+                        place.pos(W), place.table(G)))
         _state_out(t, place, (Sc, Ss), ends)
 
     scratch = [*_forward_walk_scratch(key), plgpu.SMEM((2, C, BV), dt, transforms=tr)]   # y: two chunks to HBM
@@ -457,15 +464,21 @@ def forward(key: RotatedKey):
 
 
 def summary(key: RotatedKey, reverse: bool = False):
-    """(x, y, T, w, G) -> own: each segment's own state from a zero start, walking its chunks
-    forward (x = k, y = v, w = W: the state at the segment's end from its keys and values only)
-    or with ``reverse`` backward (x = q, y = dy, w = exp(L): the cotangent at the segment's start
-    from its queries and dy only). The caller chains the segments: start_{s+1} = D_s start_s +
+    """(qkv, T, W, G) -> own, or with ``reverse`` (qkv, dy, T, exp(L), G) -> own: each segment's
+    own state from a zero start, walking its chunks forward (x = k, y = v, w = W: the state at the
+    segment's end from its keys and values only) or backward (x = q, y = dy, w = exp(L): the
+    cotangent at the segment's start from its queries and dy only). The caller chains the segments: start_{s+1} = D_s start_s +
     own_s forward, end_{s-1} = D_s end_s + own_s backward, D_s the segment's decay."""
     d, BV, dt = key.d, key.block_v, key.jdtype
     t, tr = _Tile(key.interpret), _operand(key)
 
-    def body(place, x, y, T, w, G, own, scratch):
+    def body(place, *refs):
+        if reverse:
+            qkv, dy, T, w, G, own, scratch = refs
+            x, y = place.x(qkv, 0), place.xv(dy)
+        else:
+            qkv, T, w, G, own, scratch = refs
+            x, y = place.x(qkv, 1), place.xv(qkv, 2)
         xs, yw = scratch
 
         def step(idx, xc, y_t, T_t, w_t, G_t, carry):
@@ -476,7 +489,7 @@ def summary(key: RotatedKey, reverse: bool = False):
             return _state_step(t, key, *carry, xc, xs, yw, G_t)
 
         state = _walk(key, step, _zero_state(t, key), reverse, ("qk", "v", "pos", "pos", "chunk"),
-                      (place.x(x), place.xv(y), place.pos(T), place.pos(w), place.table(G)))
+                      (x, y, place.pos(T), place.pos(w), place.table(G)))
         _state_out(t, place, state, own)
 
     scratch = [plgpu.SMEM((C, d), dt, transforms=tr), plgpu.SMEM((C, BV), dt, transforms=tr)]
@@ -515,16 +528,16 @@ def _pair_sums(dpf, scores, sines):
 
 
 def backward_q(key: RotatedKey):
-    """(q, k, v, dy, L, T, W, G[, starts]) -> (dq, dL_q, dT_q): a forward walk that rebuilds each
+    """(qkv, dy, L, T, W, G[, starts]) -> (dq, dL_q, dT_q): a forward walk that rebuilds each
     chunk's starting state and gives the q side of the gradients. Outputs are this column
-    block's shares, float32: dq (CB, B, N, H, d), dL_q and dT_q (CB, B, H, N), with
-    dL_q = q' . dq' and dT_q = dq' . (dT q')."""
-    d, dt = key.d, key.jdtype
+    block's shares: dq (CB, B, N, H, d) in ``_share_dtype``, dL_q and dT_q (CB, B, H, N) float32,
+    with dL_q = q' . dq' and dT_q = dq' . (dT q')."""
+    d, dt, sd = key.d, key.jdtype, _share_dtype(key)
     t = _Tile(key.interpret)
 
     def body(place, *refs):
         ins, (dq, dL, dT, scratch) = refs[:-4], refs[-4:]
-        q, k, v, dy, L, T, W, G, *starts = ins
+        qkv, dy, L, T, W, G, *starts = ins
         qs, ks, vw, dp, sc, ss, dq_buf, vec_buf = scratch
         init = _state_in(t, place, starts[0]) if starts else _zero_state(t, key)
         dq_rows, dL_row, dT_row = place.shares(dq), place.vec_shares(dL), place.vec_shares(dT)
@@ -556,44 +569,52 @@ def backward_q(key: RotatedKey):
             # the diagonal (q_t . k_t) v_t: dq_t += (dy_t . v_t) k_t, nothing in L or T
             dyv = _rowdot(t.load(dy_t).astype(F32), t.load(v_t).astype(F32))
             dq_t = dq_t + _bcast_rows(dyv, (C, d)) * kf
-            _store_rows(t, dq_t, dq_buf, dq_rows, j)
+            _store_rows(t, dq_t.astype(sd), dq_buf, dq_rows, j)
             _store_vec(t, dot + own_dot, vec_buf, 0, dL_row, j)
             _store_vec(t, turn + own_turn, vec_buf, 1, dT_row, j)
             return _state_step(t, key, Sc, Ss, kc, ks, vw, G_t)
 
         _walk(key, step, init, False, ("qk", "qk", "v", "v", "pos", "pos", "pos", "chunk"),
-              (place.x(q), place.x(k), place.xv(v), place.xv(dy), place.pos(L), place.pos(T), place.pos(W),
-               place.table(G)))
+              (place.x(qkv, 0), place.x(qkv, 1), place.xv(qkv, 2), place.xv(dy), place.pos(L), place.pos(T),
+               place.pos(W), place.table(G)))
         plgpu.wait_smem_to_gmem(0)
 
     scratch = [
         *_forward_walk_scratch(key),                  # the (C, C) tile holds dP
-        plgpu.SMEM((2, C, d), F32, transforms=_transforms(d, 4)),    # dq, two chunks in flight
+        plgpu.SMEM((2, C, d), sd, transforms=_transforms(d, sd.itemsize)),   # dq, two chunks in flight
         plgpu.SMEM((2, 2, C), F32),                   # dL_q and dT_q, likewise
     ]
     return _kernel(body, key, _shares(key), scratch)
 
 
+def _share_dtype(key: RotatedKey):
+    """dq's and dk's dtype out of the kernels: key.dtype where one column block holds every value
+    column (the share is the gradient: no float32 copy to round later), else float32 shares for
+    the caller to sum."""
+    return key.jdtype if key.col_blocks == 1 else jnp.dtype(F32)
+
+
 def _shares(key: RotatedKey):
     CB = key.col_blocks
-    return (jax.ShapeDtypeStruct((CB, key.B, key.N, key.H, key.d), F32),
+    return (jax.ShapeDtypeStruct((CB, key.B, key.N, key.H, key.d), _share_dtype(key)),
             jax.ShapeDtypeStruct((CB, key.B, key.H, key.N), F32),
             jax.ShapeDtypeStruct((CB, key.B, key.H, key.N), F32))
 
 
 def backward_kv(key: RotatedKey):
-    """(q, k, v, dy, L, T, W, G[, ends]) -> (dk, dv, dL_k, dT_k, dstarts): a backward walk
+    """(qkv, dy, L, T, W, G[, ends]) -> (dk, dv, dL_k, dT_k, dstarts): a backward walk
     carrying the cotangent dS of the state at each chunk's end, from the cotangent at the
-    segment's end (``ends``; zero without ``key.has_state``). Outputs: dk (CB, B, N, H, d) and
-    dL_k = -k' . dk', dT_k = dk' . (dT k') (CB, B, H, N), float32 shares of this column block; dv
-    (B, N, H, d) whole, in key.dtype; and the cotangent at each segment's start (a state)."""
-    d, BV, dt = key.d, key.block_v, key.jdtype
+    segment's end (``ends``; zero without ``key.has_state``). Outputs: this column block's shares
+    dk (CB, B, N, H, d) in ``_share_dtype`` and dL_k = -k' . dk', dT_k = dk' . (dT k')
+    (CB, B, H, N) float32; dv (B, N, H, d) whole, in key.dtype; and the cotangent at each
+    segment's start (a state)."""
+    d, BV, dt, sd = key.d, key.block_v, key.jdtype, _share_dtype(key)
     t, tr = _Tile(key.interpret), _operand(key)
     last = key.per_segment - 1
 
     def body(place, *refs):
         ins, (dk, dv, dL, dT, dstarts, scratch) = refs[:-6], refs[-6:]
-        q, k, v, dy, L, T, W, G, *ends = ins
+        qkv, dy, L, T, W, G, *ends = ins
         qs, ks, dye, pt, dpt, dsc, dss, dk_buf, dv_buf, vec_buf = scratch
         init = _state_in(t, place, ends[0]) if ends else _zero_state(t, key)
         dk_rows, dv_rows = place.shares(dk), place.xv(dv)
@@ -633,14 +654,14 @@ def backward_kv(key: RotatedKey):
             dot, turn = _dot_turn(t, kc, ks, ckc, cks)
             dk_t = _unturn(cos, sin, t.mm(ckc, (dpt, qc, False, False)), t.mm(cks, (dpt, qs, False, False)))
             dk_t = dk_t + _bcast_rows(_rowdot(dyf, t.load(v_t).astype(F32)), (C, d)) * qf
-            _store_rows(t, dk_t, dk_buf, dk_rows, j)
+            _store_rows(t, dk_t.astype(sd), dk_buf, dk_rows, j)
             _store_vec(t, -(dot + own_dot), vec_buf, 0, dL_row, j)
             _store_vec(t, turn + own_turn, vec_buf, 1, dT_row, j)
             return _state_step(t, key, dSc, dSs, qc, qs, dye, G_t)
 
         state = _walk(key, step, init, True, ("qk", "qk", "v", "v", "pos", "pos", "pos", "chunk"),
-                      (place.x(q), place.x(k), place.xv(v), place.xv(dy), place.pos(L), place.pos(T),
-                       place.pos(W), place.table(G)))
+                      (place.x(qkv, 0), place.x(qkv, 1), place.xv(qkv, 2), place.xv(dy), place.pos(L),
+                       place.pos(T), place.pos(W), place.table(G)))
         plgpu.wait_smem_to_gmem(0)
         _state_out(t, place, state, dstarts)
 
@@ -653,7 +674,7 @@ def backward_kv(key: RotatedKey):
         plgpu.SMEM((d, BV), dt, transforms=tr),       # dSc as a product operand
         plgpu.SMEM((d, BV), dt, transforms=tr),       # dSs
         # dk, two chunks in flight (one where d = 128: the walk's SMEM is then full)
-        plgpu.SMEM((2 if d <= 64 else 1, C, d), F32, transforms=_transforms(d, 4)),
+        plgpu.SMEM((2 if d <= 64 else 1, C, d), sd, transforms=_transforms(d, sd.itemsize)),
         plgpu.SMEM((2, C, BV), dt, transforms=tr),    # dv, likewise
         plgpu.SMEM((2, 2, C), F32),                   # dL_k and dT_k, likewise
     ]

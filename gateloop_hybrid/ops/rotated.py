@@ -1,5 +1,7 @@
 """The wide-head mixer on the Mosaic GPU kernels of kernels/mosaic_rotated.py, as a torch op with
-torch's autograd: ``rotated_heads_mosaic`` computes what ``rotated.rotated_heads`` computes.
+torch's autograd: ``rotated_heads_mosaic`` computes what ``rotated.rotated_heads`` computes, and
+``rotated_qkv_mosaic`` the same from a layer's (b, n, 3 h d) projection, which the kernels read
+in place (q, k and v are never copied out of it) and whose gradient comes back as one tensor.
 
 Around the kernels, in torch: the gates' running sums (log|a| from each chunk's start in float32;
 the phase from t = 0 in float64, reduced mod 2 pi), the decays to each chunk's end, padding of a
@@ -42,11 +44,19 @@ _KERNEL = MosaicKernel(kern.launch, name="gateloop_rotated", interpret_fn=_inter
 
 def supported(q: Tensor, k: Tensor, v: Tensor, log_mag: Tensor, phase: Tensor, h0) -> str | None:
     """None if the kernels take these tensors, else why not."""
-    b, n, h, d = q.shape
     if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return f"q, k, v of {q.dtype}, {k.dtype}, {v.dtype} (the kernels take one of bfloat16 or float16)"
     if tuple(k.shape) != tuple(q.shape) or tuple(v.shape) != tuple(q.shape):
         return "v wider than q and k"
+    return _unsupported(q, log_mag, phase, h0)
+
+
+def _unsupported(q: Tensor, log_mag: Tensor, phase: Tensor, h0) -> str | None:
+    """Why the kernels do not take heads shaped like q (b, n, h, d) with these gates and h0, or
+    None."""
+    b, n, h, d = q.shape
+    if q.dtype not in _DTYPES:
+        return f"q, k, v of {q.dtype} (the kernels take one of bfloat16 or float16)"
     if log_mag.dtype != torch.float32 or phase.dtype != torch.float32:
         return f"gates of {log_mag.dtype} (the kernels take float32)"
     if h0 is not None and h0.dtype != torch.complex64:
@@ -56,17 +66,18 @@ def supported(q: Tensor, k: Tensor, v: Tensor, log_mag: Tensor, phase: Tensor, h
     return kern.supported(n, _PADDED.get(d, d), _DTYPES[q.dtype])
 
 
-def _key(q: Tensor, segments: int | None = None) -> kern.RotatedKey:
-    """The launch for q (b, n, h, d): N is n padded to whole chunks (of whole segments)."""
-    b, n, h, d = q.shape
+def _key(qkv: Tensor, segments: int | None = None) -> kern.RotatedKey:
+    """The launch for qkv (b, n, 3 h, d): N is n padded to whole chunks (of whole segments)."""
+    b, n, h3, d = qkv.shape
+    h = h3 // 3
     chunks = -(-n // kern.C)
     block_v = kern.choose_block_v(d)
     if segments is None:
-        num_sms = _num_sms(q.device.index or 0) if q.is_cuda else 132
+        num_sms = _num_sms(qkv.device.index or 0) if qkv.is_cuda else 132
         segments = kern.choose_segments(b, h, d // block_v, chunks, num_sms)
     chunks = -(-chunks // segments) * segments
     return kern.RotatedKey(B=b, N=chunks * kern.C, H=h, d=d, block_v=block_v, has_state=False,
-                           dtype=_DTYPES[q.dtype], segments=segments)
+                           dtype=_DTYPES[qkv.dtype], segments=segments)
 
 
 def _run(key: kern.RotatedKey, kernel: str, *tensors):
@@ -127,33 +138,35 @@ def _state_pairs(h: Tensor) -> Tensor:
 class _RotatedHeads(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, q, k, v, log_mag, phase, h0, segments):
-        n = q.shape[1]
-        key = _key(q, segments)
+    def forward(ctx, qkv, log_mag, phase, h0, segments):
+        n = qkv.shape[1]
+        key = _key(qkv, segments)
         gates = _Gates(log_mag, phase, key)
-        qp, kp, vp = (_padded(t, key.N - n) for t in (q, k, v))
+        qkvp = _padded(qkv, key.N - n)                                       # (b, N, 3 h, d)
         S0 = None if h0 is None else _state_pairs(h0).unsqueeze(2)          # (b, h, 1, 2, d, d)
         starts = S0
         if key.segments > 1:
-            own = _run(key, "summary", kp, vp, gates.T, gates.W, gates.G)[0]
+            own = _run(key, "summary", qkvp, gates.T, gates.W, gates.G)[0]
             starts = _chain(own, gates.D, None if S0 is None else S0[:, :, 0])
         fwd = dataclasses.replace(key, has_state=starts is not None)
-        y, ends = _run(fwd, "forward", qp, kp, vp, gates.L, gates.T, gates.W, gates.G,
+        y, ends = _run(fwd, "forward", qkvp, gates.L, gates.T, gates.W, gates.G,
                        *(() if starts is None else (starts,)))
         SN = ends[:, :, -1]
         turn = torch.polar(torch.ones_like(gates.T_last), gates.T_last).to(torch.complex64)[..., None, None]
         h_last = turn * torch.complex(SN[:, :, 0], SN[:, :, 1])
-        ctx.save_for_backward(qp, kp, vp, gates.L, gates.T, gates.W, gates.G, gates.D, starts, SN, turn)
+        ctx.save_for_backward(qkvp, gates.L, gates.T, gates.W, gates.G, gates.D, starts, SN, turn)
         ctx.shape = (n, key, h0 is not None)
         return y[:, :n], h_last
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, dh_last):
-        qp, kp, vp, L, T, W, G, D, starts, SN, turn = ctx.saved_tensors
+        qkvp, L, T, W, G, D, starts, SN, turn = ctx.saved_tensors
         n, key, has_h0 = ctx.shape
-        dy = _padded(torch.zeros_like(qp[:, :n]) if dy is None else dy.to(qp.dtype), key.N - n)
-        common = (qp, kp, vp, dy, L, T, W, G)
+        dt = qkvp.dtype
+        b, _, h3, d = qkvp.shape
+        dy = _padded(qkvp.new_zeros(b, n, h3 // 3, d) if dy is None else dy.to(dt), key.N - n)
+        common = (qkvp, dy, L, T, W, G)
         q_key = dataclasses.replace(key, has_state=starts is not None)
         dq, dL_q, dT_q = _run(q_key, "backward_q", *common, *(() if starts is None else (starts,)))
         dL = _sum_blocks(dL_q)
@@ -168,7 +181,7 @@ class _RotatedHeads(torch.autograd.Function):
             dL[..., -1] += (dS * SN).sum((-3, -2, -1))
         ends = None if dS is None else dS.unsqueeze(2)
         if key.segments > 1:
-            own = _run(key, "summary_back", qp, dy, T, torch.exp(L), G)[0]
+            own = _run(key, "summary_back", qkvp, dy, T, torch.exp(L), G)[0]
             ends = _chain(own, D, dS, reverse=True)
         kv_key = dataclasses.replace(key, has_state=ends is not None)
         dk, dv, dL_k, dT_k, dstarts = _run(kv_key, "backward_kv", *common, *(() if ends is None else (ends,)))
@@ -177,30 +190,57 @@ class _RotatedHeads(torch.autograd.Function):
         # the running sums' gradients to their summands: reversed cumulative sums over all of N
         d_log_mag = dL.flip(-1).cumsum(-1).flip(-1).transpose(1, 2)[:, :n]
         d_phase = dT.flip(-1).cumsum(-1).flip(-1).transpose(1, 2)[:, :n]
-        dq = _sum_blocks(dq)[:, :n]
-        dk = _sum_blocks(dk)[:, :n]
+        # one copy makes the gradient of qkv from the three parts (and rounds float32 shares)
+        dqkv = torch.cat([_sum_blocks(dq)[:, :n].to(dt), _sum_blocks(dk)[:, :n].to(dt), dv[:, :n]], dim=2)
         dh0 = torch.complex(dstarts[:, :, 0, 0], dstarts[:, :, 0, 1]) if has_h0 else None
-        return dq.to(qp.dtype), dk.to(kp.dtype), dv[:, :n].to(vp.dtype), d_log_mag, d_phase, dh0, None
+        return dqkv, d_log_mag, d_phase, dh0, None
 
 
 def rotated_heads_mosaic(q: Tensor, k: Tensor, v: Tensor, log_mag: Tensor, phase: Tensor,
                          h0: Tensor | None = None, *, segments: int | None = None) -> tuple[Tensor, Tensor]:
     """``rotated.rotated_heads`` on the Mosaic GPU kernels: y (b, n, h, d) in q's dtype and the
     final state (b, h, d, d) complex64. q, k, v (b, n, h, d) bfloat16 or float16 with d in
-    kernels.mosaic_rotated.WIDTHS, or d = 32 (run as heads of 64 with zero features); log_mag, phase (b, n, h) float32; h0 None or complex64.
+    kernels.mosaic_rotated.WIDTHS, or d = 32 (run as heads of 64 with zero features); log_mag,
+    phase (b, n, h) float32; h0 None or complex64. q, k and v are copied side by side into one
+    (b, n, 3 h, d) tensor, as the kernels read them (``rotated_qkv_mosaic`` takes that tensor).
     ``segments``: segments of time walked side by side (default: about one CTA per
     multiprocessor; see kernels.mosaic_rotated.choose_segments). Differentiable once.
     ValueError where the kernels do not take the tensors (``supported``)."""
     problem = supported(q, k, v, log_mag, phase, h0)
     if problem is not None:
         raise ValueError(f"rotated_heads_mosaic: the wide-head kernels do not take {problem}")
+    return _heads(torch.cat([q, k, v], dim=2), log_mag, phase, h0, _checked_segments(segments))
+
+
+def rotated_qkv_mosaic(qkv: Tensor, log_mag: Tensor, phase: Tensor, h0: Tensor | None = None, *,
+                       heads: int, segments: int | None = None) -> tuple[Tensor, Tensor]:
+    """``rotated_heads_mosaic`` on q, k, v side by side in one projection: qkv (b, n, 3 h d) with
+    q, k, v each (b, n, h d) as ``qkv.chunk(3, -1)`` splits it, and h = ``heads``. The kernels
+    read q, k and v in place (qkv's last dim must be contiguous, else it is copied once), and
+    the gradient of qkv comes back as one tensor. Returns y (b, n, h, d) and h_last."""
+    b, n, width = qkv.shape
+    if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1 or width % (3 * heads):
+        raise ValueError(f"rotated_qkv_mosaic: qkv's last dim {width} is not 3 x heads x d for heads={heads!r}")
+    qkv = qkv.unflatten(-1, (3 * heads, width // (3 * heads)))
+    problem = _unsupported(qkv[:, :, :heads], log_mag, phase, h0)
+    if problem is not None:
+        raise ValueError(f"rotated_qkv_mosaic: the wide-head kernels do not take {problem}")
+    return _heads(qkv, log_mag, phase, h0, _checked_segments(segments))
+
+
+def _checked_segments(segments):
     if segments is not None and (not isinstance(segments, int) or isinstance(segments, bool) or segments < 1):
         raise ValueError(f"rotated_heads_mosaic: segments must be a positive int or None, got {segments!r}")
-    d = q.shape[-1]
+    return segments
+
+
+def _heads(qkv, log_mag, phase, h0, segments):
+    """y and h_last of qkv (b, n, 3 h, d), heads of 32 run as heads of 64."""
+    d = qkv.shape[-1]
     if d not in _PADDED:
-        return _RotatedHeads.apply(q, k, v, log_mag, phase, h0, segments)
+        return _RotatedHeads.apply(qkv, log_mag, phase, h0, segments)
     extra = _PADDED[d] - d
-    q, k, v = (F.pad(t, (0, extra)) for t in (q, k, v))
+    qkv = F.pad(qkv, (0, extra))
     h0 = None if h0 is None else F.pad(h0, (0, extra, 0, extra))
-    y, h_last = _RotatedHeads.apply(q, k, v, log_mag, phase, h0, segments)
+    y, h_last = _RotatedHeads.apply(qkv, log_mag, phase, h0, segments)
     return y[..., :d], h_last[..., :d, :d]
