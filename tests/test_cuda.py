@@ -582,6 +582,23 @@ def test_wide_head_kernels_pass_their_self_test_and_take_the_route():
 def test_wide_head_kernels_match_the_float64_rotated_form(b, n, h, d, dtype, with_h0, segments):
     """Values, h_last and every gradient (q, k, v, log|a|, phase, h0) within 2% of the largest
     (16-bit inputs), against the float64 torch form on the CPU."""
+    check_wide_head_kernels(b, n, h, d, dtype, with_h0, segments)
+
+
+@hopper
+@pytest.mark.parametrize("b,n,h,d,dtype,with_h0,segments", [
+    (2, 1000, 3, 64, torch.bfloat16, True, None),
+    (1, 777, 2, 128, torch.float16, False, 3),
+])
+def test_wide_head_kernels_with_grouped_products_match_the_float64_rotated_form(
+        monkeypatch, b, n, h, d, dtype, with_h0, segments):
+    """The same with each chunk's independent products issued together (RotatedKey.grouped)."""
+    from gateloop_hybrid.kernels import mosaic_rotated
+    monkeypatch.setattr(mosaic_rotated, "GROUPED", True)
+    check_wide_head_kernels(b, n, h, d, dtype, with_h0, segments)
+
+
+def check_wide_head_kernels(b, n, h, d, dtype, with_h0, segments):
     from gateloop_hybrid.ops.rotated import rotated_heads_mosaic
     from gateloop_hybrid.rotated import rotated_heads
     g = torch.Generator().manual_seed(n)

@@ -141,9 +141,10 @@ def test_an_overflow_at_t_leaves_earlier_outputs_bit_identical_on_the_kernels(mo
     assert torch.equal(y[:, :t], clean[:, :t])
 
 
+@pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("d,block_v", [(64, 64), (128, 32)])
 @pytest.mark.parametrize("kernel", ["forward", "summary", "backward_q", "backward_kv", "summary_back"])
-def test_kernels_lower_for_cuda(d, block_v, kernel):
+def test_kernels_lower_for_cuda(d, block_v, kernel, grouped):
     """The kernels lower to Mosaic GPU (layouts, swizzles, TMA shapes and shared memory checked)
     on the CPU, with no GPU: jax.export for the cuda platform."""
     import jax
@@ -151,7 +152,7 @@ def test_kernels_lower_for_cuda(d, block_v, kernel):
     from jax import export
     from gateloop_hybrid.kernels import mosaic_rotated as kern
     B, N, H, segments = 2, 4 * kern.C, 3, 2
-    key = kern.RotatedKey(B, N, H, d, block_v, True, "bfloat16", segments)
+    key = kern.RotatedKey(B, N, H, d, block_v, True, "bfloat16", segments, grouped)
     S = jax.ShapeDtypeStruct
     qkv, x, pos = S((B, N, 3 * H, d), jnp.bfloat16), S((B, N, H, d), jnp.bfloat16), S((B, H, N), jnp.float32)
     G, state = S((B, H, N // kern.C, d), jnp.float32), S((B, H, segments, 2, d, d), jnp.float32)

@@ -3,7 +3,7 @@ matrix FLOPs, per shape and per number of time segments; and the whole op (ops/r
 forward+backward with its torch glue) on the same inputs.
 
     python benchmarks/lab/rotated_kernels.py --shapes 4x4096x8x64,1x16384x8x64,2x8192x16x128
-    python benchmarks/lab/rotated_kernels.py --shapes 4x4096x8x64 --segments auto,1,2,4,8 --json F
+    python benchmarks/lab/rotated_kernels.py --shapes 4x4096x8x64 --segments auto,1,2,4,8 --grouped false,true
 
 Each kernel runs on inputs of its real shapes and values (gates from random log|a| and phases
 through the op's own preparation), timed with CUDA events: --repeats launches after a warm-up,
@@ -11,7 +11,9 @@ median. A kernel's bytes are what it must move at least: each input read once pe
 reads it (q and k once per block of value columns) and each output written once. Its FLOPs are
 those of its matrix products. The floor is the larger of bytes / bandwidth and FLOPs / peak
 (--bandwidth, --tflops: by default an H100 SXM's 3.35 TB/s and 989 dense bf16 TFLOP/s, an
-H200's 4.8 TB/s). "op" is rotated_qkv_mosaic forward+backward, timed the same way.
+H200's 4.8 TB/s). "op" is rotated_qkv_mosaic forward+backward, timed the same way. --grouped
+compares each chunk's independent products issued one by one (awaited in turn) and together
+(``mosaic_rotated.GROUPED``).
 
 On a CPU the kernels run in Pallas's interpret mode: use a tiny shape (--shapes 1x128x1x64
 --repeats 1), a check that the probe runs, not a timing.
@@ -98,8 +100,9 @@ def inputs(shape, device, dtype, seed=0):
     return qkv, log_mag, phase, dy
 
 
-def measure(shape, segments, device, dtype, repeats):
-    """Rows for one shape and segment count: each kernel, then the op."""
+def measure(shape, segments, grouped, device, dtype, repeats):
+    """Rows for one shape, segment count and issue (grouped or not): each kernel, then the op."""
+    kern.GROUPED = grouped
     b, n, h, d = shape
     qkv, log_mag, phase, dy = inputs(shape, device, dtype)
     qkv4 = qkv.unflatten(-1, (3 * h, d))
@@ -140,6 +143,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--shapes", default="4x4096x8x64,1x16384x8x64,2x8192x16x128", help="BxNxHxd, comma list")
     p.add_argument("--segments", default="auto", help="comma list of 'auto' (choose_segments) and counts")
+    p.add_argument("--grouped", default="false,true",
+                   help="comma list of false, true: each chunk's independent products issued one by one or together")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--bandwidth", type=float, default=None, help="TB/s (default: 4.8 on an H200, else 3.35)")
@@ -154,30 +159,35 @@ def main(argv=None):
               f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; floor at {bandwidth} TB/s and "
               f"{args.tflops} TFLOP/s")
     print(header)
-    print(f"{'shape':>15} {'S':>3} {'kernel':>22} {'ms':>8} {'MB':>8} {'GFLOP':>7} {'floor ms':>9} {'x floor':>8}")
+    print(f"{'shape':>15} {'S':>3} {'issue':>7} {'kernel':>22} {'ms':>8} {'MB':>8} {'GFLOP':>7} {'floor ms':>9} "
+          f"{'x floor':>8}")
     results = {"header": header, "rows": []}
     dtype = getattr(torch, args.dtype)
     for text in args.shapes.split(","):
         shape = parse_shape(text)
         for seg in args.segments.split(","):
-            segments = None if seg == "auto" else int(seg)
-            try:
-                key, rows = measure(shape, segments, device, dtype, args.repeats)
-            except Exception as e:  # noqa: BLE001  (one failing case must not lose the others)
-                print(f"{text:>15} {seg:>3} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
-                continue
-            total = 0.0
-            for r in rows:
-                r.update(shape=text, segments=key.segments, block_v=key.block_v)
-                if "bytes" in r:
-                    r["floor_ms"] = max(r["bytes"] / (bandwidth * 1e9), r["flops"] / (args.tflops * 1e9))
-                    total += r["ms"]
-                    print(f"{text:>15} {key.segments:>3} {r['kernel']:>22} {r['ms']:8.3f} {r['bytes'] / 1e6:8.1f} "
-                          f"{r['flops'] / 1e9:7.2f} {r['floor_ms']:9.4f} {r['ms'] / r['floor_ms']:8.1f}", flush=True)
-                else:
-                    print(f"{text:>15} {key.segments:>3} {'kernels, summed':>22} {total:8.3f}")
-                    print(f"{text:>15} {key.segments:>3} {r['kernel']:>22} {r['ms']:8.3f}", flush=True)
-            results["rows"].extend(rows)
+            for grouped in args.grouped.split(","):
+                segments = None if seg == "auto" else int(seg)
+                issue = "grouped" if grouped == "true" else "one"
+                try:
+                    key, rows = measure(shape, segments, grouped == "true", device, dtype, args.repeats)
+                except Exception as e:  # noqa: BLE001  (one failing case must not lose the others)
+                    print(f"{text:>15} {seg:>3} {issue:>7} failed: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200]}", flush=True)
+                    continue
+                total = 0.0
+                for r in rows:
+                    r.update(shape=text, segments=key.segments, block_v=key.block_v, grouped=key.grouped)
+                    lead = f"{text:>15} {key.segments:>3} {issue:>7}"
+                    if "bytes" in r:
+                        r["floor_ms"] = max(r["bytes"] / (bandwidth * 1e9), r["flops"] / (args.tflops * 1e9))
+                        total += r["ms"]
+                        print(f"{lead} {r['kernel']:>22} {r['ms']:8.3f} {r['bytes'] / 1e6:8.1f} "
+                              f"{r['flops'] / 1e9:7.2f} {r['floor_ms']:9.4f} {r['ms'] / r['floor_ms']:8.1f}", flush=True)
+                    else:
+                        print(f"{lead} {'kernels, summed':>22} {total:8.3f}")
+                        print(f"{lead} {r['kernel']:>22} {r['ms']:8.3f}", flush=True)
+                results["rows"].extend(rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -48,6 +48,7 @@ def main(argv=None):
     p.add_argument("--widths", default="64,128")
     p.add_argument("--kernels", default="summary,forward,backward_q,summary_back,backward_kv")
     p.add_argument("--semantics", default="lane,warpgroup")
+    p.add_argument("--grouped", default="false", help="comma list of false, true: RotatedKey.grouped")
     args = p.parse_args(argv)
     current = {}
     if args.dump:
@@ -66,14 +67,15 @@ def main(argv=None):
             core.layout_inference.infer_layout = dumping
     print(f"jax {jax.__version__}, devices {jax.devices()}")
     semantics = {"lane": plgpu.LoweringSemantics.Lane, "warpgroup": plgpu.LoweringSemantics.Warpgroup}
-    cases = [(sem, d, has_state, name) for sem in args.semantics.split(",") for d in map(int, args.widths.split(","))
+    cases = [(sem, grouped == "true", d, has_state, name) for sem in args.semantics.split(",")
+             for grouped in args.grouped.split(",") for d in map(int, args.widths.split(","))
              for has_state in (False, True) for name in args.kernels.split(",")
              if not (has_state and name.startswith("summary"))]
-    for sem, d, has_state, name in cases:
+    for sem, grouped, d, has_state, name in cases:
         kern.SEMANTICS = semantics[sem]
         key = kern.RotatedKey(B=2, N=4 * kern.C, H=2, d=d, block_v=kern.choose_block_v(d),
-                              has_state=has_state, dtype="bfloat16", segments=2)
-        current["name"] = f"{name}_{sem}_d{d}_state{int(has_state)}"
+                              has_state=has_state, dtype="bfloat16", segments=2, grouped=grouped)
+        current["name"] = f"{name}_{sem}_d{d}_state{int(has_state)}" + ("_grouped" if grouped else "")
         fn = functools.partial(kern.launch, key=walks.key_fields(key), kernel=name)
         t0 = time.perf_counter()
         try:
@@ -83,7 +85,8 @@ def main(argv=None):
             result = f"FAILED {type(e).__name__}: {str(e)[:300]}"
             if args.dump:
                 (args.dump / f"{current['name']}.err").write_text(traceback.format_exc())
-        print(f"{sem:9s} {name:13s} d={d:3d} state={has_state!s:5s} {time.perf_counter() - t0:6.1f} s  {result}",
+        print(f"{sem:9s} {'grouped' if grouped else 'one-by-one':10s} {name:13s} d={d:3d} state={has_state!s:5s} "
+              f"{time.perf_counter() - t0:6.1f} s  {result}",
               flush=True)
 
 if __name__ == "__main__":

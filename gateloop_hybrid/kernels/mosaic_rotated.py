@@ -72,6 +72,9 @@ SEMANTICS = plgpu.LoweringSemantics.Lane
 C = 64                      # chunk length: the M of one wgmma
 F32 = jnp.float32
 WIDTHS = (64, 128)          # head widths d the kernels take (d a multiple of the 64-wide tiles)
+# RotatedKey.grouped for the launches ops/rotated.py makes: issue each chunk's independent
+# products together. Off until timed on a GPU against one-by-one (benchmarks/lab/rotated_kernels.py).
+GROUPED = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +88,7 @@ class RotatedKey:
     has_state: bool         # a state comes in: the starts (forward, backward_q) or ends (backward_kv)
     dtype: str              # "bfloat16" or "float16"
     segments: int = 1       # stretches of time walked side by side, each by its own CTAs
+    grouped: bool = False   # independent products of a chunk issued together, awaited once
     interpret: bool = False
 
     @property
@@ -143,10 +147,10 @@ def _operand(key: RotatedKey):
 
 class _Tile:
     """The operations whose Mosaic GPU form needs register layouts or transposed operands, with
-    their plain-JAX form for the interpreter."""
+    their plain-JAX form for the interpreter. ``grouped``: ``mms`` issues its products together."""
 
-    def __init__(self, interpret: bool):
-        self.interpret = interpret
+    def __init__(self, interpret: bool, grouped: bool = False):
+        self.interpret, self.grouped = interpret, grouped
 
     def load(self, ref):
         """A 2-D tile in the WGMMA layout."""
@@ -185,16 +189,31 @@ class _Tile:
                 prod = jnp.dot(av.T if ta else av, bv.T if tb else bv, preferred_element_type=F32)
                 total = prod if total is None else total + prod
             return total
-        a0, b0, ta0, tb0 = terms[0]
-        m = a0.shape[1] if ta0 else a0.shape[0]
-        n = b0.shape[0] if tb0 else b0.shape[1]
-        init = self.zeros((m, n)) if acc is None else acc
+        return self._issue([(acc, *terms)])[0]
 
-        def issue(acc_ref):
-            for a, b, ta, tb in terms:
-                plgpu.wgmma(acc_ref, plgpu.transpose_ref(a, (1, 0)) if ta else a,
-                            plgpu.transpose_ref(b, (1, 0)) if tb else b)
-        return pl.run_state(issue)(plgpu.ACC.init(init))
+    def mms(self, *products):
+        """Independent products, each (acc, *terms) as ``mm`` takes them, as a list. Grouped, their
+        wgmmas are issued back to back and awaited once (each wait is a round trip to the tensor
+        cores, and a chunk's walk is a chain of them); else each is awaited in turn (fewer
+        accumulators live at once)."""
+        if self.interpret or not self.grouped:
+            return [self.mm(acc, *terms) for acc, *terms in products]
+        return self._issue(products)
+
+    def _issue(self, products):
+        inits = []
+        for acc, *terms in products:
+            a0, b0, ta0, tb0 = terms[0]
+            m = a0.shape[1] if ta0 else a0.shape[0]
+            n = b0.shape[0] if tb0 else b0.shape[1]
+            inits.append(self.zeros((m, n)) if acc is None else acc)
+
+        def issue(acc_refs):
+            for acc_ref, (_, *terms) in zip(acc_refs, products):
+                for a, b, ta, tb in terms:
+                    plgpu.wgmma(acc_ref, plgpu.transpose_ref(a, (1, 0)) if ta else a,
+                                plgpu.transpose_ref(b, (1, 0)) if tb else b)
+        return list(pl.run_state(issue)(tuple(plgpu.ACC.init(i) for i in inits)))
 
     def fence(self):
         """Register stores to SMEM become visible to the tensor cores."""
@@ -413,19 +432,24 @@ def _forward_walk_scratch(key: RotatedKey):
             plgpu.SMEM((d, BV), dt, transforms=tr), plgpu.SMEM((d, BV), dt, transforms=tr)]
 
 
-def _state_step(t, key, Sc, Ss, xc, xs, yw, G_t):
-    """One chunk of a walk's state: S = exp(L_C) S + [xc, xs]^T yw. Forward: x = k turned, yw = v
-    weighted to the chunk's end, S the state at the chunk's end. Backward: x = q turned, yw =
-    exp(L_t) dy_t, S the cotangent at the chunk's start."""
+def _state_products(t, key, Sc, Ss, xc, xs, yw, G_t):
+    """One chunk of a walk's state, S = exp(L_C) S + [xc, xs]^T yw, as the two products that
+    give its halves. Forward: x = k turned, yw = v weighted to the chunk's end, S the state at
+    the chunk's end. Backward: x = q turned, yw = exp(L_t) dy_t, S the cotangent at the chunk's
+    start."""
     g = _bcast_rows(t.rows(G_t.at[0]), (key.d, key.block_v))
-    return t.mm(Sc * g, (xc, yw, True, False)), t.mm(Ss * g, (xs, yw, True, False))
+    return (Sc * g, (xc, yw, True, False)), (Ss * g, (xs, yw, True, False))
+
+
+def _state_step(t, key, Sc, Ss, xc, xs, yw, G_t):
+    return tuple(t.mms(*_state_products(t, key, Sc, Ss, xc, xs, yw, G_t)))
 
 
 def forward(key: RotatedKey):
     """(qkv, L, T, W, G[, starts]) -> (y, ends): each segment walked from its start state
     (zero without ``key.has_state``), giving y and the state at the segment's end."""
     d, BV, dt = key.d, key.block_v, key.jdtype
-    t, tr = _Tile(key.interpret), _operand(key)
+    t, tr = _Tile(key.interpret, key.grouped), _operand(key)
 
     def body(place, *refs):
         ins, (y, ends, scratch) = refs[:-3], refs[-3:]
@@ -437,21 +461,24 @@ def forward(key: RotatedKey):
         def step(idx, qc, kc, v_t, L_t, T_t, W_t, G_t, carry):
             Sc, Ss = carry
             Lr, Lc, cos, sin, qf, kf = _turn_in_place(t, L_t, T_t, qc, kc, qs, ks, dt)
+            diagonal = _rowdot(qf, kf)
             _scaled(t, v_t, t.rows(W_t), vw, dt)
             sc[...] = Sc.astype(dt)
             ss[...] = Ss.astype(dt)
             t.fence()
-            # inside the chunk: (q' k'^T) weighted by exp(L_t - L_s) on s < t, and (q_t . k_t) v_t
-            scores = t.mm(None, (qc, kc, False, True), (qs, ks, False, True))
+            # inside the chunk: (q' k'^T) weighted by exp(L_t - L_s) on s < t, and (q_t . k_t) v_t;
+            # the carried state: exp(L_t) q'_t . S_{j-1}
+            scores, carried = t.mms((None, (qc, kc, False, True), (qs, ks, False, True)),
+                                    (None, (qc, sc, False, False), (qs, ss, False, False)))
             keep, decay = _causal_decay(t, Lr, Lc)
             p[...] = jnp.where(keep, scores * decay, 0.0).astype(dt)
-            # the carried state: exp(L_t) q'_t . S_{j-1}
-            carried = t.mm(None, (qc, sc, False, False), (qs, ss, False, False))
             t.fence()
-            out = t.mm(carried * _bcast_rows(jnp.exp(Lr), (C, BV)), (p, v_t, False, False))
-            out = out + _bcast_rows(_rowdot(qf, kf), (C, BV)) * t.load(v_t).astype(F32)
+            # y, and the state at the chunk's end (kc, ks and vw are in place since the first fence)
+            out, Sc, Ss = t.mms((carried * _bcast_rows(jnp.exp(Lr), (C, BV)), (p, v_t, False, False)),
+                                *_state_products(t, key, Sc, Ss, kc, ks, vw, G_t))
+            out = out + _bcast_rows(diagonal, (C, BV)) * t.load(v_t).astype(F32)
             _store_rows(t, out.astype(dt), y_buf, y_rows, idx[0])
-            return _state_step(t, key, Sc, Ss, kc, ks, vw, G_t)
+            return Sc, Ss
 
         Sc, Ss = _walk(key, step, init, False, ("qk", "qk", "v", "pos", "pos", "pos", "chunk"),
                        (place.x(qkv, 0), place.x(qkv, 1), place.xv(qkv, 2), place.pos(L), place.pos(T),
@@ -470,7 +497,7 @@ def summary(key: RotatedKey, reverse: bool = False):
     cotangent at the segment's start from its queries and dy only). The caller chains the segments: start_{s+1} = D_s start_s +
     own_s forward, end_{s-1} = D_s end_s + own_s backward, D_s the segment's decay."""
     d, BV, dt = key.d, key.block_v, key.jdtype
-    t, tr = _Tile(key.interpret), _operand(key)
+    t, tr = _Tile(key.interpret, key.grouped), _operand(key)
 
     def body(place, *refs):
         if reverse:
@@ -533,7 +560,7 @@ def backward_q(key: RotatedKey):
     block's shares: dq (CB, B, N, H, d) in ``_share_dtype``, dL_q and dT_q (CB, B, H, N) float32,
     with dL_q = q' . dq' and dT_q = dq' . (dT q')."""
     d, dt, sd = key.d, key.jdtype, _share_dtype(key)
-    t = _Tile(key.interpret)
+    t = _Tile(key.interpret, key.grouped)
 
     def body(place, *refs):
         ins, (dq, dL, dT, scratch) = refs[:-4], refs[-4:]
@@ -552,20 +579,20 @@ def backward_q(key: RotatedKey):
             t.fence()
             # dP = (dy v^T) weighted by exp(L_t - L_s) on s < t; the scores q'_t . k'_s and the
             # sines dT q'_t . k'_s of the same pairs for the position gradients
-            dscores = t.mm(None, (dy_t, v_t, False, True))
+            dscores, scores = t.mms((None, (dy_t, v_t, False, True)),
+                                    (None, (qc, kc, False, True), (qs, ks, False, True)))
             keep, decay = _causal_decay(t, Lr, Lc)
             dpf = jnp.where(keep, dscores * decay, 0.0)
             dp[...] = dpf.astype(dt)
-            scores = t.mm(None, (qc, kc, False, True), (qs, ks, False, True))
-            sines = t.mm(None, (qs, kc, False, True)) - t.mm(None, (qc, ks, False, True))
-            own_dot, own_turn = _pair_sums(dpf, scores, sines)
+            sines_a, sines_b = t.mms((None, (qs, kc, False, True)), (None, (qc, ks, False, True)))
+            own_dot, own_turn = _pair_sums(dpf, scores, sines_a - sines_b)
             t.fence()
             # dq' = exp(L_t) dy S_{j-1}^T (carried) + dP k' (the chunk's own pairs)
             e = _bcast_rows(jnp.exp(Lr), (C, d))
-            cqc = t.mm(None, (dy_t, sc, False, True)) * e
-            cqs = t.mm(None, (dy_t, ss, False, True)) * e
+            cqc, cqs = t.mms((None, (dy_t, sc, False, True)), (None, (dy_t, ss, False, True)))
+            cqc, cqs = cqc * e, cqs * e
             dot, turn = _dot_turn(t, qc, qs, cqc, cqs)
-            dq_t = _unturn(cos, sin, t.mm(cqc, (dp, kc, False, False)), t.mm(cqs, (dp, ks, False, False)))
+            dq_t = _unturn(cos, sin, *t.mms((cqc, (dp, kc, False, False)), (cqs, (dp, ks, False, False))))
             # the diagonal (q_t . k_t) v_t: dq_t += (dy_t . v_t) k_t, nothing in L or T
             dyv = _rowdot(t.load(dy_t).astype(F32), t.load(v_t).astype(F32))
             dq_t = dq_t + _bcast_rows(dyv, (C, d)) * kf
@@ -609,7 +636,7 @@ def backward_kv(key: RotatedKey):
     (CB, B, H, N) float32; dv (B, N, H, d) whole, in key.dtype; and the cotangent at each
     segment's start (a state)."""
     d, BV, dt, sd = key.d, key.block_v, key.jdtype, _share_dtype(key)
-    t, tr = _Tile(key.interpret), _operand(key)
+    t, tr = _Tile(key.interpret, key.grouped), _operand(key)
     last = key.per_segment - 1
 
     def body(place, *refs):
@@ -624,6 +651,7 @@ def backward_kv(key: RotatedKey):
             dSc, dSs = carry
             j = last - idx[0]
             Lr, Lc, cos, sin, qf, kf = _turn_in_place(t, L_t, T_t, qc, kc, qs, ks, dt)
+            diagonal = _rowdot(qf, kf)
             _scaled(t, dy_t, jnp.exp(Lr), dye, dt)
             wr = t.rows(W_t)
             dsc[...] = dSc.astype(dt)
@@ -631,28 +659,29 @@ def backward_kv(key: RotatedKey):
             t.fence()
             # P^T and dP^T, indexed (s, t), weighted by exp(L_t - L_s) on t > s
             keep, decay = _causal_decay(t, Lr, Lc, transposed=True)
-            scores = t.mm(None, (kc, qc, False, True), (ks, qs, False, True))
+            scores, dscores = t.mms((None, (kc, qc, False, True), (ks, qs, False, True)),
+                                    (None, (v_t, dy_t, False, True)))
             pt[...] = jnp.where(keep, scores * decay, 0.0).astype(dt)
-            dscores = t.mm(None, (v_t, dy_t, False, True))
             dptf = jnp.where(keep, dscores * decay, 0.0)
             dpt[...] = dptf.astype(dt)
             # the same pairs' sines, as (s, t): q'_t . dT k'_s = -(dT q'_t . k'_s)
-            sines = t.mm(None, (ks, qc, False, True)) - t.mm(None, (kc, qs, False, True))
-            own_dot, own_turn = _pair_sums(dptf, scores, sines)
+            sines_a, sines_b = t.mms((None, (ks, qc, False, True)), (None, (kc, qs, False, True)))
+            own_dot, own_turn = _pair_sums(dptf, scores, sines_a - sines_b)
             t.fence()
-            # dv = P^T dy + exp(L_C - L_s) k' dS_j
-            carried = t.mm(None, (kc, dsc, False, False), (ks, dss, False, False))
-            dv_t = t.mm(carried * _bcast_rows(wr, (C, BV)), (pt, dy_t, False, False))
+            # the carried parts: exp(L_C - L_s) k' dS_j of dv, and exp(L_C - L_s) v dS_j^T of dk'
+            carried, ckc, cks = t.mms((None, (kc, dsc, False, False), (ks, dss, False, False)),
+                                      (None, (v_t, dsc, False, True)), (None, (v_t, dss, False, True)))
+            w = _bcast_rows(wr, (C, d))
+            ckc, cks = ckc * w, cks * w
+            dot, turn = _dot_turn(t, kc, ks, ckc, cks)
+            # dv = P^T dy + carried, dk' = dP^T q' + carried
+            dv_t, dkc, dks = t.mms((carried * _bcast_rows(wr, (C, BV)), (pt, dy_t, False, False)),
+                                   (ckc, (dpt, qc, False, False)), (cks, (dpt, qs, False, False)))
             # the diagonal (q_t . k_t) v_t: dv_t += (q_t . k_t) dy_t, dk_t += (dy_t . v_t) q_t
             dyf = t.load(dy_t).astype(F32)
-            dv_t = (dv_t + _bcast_rows(_rowdot(qf, kf), (C, BV)) * dyf).astype(dt)
+            dv_t = (dv_t + _bcast_rows(diagonal, (C, BV)) * dyf).astype(dt)
             _store_rows(t, dv_t, dv_buf, dv_rows, j)
-            # dk' = dP^T q' + exp(L_C - L_s) v dS_j^T
-            w = _bcast_rows(wr, (C, d))
-            ckc = t.mm(None, (v_t, dsc, False, True)) * w
-            cks = t.mm(None, (v_t, dss, False, True)) * w
-            dot, turn = _dot_turn(t, kc, ks, ckc, cks)
-            dk_t = _unturn(cos, sin, t.mm(ckc, (dpt, qc, False, False)), t.mm(cks, (dpt, qs, False, False)))
+            dk_t = _unturn(cos, sin, dkc, dks)
             dk_t = dk_t + _bcast_rows(_rowdot(dyf, t.load(v_t).astype(F32)), (C, d)) * qf
             _store_rows(t, dk_t.astype(sd), dk_buf, dk_rows, j)
             _store_vec(t, -(dot + own_dot), vec_buf, 0, dL_row, j)

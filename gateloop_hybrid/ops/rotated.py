@@ -77,7 +77,7 @@ def _key(qkv: Tensor, segments: int | None = None) -> kern.RotatedKey:
         segments = kern.choose_segments(b, h, d // block_v, chunks, num_sms)
     chunks = -(-chunks // segments) * segments
     return kern.RotatedKey(B=b, N=chunks * kern.C, H=h, d=d, block_v=block_v, has_state=False,
-                           dtype=_DTYPES[qkv.dtype], segments=segments)
+                           dtype=_DTYPES[qkv.dtype], segments=segments, grouped=kern.GROUPED)
 
 
 def _run(key: kern.RotatedKey, kernel: str, *tensors):
