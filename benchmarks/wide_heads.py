@@ -7,6 +7,9 @@ same (batch, time, heads, head width), bf16.
 Forms:
     kernels         gate_loop_mixer(backend="pallas") on the wide-head Mosaic GPU kernels (ops/rotated.py), eager: the
                     gates from z, the q/k/v split of qkv and the kernels, as a layer calls them
+    kernels-compiled
+                    the same under torch.compile: Inductor fuses the torch work around the kernels (the
+                    gates, their running sums, the gradients' reversed sums), each kernel an opaque op
     chunked         gate_loop_mixer's cosine-weighted chunked form (chunked.py) under torch.compile
     rotated         the rotated form in torch (rotated.py, the kernels' reference) under torch.compile
     sdpa            F.scaled_dot_product_attention(is_causal=True) on q, k, v of the same shape
@@ -15,9 +18,11 @@ Forms:
                     2d) with the rotation included, when fla is installed (their first call autotunes)
 
 Device time is the sum of the CUDA kernels' own times under torch.profiler per forward+backward
-(host time excluded), the median of --repeats profiled calls after a warm-up; wall time is the
-synchronized median (benchmarks/harness.py's measure). --profile lists each form's kernels with their share. --check compares the
-kernels' values and gradients with the float64 rotated form on the first 1024 steps of each shape.
+(host time excluded; each step starts with no gradients, as a training step after zero_grad),
+the median of --repeats profiled calls after a warm-up; wall time is the synchronized median
+(benchmarks/harness.py's measure). --profile lists each form's kernels with their share.
+--check compares the kernels' values and gradients with the float64 rotated form on the first
+1024 steps of each shape.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import harness  # noqa: E402
 
-FORMS = ("kernels", "chunked", "rotated", "sdpa", "fla-gla", "fla-simple-gla")
+FORMS = ("kernels", "kernels-compiled", "chunked", "rotated", "sdpa", "fla-gla", "fla-simple-gla")
 
 
 def inputs(b, n, h, d, device, dtype, seed=0):
@@ -54,13 +59,16 @@ def mixer_step(form: str, h: int):
     from gateloop_hybrid.mixer import composed_mixer, gate_loop_mixer
     from gateloop_hybrid.gates import log_gates
     from gateloop_hybrid.rotated import rotated_heads
-    if form == "kernels":
+    if form in ("kernels", "kernels-compiled"):
+        mixer = lambda qkv, z: gate_loop_mixer(qkv, z, heads=h, backend="pallas")[0]
+        run = torch.compile(mixer) if form == "kernels-compiled" else mixer
+
         def kernels(qkv, z):
             route = routing.route("mixer", "pallas", device=str(qkv.device),
                                   dtype=str(qkv.dtype).removeprefix("torch."), heads=h, width=qkv.shape[-1] // (3 * h))
             if route.path != "rotated":
                 raise RuntimeError(f"the route takes {route.path!r}, not the kernels: {route.why}")
-            return gate_loop_mixer(qkv, z, heads=h, backend="pallas")[0]
+            return run(qkv, z)
         return kernels
     if form == "chunked":
         return torch.compile(lambda qkv, z: composed_mixer(qkv, z, None, heads=h, chunked=True)[0])
@@ -78,6 +86,7 @@ def attention_step(b, n, h, d, device, dtype):
     q, k, v = (torch.randn(b, h, n, d, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
 
     def step():
+        q.grad = k.grad = v.grad = None
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         y.backward(torch.ones_like(y))
     return step
@@ -94,6 +103,7 @@ def fla_step(kind, b, n, h, d, device, dtype):
     z = torch.randn(b, n, h, 2, generator=g).to(device, torch.float32).requires_grad_()
 
     def step():
+        q.grad = k.grad = v.grad = z.grad = None
         zc = torch.view_as_complex(z)
         log_mag, phase = F.logsigmoid(zc.abs()), zc.angle()
         T = phase.cumsum(1).unsqueeze(-1)
@@ -183,6 +193,7 @@ def main(argv=None):
                     fn = mixer_step(form, h)
 
                     def step(fn=fn, qkv=qkv, z=z):
+                        qkv.grad = z.grad = None
                         y = fn(qkv, z)
                         y.backward(torch.ones_like(y))
                 # the first call compiles, autotunes and self-tests

@@ -217,11 +217,12 @@ def test_wide_heads_runs_on_cpu_and_reports_a_form_it_cannot_run(tmp_path):
     reason (the kernels need a GPU that passed their self-test), and the JSON holds both."""
     out = tmp_path / "wide.json"
     cmd = [sys.executable, str(SCRIPT.parent / "wide_heads.py"), "--device", "cpu", "--shapes", "1x64x2x64",
-           "--forms", "kernels,sdpa", "--repeats", "1", "--json", str(out)]
+           "--forms", "kernels,kernels-compiled,sdpa", "--repeats", "1", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = {r["form"]: r for r in json.loads(out.read_text())["results"]}
     assert "the route takes 'chunked'" in results["kernels"]["error"]
+    assert "the route takes 'chunked'" in results["kernels-compiled"]["error"]
     assert results["sdpa"]["wall_ms"] > 0 and results["sdpa"]["device_ms"] is None
 
 

@@ -22,10 +22,12 @@ On a CPU the kernels run in Pallas's interpret mode: use a tiny shape (--shapes 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import dataclasses
 import datetime
 import json
 import math
+import pstats
 import statistics
 import time
 
@@ -100,7 +102,7 @@ def inputs(shape, device, dtype, seed=0):
     return qkv, log_mag, phase, dy
 
 
-def measure(shape, segments, grouped, device, dtype, repeats):
+def measure(shape, segments, grouped, device, dtype, repeats, host_profile=0):
     """Rows for one shape, segment count and issue (grouped or not): each kernel, then the op."""
     kern.GROUPED = grouped
     b, n, h, d = shape
@@ -135,6 +137,22 @@ def measure(shape, segments, grouped, device, dtype, repeats):
         y, h_last = op.rotated_qkv_mosaic(leaf, lm, ph, heads=h, segments=key.segments)
         torch.autograd.grad((y, h_last.real), (leaf, lm, ph), (dy, torch.ones_like(h_last.real)))
     rows.append({"kernel": "op (forward+backward)", "ms": timed(fwd_bwd, repeats, device)})
+    if host_profile:
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fwd_bwd()
+        sync()
+        rows.append({"kernel": "op, wall per call", "ms": (time.perf_counter() - t0) / repeats * 1e3})
+        profile = cProfile.Profile()
+        profile.enable()
+        for _ in range(repeats):
+            fwd_bwd()
+        sync()
+        profile.disable()
+        print(f"host time of the op's forward+backward at {shape}, {repeats} calls, by own time:")
+        pstats.Stats(profile).sort_stats("tottime").print_stats(host_profile)
     return key, rows
 
 
@@ -149,6 +167,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--bandwidth", type=float, default=None, help="TB/s (default: 4.8 on an H200, else 3.35)")
     p.add_argument("--tflops", type=float, default=989.0, help="dense 16-bit matrix TFLOP/s")
+    p.add_argument("--host-profile", type=int, default=0, metavar="K",
+                   help="also the op's wall time per call (synchronized) and the K functions with the most host time")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -170,7 +190,8 @@ def main(argv=None):
                 segments = None if seg == "auto" else int(seg)
                 issue = "grouped" if grouped == "true" else "one"
                 try:
-                    key, rows = measure(shape, segments, grouped == "true", device, dtype, args.repeats)
+                    key, rows = measure(shape, segments, grouped == "true", device, dtype, args.repeats,
+                                        args.host_profile)
                 except Exception as e:  # noqa: BLE001  (one failing case must not lose the others)
                     print(f"{text:>15} {seg:>3} {issue:>7} failed: {type(e).__name__}: "
                           f"{str(e).splitlines()[0][:200]}", flush=True)
@@ -185,7 +206,9 @@ def main(argv=None):
                         print(f"{lead} {r['kernel']:>22} {r['ms']:8.3f} {r['bytes'] / 1e6:8.1f} "
                               f"{r['flops'] / 1e9:7.2f} {r['floor_ms']:9.4f} {r['ms'] / r['floor_ms']:8.1f}", flush=True)
                     else:
-                        print(f"{lead} {'kernels, summed':>22} {total:8.3f}")
+                        if total is not None:
+                            print(f"{lead} {'kernels, summed':>22} {total:8.3f}")
+                            total = None
                         print(f"{lead} {r['kernel']:>22} {r['ms']:8.3f}", flush=True)
                 results["rows"].extend(rows)
     if args.json:
