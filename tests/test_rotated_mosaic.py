@@ -198,3 +198,32 @@ def test_a_failing_self_test_warns_and_takes_the_chunked_form(monkeypatch):
     finally:
         routing.rotated_available.cache_clear()
         routing._route.cache_clear()
+
+
+def test_the_kernels_under_torch_compile_equal_eager(monkeypatch):
+    """gate_loop_mixer on the kernels compiled with fullgraph=True (each kernel an opaque op,
+    the torch work around them traced): output and gradients equal eager bit for bit, with two
+    segments chained."""
+    from gateloop_hybrid import routing
+    from gateloop_hybrid.kernels import mosaic_rotated
+    from gateloop_hybrid.mixer import gate_loop_mixer
+    route = routing.route
+    monkeypatch.setattr(routing, "route", lambda op, *a, **k: routing.Route("rotated", "forced")
+                        if op == "mixer" else route(op, *a, **k))
+    monkeypatch.setattr(mosaic_rotated, "choose_segments", lambda *a, **k: 2)
+    g = torch.Generator().manual_seed(5)
+    b, n, h, d = 1, 150, 2, 64
+    qkv = (0.3 * torch.randn(b, n, 3 * h * d, generator=g)).bfloat16().requires_grad_()
+    z = torch.randn(b, n, 2 * h, generator=g).requires_grad_()
+
+    def f(qkv, z):
+        y = gate_loop_mixer(qkv, z, heads=h, backend="pallas")[0]
+        return y, torch.autograd.grad(y.float().square().sum(), (qkv, z))
+    torch._dynamo.reset()
+    eager = f(qkv, z)
+    compiled = torch.compile(lambda qkv, z: gate_loop_mixer(qkv, z, heads=h, backend="pallas")[0],
+                             backend="aot_eager", fullgraph=True)
+    y = compiled(qkv, z)
+    got = (y, torch.autograd.grad(y.float().square().sum(), (qkv, z)))
+    assert torch.equal(got[0], eager[0])
+    assert all(torch.equal(a, w) for a, w in zip(got[1], eager[1]))
