@@ -122,6 +122,22 @@ def test_step_profile_runs_on_cpu():
         assert float(row[2]) > 0 and float(row[4]) > 0 and row[5].endswith("%")
 
 
+def test_rotated_kernels_probe_runs_on_cpu(tmp_path):
+    """benchmarks/lab/rotated_kernels.py: every kernel of a two-segment walk and the op, in
+    interpret mode, with bytes, FLOPs and a floor per kernel (the probe builds each kernel's
+    arguments itself, so this keeps it in step with the kernels' signatures)."""
+    pytest.importorskip("jax")
+    out = tmp_path / "kernels.json"
+    cmd = [sys.executable, str(SCRIPT.parent / "lab" / "rotated_kernels.py"), "--device", "cpu", "--shapes",
+           "1x128x1x64", "--segments", "2", "--grouped", "false", "--repeats", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["kernel"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"summary", "forward", "backward_q", "summary_back", "backward_kv", "op (forward+backward)"}
+    for name in ("forward", "backward_q", "backward_kv"):
+        assert rows[name]["ms"] > 0 and rows[name]["bytes"] > 0 and rows[name]["flops"] > 0 and rows[name]["floor_ms"] > 0
+
+
 def test_compile_grads_runs_on_cpu():
     """benchmarks/lab/compile_grads.py: eager and compiled gradients of wide heads (the chunked
     form) agree on a CPU (a row with a relative error, not an exception). Compiled with aot_eager
