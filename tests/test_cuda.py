@@ -586,15 +586,18 @@ def test_wide_head_kernels_match_the_float64_rotated_form(b, n, h, d, dtype, wit
 
 
 @hopper
+@pytest.mark.parametrize("grouped,stages", [(True, 2), (False, 1), (True, 1)])
 @pytest.mark.parametrize("b,n,h,d,dtype,with_h0,segments", [
     (2, 1000, 3, 64, torch.bfloat16, True, None),
     (1, 777, 2, 128, torch.float16, False, 3),
 ])
-def test_wide_head_kernels_with_grouped_products_match_the_float64_rotated_form(
-        monkeypatch, b, n, h, d, dtype, with_h0, segments):
-    """The same with each chunk's independent products issued together (RotatedKey.grouped)."""
+def test_wide_head_kernels_grouped_or_one_stage_match_the_float64_rotated_form(
+        monkeypatch, b, n, h, d, dtype, with_h0, segments, grouped, stages):
+    """The same with each chunk's independent products issued together (GROUPED) and with one
+    chunk in flight per walk (STAGES = 1, twice the segments)."""
     from gateloop_hybrid.kernels import mosaic_rotated
-    monkeypatch.setattr(mosaic_rotated, "GROUPED", True)
+    monkeypatch.setattr(mosaic_rotated, "GROUPED", grouped)
+    monkeypatch.setattr(mosaic_rotated, "STAGES", stages)
     check_wide_head_kernels(b, n, h, d, dtype, with_h0, segments)
 
 

@@ -68,6 +68,14 @@ def test_kernels_equal_the_float64_rotated_form_more_shapes(b, n, h, d, h0, segm
     compare(b, n, h, d, h0, segments)
 
 
+def test_walks_with_one_chunk_in_flight_equal_the_float64_rotated_form(monkeypatch):
+    """STAGES = 1 (one chunk of inputs in flight and one of outputs on its way out, so that two
+    CTAs fit a multiprocessor): two segments, a ragged chunk, h0."""
+    from gateloop_hybrid.kernels import mosaic_rotated
+    monkeypatch.setattr(mosaic_rotated, "STAGES", 1)
+    compare(1, 200, 1, 64, h0=True, segments=2)
+
+
 def test_heads_of_32_run_as_heads_of_64_with_zero_features():
     """d = 32: values and every gradient against the float64 form, h0 and h_last cut back to 32."""
     compare(1, 70, 2, 32, h0=True, segments=1)
@@ -141,10 +149,10 @@ def test_an_overflow_at_t_leaves_earlier_outputs_bit_identical_on_the_kernels(mo
     assert torch.equal(y[:, :t], clean[:, :t])
 
 
-@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("grouped,stages", [(False, 2), (True, 2), (False, 1)])
 @pytest.mark.parametrize("d,block_v", [(64, 64), (128, 32)])
 @pytest.mark.parametrize("kernel", ["forward", "summary", "backward_q", "backward_kv", "summary_back"])
-def test_kernels_lower_for_cuda(d, block_v, kernel, grouped):
+def test_kernels_lower_for_cuda(d, block_v, kernel, grouped, stages):
     """The kernels lower to Mosaic GPU (layouts, swizzles, TMA shapes and shared memory checked)
     on the CPU, with no GPU: jax.export for the cuda platform."""
     import jax
@@ -152,7 +160,7 @@ def test_kernels_lower_for_cuda(d, block_v, kernel, grouped):
     from jax import export
     from gateloop_hybrid.kernels import mosaic_rotated as kern
     B, N, H, segments = 2, 4 * kern.C, 3, 2
-    key = kern.RotatedKey(B, N, H, d, block_v, True, "bfloat16", segments, grouped)
+    key = kern.RotatedKey(B, N, H, d, block_v, True, "bfloat16", segments, grouped, stages)
     S = jax.ShapeDtypeStruct
     qkv, x, pos = S((B, N, 3 * H, d), jnp.bfloat16), S((B, N, H, d), jnp.bfloat16), S((B, H, N), jnp.float32)
     G, state = S((B, H, N // kern.C, d), jnp.float32), S((B, H, segments, 2, d, d), jnp.float32)

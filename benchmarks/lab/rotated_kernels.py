@@ -13,7 +13,9 @@ those of its matrix products. The floor is the larger of bytes / bandwidth and F
 (--bandwidth, --tflops: by default an H100 SXM's 3.35 TB/s and 989 dense bf16 TFLOP/s, an
 H200's 4.8 TB/s). "op" is rotated_qkv_mosaic forward+backward, timed the same way. --grouped
 compares each chunk's independent products issued one by one (awaited in turn) and together
-(``mosaic_rotated.GROUPED``).
+(``mosaic_rotated.GROUPED``); --stages, two chunks in flight per walk against one, which halves
+the walk's buffers so that two CTAs can share a multiprocessor (``mosaic_rotated.STAGES``; pair
+it with twice the segments). The "issue" column reads grouped-or-one / stages.
 
 On a CPU the kernels run in Pallas's interpret mode: use a tiny shape (--shapes 1x128x1x64
 --repeats 1), a check that the probe runs, not a timing.
@@ -26,6 +28,7 @@ import cProfile
 import dataclasses
 import datetime
 import json
+import itertools
 import math
 import pstats
 import statistics
@@ -102,9 +105,10 @@ def inputs(shape, device, dtype, seed=0):
     return qkv, log_mag, phase, dy
 
 
-def measure(shape, segments, grouped, device, dtype, repeats, host_profile=0):
-    """Rows for one shape, segment count and issue (grouped or not): each kernel, then the op."""
-    kern.GROUPED = grouped
+def measure(shape, segments, grouped, stages, device, dtype, repeats, host_profile=0):
+    """Rows for one shape, segment count, issue (grouped or not) and pipeline depth: each kernel,
+    then the op."""
+    kern.GROUPED, kern.STAGES = grouped, stages
     b, n, h, d = shape
     qkv, log_mag, phase, dy = inputs(shape, device, dtype)
     qkv4 = qkv.unflatten(-1, (3 * h, d))
@@ -161,6 +165,7 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--shapes", default="4x4096x8x64,1x16384x8x64,2x8192x16x128", help="BxNxHxd, comma list")
     p.add_argument("--segments", default="auto", help="comma list of 'auto' (choose_segments) and counts")
+    p.add_argument("--stages", default="2", help="comma list of 1, 2: chunks in flight per walk (mosaic_rotated.STAGES)")
     p.add_argument("--grouped", default="false,true",
                    help="comma list of false, true: each chunk's independent products issued one by one or together")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
@@ -179,38 +184,39 @@ def main(argv=None):
               f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; floor at {bandwidth} TB/s and "
               f"{args.tflops} TFLOP/s")
     print(header)
-    print(f"{'shape':>15} {'S':>3} {'issue':>7} {'kernel':>22} {'ms':>8} {'MB':>8} {'GFLOP':>7} {'floor ms':>9} "
+    print(f"{'shape':>15} {'S':>3} {'issue':>9} {'kernel':>22} {'ms':>8} {'MB':>8} {'GFLOP':>7} {'floor ms':>9} "
           f"{'x floor':>8}")
     results = {"header": header, "rows": []}
     dtype = getattr(torch, args.dtype)
     for text in args.shapes.split(","):
         shape = parse_shape(text)
-        for seg in args.segments.split(","):
-            for grouped in args.grouped.split(","):
-                segments = None if seg == "auto" else int(seg)
-                issue = "grouped" if grouped == "true" else "one"
-                try:
-                    key, rows = measure(shape, segments, grouped == "true", device, dtype, args.repeats,
-                                        args.host_profile)
-                except Exception as e:  # noqa: BLE001  (one failing case must not lose the others)
-                    print(f"{text:>15} {seg:>3} {issue:>7} failed: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:200]}", flush=True)
-                    continue
-                total = 0.0
-                for r in rows:
-                    r.update(shape=text, segments=key.segments, block_v=key.block_v, grouped=key.grouped)
-                    lead = f"{text:>15} {key.segments:>3} {issue:>7}"
-                    if "bytes" in r:
-                        r["floor_ms"] = max(r["bytes"] / (bandwidth * 1e9), r["flops"] / (args.tflops * 1e9))
-                        total += r["ms"]
-                        print(f"{lead} {r['kernel']:>22} {r['ms']:8.3f} {r['bytes'] / 1e6:8.1f} "
-                              f"{r['flops'] / 1e9:7.2f} {r['floor_ms']:9.4f} {r['ms'] / r['floor_ms']:8.1f}", flush=True)
-                    else:
-                        if total is not None:
-                            print(f"{lead} {'kernels, summed':>22} {total:8.3f}")
-                            total = None
-                        print(f"{lead} {r['kernel']:>22} {r['ms']:8.3f}", flush=True)
-                results["rows"].extend(rows)
+        for seg, grouped, stages in itertools.product(args.segments.split(","), args.grouped.split(","),
+                                                      map(int, args.stages.split(","))):
+            segments = None if seg == "auto" else int(seg)
+            issue = ("grouped" if grouped == "true" else "one") + f"/{stages}"
+            try:
+                key, rows = measure(shape, segments, grouped == "true", stages, device, dtype, args.repeats,
+                                    args.host_profile)
+            except Exception as e:  # noqa: BLE001  (one failing case must not lose the others)
+                print(f"{text:>15} {seg:>3} {issue:>9} failed: {type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:200]}", flush=True)
+                continue
+            total = 0.0
+            for r in rows:
+                r.update(shape=text, segments=key.segments, block_v=key.block_v, grouped=key.grouped,
+                         stages=key.stages)
+                lead = f"{text:>15} {key.segments:>3} {issue:>9}"
+                if "bytes" in r:
+                    r["floor_ms"] = max(r["bytes"] / (bandwidth * 1e9), r["flops"] / (args.tflops * 1e9))
+                    total += r["ms"]
+                    print(f"{lead} {r['kernel']:>22} {r['ms']:8.3f} {r['bytes'] / 1e6:8.1f} "
+                          f"{r['flops'] / 1e9:7.2f} {r['floor_ms']:9.4f} {r['ms'] / r['floor_ms']:8.1f}", flush=True)
+                else:
+                    if total is not None:
+                        print(f"{lead} {'kernels, summed':>22} {total:8.3f}")
+                        total = None
+                    print(f"{lead} {r['kernel']:>22} {r['ms']:8.3f}", flush=True)
+            results["rows"].extend(rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

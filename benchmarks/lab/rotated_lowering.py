@@ -49,6 +49,7 @@ def main(argv=None):
     p.add_argument("--kernels", default="summary,forward,backward_q,summary_back,backward_kv")
     p.add_argument("--semantics", default="lane,warpgroup")
     p.add_argument("--grouped", default="false", help="comma list of false, true: RotatedKey.grouped")
+    p.add_argument("--stages", type=int, default=2, help="RotatedKey.stages: chunks in flight per walk")
     args = p.parse_args(argv)
     current = {}
     if args.dump:
@@ -74,7 +75,8 @@ def main(argv=None):
     for sem, grouped, d, has_state, name in cases:
         kern.SEMANTICS = semantics[sem]
         key = kern.RotatedKey(B=2, N=4 * kern.C, H=2, d=d, block_v=kern.choose_block_v(d),
-                              has_state=has_state, dtype="bfloat16", segments=2, grouped=grouped)
+                              has_state=has_state, dtype="bfloat16", segments=2, grouped=grouped,
+                              stages=args.stages)
         current["name"] = f"{name}_{sem}_d{d}_state{int(has_state)}" + ("_grouped" if grouped else "")
         fn = functools.partial(kern.launch, key=walks.key_fields(key), kernel=name)
         t0 = time.perf_counter()

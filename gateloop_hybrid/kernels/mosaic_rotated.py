@@ -75,6 +75,9 @@ WIDTHS = (64, 128)          # head widths d the kernels take (d a multiple of th
 # RotatedKey.grouped for the launches ops/rotated.py makes: issue each chunk's independent
 # products together. Off until timed on a GPU against one-by-one (benchmarks/lab/rotated_kernels.py).
 GROUPED = False
+# RotatedKey.stages likewise: with 1, the forward walk's shared memory (118 KB at d = 64) drops
+# below half a multiprocessor's, so that two CTAs can share one and hide each other's latency.
+STAGES = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +92,7 @@ class RotatedKey:
     dtype: str              # "bfloat16" or "float16"
     segments: int = 1       # stretches of time walked side by side, each by its own CTAs
     grouped: bool = False   # independent products of a chunk issued together, awaited once
+    stages: int = 2         # chunks in flight, in (inputs) and out (outputs); 1 halves that memory
     interpret: bool = False
 
     @property
@@ -125,11 +129,12 @@ def choose_block_v(d: int) -> int:
     return 64 if d <= 64 else 32
 
 
-def choose_segments(B: int, H: int, col_blocks: int, chunks: int, num_sms: int = 132) -> int:
-    """Segments of time for about one CTA per multiprocessor (a CTA takes most of one's shared
-    memory): the largest divisor of ``chunks`` at most num_sms / (B H col_blocks). Each segment
-    beyond the first costs a summary walk over its keys and values (queries and dy backward)."""
-    want = max(1, num_sms // max(1, B * H * col_blocks))
+def choose_segments(B: int, H: int, col_blocks: int, chunks: int, num_sms: int = 132, per_sm: int = 1) -> int:
+    """Segments of time for about ``per_sm`` CTAs per multiprocessor (with two stages a CTA takes
+    most of one's shared memory; with one, two fit at d = 64): the largest divisor of ``chunks``
+    at most per_sm num_sms / (B H col_blocks). Each segment beyond the first costs a summary walk
+    over its keys and values (queries and dy backward)."""
+    want = max(1, per_sm * num_sms // max(1, B * H * col_blocks))
     return max(s for s in range(1, min(want, chunks) + 1) if chunks % s == 0)
 
 
@@ -299,7 +304,7 @@ def _specs(key: RotatedKey, reverse: bool, *kinds):
 def _walk(key: RotatedKey, step, init, reverse, kinds, views):
     """Walk this CTA's chunks (backward from the last with ``reverse``), two in flight."""
     return plgpu.emit_pipeline(step, grid=(key.per_segment,), in_specs=_specs(key, reverse, *kinds),
-                               max_concurrent_steps=2, init_carry=init)(*views)
+                               max_concurrent_steps=key.stages, init_carry=init)(*views)
 
 
 def _rotate(t: _Tile, x, cos, sin, xc_ref, xs_ref, dtype, scale=None):
@@ -485,7 +490,7 @@ def forward(key: RotatedKey):
                         place.pos(W), place.table(G)))
         _state_out(t, place, (Sc, Ss), ends)
 
-    scratch = [*_forward_walk_scratch(key), plgpu.SMEM((2, C, BV), dt, transforms=tr)]   # y: two chunks to HBM
+    scratch = [*_forward_walk_scratch(key), plgpu.SMEM((key.stages, C, BV), dt, transforms=tr)]   # y on its way out
     out_type = (jax.ShapeDtypeStruct((key.B, key.N, key.H, d), dt), _states(key))
     return _kernel(body, key, out_type, scratch)
 
@@ -608,7 +613,7 @@ def backward_q(key: RotatedKey):
 
     scratch = [
         *_forward_walk_scratch(key),                  # the (C, C) tile holds dP
-        plgpu.SMEM((2, C, d), sd, transforms=_transforms(d, sd.itemsize)),   # dq, two chunks in flight
+        plgpu.SMEM((key.stages, C, d), sd, transforms=_transforms(d, sd.itemsize)),   # dq on its way out
         plgpu.SMEM((2, 2, C), F32),                   # dL_q and dT_q, likewise
     ]
     return _kernel(body, key, _shares(key), scratch)
@@ -702,9 +707,9 @@ def backward_kv(key: RotatedKey):
         plgpu.SMEM((C, C), dt, transforms=tr),        # dP^T
         plgpu.SMEM((d, BV), dt, transforms=tr),       # dSc as a product operand
         plgpu.SMEM((d, BV), dt, transforms=tr),       # dSs
-        # dk, two chunks in flight (one where d = 128: the walk's SMEM is then full)
-        plgpu.SMEM((2 if d <= 64 else 1, C, d), sd, transforms=_transforms(d, sd.itemsize)),
-        plgpu.SMEM((2, C, BV), dt, transforms=tr),    # dv, likewise
+        # dk on its way out (one chunk where d = 128: the walk's SMEM is then full)
+        plgpu.SMEM((key.stages if d <= 64 else 1, C, d), sd, transforms=_transforms(d, sd.itemsize)),
+        plgpu.SMEM((key.stages, C, BV), dt, transforms=tr),    # dv, likewise
         plgpu.SMEM((2, 2, C), F32),                   # dL_k and dT_k, likewise
     ]
     dk, dL, dT = _shares(key)

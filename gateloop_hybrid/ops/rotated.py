@@ -74,10 +74,11 @@ def _key(qkv: Tensor, segments: int | None = None) -> kern.RotatedKey:
     block_v = kern.choose_block_v(d)
     if segments is None:
         num_sms = _num_sms(qkv.device.index or 0) if qkv.is_cuda else 132
-        segments = kern.choose_segments(b, h, d // block_v, chunks, num_sms)
+        segments = kern.choose_segments(b, h, d // block_v, chunks, num_sms, per_sm=3 - kern.STAGES)
     chunks = -(-chunks // segments) * segments
     return kern.RotatedKey(B=b, N=chunks * kern.C, H=h, d=d, block_v=block_v, has_state=False,
-                           dtype=_DTYPES[qkv.dtype], segments=segments, grouped=kern.GROUPED)
+                           dtype=_DTYPES[qkv.dtype], segments=segments, grouped=kern.GROUPED,
+                           stages=kern.STAGES)
 
 
 def _run(key: kern.RotatedKey, kernel: str, *tensors):
