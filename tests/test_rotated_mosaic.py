@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip("jax")
 
-from gateloop_hybrid.ops.rotated import rotated_heads_mosaic, supported  # noqa: E402
+from gateloop_hybrid.ops.rotated import rotated_heads_mosaic, rotated_qkv_mosaic, supported  # noqa: E402
 from gateloop_hybrid.rotated import rotated_heads  # noqa: E402
 
 
@@ -91,6 +91,11 @@ def test_supported_names_what_the_kernels_refuse():
     assert "complex64" in supported(q, q, q, g, g, torch.zeros(1, 2, 64, 64, dtype=torch.complex128))
     with pytest.raises(ValueError, match="rotated_heads_mosaic"):
         rotated_heads_mosaic(q.float(), q.float(), q.float(), g, g)
+    qkv = torch.zeros(1, 8, 3 * 2 * 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"rotated_qkv_mosaic: qkv's last dim 384 is not 3 x heads x d for heads=5"):
+        rotated_qkv_mosaic(qkv, g, g, heads=5)
+    with pytest.raises(ValueError, match=r"rotated_qkv_mosaic: .*gates of torch.float64"):
+        rotated_qkv_mosaic(qkv, g.double(), g.double(), heads=2)
 
 
 def test_gate_loop_mixer_on_the_kernels_equals_its_composition(monkeypatch):
