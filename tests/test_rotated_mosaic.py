@@ -96,6 +96,10 @@ def test_supported_names_what_the_kernels_refuse():
         rotated_qkv_mosaic(qkv, g, g, heads=5)
     with pytest.raises(ValueError, match=r"rotated_qkv_mosaic: .*gates of torch.float64"):
         rotated_qkv_mosaic(qkv, g.double(), g.double(), heads=2)
+    with pytest.raises(ValueError, match=r"rotated_qkv_mosaic: qkv must be a \(b, n, 3 heads d\) tensor, got \(8, 384\)"):
+        rotated_qkv_mosaic(qkv[0], g, g, heads=2)
+    with pytest.raises(ValueError, match=r"rotated_qkv_mosaic: segments must be a positive int or None, got 0"):
+        rotated_qkv_mosaic(qkv, g, g, heads=2, segments=0)
 
 
 def test_gate_loop_mixer_on_the_kernels_equals_its_composition(monkeypatch):

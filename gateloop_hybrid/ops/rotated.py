@@ -210,7 +210,8 @@ def rotated_heads_mosaic(q: Tensor, k: Tensor, v: Tensor, log_mag: Tensor, phase
     problem = supported(q, k, v, log_mag, phase, h0)
     if problem is not None:
         raise ValueError(f"rotated_heads_mosaic: the wide-head kernels do not take {problem}")
-    return _heads(torch.cat([q, k, v], dim=2), log_mag, phase, h0, _checked_segments(segments))
+    _check_segments("rotated_heads_mosaic", segments)
+    return _heads(torch.cat([q, k, v], dim=2), log_mag, phase, h0, segments)
 
 
 def rotated_qkv_mosaic(qkv: Tensor, log_mag: Tensor, phase: Tensor, h0: Tensor | None = None, *,
@@ -219,20 +220,23 @@ def rotated_qkv_mosaic(qkv: Tensor, log_mag: Tensor, phase: Tensor, h0: Tensor |
     q, k, v each (b, n, h d) as ``qkv.chunk(3, -1)`` splits it, and h = ``heads``. The kernels
     read q, k and v in place (qkv's last dim must be contiguous, else it is copied once), and
     the gradient of qkv comes back as one tensor. Returns y (b, n, h, d) and h_last."""
-    b, n, width = qkv.shape
+    if not isinstance(qkv, Tensor) or qkv.dim() != 3:
+        raise ValueError(f"rotated_qkv_mosaic: qkv must be a (b, n, 3 heads d) tensor, got "
+                         f"{tuple(qkv.shape) if isinstance(qkv, Tensor) else type(qkv).__name__}")
+    width = qkv.shape[-1]
     if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1 or width % (3 * heads):
         raise ValueError(f"rotated_qkv_mosaic: qkv's last dim {width} is not 3 x heads x d for heads={heads!r}")
     qkv = qkv.unflatten(-1, (3 * heads, width // (3 * heads)))
     problem = _unsupported(qkv[:, :, :heads], log_mag, phase, h0)
     if problem is not None:
         raise ValueError(f"rotated_qkv_mosaic: the wide-head kernels do not take {problem}")
-    return _heads(qkv, log_mag, phase, h0, _checked_segments(segments))
+    _check_segments("rotated_qkv_mosaic", segments)
+    return _heads(qkv, log_mag, phase, h0, segments)
 
 
-def _checked_segments(segments):
+def _check_segments(where: str, segments):
     if segments is not None and (not isinstance(segments, int) or isinstance(segments, bool) or segments < 1):
-        raise ValueError(f"rotated_heads_mosaic: segments must be a positive int or None, got {segments!r}")
-    return segments
+        raise ValueError(f"{where}: segments must be a positive int or None, got {segments!r}")
 
 
 def _heads(qkv, log_mag, phase, h0, segments):
