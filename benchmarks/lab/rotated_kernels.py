@@ -165,7 +165,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--shapes", default="4x4096x8x64,1x16384x8x64,2x8192x16x128", help="BxNxHxd, comma list")
     p.add_argument("--segments", default="auto", help="comma list of 'auto' (choose_segments) and counts")
-    p.add_argument("--stages", default="2", help="comma list of 1, 2: chunks in flight per walk (mosaic_rotated.STAGES)")
+    p.add_argument("--stages", default="2",
+                   help="comma list of 1, 2: chunks in flight per walk (mosaic_rotated.STAGES)")
     p.add_argument("--grouped", default="false,true",
                    help="comma list of false, true: each chunk's independent products issued one by one or together")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))

@@ -422,9 +422,9 @@ def _scaled(t: _Tile, x_ref, w, out_ref, dtype):
 # forward
 #
 # Shapes: qkv (B, N, 3 H, d) in key.dtype, q the heads [0, H), k [H, 2 H) and v [2 H, 3 H) (a
-# view of a layer's (B, N, 3 H d) projection, read in place); y, dy (B, N, H, d) in key.dtype. L, T, W (B, H, N) float32: log|a| summed from
-# each chunk's start, the phase summed from t = 0 mod 2 pi, and exp(L_C - L_t), the decay from t
-# to its chunk's end. G (B, H, chunks, d) float32: exp(L_C) of each chunk, repeated d times.
+# view of a layer's (B, N, 3 H d) projection, read in place); y, dy (B, N, H, d) in key.dtype.
+# L, T, W (B, H, N) float32: log|a| summed from each chunk's start, the phase summed from t = 0
+# mod 2 pi, and exp(L_C - L_t), the decay from t to its chunk's end. G (B, H, chunks, d) float32: exp(L_C) of each chunk, repeated d times.
 # States (B, H, S, 2, d, d) float32, one [Sc; Ss] per segment of time.
 
 
@@ -499,8 +499,9 @@ def summary(key: RotatedKey, reverse: bool = False):
     """(qkv, T, W, G) -> own, or with ``reverse`` (qkv, dy, T, exp(L), G) -> own: each segment's
     own state from a zero start, walking its chunks forward (x = k, y = v, w = W: the state at the
     segment's end from its keys and values only) or backward (x = q, y = dy, w = exp(L): the
-    cotangent at the segment's start from its queries and dy only). The caller chains the segments: start_{s+1} = D_s start_s +
-    own_s forward, end_{s-1} = D_s end_s + own_s backward, D_s the segment's decay."""
+    cotangent at the segment's start from its queries and dy only). The caller chains the
+    segments: start_{s+1} = D_s start_s + own_s forward, end_{s-1} = D_s end_s + own_s backward,
+    D_s the segment's decay."""
     d, BV, dt = key.d, key.block_v, key.jdtype
     t, tr = _Tile(key.interpret, key.grouped), _operand(key)
 
