@@ -53,6 +53,17 @@ def compare(b, n, h, d, h0=True, segments=None):
         assert err < 2e-2, f"{name}: relative error {err:.2e} at b={b}, n={n}, h={h}, d={d}, segments={segments}"
 
 
+def force_kernels(monkeypatch, segments):
+    """gate_loop_mixer's route forced to the kernels (as on a GPU that passed their self-test),
+    walking ``segments`` segments of time."""
+    from gateloop_hybrid import routing
+    from gateloop_hybrid.kernels import mosaic_rotated
+    route = routing.route
+    monkeypatch.setattr(routing, "route", lambda op, *a, **k: routing.Route("rotated", "forced")
+                        if op == "mixer" else route(op, *a, **k))
+    monkeypatch.setattr(mosaic_rotated, "choose_segments", lambda *a, **k: segments)
+
+
 def test_self_test_passes_in_interpret_mode():
     """The check that admits the kernels on a GPU: two chunks walked as two segments (summary
     walks and the chaining between them), a ragged last chunk, h0 and a cotangent for h_last."""
@@ -106,13 +117,8 @@ def test_gate_loop_mixer_on_the_kernels_equals_its_composition(monkeypatch):
     """gate_loop_mixer with the route forced to the kernels (as on a GPU that passed the self-test)
     and one segment (one CTA walks all three chunks, the last ragged, carrying the state), in
     bfloat16 with h0, against the float64 composition of the same bfloat16 values."""
-    from gateloop_hybrid import routing
-    from gateloop_hybrid.kernels import mosaic_rotated
     from gateloop_hybrid.mixer import composed_mixer, gate_loop_mixer
-    route = routing.route
-    monkeypatch.setattr(routing, "route", lambda op, *a, **k: routing.Route("rotated", "forced")
-                        if op == "mixer" else route(op, *a, **k))
-    monkeypatch.setattr(mosaic_rotated, "choose_segments", lambda *a, **k: 1)
+    force_kernels(monkeypatch, segments=1)
     g = torch.Generator().manual_seed(3)
     b, n, h, d = 1, 150, 1, 64
     qkv = (0.3 * torch.randn(b, n, 3 * h * d, generator=g)).bfloat16().requires_grad_()
@@ -139,13 +145,8 @@ def test_an_overflow_at_t_leaves_earlier_outputs_bit_identical_on_the_kernels(mo
     """The kernels' masks select: k at t = 100 (the middle of the second of three chunks) the
     largest finite value, so q_s . k_t and k_t v_t overflow; every output before t equals a
     clean run bit for bit, with one walk or with three segments chained."""
-    from gateloop_hybrid import routing
-    from gateloop_hybrid.kernels import mosaic_rotated
     from gateloop_hybrid.mixer import gate_loop_mixer
-    route = routing.route
-    monkeypatch.setattr(routing, "route", lambda op, *a, **k: routing.Route("rotated", "forced")
-                        if op == "mixer" else route(op, *a, **k))
-    monkeypatch.setattr(mosaic_rotated, "choose_segments", lambda *a, **k: segments)
+    force_kernels(monkeypatch, segments=segments)
     g = torch.Generator().manual_seed(4)
     n, t, h, d = 150, 100, 1, 64
     qkv = torch.randn(1, n, 3 * h * d, generator=g).to(dtype)
@@ -221,13 +222,8 @@ def test_the_kernels_under_torch_compile_equal_eager(monkeypatch):
     """gate_loop_mixer on the kernels compiled with fullgraph=True (each kernel an opaque op,
     the torch work around them traced): output and gradients equal eager bit for bit, with two
     segments chained."""
-    from gateloop_hybrid import routing
-    from gateloop_hybrid.kernels import mosaic_rotated
     from gateloop_hybrid.mixer import gate_loop_mixer
-    route = routing.route
-    monkeypatch.setattr(routing, "route", lambda op, *a, **k: routing.Route("rotated", "forced")
-                        if op == "mixer" else route(op, *a, **k))
-    monkeypatch.setattr(mosaic_rotated, "choose_segments", lambda *a, **k: 2)
+    force_kernels(monkeypatch, segments=2)
     g = torch.Generator().manual_seed(5)
     b, n, h, d = 1, 150, 2, 64
     qkv = (0.3 * torch.randn(b, n, 3 * h * d, generator=g)).bfloat16().requires_grad_()
